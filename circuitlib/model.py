@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -170,11 +169,14 @@ class Layer(nn.Module):
         z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, E]
         return z.transpose(1, 2)                                     # [B, S, H, E]
 
-    def attn_out(self, x):
-        """What attention writes to the residual stream. x: [B, S, D] -> [B, S, D]."""
+    def attn_out(self, x, z=None):
+        """What attention writes to the residual stream. x: [B, S, D] -> [B, S, D].
+
+        `z` [B, S, H, E], if given, is `self.z(x)` computed already.
+        """
         out = torch.zeros_like(x)
         if self.heads:
-            out = torch.einsum("bshe,hed->bsd", self.z(x), self.W_O)
+            out = torch.einsum("bshe,hed->bsd", self.z(x) if z is None else z, self.W_O)
         if self.b_O is not None:
             out = out + self.b_O
         if self.attn_ablation is not None:

@@ -1,0 +1,89 @@
+"""True pruning: build a physically smaller model that holds only the kept heads and MLPs.
+
+A removed head loses its rows of W_Q, W_K, W_V (and biases) and its slice of W_O; a removed MLP
+loses W_in, W_out (W_gate) and its norm; a layer without heads loses its first norm. For grouped
+K/V heads (Llama), a K/V head goes only when every query head that reads it is gone. Under mean
+ablation, what the removed parts wrote on average is added back as a per-position bias:
+
+    attn_ablation[l] = sum over removed heads h of  mean_z[l, h] @ W_O[l, h]    # [S, D]
+    mlp_ablation[l]  = mean MLP output of layer l (if removed)                   # [S, D]
+
+so the pruned model gives the same logits as hook-based ablation of the same components.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from .ablation import Means, check_scheme, parse_component
+from .model import LayerPlan, Transformer
+
+
+def plan_for(model: Transformer, kept: Iterable[str], scheme: str, seq_len: int) -> list[LayerPlan]:
+    """Layer plans keeping the components named in `kept` ('L.H' heads, 'MLP L')."""
+    cfg = model.cfg
+    heads = {l: [] for l in range(cfg.n_layers)}
+    mlps = set()
+    for name in kept:
+        layer, head = parse_component(name)
+        if not (0 <= layer < cfg.n_layers) or (head is not None and not 0 <= head < cfg.n_heads):
+            raise ValueError(f"component {name!r} does not exist in a model with {cfg.n_layers} layers "
+                             f"and {cfg.n_heads} heads per layer")
+        if head is None:
+            mlps.add(layer)
+        else:
+            heads[layer].append(head)
+    mean = scheme == "mean"
+    return [LayerPlan(heads=sorted(heads[l]), has_mlp=l in mlps,
+                      attn_ablation=mean and len(heads[l]) < cfg.n_heads,
+                      mlp_ablation=mean and l not in mlps,
+                      ablation_len=seq_len if mean else 0)
+            for l in range(cfg.n_layers)]
+
+
+@torch.no_grad()
+def prune(model: Transformer, kept: Iterable[str], scheme: str, means: Means | None = None) -> Transformer:
+    """A new, smaller `Transformer` keeping only `kept` components of the full `model`.
+
+    kept:   component names, heads 'L.H' and MLPs 'MLP L' (everything else is removed)
+    scheme: 'mean' (removed parts replaced by their per-position mean, needs `means`) or 'zero'
+    """
+    check_scheme(scheme)
+    if scheme == "mean" and means is None:
+        raise ValueError("mean-ablation pruning needs the patching-set means (circuitlib.ablation.mean_activations)")
+    seq_len = means.z.shape[2] if means is not None else 0
+    plans = plan_for(model, kept, scheme, seq_len)
+    pruned = Transformer(model.cfg, plans, ablation=scheme).to(model.W_E.device)
+    pruned.W_E.copy_(model.W_E)
+    if model.W_pos is not None:
+        pruned.W_pos.copy_(model.W_pos)
+    pruned.ln_final.load_state_dict(model.ln_final.state_dict())
+    for l, (new, old) in enumerate(zip(pruned.layers, model.layers)):
+        _copy_layer(new, old, l, means)
+    return pruned.eval()
+
+
+def _copy_layer(new, old, layer: int, means: Means | None) -> None:
+    """Copy the kept weights of full layer `old` into pruned layer `new`, and fill its ablation biases."""
+    cfg, heads = new.cfg, new.plan.heads
+    removed = [h for h in range(cfg.n_heads) if h not in heads]
+    if heads:
+        kv = new.plan.kv_heads(cfg)
+        new.ln1.load_state_dict(old.ln1.state_dict())
+        for name, rows in (("W_Q", heads), ("b_Q", heads), ("W_O", heads),
+                           ("W_K", kv), ("b_K", kv), ("W_V", kv), ("b_V", kv)):
+            if getattr(new, name) is not None:
+                getattr(new, name).copy_(getattr(old, name)[rows])
+    if new.b_O is not None:
+        new.b_O.copy_(old.b_O)
+    if new.plan.has_mlp:
+        new.ln2.load_state_dict(old.ln2.state_dict())
+        for name in ("W_in", "b_in", "W_out", "b_out", "W_gate"):
+            if getattr(new, name) is not None:
+                getattr(new, name).copy_(getattr(old, name))
+    if new.attn_ablation is not None:
+        new.attn_ablation.copy_(means.head_output(layer, old.W_O[removed], removed))
+    if new.mlp_ablation is not None:
+        new.mlp_ablation.copy_(means.mlp[layer])
