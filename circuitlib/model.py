@@ -101,15 +101,16 @@ class Norm(nn.Module):
         return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
 
 
-def rotate(x, base: float):
+def rotate(x, base: float, start: int = 0):
     """Rotary position embedding, llama style (the two halves of each head rotate as pairs).
 
-    x: [B, heads, S, E] -> same shape.
+    x: [B, heads, S, E] holding positions start .. start+S-1 -> same shape.
     """
     S, E = x.shape[-2], x.shape[-1]
     inv_freq = 1.0 / (base ** (torch.arange(0, E, 2, dtype=torch.float32, device=x.device) / E))
-    angles = torch.arange(S, dtype=torch.float32, device=x.device)[:, None] * inv_freq  # [S, E/2]
-    angles = torch.cat([angles, angles], dim=-1)                                      # [S, E]
+    positions = torch.arange(start, start + S, dtype=torch.float32, device=x.device)
+    angles = positions[:, None] * inv_freq                 # [S, E/2]
+    angles = torch.cat([angles, angles], dim=-1)           # [S, E]
     x1, x2 = x[..., : E // 2], x[..., E // 2:]
     return x * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
 
@@ -150,41 +151,49 @@ class Layer(nn.Module):
         self.register_buffer("attn_ablation", torch.zeros(L, D) if plan.attn_ablation else None)
         self.register_buffer("mlp_ablation", torch.zeros(L, D) if plan.mlp_ablation else None)
 
-    def z(self, x):
+    def z(self, x, last_only: bool = False):
         """Attention-weighted values of the kept heads (TransformerLens's hook_z).
 
-        x: [B, S, D] residual stream -> [B, S, H, E].
+        x: [B, S, D] residual stream -> [B, S, H, E], or [B, 1, H, E] for the last query only.
         """
+        S = x.shape[1]
         h = self.ln1(x)
-        q = torch.einsum("bsd,hde->bhse", h, self.W_Q)   # [B, H, S, E]
-        k = torch.einsum("bsd,kde->bkse", h, self.W_K)   # [B, K, S, E]
-        v = torch.einsum("bsd,kde->bkse", h, self.W_V)   # [B, K, S, E]
+        q = torch.einsum("bsd,hde->bhse", h[:, -1:] if last_only else h, self.W_Q)  # [B, H, S or 1, E]
+        k = torch.einsum("bsd,kde->bkse", h, self.W_K)                               # [B, K, S, E]
+        v = torch.einsum("bsd,kde->bkse", h, self.W_V)                               # [B, K, S, E]
         if self.b_Q is not None:
             q = q + self.b_Q[:, None]
             k = k + self.b_K[:, None]
             v = v + self.b_V[:, None]
         if self.cfg.arch == "llama":
-            q, k = rotate(q, self.cfg.rotary_base), rotate(k, self.cfg.rotary_base)
+            q = rotate(q, self.cfg.rotary_base, start=S - 1 if last_only else 0)
+            k = rotate(k, self.cfg.rotary_base)
         k, v = k[:, self.kv_of_head], v[:, self.kv_of_head]  # [B, H, S, E]: each query head's K/V
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, S, E]
-        return z.transpose(1, 2)                                     # [B, S, H, E]
+        # The last query sees every key, so it needs no causal mask.
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=not last_only)  # [B, H, S or 1, E]
+        return z.transpose(1, 2)
 
-    def attn_out(self, x, z=None):
-        """What attention writes to the residual stream. x: [B, S, D] -> [B, S, D].
+    def attn_out(self, x, z=None, last_only: bool = False):
+        """What attention writes to the residual stream. x: [B, S, D] -> [B, S or 1, D].
 
-        `z` [B, S, H, E], if given, is `self.z(x)` computed already.
+        `z`, if given, is `self.z(x, last_only)` computed already.
         """
-        out = torch.zeros_like(x)
+        S = x.shape[1]
+        pos = slice(S - 1, S) if last_only else slice(0, S)
+        out = torch.zeros_like(x[:, pos])
         if self.heads:
-            out = torch.einsum("bshe,hed->bsd", self.z(x) if z is None else z, self.W_O)
+            out = torch.einsum("bshe,hed->bsd", self.z(x, last_only) if z is None else z, self.W_O)
         if self.b_O is not None:
             out = out + self.b_O
         if self.attn_ablation is not None:
-            out = out + self.attn_ablation[: x.shape[1]]
+            out = out + self.attn_ablation[pos]
         return out
 
-    def mlp_out(self, x):
-        """What the MLP (or the bias standing in for it) writes. x: [B, S, D] -> [B, S, D]."""
+    def mlp_out(self, x, pos: slice | None = None):
+        """What the MLP (or the bias standing in for it) writes. x: [B, S, D] -> [B, S, D].
+
+        `pos`: the positions x holds (default 0..S-1), to pick the right ablation bias rows.
+        """
         out = torch.zeros_like(x)
         if self.plan.has_mlp:
             h = self.ln2(x)
@@ -193,12 +202,15 @@ class Layer(nn.Module):
             else:
                 out = (F.silu(h @ self.W_gate) * (h @ self.W_in)) @ self.W_out
         if self.mlp_ablation is not None:
-            out = out + self.mlp_ablation[: x.shape[1]]
+            out = out + self.mlp_ablation[pos if pos is not None else slice(0, x.shape[1])]
         return out
 
-    def forward(self, x):  # [B, S, D] -> [B, S, D]
-        x = x + self.attn_out(x)
-        return x + self.mlp_out(x)
+    def forward(self, x, last_only: bool = False):
+        """x: [B, S, D] -> [B, S, D], or [B, 1, D] (the last position) if `last_only`."""
+        S = x.shape[1]
+        pos = slice(S - 1, S) if last_only else slice(0, S)
+        x = x[:, pos] + self.attn_out(x, last_only=last_only)
+        return x + self.mlp_out(x, pos)
 
 
 class Transformer(nn.Module):
@@ -226,8 +238,9 @@ class Transformer(nn.Module):
     def embed(self, tokens):
         """tokens: [B, S] int64 -> residual stream [B, S, D]."""
         if tokens.shape[1] > self.max_len:
-            raise ValueError(f"input has {tokens.shape[1]} tokens but this model takes at most {self.max_len} "
-                             "(a pruned model's mean-ablation biases are per position); shorten the prompts")
+            raise ValueError(f"input has {tokens.shape[1]} tokens but this model takes at most {self.max_len} tokens "
+                             "(its context, or the prompt length its per-position mean-ablation biases were "
+                             "computed for); shorten the prompts")
         x = self.W_E[tokens]
         if self.W_pos is not None:
             x = x + self.W_pos[: tokens.shape[1]]
@@ -240,8 +253,9 @@ class Transformer(nn.Module):
     def forward(self, tokens, last_only: bool = False):
         """tokens: [B, S] -> logits [B, S, V], or [B, V] at the last position if `last_only`."""
         x = self.embed(tokens)
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x = layer(x)
+        x = self.layers[-1](x, last_only=last_only)  # the last layer's other positions feed nothing
         return self.unembed(x[:, -1] if last_only else x)
 
     # ---- bookkeeping -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 
 from .ablation import Means, check_scheme, parse_component
-from .model import LayerPlan, Transformer
+from .model import Layer, LayerPlan, Transformer
 
 
 def plan_for(model: Transformer, kept: Iterable[str], scheme: str, seq_len: int) -> list[LayerPlan]:
@@ -50,12 +50,8 @@ def prune(model: Transformer, kept: Iterable[str], scheme: str, means: Means | N
     kept:   component names, heads 'L.H' and MLPs 'MLP L' (everything else is removed)
     scheme: 'mean' (removed parts replaced by their per-position mean, needs `means`) or 'zero'
     """
-    check_scheme(scheme)
-    if scheme == "mean" and means is None:
-        raise ValueError("mean-ablation pruning needs the patching-set means (circuitlib.ablation.mean_activations)")
-    seq_len = means.z.shape[2] if means is not None else 0
-    plans = plan_for(model, kept, scheme, seq_len)
-    pruned = Transformer(model.cfg, plans, ablation=scheme).to(model.W_E.device)
+    kept = list(kept)
+    pruned = Transformer(model.cfg, _plans(model, kept, scheme, means), ablation=scheme).to(model.W_E.device)
     pruned.W_E.copy_(model.W_E)
     if model.W_pos is not None:
         pruned.W_pos.copy_(model.W_pos)
@@ -63,6 +59,22 @@ def prune(model: Transformer, kept: Iterable[str], scheme: str, means: Means | N
     for l, (new, old) in enumerate(zip(pruned.layers, model.layers)):
         _copy_layer(new, old, l, means)
     return pruned.eval()
+
+
+@torch.no_grad()
+def prune_layer(model: Transformer, layer: int, kept: Iterable[str], scheme: str, means: Means | None) -> Layer:
+    """Layer `layer` of the full `model`, keeping only those of its components named in `kept`."""
+    plan = _plans(model, kept, scheme, means)[layer]
+    new, old = Layer(model.cfg, plan).to(model.W_E.device), model.layers[layer]
+    _copy_layer(new, old, layer, means)
+    return new.eval()
+
+
+def _plans(model: Transformer, kept: Iterable[str], scheme: str, means: Means | None) -> list[LayerPlan]:
+    check_scheme(scheme)
+    if scheme == "mean" and means is None:
+        raise ValueError("mean-ablation pruning needs the patching-set means (circuitlib.ablation.mean_activations)")
+    return plan_for(model, kept, scheme, means.z.shape[2] if means is not None else 0)
 
 
 def _copy_layer(new, old, layer: int, means: Means | None) -> None:

@@ -1,0 +1,283 @@
+"""Algorithm 1 of García-Carrasco et al. (2024): greedy, top-down extraction of a task's circuit.
+
+Walk the components from the last layer to the first (inside a layer: the heads, then the MLP).
+Ablate each one in the current model g (at first the full model f); if the KL divergence to f
+rises by less than alpha,
+
+    KL(f || g without c) - KL(f || g) < alpha,
+
+remove c for good, else keep it. The KL is taken at the last position, summed over the
+vocabulary and averaged over the validation prompts.
+
+Two paths make exactly the same decisions:
+- `method="plain"`: the reference. A full TransformerLens forward pass with ablation hooks for
+  every candidate, logits at every position (what the authors' code does).
+- `method="fast"`: below the layer under test the model is still the full model, so its
+  residual stream is computed once; a head's removal changes its layer's output by a known
+  amount (its mean, or zero, minus its output); only the layers from the candidate's upward run
+  again, the already-pruned layers above are physically smaller, and only the last position's
+  logits are formed.
+
+`sweep` runs the fast path for many alphas in one walk: alphas that agree on every decision so
+far share one model state, and a decision splits the set of alphas at its KL increase.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .ablation import Means, check_scheme, head_name, hooked_last_logits, mean_activations, mlp_name, parse_component
+from .metrics import kl_divergence
+from .model import Transformer
+from .surgery import prune_layer
+
+ORDERS = ("heads-ascending", "heads-descending")
+METHODS = ("fast", "plain")
+
+
+def traversal(n_layers: int, n_heads: int, include_mlps: bool, order: str = "heads-ascending") -> list[str]:
+    """Components in visiting order: last layer first; in a layer the heads, then the MLP.
+
+    order: "heads-ascending" visits heads 0, 1, ... as the authors' code does (the default);
+           "heads-descending" visits them in reverse, as the paper's pseudocode writes it.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"unknown traversal order {order!r}; choose one of {', '.join(ORDERS)}")
+    heads = range(n_heads) if order == "heads-ascending" else range(n_heads - 1, -1, -1)
+    names = []
+    for layer in range(n_layers - 1, -1, -1):
+        names += [head_name(layer, h) for h in heads]
+        if include_mlps:
+            names.append(mlp_name(layer))
+    return names
+
+
+@dataclass
+class Decision:
+    """One step of Algorithm 1: the KL of g before and after ablating `component` too."""
+
+    component: str
+    kl_before: float
+    kl_after: float
+    pruned: bool
+
+    @property
+    def delta(self) -> float:
+        return self.kl_after - self.kl_before
+
+
+@dataclass
+class Circuit:
+    """The outcome of one extraction: settings, every decision, and what was kept."""
+
+    model: str
+    n_layers: int
+    n_heads: int
+    alpha: float
+    ablation: str
+    include_mlps: bool
+    order: str
+    decisions: list[Decision] = field(default_factory=list)
+
+    @property
+    def pruned(self) -> list[str]:
+        return [d.component for d in self.decisions if d.pruned]
+
+    @property
+    def kept_heads(self) -> list[str]:
+        gone = set(self.pruned)
+        return [head_name(l, h) for l in range(self.n_layers) for h in range(self.n_heads)
+                if head_name(l, h) not in gone]
+
+    @property
+    def kept_mlps(self) -> list[int]:
+        gone = set(self.pruned)
+        return [l for l in range(self.n_layers) if mlp_name(l) not in gone]
+
+    @property
+    def kept(self) -> list[str]:
+        return self.kept_heads + [mlp_name(l) for l in self.kept_mlps]
+
+    @property
+    def final_kl(self) -> float:
+        """KL(f || g) of the final circuit on the validation set."""
+        kl = 0.0
+        for d in self.decisions:
+            kl = d.kl_after if d.pruned else kl
+        return kl
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for d in out["decisions"]:
+            d["delta"] = d["kl_after"] - d["kl_before"]
+        out |= {"kept_heads": self.kept_heads, "kept_mlps": self.kept_mlps, "final_kl": self.final_kl}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Circuit":
+        fields = {k: d[k] for k in ("model", "n_layers", "n_heads", "alpha", "ablation", "include_mlps", "order")}
+        decisions = [Decision(x["component"], x["kl_before"], x["kl_after"], x["pruned"]) for x in d["decisions"]]
+        return cls(**fields, decisions=decisions)
+
+
+def check_alpha(alpha) -> float:
+    try:
+        alpha = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a number, got {alpha!r}") from None
+    if math.isnan(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a number >= 0 (a KL threshold), got {alpha}; try e.g. 0.01")
+    return alpha
+
+
+def _check_tokens(name: str, tokens) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
+        raise ValueError(f"{name} tokens must be a LongTensor [n_prompts, seq]; got "
+                         f"{getattr(tokens, 'shape', type(tokens))} — pad or filter prompts to one token length")
+    if len(tokens) == 0:
+        raise ValueError(f"{name} set is empty")
+    return tokens
+
+
+def extract(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, *, alpha: float,
+            ablation: str = "mean", include_mlps: bool = False, order: str = "heads-ascending",
+            method: str = "fast", progress: bool = True) -> Circuit:
+    """Run Algorithm 1 on the full `model`.
+
+    patching:   [n_a, S] prompts whose per-position means stand in for ablated components (D_a)
+    validation: [n_v, S] prompts on which KL(f || g) is measured (D_v)
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose 'fast' or 'plain'")
+    if method == "fast":
+        return sweep(model, patching, validation, [alpha], ablation=ablation, include_mlps=include_mlps,
+                     order=order, progress=progress)[0]
+    alpha, scheme = check_alpha(alpha), check_scheme(ablation)
+    patching, validation = _check_tokens("patching", patching), _check_tokens("validation", validation)
+    from .convert import to_hooked
+
+    hooked = to_hooked(model)
+    means = mean_activations(model, patching) if scheme == "mean" else None
+    full = hooked_last_logits(hooked, validation, [], scheme, means)
+    circuit = Circuit(model.cfg.name, model.cfg.n_layers, model.cfg.n_heads, alpha, scheme, include_mlps, order)
+    ablated, kl = [], 0.0
+    for name in tqdm(traversal(model.cfg.n_layers, model.cfg.n_heads, include_mlps, order),
+                     desc=f"extract (plain, alpha={alpha:g})", disable=not progress):
+        kl_new = kl_divergence(full, hooked_last_logits(hooked, validation, ablated + [name], scheme, means))
+        pruned = kl_new - kl < alpha
+        circuit.decisions.append(Decision(name, kl, kl_new, pruned))
+        if pruned:
+            ablated.append(name)
+            kl = kl_new
+    return circuit
+
+
+class _State:
+    """The model g shared by a set of alphas: what is ablated so far and the pruned layers above."""
+
+    def __init__(self, alphas: list[int], decisions: list[Decision], kl: float, above: list):
+        self.alphas, self.decisions, self.kl, self.above = alphas, decisions, kl, above
+
+    def ablated_in(self, layer: int) -> list[str]:
+        return [d.component for d in self.decisions if d.pruned and parse_component(d.component)[0] == layer]
+
+
+class _FastPath:
+    """Exact, incremental evaluation of KL(f || g') for one candidate at a time."""
+
+    def __init__(self, model: Transformer, validation: torch.Tensor, scheme: str, means: Means | None):
+        self.model, self.scheme, self.means = model, scheme, means
+        self.resid = []                                   # resid[l]: [n, S, D], input of layer l in f
+        x = model.embed(validation)
+        for layer in model.layers:
+            self.resid.append(x)
+            x = layer(x)
+        self.full = model.unembed(x[:, -1])               # [n, V]: f's last-position logits
+        self.layer_cache: dict[tuple, object] = {}
+
+    def enter(self, layer: int) -> None:
+        """Per-head outputs of `layer` in f (its input is f's), and what each is replaced by."""
+        L = self.model.layers[layer]
+        x = self.resid[layer]
+        z = L.z(x)                                                        # [n, S, H, E]
+        self.head_out = torch.einsum("bshe,hed->hbsd", z, L.W_O)          # [H, n, S, D]
+        self.attn_full = self.head_out.sum(0) + (L.b_O if L.b_O is not None else 0.0)
+        S, H = x.shape[1], self.model.cfg.n_heads
+        if self.scheme == "mean":
+            self.head_repl = torch.einsum("hse,hed->hsd", self.means.z[layer], L.W_O)  # [H, S, D]
+            self.mlp_repl = self.means.mlp[layer]                                     # [S, D]
+        else:
+            self.head_repl = torch.zeros(H, S, x.shape[2])
+            self.mlp_repl = torch.zeros(S, x.shape[2])
+
+    def kl(self, layer: int, ablated: list[str], above: list) -> float:
+        """KL(f || g) where g ablates `ablated` (all in `layer`) and runs the pruned layers `above`."""
+        heads = [parse_component(c)[1] for c in ablated if not c.startswith("MLP")]
+        x = self.resid[layer] + self.attn_full
+        if heads:
+            x = x + (self.head_repl[heads] - self.head_out[heads]).sum(0)
+        L = self.model.layers[layer]
+        x = x + (self.mlp_repl if mlp_name(layer) in ablated else L.mlp_out(x))
+        for i, upper in enumerate(above):
+            x = upper(x, last_only=i == len(above) - 1)
+        return kl_divergence(self.full, self.model.unembed(x[:, -1]))
+
+    def pruned_layer(self, layer: int, ablated: list[str]):
+        """Layer `layer` with `ablated` removed, physically (shared between states that agree)."""
+        key = (layer, tuple(sorted(ablated)))
+        if key not in self.layer_cache:
+            cfg = self.model.cfg
+            kept = [c for c in [head_name(layer, h) for h in range(cfg.n_heads)] + [mlp_name(layer)]
+                    if c not in ablated]
+            self.layer_cache[key] = prune_layer(self.model, layer, kept, self.scheme, self.means)
+        return self.layer_cache[key]
+
+
+@torch.inference_mode()
+def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, alphas: list[float], *,
+          ablation: str = "mean", include_mlps: bool = False, order: str = "heads-ascending",
+          progress: bool = True) -> list[Circuit]:
+    """Algorithm 1 for every alpha in `alphas` in one walk (fast path); one Circuit per alpha, in order.
+
+    Identical to running `extract` separately for each alpha.
+    """
+    alphas = [check_alpha(a) for a in alphas]
+    if not alphas:
+        raise ValueError("give at least one alpha")
+    scheme = check_scheme(ablation)
+    patching, validation = _check_tokens("patching", patching), _check_tokens("validation", validation)
+    cfg = model.cfg
+    names = traversal(cfg.n_layers, cfg.n_heads, include_mlps, order)
+    means = mean_activations(model, patching) if scheme == "mean" else None
+    fast = _FastPath(model, validation, scheme, means)
+    states = [_State(list(range(len(alphas))), [], 0.0, [])]
+    label = f"alpha={alphas[0]:g}" if len(alphas) == 1 else f"{len(alphas)} alphas"
+    bar = tqdm(total=len(names), desc=f"extract ({label})", disable=not progress)
+    for layer in range(cfg.n_layers - 1, -1, -1):
+        fast.enter(layer)
+        for name in (n for n in names if parse_component(n)[0] == layer):
+            next_states = []
+            for s in states:
+                ablated = s.ablated_in(layer)
+                kl_new = fast.kl(layer, ablated + [name], s.above)
+                for pruned in (True, False):
+                    group = [i for i in s.alphas if (kl_new - s.kl < alphas[i]) == pruned]
+                    if group:
+                        next_states.append(_State(group, s.decisions + [Decision(name, s.kl, kl_new, pruned)],
+                                                  kl_new if pruned else s.kl, s.above))
+            states = next_states
+            bar.update(1)
+            bar.set_postfix(states=len(states))
+        for s in states:
+            s.above = [fast.pruned_layer(layer, s.ablated_in(layer))] + s.above
+    bar.close()
+    circuits = [None] * len(alphas)
+    for s in states:
+        for i in s.alphas:
+            circuits[i] = Circuit(cfg.name, cfg.n_layers, cfg.n_heads, alphas[i], scheme, include_mlps, order,
+                                  list(s.decisions))
+    return circuits
