@@ -1,0 +1,254 @@
+"""Task datasets under GPT-2's real (vendored) tokenizer, and the SmolLM2 ports (slow)."""
+
+import pytest
+import torch
+
+from circuitlib.loading import gpt2_tokenizer
+from circuitlib.tasks import TASK_NAMES, TASKS, Task, _start_years, get_task, make_split, register_task
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def datasets(tok):
+    return {name: get_task(name).generate(tok, N, seed=0) for name in TASK_NAMES}
+
+
+def splits(data):
+    return [data.patching, data.validation, data.test]
+
+
+@pytest.mark.parametrize("name, length", [("acronyms", 11), ("ioi", 15), ("greater-than", 10)])
+def test_gpt2_token_lengths(datasets, name, length):
+    for split in splits(datasets[name]):
+        assert split.tokens.shape == (N, length)
+        assert split.tokens.dtype == torch.long
+        assert split.answers.shape == (N,)
+
+
+def test_acronyms_starts_with_bos_and_others_do_not(datasets):
+    assert (datasets["acronyms"].validation.tokens[:, 0] == 50256).all()
+    for name in ("ioi", "greater-than"):
+        assert (datasets[name].validation.tokens == 50256).sum() == 0
+
+
+def test_tokens_are_the_tokenised_prompts(tok, datasets):
+    for name, data in datasets.items():
+        split = data.test
+        bos = [tok.bos_token_id] if name == "acronyms" else []
+        for prompt, row in zip(split.prompts[:5], split.tokens[:5]):
+            assert row.tolist() == bos + tok.encode(prompt)
+
+
+def test_acronyms_template(tok, datasets):
+    split = datasets["acronyms"].validation
+    for prompt, row, answer in zip(split.prompts, split.tokens, split.answers):
+        pieces = tok.convert_ids_to_tokens(row.tolist())
+        words = prompt.split()[1:4]
+        assert [pieces[i] for i in (2, 4, 6)] == ["Ġ" + w[0] for w in words]  # " C1", " C2", " C3"
+        assert pieces[8:] == ["Ġ(", words[0][0], words[1][0]]
+        assert tok.decode([int(answer)]) == words[2][0]
+
+
+def test_ioi_answer_is_the_indirect_object(tok, datasets):
+    split = datasets["ioi"].validation
+    for prompt, answer in zip(split.prompts, split.answers):
+        b, a = prompt.split()[1], prompt.split()[3]
+        assert prompt == f"Then, {b} and {a} went to the {prompt.split()[7][:-1]}. {b} gave a {prompt.split()[11]} to"
+        assert a != b and tok.decode([int(answer)]) == " " + a
+
+
+def test_answers_are_single_tokens_that_decode_back(tok, datasets):
+    for data in datasets.values():
+        for answer in data.validation.answers.tolist():
+            assert tok.encode(tok.decode([answer])) == [answer]
+
+
+def test_splits_are_disjoint(datasets):
+    for data in datasets.values():
+        sets = [set(split.prompts) for split in splits(data)]
+        assert all(len(s) == N for s in sets)
+        assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+
+
+def test_same_seed_same_data_other_seed_other_data(tok, datasets):
+    for name, data in datasets.items():
+        again = get_task(name).generate(tok, N, seed=0)
+        other = get_task(name).generate(tok, N, seed=1)
+        assert again.validation.prompts == data.validation.prompts
+        assert torch.equal(again.test.tokens, data.test.tokens)
+        assert other.validation.prompts != data.validation.prompts
+
+
+def one_hot_logits(tokens, vocab=50257):
+    logits = torch.zeros(len(tokens), vocab)
+    logits[torch.arange(len(tokens)), torch.tensor(tokens)] = 5.0
+    return logits
+
+
+def test_correct_is_argmax_equals_answer(datasets):
+    for name in ("acronyms", "ioi"):
+        split, task = datasets[name].validation, get_task(name)
+        assert task.correct(split, one_hot_logits(split.answers.tolist())).all()
+        wrong = (split.answers + 1).tolist()
+        assert not task.correct(split, one_hot_logits(wrong)).any()
+
+
+def test_greater_than_start_years_drop_each_centurys_first_and_last(tok):
+    years = _start_years(tok, lambda yy: yy, 100)
+    assert [yy for century, yy in years if century == 17] == list(range(3, 98))  # 1702 and 1798 dropped
+    assert {century for century, _ in years} == set(range(11, 18))
+
+
+def test_greater_than_correct_is_strictly_greater(tok):
+    task = get_task("greater-than")
+    split = make_split(tok, ["The war lasted from the year 1732 to 17"] * 4, ["33"] * 4,
+                       candidates=[f"{v:02d}" for v in range(100)],
+                       accepted=(torch.arange(100) > 32).expand(4, 100))
+    predictions = [tok.encode(x)[0] for x in ("33", "99", "32", "05")]
+    assert task.correct(split, one_hot_logits(predictions)).tolist() == [True, True, False, False]
+    # A non-year token is never correct.
+    assert not task.correct(split[:1], one_hot_logits(tok.encode(" war"))).any()
+
+
+def test_greater_than_generated_rule(tok, datasets):
+    split, task = datasets["greater-than"].validation, get_task("greater-than")
+    start = torch.tensor([int(p.split()[6][2:]) for p in split.prompts])
+    year_token = [tok.encode(f"{v:02d}")[0] for v in range(100)]
+    for offset, expected in ((1, True), (0, False), (-1, False)):
+        predicted = [year_token[int(y) + offset] for y in start]
+        assert task.correct(split, one_hot_logits(predicted)).tolist() == [expected] * N
+    assert all(tok.decode([int(a)]) == f"{int(y) + 1:02d}" for a, y in zip(split.answers, start))
+
+
+def test_greater_than_years(datasets):
+    years = [int(p.split()[6]) for p in datasets["greater-than"].validation.prompts]
+    assert all(1100 <= y < 1800 and 2 < y % 100 < 98 for y in years)
+
+
+def test_correct_checks_logit_shape(datasets):
+    split = datasets["ioi"].validation
+    with pytest.raises(ValueError, match=r"shape \[n, vocab\]"):
+        get_task("ioi").correct(split, torch.zeros(N, 15, 50257))
+
+
+def test_ground_truth_counts():
+    assert len(get_task("acronyms").ground_truth("gpt2")) == 8
+    assert len(get_task("greater-than").ground_truth("gpt2")) == 8
+    assert len(get_task("ioi").ground_truth("gpt2")) == 23
+    assert len(get_task("ioi").ground_truth("gpt2", "authors")) == 23
+    wang = get_task("ioi").ground_truth("gpt2", "wang2022")
+    assert len(wang) == len(set(wang)) == 26 and {"5.8", "5.9", "0.10"} <= set(wang)
+    assert "8.11" in get_task("acronyms").ground_truth("gpt2")
+
+
+def test_default_sizes_are_the_papers():
+    assert [get_task(name).default_n for name in TASK_NAMES] == [250, 150, 250]
+
+
+def test_ground_truth_errors():
+    with pytest.raises(ValueError, match="only for GPT-2 Small"):
+        get_task("ioi").ground_truth("smollm2-135m")
+    with pytest.raises(ValueError, match="unknown ground-truth variant 'x'"):
+        get_task("ioi").ground_truth("gpt2", "x")
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown task 'x'; choose one of acronyms, ioi, greater-than"):
+        get_task("x")
+
+
+def test_make_split_rejects_unequal_lengths(tok):
+    with pytest.raises(ValueError, match=r"same token length.*found lengths \[3, 5\]"):
+        make_split(tok, ["The cat sat", "The cat sat on it"], [" down", " down"])
+
+
+def test_make_split_rejects_multi_token_answers(tok):
+    with pytest.raises(ValueError, match="answers must each be one token.*' Anastasiadis'"):
+        make_split(tok, ["The cat sat", "The dog sat"], [" down", " Anastasiadis"])
+
+
+def test_make_split_bos_and_ok(tok):
+    split = make_split(tok, ["The cat sat", "The dog sat"], [" down", " up"], bos=True)
+    assert split.tokens[:, 0].tolist() == [50256, 50256] and split.tokens.shape == (2, 4)
+    assert split.answers.tolist() == [tok.encode(" down")[0], tok.encode(" up")[0]]
+
+
+def test_n_too_large_and_bad_n(tok):
+    with pytest.raises(ValueError, match="distinct prompts.*lower n"):
+        get_task("greater-than").generate(tok, 10**6, seed=0)
+    with pytest.raises(ValueError, match="positive int"):
+        get_task("ioi").generate(tok, 0, seed=0)
+
+
+def test_custom_task_can_be_registered(tok):
+    class Echo(Task):
+        name = "echo-test"
+
+        def build(self, tokenizer, count, rng):
+            words = rng.sample(["cat", "dog", "sun", "car", "red", "tree"], count)
+            return make_split(tokenizer, [f"Say {w}:" for w in words], [" " + w for w in words])
+
+    task = register_task(Echo())
+    try:
+        assert get_task("echo-test") is task
+        data = task.generate(tok, 2, seed=0)
+        assert data.validation.tokens.shape == (2, 3)
+        with pytest.raises(ValueError, match="already registered"):
+            register_task(Echo())
+    finally:
+        del TASKS["echo-test"]
+
+
+def test_generate_rejects_repeated_prompts(tok):
+    class Repeats(Task):
+        name = "repeats-test"
+
+        def build(self, tokenizer, count, rng):
+            return make_split(tokenizer, ["Say cat:"] * count, [" cat"] * count)
+
+    with pytest.raises(ValueError, match="must return 6 distinct prompts; got 6 prompts, 1 distinct"):
+        Repeats().generate(tok, 2, seed=0)
+
+
+# --- SmolLM2 ports ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    loading = pytest.importorskip("circuitlib.loading")
+    if not hasattr(loading, "load_tokenizer"):
+        pytest.skip("circuitlib.loading.load_tokenizer is not available")
+    try:
+        return loading.load_tokenizer("smollm2-135m")
+    except Exception as error:  # the stand-in's files may be missing on this machine
+        pytest.skip(f"SmolLM2 tokenizer not available: {error}")
+
+
+@pytest.mark.slow
+def test_smollm2_ports(smol_tok):
+    lengths = {}
+    for name in TASK_NAMES:
+        data = get_task(name).generate(smol_tok, N, seed=0)
+        for split in splits(data):
+            assert split.tokens.shape[0] == N
+            assert all(smol_tok.encode(smol_tok.decode([a]), add_special_tokens=False) == [a]
+                       for a in split.answers.tolist())
+        lengths[name] = data.validation.tokens.shape[1]
+    has_bos = smol_tok.bos_token_id is not None
+    assert lengths == {"acronyms": 10 + has_bos, "ioi": 15, "greater-than": 15}
+
+
+@pytest.mark.slow
+def test_smollm2_greater_than_asks_for_the_tens_digit(smol_tok):
+    split, task = get_task("greater-than").generate(smol_tok, N, seed=0).validation, get_task("greater-than")
+    digit = [smol_tok.encode(str(d), add_special_tokens=False)[0] for d in range(10)]
+    tens = [int(p.split()[6][2]) for p in split.prompts]
+    assert max(tens) <= 8
+    assert task.correct(split, one_hot_logits([digit[t + 1] for t in tens], len(smol_tok))).all()
+    assert not task.correct(split, one_hot_logits([digit[t] for t in tens], len(smol_tok))).any()
