@@ -1,0 +1,500 @@
+"""Figures for the circuitlib book: circuit grids, attention patterns, ROC curves.
+
+Three public helpers:
+
+* :func:`circuit_grid` - a layers x heads grid (plus an MLP column) of the components an
+  extraction kept, optionally compared with a manually identified ground-truth circuit.
+* :func:`attention_plot` - an interactive CircuitsVis ``attention_heads`` view that works
+  offline and gives byte-identical notebook outputs, with a static PNG copy.
+* :func:`roc_plot` - ROC curves (FPR vs TPR over the alpha sweep) with their AUCs.
+
+No backend is forced: the library draws on whatever matplotlib backend is active (the inline
+backend in Jupyter, Agg in the tests and in scripts with no display).
+
+How ``attention_plot`` is made offline and deterministic
+--------------------------------------------------------
+``circuitsvis.attention.attention_heads`` returns HTML that (1) decides between a CDN script
+(unpkg) and an inline copy of its JavaScript by probing http://google.com at display time,
+(2) inlines the whole ~1.3 MB bundle in *every* figure, and (3) gives each figure a random
+``uuid4`` element id, so re-running a notebook changes its outputs. This module builds the
+HTML itself from the same bundled ``circuitsvis/dist/cdn/iife.js`` and calls the same
+``CircuitsVis.render(id, CircuitsVis.AttentionHeads, props)`` entry point, but:
+
+* it never touches the network and never references a CDN: the bundle is read from the
+  installed circuitsvis package and inlined;
+* the bundle is inlined **once per page**: the first attention figure shown in a Python
+  process (a notebook's kernel) carries it in a classic ``<script>`` that defines the global
+  ``CircuitsVis``; later figures only carry their data and a small script that waits for
+  that global. A rendered Jupyter Book page is one notebook, so the page opened from disk
+  (``file://``) with the network off has everything it needs, and so does a live notebook.
+  Call :func:`load_circuitsvis` in a setup cell to put the bundle in a cell of its own (then
+  re-running a figure cell never moves it); see that function for the details;
+* element ids are ``circuitlib-attn-<sha256 of the figure's data>``, so the same data gives
+  the same bytes on every run (two identical figures on one page are told apart at view
+  time, in the browser, without changing the stored output);
+* the data is rounded to 4 decimals (smaller pages, no float noise in diffs);
+* every figure also carries a static matplotlib rendering, as an ``image/png`` output (what
+  PDF/LaTeX builds and plain-text viewers use) and inside the HTML as the content shown
+  until the script replaces it (what a viewer that strips scripts, such as an untrusted
+  notebook or GitHub's notebook preview, shows).
+
+Why not a file in the book's ``_static/``? A page opened in a live notebook server cannot
+reach the book's static folder, and a notebook that carries its own bundle renders the same
+everywhere (book, JupyterLab, VS Code, nbviewer-like viewers) at the cost of 1.3 MB per
+notebook that has attention figures.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "circuit_grid",
+    "attention_plot",
+    "AttentionPlot",
+    "load_circuitsvis",
+    "reset_page",
+    "roc_plot",
+    "parse_head",
+]
+
+# --------------------------------------------------------------------------------------
+# small helpers
+
+
+def parse_head(name: str) -> tuple[int, int]:
+    """``"9.6"`` -> ``(9, 6)`` (layer, head). Raises ``ValueError`` on anything else."""
+    try:
+        layer, head = str(name).split(".")
+        return int(layer), int(head)
+    except ValueError:
+        raise ValueError(f"head names look like 'L.H' (e.g. '9.6'), got {name!r}") from None
+
+
+def _new_figure(ax, figsize):
+    """Return (fig, ax): the caller's axes, or a new pyplot figure that is already closed.
+
+    Closing it keeps Jupyter's inline backend from showing it a second time when the
+    returned Figure is the cell's value; the Figure itself still displays and saves.
+    """
+    if ax is not None:
+        return ax.figure, ax
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize, layout="constrained")
+    plt.close(fig)
+    return fig, ax
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch here
+        x = x.detach().to("cpu").float().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------
+# circuit grid
+
+# Colours (colour-blind safe: Okabe-Ito palette).
+_KEPT = "#0072B2"  # blue: kept (no ground truth given)
+_TP = "#009E73"  # green: kept and in the ground truth
+_FP = "#E69F00"  # orange: kept, not in the ground truth
+_FN = "#D55E00"  # vermillion outline: in the ground truth but pruned
+_EMPTY = "#EEEEEE"  # pruned
+
+
+def circuit_grid(
+    kept_heads: Sequence[str],
+    n_layers: int,
+    n_heads: int,
+    kept_mlps: Sequence[int] | None = None,
+    ground_truth: Sequence[str] | None = None,
+    ax=None,
+    title: str | None = None,
+):
+    """Draw which components a circuit keeps, as a layers x heads grid.
+
+    Rows are layers (0 at the top), columns are heads; a filled cell is a kept head. When
+    ``kept_mlps`` is given (a list of layer indices, possibly empty) an extra ``MLP``
+    column shows which MLPs were kept. When ``ground_truth`` (heads as ``"L.H"``) is given,
+    cells are coloured by agreement: true positive (kept and in the ground truth), false
+    positive (kept, not in it), false negative (in it but pruned, outlined only), with a
+    legend giving each count.
+
+    Every cell is a ``matplotlib.patches.Rectangle`` whose ``gid`` reads
+    ``"head L.H kept|pruned [tp|fp|fn|tn]"`` or ``"mlp L kept|pruned"`` (handy in tests).
+    Returns the Figure (a new one unless ``ax`` is given).
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
+
+    kept = {parse_head(h) for h in kept_heads}
+    gt = None if ground_truth is None else {parse_head(h) for h in ground_truth}
+    for layer, head in kept | (gt or set()):
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ValueError(f"head {layer}.{head} is outside a {n_layers} x {n_heads} model")
+    mlps = None if kept_mlps is None else {int(m) for m in kept_mlps}
+    if mlps and not all(0 <= m < n_layers for m in mlps):
+        raise ValueError(f"MLP layers {sorted(mlps)} outside 0..{n_layers - 1}")
+
+    n_cols = n_heads + (2 if mlps is not None else 0)  # a blank gap column before the MLPs
+    fig, ax = _new_figure(ax, (max(0.3 * n_cols + 0.8, 6.0), 0.27 * n_layers + 1.9))
+
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            is_kept = (layer, head) in kept
+            face, edge, width, tag = (_KEPT if is_kept else _EMPTY), "white", 1.0, ""
+            if gt is not None:  # colour by agreement with the ground truth
+                tag = {(True, True): "tp", (True, False): "fp",
+                       (False, True): "fn", (False, False): "tn"}[(is_kept, (layer, head) in gt)]
+                face, edge, width = {"tp": (_TP, "white", 1.0), "fp": (_FP, "white", 1.0),
+                                     "fn": (_EMPTY, _FN, 2.0), "tn": (_EMPTY, "white", 1.0)}[tag]
+                tag = " " + tag
+            ax.add_patch(
+                Rectangle(
+                    (head + 0.06, layer + 0.06), 0.88, 0.88, facecolor=face, edgecolor=edge,
+                    linewidth=width,
+                    gid=f"head {layer}.{head} {'kept' if is_kept else 'pruned'}{tag}",
+                )
+            )
+        if mlps is not None:
+            is_kept = layer in mlps
+            ax.add_patch(
+                Rectangle(
+                    (n_heads + 1 + 0.06, layer + 0.06), 0.88, 0.88,
+                    facecolor="#555555" if is_kept else _EMPTY, edgecolor="white",
+                    gid=f"mlp {layer} {'kept' if is_kept else 'pruned'}",
+                )
+            )
+
+    ax.set_xlim(0, n_cols)
+    ax.set_ylim(n_layers, 0)  # layer 0 at the top
+    ax.set_aspect("equal")
+    ticks = list(range(n_heads)) + ([n_heads + 1] if mlps is not None else [])
+    ax.set_xticks([t + 0.5 for t in ticks])
+    ax.set_xticklabels([str(h) for h in range(n_heads)] + (["MLP"] if mlps is not None else []))
+    ax.set_yticks([l + 0.5 for l in range(n_layers)])
+    ax.set_yticklabels([str(l) for l in range(n_layers)])
+    ax.tick_params(length=0, labelsize=8)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    for side in ax.spines.values():
+        side.set_visible(False)
+
+    n_kept = len(kept)
+    if title is None:
+        title = f"{n_kept} of {n_layers * n_heads} heads kept"
+        if mlps is not None:
+            title += f", {len(mlps)} of {n_layers} MLPs"
+    ax.set_title(title, fontsize=10)
+
+    if gt is not None:
+        tp, fp, fn = len(kept & gt), len(kept - gt), len(gt - kept)
+        handles = [
+            Patch(facecolor=_TP, label=f"kept, in ground truth (TP: {tp})"),
+            Patch(facecolor=_FP, label=f"kept, not in ground truth (FP: {fp})"),
+            Patch(facecolor=_EMPTY, edgecolor=_FN, linewidth=2,
+                  label=f"ground truth, pruned (FN: {fn})"),
+        ]
+    else:
+        handles = [Patch(facecolor=_KEPT, label=f"kept head ({n_kept})")]
+    if mlps is not None:
+        handles.append(Patch(facecolor="#555555", label=f"kept MLP ({len(mlps)})"))
+    handles.append(Line2D([], [], linestyle="none", marker="s", color=_EMPTY, label="pruned"))
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2,
+              fontsize=8, frameon=False)
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# ROC curves
+
+
+def roc_plot(curves: Mapping[str, tuple[Iterable[float], Iterable[float], float | None]], ax=None):
+    """Plot ROC curves: ``{label: (fprs, tprs, auc)}``, one point per alpha.
+
+    The points of each curve are drawn in order of increasing FPR (ties by TPR), with a
+    marker per alpha; ``auc`` (or ``None``) goes into the legend, as computed by the caller
+    (``circuitlib.metrics.roc_auc``), so the figure shows the number the text reports.
+    The dashed diagonal is a random classifier. Returns the Figure.
+    """
+    fig, ax = _new_figure(ax, (4.6, 4.2))
+    for label, (fprs, tprs, auc) in curves.items():
+        fprs, tprs = np.asarray(list(fprs), float), np.asarray(list(tprs), float)
+        if fprs.shape != tprs.shape:
+            raise ValueError(f"{label}: {fprs.size} FPRs but {tprs.size} TPRs")
+        order = np.lexsort((tprs, fprs))
+        text = label if auc is None else f"{label} (AUC = {float(auc):.2f})"
+        ax.plot(fprs[order], tprs[order], marker="o", markersize=3, linewidth=1.5, label=text)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel("false positive rate (FPR)")
+    ax.set_ylabel("true positive rate (TPR)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# attention patterns (CircuitsVis, offline and deterministic)
+
+_BUNDLE_MARK = "data-circuitlib-bundle"
+_page = {"bundle_sent": False}  # per Python process, i.e. per notebook kernel
+
+
+@lru_cache(maxsize=1)
+def _circuitsvis_js() -> tuple[str, str]:
+    """(version, JS) of the bundle shipped inside the installed circuitsvis package."""
+    import circuitsvis
+
+    path = Path(circuitsvis.__file__).parent / "dist" / "cdn" / "iife.js"
+    js = path.read_text(encoding="utf-8")
+    # No source-map reference (the .map is not shipped with the page) and nothing that
+    # could close the <script> element early: "<\/script" is the same string in JS.
+    js = "\n".join(l for l in js.splitlines() if not l.startswith("//# sourceMappingURL="))
+    js = js.replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT")
+    return getattr(circuitsvis, "__version__", "unknown"), js
+
+
+def _bundle_html() -> str:
+    version, js = _circuitsvis_js()
+    return f'<script {_BUNDLE_MARK}="circuitsvis-{version}">\n{js}\n</script>\n'
+
+
+def _in_colab() -> bool:
+    # Colab shows every output in its own iframe: a bundle from another cell is not visible.
+    return "google.colab" in sys.modules
+
+
+def reset_page() -> None:
+    """Forget that the bundle was sent: the next attention figure carries it again.
+
+    Use it after reloading the browser tab of a live notebook (the page lost the bundle
+    while the kernel did not), or between independent pages in a script.
+    """
+    _page["bundle_sent"] = False
+
+
+class _BundleOnly:
+    """Display object that puts the CircuitsVis bundle on the page (see load_circuitsvis)."""
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        _page["bundle_sent"] = True
+        version, _ = _circuitsvis_js()
+        note = (f'<p style="font-size:small;color:#666">CircuitsVis {html.escape(version)} '
+                "loaded from the installed package (offline).</p>")
+        return {"text/html": _bundle_html() + note,
+                "text/plain": f"CircuitsVis {version} JavaScript (offline copy)"}
+
+
+def load_circuitsvis() -> _BundleOnly:
+    """Put the CircuitsVis JavaScript on the page, in a cell of its own.
+
+    Make it the last line of a notebook's setup cell. Without it, the first attention figure
+    of the kernel carries the bundle, which is fine when a notebook is run top to bottom
+    (papermill, "Run all") but not when, in a live session, only a later figure cell is
+    re-run after the first one was cleared. The object marks the bundle as sent when it is
+    displayed, so later figures carry only their data.
+    """
+    return _BundleOnly()
+
+
+def _json_for_script(obj: Any) -> str:
+    """JSON that is safe inside an inline <script> (no '</script>', no '<!--')."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _label(token: str) -> str:
+    """A token as a tick label: newlines and tabs made visible (drawn with parse_math=False)."""
+    return token.replace("\n", "\\n").replace("\t", "\\t") or "''"
+
+
+class AttentionPlot:
+    """Attention patterns of several heads on one prompt (see :func:`attention_plot`).
+
+    Displays in Jupyter through ``_repr_mimebundle_``: ``text/html`` (the interactive
+    CircuitsVis view, with the static image inside as its no-script fallback), ``image/png``
+    (the static image) and ``text/plain``. With ``static=True`` only the image is shown.
+    ``html()`` and ``png()`` give the parts; ``figure()`` the matplotlib Figure.
+    """
+
+    def __init__(self, tokens, pattern, head_names, *, static=False, max_value=None,
+                 mask_upper_tri=True, include_bundle=None, dpi=72):
+        pattern = _to_numpy(pattern)
+        if pattern.ndim == 2:
+            pattern = pattern[None]
+        tokens = [str(t) for t in tokens]
+        head_names = [str(h) for h in head_names]
+        if pattern.ndim != 3 or pattern.shape[1] != pattern.shape[2]:
+            raise ValueError(f"pattern must be [n_heads, seq, seq], got {tuple(pattern.shape)}")
+        if pattern.shape[0] != len(head_names):
+            raise ValueError(f"{pattern.shape[0]} patterns but {len(head_names)} head names")
+        if pattern.shape[1] != len(tokens):
+            raise ValueError(f"patterns over {pattern.shape[1]} positions but {len(tokens)} tokens")
+        self.tokens = tokens
+        self.pattern = np.round(pattern, 4)
+        self.head_names = head_names
+        self.static = static
+        self.max_value = max_value
+        self.mask_upper_tri = mask_upper_tri
+        self.include_bundle = include_bundle
+        self.dpi = dpi
+
+    # -- the data, and an id derived from it
+    def props(self) -> dict:
+        props = {
+            "attention": self.pattern.tolist(),
+            "tokens": self.tokens,
+            "attentionHeadNames": self.head_names,
+            "maskUpperTri": bool(self.mask_upper_tri),
+        }
+        if self.max_value is not None:
+            props["maxValue"] = float(self.max_value)
+        return props
+
+    @property
+    def element_id(self) -> str:
+        digest = hashlib.sha256(_json_for_script(self.props()).encode("utf-8")).hexdigest()
+        return "circuitlib-attn-" + digest[:16]
+
+    # -- static rendering
+    def figure(self):
+        """The heads' patterns as heatmaps with token labels (a matplotlib Figure, no pyplot)."""
+        from matplotlib.figure import Figure
+
+        n, seq = self.pattern.shape[0], self.pattern.shape[1]
+        cols = min(n, 4)
+        rows = -(-n // cols)
+        side = max(2.4, 0.22 * seq + 1.2)
+        fig = Figure(figsize=(side * cols, side * rows + 0.3), layout="constrained")
+        vmax = self.max_value if self.max_value is not None else 1.0
+        labels = [_label(t) for t in self.tokens]
+        mask = np.triu(np.ones((seq, seq), bool), 1) if self.mask_upper_tri else None
+        for i in range(n):
+            ax = fig.add_subplot(rows, cols, i + 1)
+            data = np.ma.masked_array(self.pattern[i], mask=mask)
+            image = ax.imshow(data, cmap="Blues", vmin=0.0, vmax=vmax, interpolation="nearest")
+            ax.set_title(self.head_names[i], fontsize=9)
+            ax.set_xticks(range(seq))
+            ax.set_xticklabels(labels, rotation=90, fontsize=7, parse_math=False)
+            ax.set_yticks(range(seq))
+            ax.set_yticklabels(labels, fontsize=7, parse_math=False)
+            if i % cols == 0:
+                ax.set_ylabel("destination", fontsize=8)
+            if i // cols == rows - 1:
+                ax.set_xlabel("source", fontsize=8)
+        fig.colorbar(image, ax=fig.axes, shrink=0.6, label="attention")
+        return fig
+
+    def png(self) -> bytes:
+        """The static figure as PNG bytes (deterministic: no timestamp, no version text)."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        fig = self.figure()
+        FigureCanvasAgg(fig)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=self.dpi, metadata={"Software": None})
+        return buffer.getvalue()
+
+    # -- interactive rendering
+    def html(self, include_bundle: bool = False, png: bytes | None = None) -> str:
+        """The figure's HTML; ``include_bundle`` puts the CircuitsVis JS in front of it."""
+        element_id = self.element_id
+        if png is None:
+            png = self.png()
+        img = base64.b64encode(png).decode("ascii")
+        alt = html.escape("attention patterns of heads " + ", ".join(self.head_names))
+        fallback = (
+            f'<img alt="{alt}" src="data:image/png;base64,{img}" style="max-width:100%">'
+            '<p style="font-size:small;color:#666">Static copy: the interactive view needs '
+            "JavaScript (in Jupyter, trust the notebook).</p>"
+        )
+        script = f"""<script data-circuitlib-figure="{element_id}">
+(function () {{
+  var id = "{element_id}";
+  var props = {_json_for_script(self.props())};
+  var el = (document.currentScript && document.currentScript.previousElementSibling) ||
+           document.getElementById(id);
+  if (!el) {{ return; }}
+  if (document.querySelectorAll("#" + id).length > 1) {{
+    window.__circuitlibFigures = (window.__circuitlibFigures || 0) + 1;
+    el.id = id + "-" + window.__circuitlibFigures;
+  }}
+  var tries = 0;
+  (function draw() {{
+    if (window.CircuitsVis) {{
+      el.innerHTML = "";
+      window.CircuitsVis.render(el.id, window.CircuitsVis.AttentionHeads, props);
+    }} else if (tries++ < 100) {{
+      setTimeout(draw, 50);
+    }}
+  }})();
+}})();
+</script>"""
+        figure = (f'<div id="{element_id}" class="circuitlib-attention" '
+                  f'style="margin: 15px 0;">{fallback}</div>\n{script}\n')
+        return (_bundle_html() if include_bundle else "") + figure
+
+    def _wants_bundle(self) -> bool:
+        if self.include_bundle is not None:
+            return bool(self.include_bundle)
+        return _in_colab() or not _page["bundle_sent"]
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        png = self.png()
+        bundle = {
+            "image/png": base64.b64encode(png).decode("ascii"),
+            "text/plain": repr(self),
+        }
+        if not self.static:
+            with_js = self._wants_bundle()
+            bundle["text/html"] = self.html(include_bundle=with_js, png=png)
+            if with_js:
+                _page["bundle_sent"] = True
+        if include:
+            bundle = {k: v for k, v in bundle.items() if k in include}
+        if exclude:
+            bundle = {k: v for k, v in bundle.items() if k not in exclude}
+        return bundle
+
+    def __repr__(self) -> str:
+        return (f"AttentionPlot(heads={self.head_names}, seq={len(self.tokens)}, "
+                f"static={self.static})")
+
+
+def attention_plot(tokens: list[str], pattern, head_names: list[str], *, static: bool = False,
+                   max_value: float | None = None, mask_upper_tri: bool = True,
+                   include_bundle: bool | None = None) -> AttentionPlot:
+    """Interactive attention patterns of several heads (CircuitsVis ``attention_heads``).
+
+    Args:
+        tokens: the prompt's tokens as strings, one per position (``seq`` of them).
+        pattern: ``[n_heads, seq, seq]`` attention probabilities (destination x source), a
+            torch Tensor or a numpy array; a single ``[seq, seq]`` pattern is one head.
+        head_names: one label per head, e.g. ``["9.6", "9.9"]``.
+        static: show only the matplotlib heatmaps (``image/png``), no JavaScript.
+        max_value: the value shown darkest (default: 1 in the static copy, the data's
+            maximum in CircuitsVis).
+        mask_upper_tri: hide the (causally impossible) future positions.
+        include_bundle: ``None`` (default) inlines the CircuitsVis JavaScript in the first
+            figure shown in this kernel only; ``True``/``False`` force it either way.
+
+    Returns an :class:`AttentionPlot`; make it a cell's value (or ``display`` it) to show
+    it. It never reaches the network, and re-running a notebook from the top reproduces
+    its outputs byte for byte (see this module's docstring for how and why).
+    """
+    return AttentionPlot(tokens, pattern, head_names, static=static, max_value=max_value,
+                         mask_upper_tri=mask_upper_tri, include_bundle=include_bundle)

@@ -1,0 +1,118 @@
+"""scripts/run_notebook.py on a tiny throw-away notebook (not the book's notebooks)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def rn():
+    spec = importlib.util.spec_from_file_location("run_notebook", REPO / "scripts" / "run_notebook.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def nbdir(tmp_path):
+    """notebooks/ with 01_tiny (parameters alpha, fail) and 02_tinier/03_other for name tests."""
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    meta = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+            "language_info": {"name": "python"}}
+    nb = nbformat.v4.new_notebook(metadata=meta)
+    nb.cells = [
+        nbformat.v4.new_code_cell("alpha = 0.01\nfail = False", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("print(f'alpha is {alpha}')\nassert not fail, 'asked to fail'"),
+    ]
+    nbformat.write(nb, folder / "01_tiny.ipynb")
+    nbformat.write(nbformat.v4.new_notebook(metadata=meta), folder / "02_tinier.ipynb")
+    nbformat.write(nbformat.v4.new_notebook(metadata=meta), folder / "03_greater_than.ipynb")
+    return folder
+
+
+def _run(rn, nbdir, *args):
+    out = nbdir.parent / "runs"
+    code = rn.main([*args, "--notebooks-dir", str(nbdir), "--out-root", str(out),
+                    "--no-progress-bar"])
+    return code, out
+
+
+def _outputs(nb_path):
+    nb = nbformat.read(nb_path, as_version=4)
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_each_run_gets_a_new_complete_folder(rn, nbdir):
+    code, out = _run(rn, nbdir, "tiny", "--alpha", "0.02")
+    assert code == 0
+    code, out = _run(rn, nbdir, "01", "-p", "alpha", "0.5")
+    assert code == 0
+    runs = sorted(p for p in out.iterdir())
+    assert len(runs) == 2, runs  # and no leftover temporary folder
+    names = {p.name for p in runs}
+    assert any(n.startswith("01_tiny-") and n.endswith("-alpha0.02") for n in names)
+    for run in runs:
+        assert (run / "01_tiny.ipynb").is_file()
+        record = json.loads((run / "parameters.json").read_text())
+        assert record["status"] == "ok"
+        assert f"alpha is {record['parameters']['alpha']}" in _outputs(run / "01_tiny.ipynb")
+        assert record["defaults"] == {"alpha": "0.01", "fail": "False"}
+
+
+def test_existing_folder_is_never_overwritten(rn, nbdir, monkeypatch):
+    monkeypatch.setattr(rn, "run_name", lambda stem, params, now: f"{stem}-fixed")
+    assert _run(rn, nbdir, "tiny", "--alpha", "0.1")[0] == 0
+    first = nbdir.parent / "runs" / "01_tiny-fixed"
+    before = (first / "01_tiny.ipynb").read_bytes()
+    assert _run(rn, nbdir, "tiny", "--alpha", "0.2")[0] == 0
+    assert (first / "01_tiny.ipynb").read_bytes() == before
+    second = nbdir.parent / "runs" / "01_tiny-fixed-2"
+    assert "alpha is 0.2" in _outputs(second / "01_tiny.ipynb")
+
+
+def test_unknown_parameter_is_rejected_before_running(rn, nbdir, capsys):
+    code, out = _run(rn, nbdir, "tiny", "-p", "beta", "1")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "'beta'" in err and "alpha" in err and "fail" in err
+    assert not out.exists()
+    code, _ = _run(rn, nbdir, "tinier", "--alpha", "0.1")  # no parameters cell at all
+    assert code == 2 and "no cell tagged 'parameters'" in capsys.readouterr().err
+
+
+def test_bad_or_ambiguous_name_lists_the_notebooks(rn, nbdir, capsys):
+    assert _run(rn, nbdir, "nope")[0] == 2
+    err = capsys.readouterr().err
+    assert "no notebook matches 'nope'" in err and "01_tiny.ipynb" in err and "greater_than" in err
+    assert _run(rn, nbdir, "tin")[0] == 2  # prefix of both tiny and tinier
+    assert "ambiguous" in capsys.readouterr().err
+    assert rn.resolve_notebook("greater-than", nbdir).name == "03_greater_than.ipynb"
+    assert rn.resolve_notebook("3", nbdir).name == "03_greater_than.ipynb"
+    assert rn.resolve_notebook("tiny", nbdir).name == "01_tiny.ipynb"  # exact beats prefix
+
+
+def test_failing_notebook_leaves_a_failed_folder(rn, nbdir, capsys):
+    code, out = _run(rn, nbdir, "tiny", "-p", "fail", "True")
+    assert code == 1
+    (run,) = list(out.iterdir())
+    assert run.name.endswith("-FAILED")
+    record = json.loads((run / "parameters.json").read_text())
+    assert record["status"] == "failed" and "asked to fail" in record["error"]
+    assert "asked to fail" in capsys.readouterr().err
+
+
+def test_parse_value(rn):
+    assert rn.parse_value("0.02") == 0.02 and rn.parse_value("3") == 3
+    assert rn.parse_value("True") is True and rn.parse_value("false") is False
+    assert rn.parse_value("None") is None and rn.parse_value("[1, 2]") == [1, 2]
+    assert rn.parse_value("mean") == "mean"
+
+
+def test_the_book_notebooks_resolve(rn):
+    assert rn.resolve_notebook("background").name == "00_background.ipynb"
