@@ -219,7 +219,7 @@ class _FastPath:
         heads = [parse_component(c)[1] for c in ablated if not c.startswith("MLP")]
         x = self.resid[layer] + self.attn_full
         if heads:
-            x = x + (self.head_repl[heads] - self.head_out[heads]).sum(0)
+            x = x + (self.head_repl[heads][:, None] - self.head_out[heads]).sum(0)
         L = self.model.layers[layer]
         x = x + (self.mlp_repl if mlp_name(layer) in ablated else L.mlp_out(x))
         for i, upper in enumerate(above):

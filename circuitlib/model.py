@@ -250,13 +250,17 @@ class Transformer(nn.Module):
         """x: [..., D] final residual stream -> logits [..., V]."""
         return self.ln_final(x) @ self.W_E.T
 
-    def forward(self, tokens, last_only: bool = False):
-        """tokens: [B, S] -> logits [B, S, V], or [B, V] at the last position if `last_only`."""
+    def residual(self, tokens, last_only: bool = False):
+        """tokens: [B, S] -> final residual stream [B, S, D], or [B, D] at the last position."""
         x = self.embed(tokens)
         for layer in self.layers[:-1]:
             x = layer(x)
         x = self.layers[-1](x, last_only=last_only)  # the last layer's other positions feed nothing
-        return self.unembed(x[:, -1] if last_only else x)
+        return x[:, -1] if last_only else x
+
+    def forward(self, tokens, last_only: bool = False):
+        """tokens: [B, S] -> logits [B, S, V], or [B, V] at the last position if `last_only`."""
+        return self.unembed(self.residual(tokens, last_only))
 
     # ---- bookkeeping -------------------------------------------------------------------------
 
@@ -276,6 +280,26 @@ class Transformer(nn.Module):
         params = sum(p.numel() for n, p in self.named_parameters() if n not in skip)
         biases = sum(b.numel() for n, b in self.named_buffers() if n.endswith("_ablation"))
         return {"parameters": params, "ablation_bias": biases, "total": params + biases}
+
+    def flops(self, seq_len: int, last_only: bool = True) -> int:
+        """Multiply-add FLOPs (2 per multiply-add) of one prompt of `seq_len` tokens through the model.
+
+        Counts the matrix products: projections, attention scores and mixing, MLPs and the
+        unembedding; norms, softmax and additions are left out. With `last_only`, the last layer
+        works on the last position only and only its logits are formed, as in `forward(last_only=True)`.
+        """
+        cfg, S, total = self.cfg, seq_len, 0
+        D, E = cfg.d_model, cfg.d_head
+        for i, layer in enumerate(self.layers):
+            last = last_only and i == len(self.layers) - 1
+            Sq = 1 if last else S                                          # query positions computed
+            H, K = len(layer.heads), len(layer.plan.kv_heads(cfg))
+            total += 2 * D * E * (H * Sq + 2 * K * S)                         # W_Q on queries, W_K and W_V
+            total += 2 * 2 * H * E * (S if last else S * (S + 1) // 2)        # scores and mixing (causal)
+            total += 2 * H * E * D * Sq                                       # W_O
+            if layer.plan.has_mlp:
+                total += 2 * D * cfg.d_mlp * Sq * (2 if layer.W_gate is None else 3)
+        return total + 2 * D * cfg.d_vocab * (1 if last_only else S)
 
     # ---- saving and loading ------------------------------------------------------------------
 

@@ -1,0 +1,103 @@
+"""Command line: `python -m circuitlib extract ...` and `python -m circuitlib evaluate DIR`.
+
+Errors in the input (a bad alpha, an unknown model, an occupied output folder, ...) end with one
+line on stderr naming the problem and the fix, exit status 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .ablation import SCHEMES
+from .extract import METHODS, ORDERS
+
+MODELS = ("gpt2", "smollm2-135m", "tiny-gpt2")
+TASKS = ("acronyms", "ioi", "greater-than")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m circuitlib", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("extract", help="extract a task's circuit, prune the model and save both")
+    ex.add_argument("--model", required=True,
+                    help=f"one of {', '.join(MODELS)}, or a local Hugging Face model folder")
+    ex.add_argument("--task", required=True, choices=TASKS)
+    ex.add_argument("--alpha", required=True, type=str, help="KL threshold, a number >= 0 (e.g. 0.01)")
+    ex.add_argument("--ablation", default="mean", choices=SCHEMES)
+    ex.add_argument("--include-mlps", action="store_true", help="also consider MLPs for removal")
+    ex.add_argument("--order", default="heads-ascending", choices=ORDERS,
+                    help="head order inside a layer (default: the authors' code)")
+    ex.add_argument("--method", default="fast", choices=METHODS,
+                    help="fast (exact, default) or plain (TransformerLens hooks; the slow reference)")
+    ex.add_argument("--seed", type=int, default=0, help="seed of the prompts (same seed, same circuit)")
+    ex.add_argument("--n", type=int, default=None,
+                    help="prompts per split (patching, validation, test); default: the paper's size")
+    ex.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    ex.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    ex.add_argument("--json", action="store_true", help="print circuit.json's summary as JSON")
+
+    ev = sub.add_parser("evaluate", help="evaluate a saved pruned model on its own")
+    ev.add_argument("run_dir")
+    ev.add_argument("--split", default="validation", choices=("validation", "test"))
+    ev.add_argument("--json", action="store_true", help="print a JSON object")
+    return parser
+
+
+def _summary(result) -> str:
+    m, s = result.metrics, result.settings
+    lines = [f"model {s['model']} · task {s['task']} · alpha {s['alpha']:g} · {s['ablation']} ablation · "
+             f"MLPs {'included' if s['include_mlps'] else 'kept'} · seed {s['seed']} · n {s['n']}",
+             f"{'':10}{'accuracy (val/test)':>22}{'KL (val/test)':>22}{'parameters':>14}"]
+    for name in ("full", "pruned"):
+        r = m[name]
+        lines.append(f"{name:10}{r['validation']['accuracy']:>11.3f}/{r['test']['accuracy']:<10.3f}"
+                     f"{r['validation']['kl']:>11.4f}/{r['test']['kl']:<10.4f}{r['n_params']['parameters']:>14,}")
+    lines.append(f"kept heads ({len(result.circuit.kept_heads)}): {' '.join(result.circuit.kept_heads)}")
+    if s["include_mlps"]:
+        lines.append(f"kept MLPs: {result.circuit.kept_mlps}")
+    lines.append(f"parameter reduction {m['parameter_reduction']:.2%} (plus "
+                 f"{m['pruned']['n_params']['ablation_bias']:,} mean-ablation bias elements); "
+                 f"extraction took {m['extraction_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "extract":
+            from pathlib import Path
+
+            from .experiment import check_out_dir, run_extraction
+            from .extract import check_alpha
+
+            alpha = check_alpha(args.alpha)
+            check_out_dir(Path(args.out), args.force)
+            if args.n is not None and args.n < 1:
+                raise ValueError(f"--n must be a positive number of prompts, got {args.n}")
+            result = run_extraction(args.model, args.task, alpha=alpha, ablation=args.ablation,
+                                    include_mlps=args.include_mlps, seed=args.seed, n=args.n, order=args.order,
+                                    method=args.method)
+            out = result.save(args.out, force=args.force)
+            if args.json:
+                print(json.dumps({"out": str(out), "settings": result.settings, "metrics": result.metrics,
+                                  "kept_heads": result.circuit.kept_heads, "kept_mlps": result.circuit.kept_mlps}))
+            else:
+                print(_summary(result))
+                print(f"saved to {out}")
+        else:
+            from .experiment import evaluate_saved
+
+            report = evaluate_saved(args.run_dir, args.split)
+            if args.json:
+                print(json.dumps(report))
+            else:
+                print(f"{report['model']} · {report['task']} · {report['split']} split ({report['n']} prompts): "
+                      f"accuracy {report['accuracy']:.3f}, KL {report['kl']:.4f}, "
+                      f"{report['n_params']['parameters']:,} parameters, kept heads {' '.join(report['kept_heads'])}")
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
