@@ -173,6 +173,20 @@ class Layer(nn.Module):
         z = F.scaled_dot_product_attention(q, k, v, is_causal=not last_only)  # [B, H, S or 1, E]
         return z.transpose(1, 2)
 
+    def pattern(self, x):
+        """Attention probabilities of the kept heads, for inspection. x: [B, S, D] -> [B, H, S, S]."""
+        S, E = x.shape[1], self.cfg.d_head
+        h = self.ln1(x)
+        q = torch.einsum("bsd,hde->bhse", h, self.W_Q)
+        k = torch.einsum("bsd,kde->bkse", h, self.W_K)[:, self.kv_of_head]
+        if self.b_Q is not None:
+            q, k = q + self.b_Q[:, None], k + self.b_K[self.kv_of_head][:, None]
+        if self.cfg.arch == "llama":
+            q, k = rotate(q, self.cfg.rotary_base), rotate(k, self.cfg.rotary_base)
+        scores = q @ k.transpose(-1, -2) / E ** 0.5                               # [B, H, S, S]
+        causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
     def attn_out(self, x, z=None, last_only: bool = False):
         """What attention writes to the residual stream. x: [B, S, D] -> [B, S or 1, D].
 
@@ -261,6 +275,25 @@ class Transformer(nn.Module):
     def forward(self, tokens, last_only: bool = False):
         """tokens: [B, S] -> logits [B, S, V], or [B, V] at the last position if `last_only`."""
         return self.unembed(self.residual(tokens, last_only))
+
+    @torch.inference_mode()
+    def attention_patterns(self, tokens, heads: list[str]):
+        """Attention patterns of the named kept heads ('L.H') on tokens [B, S] -> [B, len(heads), S, S]."""
+        wanted = {}
+        for name in heads:
+            layer, head = (int(p) for p in name.split("."))
+            if head not in self.layers[layer].heads:
+                raise ValueError(f"head {name} is not in this model (pruned away?); kept: {self.kept_heads()}")
+            wanted.setdefault(layer, []).append(head)
+        found = {}
+        x = self.embed(tokens)
+        for l, layer in enumerate(self.layers):
+            if l in wanted:
+                p = layer.pattern(x)
+                for h in wanted[l]:
+                    found[f"{l}.{h}"] = p[:, layer.heads.index(h)]
+            x = layer(x)
+        return torch.stack([found[name] for name in heads], dim=1)
 
     # ---- bookkeeping -------------------------------------------------------------------------
 

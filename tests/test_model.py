@@ -98,3 +98,20 @@ def test_mismatched_weights_give_a_clear_error(tmp_path, models):
 def test_missing_model_gives_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a saved circuitlib model"):
         Transformer.load(tmp_path)
+
+
+def test_attention_patterns_match_transformer_lens(arch, models, data):
+    model, tokens = models[arch], data[1][:2]
+    _, cache = to_hooked(model).run_with_cache(tokens)
+    ours = model.attention_patterns(tokens, ["1.2", "0.3"])
+    assert torch.allclose(ours[:, 0], cache["blocks.1.attn.hook_pattern"][:, 2], atol=1e-5)
+    assert torch.allclose(ours[:, 1], cache["blocks.0.attn.hook_pattern"][:, 3], atol=1e-5)
+    with pytest.raises(ValueError, match="not in this model"):
+        prune(model, ["0.1"], "zero").attention_patterns(tokens, ["0.2"])
+
+
+def test_flops_of_gpt2_small_at_one_token():
+    model = Transformer(GPT2_SMALL)
+    # one token: every weight matrix is used once (2 FLOPs per weight), plus scores/mixing and the unembedding
+    matrices = 12 * (4 * 768 * 768 + 2 * 768 * 3072)
+    assert model.flops(1, last_only=False) == 2 * matrices + 12 * 2 * 2 * 768 + 2 * 768 * 50257
