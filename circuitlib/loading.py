@@ -129,6 +129,7 @@ def random_hf_model(
     n_kv_heads: int | None = None,
     seed: int = 0,
     n_ctx: int = 64,
+    init_std: float = 0.02,
 ) -> PreTrainedModel:
     """A randomly initialised ``GPT2LMHeadModel`` (``arch="gpt2"``) or ``LlamaForCausalLM``
     (``arch="llama"``) with tied embeddings and no dropout, in float32 eval mode.
@@ -136,6 +137,8 @@ def random_hf_model(
     Hugging Face's own initialisation is used, seeded by ``seed`` inside a forked RNG, so the same
     arguments give the same weights and the global torch RNG state is left untouched.
     ``n_kv_heads`` (llama only) sets the number of grouped key/value heads; default ``n_heads``.
+    ``init_std`` is the initialiser's standard deviation (Hugging Face's default 0.02); tests use a
+    wider one so that ablating a component of a tiny model moves its predictions visibly.
     """
     if d_model % n_heads:
         raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
@@ -145,7 +148,7 @@ def random_hf_model(
         config = GPT2Config(
             n_layer=n_layers, n_head=n_heads, n_embd=d_model, n_inner=d_mlp, vocab_size=vocab_size,
             n_positions=n_ctx, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0, tie_word_embeddings=True,
+            attn_pdrop=0.0, tie_word_embeddings=True, initializer_range=init_std,
             bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
         )
     elif arch == "llama":
@@ -156,7 +159,7 @@ def random_hf_model(
             num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
             hidden_size=d_model, intermediate_size=d_mlp, vocab_size=vocab_size,
             max_position_embeddings=n_ctx, rope_theta=10000.0, rms_norm_eps=1e-5,
-            hidden_act="silu", attention_dropout=0.0, tie_word_embeddings=True,
+            hidden_act="silu", attention_dropout=0.0, tie_word_embeddings=True, initializer_range=init_std,
         )
     else:
         raise ValueError(f"arch must be 'gpt2' or 'llama', not {arch!r}")

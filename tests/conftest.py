@@ -2,25 +2,19 @@
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from circuitlib.convert import from_hf
+from circuitlib.loading import random_hf_model
 
 VOCAB = 101
 
 
 def small_hf_model(arch: str, seed: int = 0, n_layers: int = 3):
-    """A random HF model, initialised with a wide spread so that ablations move the KL visibly."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        if arch == "gpt2":
-            cfg = GPT2Config(n_layer=n_layers, n_head=4, n_embd=32, n_inner=64, vocab_size=VOCAB, n_positions=16,
-                             resid_pdrop=0, attn_pdrop=0, embd_pdrop=0, initializer_range=0.2)
-            return GPT2LMHeadModel(cfg).eval()
-        cfg = LlamaConfig(num_hidden_layers=n_layers, num_attention_heads=6, num_key_value_heads=2, hidden_size=48,
-                          intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=16,
-                          tie_word_embeddings=True, initializer_range=0.2)
-        return LlamaForCausalLM(cfg).eval()
+    """A random HF model (Llama: 6 query heads sharing 2 K/V heads), with a wide initialisation so that
+    ablations move the KL visibly."""
+    shape = dict(n_heads=4, d_model=32, d_mlp=64) if arch == "gpt2" else dict(n_heads=6, n_kv_heads=2, d_model=48,
+                                                                                  d_mlp=64)
+    return random_hf_model(arch, n_layers=n_layers, vocab_size=VOCAB, n_ctx=16, seed=seed, init_std=0.2, **shape)
 
 
 @pytest.fixture(scope="session", params=["gpt2", "llama"])

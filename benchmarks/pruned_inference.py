@@ -1,0 +1,89 @@
+"""Benchmark: inference time of pruned models against the full model, next to their FLOP ratios.
+
+    python benchmarks/pruned_inference.py [--device cpu|cuda] [--repeats 20]
+
+On a GPT-2-shaped model (random weights, GPT-2 Small's exact shape) and the acronym prompts
+(11 tokens), three circuits of the sizes the paper reports are cut out with true pruning:
+- "half the heads": 72 heads, every MLP;
+- "heads only, paper-sized": 8 heads (the acronym circuit's), every MLP (the paper: ~33 % fewer parameters);
+- "heads and MLPs, paper-sized": the same 8 heads and 3 MLPs (the paper: ~83 % fewer parameters).
+Each is timed against the full model at batch 1 and at the task's batch (250), with warm-up,
+inference mode, synchronisation on a GPU and the median of many runs, the same batch for both,
+both computing the last position's logits only. Printed and written to
+benchmarks/results/pruned_inference[-cuda].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import acronym_batch, gpt2_shaped_model, write_result  # noqa: E402
+
+from circuitlib.ablation import mean_activations  # noqa: E402
+from circuitlib.metrics import time_forward  # noqa: E402
+from circuitlib.surgery import prune  # noqa: E402
+from circuitlib.tasks import get_task  # noqa: E402
+
+ALL_HEADS = [f"{l}.{h}" for l in range(12) for h in range(12)]
+ALL_MLPS = [f"MLP {l}" for l in range(12)]
+
+
+def circuits() -> dict[str, list[str]]:
+    acronym_heads = get_task("acronyms").ground_truth("gpt2")
+    half = sorted(random.Random(0).sample(ALL_HEADS, 72))
+    return {"half the heads": half + ALL_MLPS,
+            "heads only, paper-sized": acronym_heads + ALL_MLPS,
+            "heads and MLPs, paper-sized": acronym_heads + ["MLP 0", "MLP 9", "MLP 11"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--n", type=int, default=250, help="the task's batch")
+    args = parser.parse_args()
+    model = gpt2_shaped_model()
+    patching, validation = acronym_batch(args.n)
+    means = mean_activations(model, patching)
+    model = model.to(args.device)
+    seq = validation.shape[1]
+    full_flops = model.flops(seq)
+    rows = []
+    print(f"device {args.device}; GPT-2-shaped model (random weights); prompts of {seq} tokens; "
+          f"median of {args.repeats} runs after warm-up")
+    print(f"{'circuit':30}{'params':>8}{'FLOPs':>8}{'time b=1':>10}{'time b=' + str(args.n):>11}{'time/FLOPs':>12}")
+    for name, kept in circuits().items():
+        pruned = prune(model.cpu(), kept, "mean", means).to(args.device)
+        model = model.to(args.device)
+        row = {"circuit": name, "kept_heads": len([c for c in kept if "." in c]),
+               "kept_mlps": len([c for c in kept if c.startswith("MLP")]),
+               "param_ratio": pruned.count_parameters()["parameters"] / model.count_parameters()["parameters"],
+               "flop_ratio": pruned.flops(seq) / full_flops}
+        for batch in (1, args.n):
+            tokens = validation[:batch].to(args.device)
+            timings = {}
+            for label, m in (("full", model), ("pruned", pruned)):
+                timings[label] = time_forward(lambda m=m: m(tokens, last_only=True), warmup=3, repeats=args.repeats,
+                                              device=args.device)["median_s"]
+            row[f"time_ratio_b{batch}"] = timings["pruned"] / timings["full"]
+            row[f"full_median_s_b{batch}"], row[f"pruned_median_s_b{batch}"] = timings["full"], timings["pruned"]
+        row["time_over_flop_ratio"] = row[f"time_ratio_b{args.n}"] / row["flop_ratio"]
+        rows.append(row)
+        print(f"{name:30}{row['param_ratio']:>8.2f}{row['flop_ratio']:>8.2f}{row['time_ratio_b1']:>10.2f}"
+              f"{row[f'time_ratio_b{args.n}']:>11.2f}{row['time_over_flop_ratio']:>12.2f}")
+    suffix = "" if args.device == "cpu" else f"-{args.device.split(':')[0]}"
+    path = write_result(f"pruned_inference{suffix}", {
+        "model": "GPT-2-shaped, random weights (seed 0)", "device": args.device, "seq_len": seq,
+        "task_batch": args.n, "repeats": args.repeats, "rows": rows,
+        "target": "time ratio within 1.25x of the FLOP ratio at the task's batch"})
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
