@@ -207,12 +207,15 @@ def load_model(name_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike |
     """``load_hf`` followed by ``circuitlib.convert.from_hf``.
 
     Returns ``(circuitlib.model.Transformer, tokenizer)``; the Transformer's ``cfg.name`` is
-    ``model_label(name_or_dir)``.
+    ``model_label(name_or_dir)``, except that a local folder holding a model of GPT-2 Small's exact
+    shape is named "gpt2", so that the offline copy of the paper's model finds its ground-truth heads.
     """
     from circuitlib.convert import from_hf
 
     hf_model, tokenizer = load_hf(name_or_dir, cache_dir=cache_dir)
-    return from_hf(hf_model, model_label(name_or_dir)), tokenizer
+    c = hf_model.config
+    gpt2_small = c.model_type == "gpt2" and (c.n_layer, c.n_head, c.n_embd, c.vocab_size) == (12, 12, 768, 50257)
+    return from_hf(hf_model, "gpt2" if gpt2_small else model_label(name_or_dir)), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------

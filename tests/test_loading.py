@@ -398,3 +398,12 @@ def test_load_model_smollm2_matches_hf(smollm2):
     tokens = tokenizer(IOI_PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), _logits(hf_model, tokens), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_local_folder_of_gpt2_small_shape_is_named_gpt2(tmp_path):
+    """The offline copy of the paper's model keeps its name, so tasks find its ground-truth heads."""
+    hf = random_hf_model("gpt2", n_layers=12, n_heads=12, d_model=768, d_mlp=3072, vocab_size=50257, n_ctx=1024)
+    hf.save_pretrained(tmp_path / "my-gpt2")
+    model, _ = load_model(tmp_path / "my-gpt2")
+    assert model.cfg.name == "gpt2"
