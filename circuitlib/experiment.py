@@ -117,11 +117,11 @@ def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: s
     model, tokenizer = loaded if loaded is not None else load_model(model_name)
     n = n or task.default_n
     data = task.generate(tokenizer, n=n, seed=seed)
+    means = mean_activations(model, data.patching.tokens) if ablation == "mean" else None
     started = time.perf_counter()
     circuit = extract(model, data.patching.tokens, data.validation.tokens, alpha=alpha, ablation=ablation,
-                      include_mlps=include_mlps, order=order, method=method, progress=progress)
+                      include_mlps=include_mlps, order=order, method=method, progress=progress, means=means)
     seconds = time.perf_counter() - started
-    means = mean_activations(model, data.patching.tokens) if ablation == "mean" else None
     pruned = prune(model, circuit.kept, ablation, means)
     full_resid = {s: model.residual(getattr(data, s).tokens, last_only=True) for s in SPLITS}
     full_size, pruned_size = model.count_parameters(), pruned.count_parameters()

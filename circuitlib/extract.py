@@ -145,23 +145,25 @@ def _check_tokens(name: str, tokens) -> torch.Tensor:
 
 def extract(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, *, alpha: float,
             ablation: str = "mean", include_mlps: bool = False, order: str = "heads-ascending",
-            method: str = "fast", progress: bool = True) -> Circuit:
+            method: str = "fast", progress: bool = True, means: Means | None = None) -> Circuit:
     """Run Algorithm 1 on the full `model`.
 
     patching:   [n_a, S] prompts whose per-position means stand in for ablated components (D_a)
     validation: [n_v, S] prompts on which KL(f || g) is measured (D_v)
+    means:      `mean_activations(model, patching)` if already computed (mean ablation only)
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose 'fast' or 'plain'")
     if method == "fast":
         return sweep(model, patching, validation, [alpha], ablation=ablation, include_mlps=include_mlps,
-                     order=order, progress=progress)[0]
+                     order=order, progress=progress, means=means)[0]
     alpha, scheme = check_alpha(alpha), check_scheme(ablation)
     patching, validation = _check_tokens("patching", patching), _check_tokens("validation", validation)
     from .convert import to_hooked
 
     hooked = to_hooked(model)
-    means = mean_activations(model, patching) if scheme == "mean" else None
+    if scheme == "mean" and means is None:
+        means = mean_activations(model, patching)
     full = hooked_last_logits(hooked, validation, [], scheme, means)
     circuit = Circuit(model.cfg.name, model.cfg.n_layers, model.cfg.n_heads, alpha, scheme, include_mlps, order)
     ablated, kl = [], 0.0
@@ -240,10 +242,10 @@ class _FastPath:
 @torch.inference_mode()
 def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, alphas: list[float], *,
           ablation: str = "mean", include_mlps: bool = False, order: str = "heads-ascending",
-          progress: bool = True) -> list[Circuit]:
+          progress: bool = True, means: Means | None = None) -> list[Circuit]:
     """Algorithm 1 for every alpha in `alphas` in one walk (fast path); one Circuit per alpha, in order.
 
-    Identical to running `extract` separately for each alpha.
+    Identical to running `extract` separately for each alpha. `means` as in `extract`.
     """
     alphas = [check_alpha(a) for a in alphas]
     if not alphas:
@@ -252,7 +254,8 @@ def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, 
     patching, validation = _check_tokens("patching", patching), _check_tokens("validation", validation)
     cfg = model.cfg
     names = traversal(cfg.n_layers, cfg.n_heads, include_mlps, order)
-    means = mean_activations(model, patching) if scheme == "mean" else None
+    if scheme == "mean" and means is None:
+        means = mean_activations(model, patching)
     fast = _FastPath(model, validation, scheme, means)
     states = [_State(list(range(len(alphas))), [], 0.0, [])]
     label = f"alpha={alphas[0]:g}" if len(alphas) == 1 else f"{len(alphas)} alphas"
