@@ -1,0 +1,200 @@
+"""The paper's distillation baseline (Table 2, RQ4): a smaller student trained to copy the teacher.
+
+García-Carrasco et al. compare each extracted circuit with a *student*: the same architecture as
+the teacher with fewer layers, N being the largest number of layers whose size is at most the
+pruned model's, trained to reproduce the teacher's logits at the last position with an L2 loss
+
+    L = || z_teacher - z_student ||_2^2      (summed over the vocabulary, averaged over prompts)
+
+(the setup of Tang et al., 2019), with Adam at learning rate 1e-3, on the same few task prompts
+the extraction uses; they report the best validation accuracy seen during training. They trained
+for 20,000 epochs and published no code for it. Here:
+
+- `student_layers(teacher, pruned)` picks N. Sizes are counted as everywhere in circuitlib and
+  in the paper: without the token/position embeddings and the tied unembedding, and without the
+  pruned model's mean-ablation biases (`count_parameters()["parameters"]`).
+- `make_student(teacher, n_layers, seed)` builds a fresh N-layer `Transformer` of the teacher's
+  family and width. By default *everything* is freshly initialised, as in the paper ("training a
+  model from scratch"). With `copy_embeddings=True` the student starts from the teacher's token
+  (and position) embeddings and keeps them frozen: they are not counted in anyone's size, so this
+  is a stronger baseline at no cost in the size comparison (it is not the paper's).
+- `distill(...)` trains with full-batch steps (one step = one pass over the training prompts =
+  one of the paper's epochs), seeded, with a tqdm progress bar, and returns a `DistillHistory`.
+
+Initialisation (fresh parts): normal(0, 0.02) for every weight matrix and the embeddings, as
+GPT-2 and Llama are initialised; output projections (W_O, W_out) scaled by 1/sqrt(2 N) as in
+GPT-2; norms at 1, biases at 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .model import ModelConfig, Transformer, full_plan
+
+
+def _layer_parameters(cfg: ModelConfig) -> int:
+    """Parameters of one full layer of `cfg` (counted on the meta device: no memory used)."""
+    one = dataclasses.replace(cfg, n_layers=1)
+    with torch.device("meta"):
+        model = Transformer(one, full_plan(one))
+    return model.count_parameters()["parameters"] - sum(p.numel() for p in model.ln_final.parameters())
+
+
+def student_parameters(cfg: ModelConfig, n_layers: int) -> int:
+    """Size of an `n_layers`-layer student of `cfg`'s family (circuitlib's count: no embeddings)."""
+    if n_layers < 1:
+        raise ValueError(f"a student needs at least one layer; got n_layers={n_layers}")
+    final_norm = cfg.d_model * (1 if cfg.arch == "llama" else 2)
+    return n_layers * _layer_parameters(cfg) + final_norm
+
+
+def student_layers(teacher: Transformer, pruned: Transformer) -> int:
+    """The largest N whose N-layer student is no larger than `pruned` (0 if not even one layer fits).
+
+    Sizes are `count_parameters()["parameters"]`: embeddings, unembedding and the mean-ablation
+    biases are left out, as in the paper's parameter counts.
+    """
+    if pruned.cfg != teacher.cfg:
+        raise ValueError("`pruned` must be pruned from `teacher` (their configurations differ)")
+    budget = pruned.count_parameters()["parameters"]
+    n = 0
+    while n < teacher.cfg.n_layers and student_parameters(teacher.cfg, n + 1) <= budget:
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def make_student(teacher: Transformer, n_layers: int, seed: int = 0, *, copy_embeddings: bool = False) -> Transformer:
+    """A fresh `n_layers`-layer Transformer with the teacher's family, width, heads and vocabulary.
+
+    seed:            seeds the initialisation (the global RNG is left untouched)
+    copy_embeddings: start from the teacher's token/position embeddings and freeze them (not the
+                     paper's setup, which trains everything from scratch; see the module docstring)
+    """
+    if not 1 <= n_layers:
+        raise ValueError(f"n_layers must be >= 1; got {n_layers} (the pruned model may be smaller than one layer)")
+    cfg = dataclasses.replace(teacher.cfg, n_layers=n_layers, name=f"{teacher.cfg.name}-student-{n_layers}L")
+    student = Transformer(cfg)
+    g = torch.Generator().manual_seed(seed)
+    out_scale = 1 / math.sqrt(2 * n_layers)
+    for name, p in student.named_parameters():
+        short = name.rsplit(".", 1)[-1]
+        if short in ("w",):                       # norm gains
+            p.fill_(1.0)
+        elif short.startswith("b_") or short == "b":
+            p.zero_()
+        else:                                     # weight matrices and embeddings
+            std = 0.02 * (out_scale if short in ("W_O", "W_out") else 1.0)
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    if copy_embeddings:
+        student.W_E.copy_(teacher.W_E)
+        student.W_E.requires_grad_(False)
+        if student.W_pos is not None:
+            student.W_pos.copy_(teacher.W_pos)
+            student.W_pos.requires_grad_(False)
+    return student.to(teacher.W_E.device).train()
+
+
+@dataclass
+class DistillHistory:
+    """What `distill` saw. Accuracies are on the validation prompts, at the steps in `eval_steps`."""
+
+    n_layers: int
+    steps: int
+    lr: float
+    seed: int
+    train_loss: list[float] = field(default_factory=list)     # one per step
+    eval_steps: list[int] = field(default_factory=list)       # 0 = before training
+    val_accuracy: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def best_val_accuracy(self) -> float:
+        """The paper's number: the largest validation accuracy seen during training."""
+        return max(self.val_accuracy) if self.val_accuracy else float("nan")
+
+    @property
+    def best_step(self) -> int:
+        return self.eval_steps[self.val_accuracy.index(self.best_val_accuracy)] if self.val_accuracy else -1
+
+
+def l2_logit_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """|| z_T - z_S ||_2^2 at the last position: summed over the vocabulary, averaged over prompts.
+
+    Both [n, V].
+    """
+    return (teacher_logits - student_logits).pow(2).sum(-1).mean()
+
+
+def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, val_split, task, *,
+            steps: int, lr: float = 1e-3, seed: int = 0, batch_size: int | None = None,
+            eval_every: int | None = None, progress: bool = True) -> DistillHistory:
+    """Train `student` (in place) to match `teacher`'s last-position logits on `tokens`.
+
+    tokens:     [n, S] training prompts (the paper uses the task's prompts; we use the patching split)
+    val_split:  a `TaskSplit` whose accuracy (by `task.correct`) and loss are tracked
+    steps:      optimiser steps; with the default full batch, one step is one epoch
+    batch_size: prompts per step (None: all of them); minibatches are drawn with `seed`
+    eval_every: evaluate every this many steps (default: about 20 evaluations in all); the
+                student is also evaluated before the first step and after the last
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0; got {steps}")
+    if student.cfg.d_vocab != teacher.cfg.d_vocab:
+        raise ValueError("student and teacher must share the vocabulary")
+    device = teacher.W_E.device
+    tokens, val_tokens = tokens.to(device), val_split.tokens.to(device)
+    with torch.inference_mode():
+        target = teacher(tokens, last_only=True)                  # [n, V]
+        val_target = teacher(val_tokens, last_only=True)          # [n_val, V]
+    target, val_target = target.clone(), val_target.clone()       # usable outside inference mode
+    n = len(tokens)
+    batch_size = n if batch_size is None else min(batch_size, n)
+    eval_every = eval_every or max(1, steps // 20)
+    g = torch.Generator().manual_seed(seed)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    history = DistillHistory(student.cfg.n_layers, steps, lr, seed)
+
+    def evaluate(step: int) -> None:
+        student.eval()
+        with torch.inference_mode():
+            logits = student(val_tokens, last_only=True)
+            history.val_loss.append(l2_logit_loss(val_target, logits).item())
+            history.val_accuracy.append(task.correct(val_split, logits).float().mean().item())
+        history.eval_steps.append(step)
+        student.train()
+
+    started = time.perf_counter()
+    evaluate(0)
+    bar = tqdm(range(1, steps + 1), desc=f"distill {student.cfg.n_layers}-layer student", disable=not progress)
+    order = torch.randperm(n, generator=g)
+    cursor = 0
+    for step in bar:
+        if batch_size == n:
+            rows = slice(None)
+        else:
+            if cursor + batch_size > n:
+                order, cursor = torch.randperm(n, generator=g), 0
+            rows = order[cursor:cursor + batch_size].to(device)
+            cursor += batch_size
+        loss = l2_logit_loss(target[rows], student(tokens[rows], last_only=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.train_loss.append(loss.item())
+        if step % eval_every == 0 or step == steps:
+            evaluate(step)
+            bar.set_postfix(loss=f"{loss.item():.3g}", val_acc=f"{history.val_accuracy[-1]:.2f}")
+    bar.close()
+    history.seconds = time.perf_counter() - started
+    student.eval()
+    return history

@@ -1,0 +1,313 @@
+"""Studies built on many extractions: alpha sweeps evaluated as pruned models, ROC points, baselines.
+
+`circuitlib.extract.sweep` returns one `Circuit` per alpha in one walk; the functions here turn
+circuits into the numbers the paper plots and tabulates, by physically pruning each circuit
+(`circuitlib.surgery.prune`, with the patching-set means of `circuitlib.ablation`) and measuring
+the pruned model (`circuitlib.experiment.measure`: accuracy and KL to the full model on the
+validation and the held-out test split, and its size).
+
+    paper_alphas(task)                     the paper's grid: 30 log-spaced alphas
+    evaluate_kept / evaluate_circuits      prune and measure one component list / many circuits
+    alpha_study                            sweep x {ablation} x {include_mlps} x seeds -> a table
+    tpr_fpr_by_alpha                       mean TPR/FPR per alpha over repeated batches (ROC points)
+    single_head_effects, top_heads         KL increase of ablating each head alone in the full model
+    random_kept                            a random circuit of the same size (a baseline)
+    time_pair                              honest inference times of a full and a pruned model
+    plot_vs_alpha, plot_accuracy_vs_size   the paper's RQ1 figures from an `alpha_study` table
+    machine                                which CPU/GPU and how many threads made a timing
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .ablation import Means, check_scheme, head_name, mean_activations, mlp_name
+from .experiment import SPLITS, measure
+from .extract import Circuit, _FastPath, sweep
+from .metrics import time_forward, tpr_fpr
+from .model import Transformer
+from .surgery import prune
+from .tasks import TaskData
+
+__all__ = ["paper_alphas", "evaluate_kept", "evaluate_circuits", "alpha_study", "tpr_fpr_by_alpha",
+           "single_head_effects", "top_heads", "random_kept", "time_pair", "full_reference", "plot_vs_alpha",
+           "plot_accuracy_vs_size", "config_label", "machine"]
+
+
+def paper_alphas(task_name: str, n_points: int = 30) -> list[float]:
+    """The paper's alpha grid: `n_points` log-spaced values from 1e-5 to 1 (acronyms, IOI) or to 10
+    (greater-than)."""
+    if n_points < 1:
+        raise ValueError(f"n_points must be >= 1; got {n_points}")
+    top = 10.0 if task_name == "greater-than" else 1.0
+    return [float(a) for a in np.logspace(-5, np.log10(top), n_points)]
+
+
+@torch.inference_mode()
+def full_reference(model: Transformer, data: TaskData) -> dict:
+    """The full model's final residual stream at the last position, per split ([n, d_model] each)."""
+    return {s: model.residual(getattr(data, s).tokens, last_only=True) for s in SPLITS}
+
+
+def evaluate_kept(model: Transformer, task, data: TaskData, kept: Iterable[str], ablation: str,
+                  means: Means | None = None, full_resid: dict | None = None) -> dict:
+    """Prune `model` to the components `kept` and measure it.
+
+    Returns {"kept_heads", "kept_mlps", "validation": {"accuracy", "kl"}, "test": {...},
+    "n_params" (count_parameters of the pruned model), "parameter_reduction"} where the reduction
+    is 1 - pruned / full parameters (embeddings and ablation biases not counted, as in the paper).
+    """
+    scheme = check_scheme(ablation)
+    if scheme == "mean" and means is None:
+        means = mean_activations(model, data.patching.tokens)
+    full_resid = full_resid if full_resid is not None else full_reference(model, data)
+    pruned = prune(model, list(kept), scheme, means if scheme == "mean" else None)
+    size = pruned.count_parameters()
+    return {"kept_heads": pruned.kept_heads(), "kept_mlps": pruned.kept_mlps(),
+            **measure(task, data, full_resid, pruned), "n_params": size,
+            "parameter_reduction": 1 - size["parameters"] / model.count_parameters()["parameters"]}
+
+
+def evaluate_circuits(model: Transformer, task, data: TaskData, circuits: Sequence[Circuit],
+                      means: Means | None = None, full_resid: dict | None = None,
+                      progress: bool = False) -> list[dict]:
+    """`evaluate_kept` for each circuit (circuits that keep the same components are pruned once).
+
+    Returns one flat row per circuit: alpha, ablation, include_mlps, heads, mlps, circuit_kl (the
+    extraction's own final KL on the validation set), val_accuracy, val_kl, test_accuracy, test_kl,
+    parameters, ablation_bias, parameter_reduction.
+    """
+    if not circuits:
+        return []
+    schemes = {c.ablation for c in circuits}
+    if "mean" in schemes and means is None:
+        means = mean_activations(model, data.patching.tokens)
+    full_resid = full_resid if full_resid is not None else full_reference(model, data)
+    cache: dict[tuple, dict] = {}
+    rows = []
+    for c in tqdm(circuits, desc="prune and evaluate", disable=not progress):
+        key = (c.ablation, tuple(c.kept))
+        if key not in cache:
+            cache[key] = evaluate_kept(model, task, data, c.kept, c.ablation, means, full_resid)
+        r = cache[key]
+        rows.append({"alpha": c.alpha, "ablation": c.ablation, "include_mlps": c.include_mlps,
+                     "heads": len(r["kept_heads"]), "mlps": len(r["kept_mlps"]), "circuit_kl": c.final_kl,
+                     "val_accuracy": r["validation"]["accuracy"], "val_kl": r["validation"]["kl"],
+                     "test_accuracy": r["test"]["accuracy"], "test_kl": r["test"]["kl"],
+                     "parameters": r["n_params"]["parameters"], "ablation_bias": r["n_params"]["ablation_bias"],
+                     "parameter_reduction": r["parameter_reduction"]})
+    return rows
+
+
+def alpha_study(model: Transformer, tokenizer, task, alphas: Sequence[float], *, n: int,
+                seeds: Sequence[int] = (0,), ablations: Sequence[str] = ("mean", "zero"),
+                include_mlps: Sequence[bool] = (False, True), order: str = "heads-ascending",
+                progress: bool = True, keep_circuits: bool = False):
+    """The paper's hyperparameter study (RQ1) at a chosen scale.
+
+    For each seed (one batch of n prompts per split, `task.generate(tokenizer, n, seed)`) and each
+    configuration (ablation x include_mlps), one `sweep` over all `alphas`, then every circuit is
+    pruned and measured (with `progress`, one line is printed per sweep). Returns a pandas DataFrame with one row per (seed, ablation,
+    include_mlps, alpha) and the columns of `evaluate_circuits` plus "seed" and "full_val_accuracy"
+    / "full_test_accuracy"; with `keep_circuits`, also a dict {(seed, ablation, include_mlps):
+    list of Circuit}.
+    """
+    import pandas as pd
+
+    configs = [(a, m) for a in ablations for m in include_mlps]
+    rows, kept = [], {}
+    for seed in seeds:
+        data = task.generate(tokenizer, n=n, seed=seed)
+        full_resid = full_reference(model, data)
+        full = measure(task, data, full_resid, model)
+        means = mean_activations(model, data.patching.tokens) if "mean" in ablations else None
+        for ablation, mlps in configs:
+            started = time.perf_counter()
+            circuits = sweep(model, data.patching.tokens, data.validation.tokens, list(alphas), ablation=ablation,
+                             include_mlps=mlps, order=order, progress=False)
+            for row in evaluate_circuits(model, task, data, circuits, means, full_resid):
+                rows.append({"seed": seed, **row, "full_val_accuracy": full["validation"]["accuracy"],
+                             "full_test_accuracy": full["test"]["accuracy"]})
+            if keep_circuits:
+                kept[(seed, ablation, mlps)] = circuits
+            if progress:
+                print(f"seed {seed}, {config_label(ablation, mlps)}: {len(alphas)} alphas swept, pruned and measured "
+                      f"in {time.perf_counter() - started:.0f} s", flush=True)
+    table = pd.DataFrame(rows)
+    return (table, kept) if keep_circuits else table
+
+
+def tpr_fpr_by_alpha(circuits_per_batch: Sequence[Sequence[Circuit]], reference: Iterable[str],
+                     n_heads_total: int | None = None) -> tuple[list[float], list[float]]:
+    """Mean (TPR, FPR) per alpha over repeated batches, heads only (the paper's ROC points).
+
+    circuits_per_batch: one list of circuits per batch, the same alphas in the same order
+    reference:          the reference heads ("L.H"), e.g. a manually identified circuit
+    Returns (tprs, fprs), one value per alpha.
+    """
+    reference = list(reference)
+    batches = [list(b) for b in circuits_per_batch]
+    if not batches or any(len(b) != len(batches[0]) for b in batches):
+        raise ValueError("give one list of circuits per batch, all for the same alphas")
+    first = batches[0][0]
+    total = n_heads_total or first.n_layers * first.n_heads
+    tprs, fprs = [], []
+    for i in range(len(batches[0])):
+        alphas = {b[i].alpha for b in batches}
+        if len(alphas) != 1:
+            raise ValueError(f"batches disagree on the alpha at position {i}: {sorted(alphas)}")
+        points = [tpr_fpr(b[i].kept_heads, reference, total) for b in batches]
+        tprs.append(float(np.mean([p[0] for p in points])))
+        fprs.append(float(np.mean([p[1] for p in points])))
+    return tprs, fprs
+
+
+@torch.inference_mode()
+def single_head_effects(model: Transformer, patching: torch.Tensor, validation: torch.Tensor,
+                        ablation: str = "mean", progress: bool = True) -> dict[str, float]:
+    """KL(f || f without head h) for every head h ablated alone in the full model f.
+
+    The same exact computation as the first step of Algorithm 1 for each head (only the layers
+    from the head's upward are re-run). Returns {"L.H": KL}.
+    """
+    scheme = check_scheme(ablation)
+    means = mean_activations(model, patching) if scheme == "mean" else None
+    fast = _FastPath(model, validation, scheme, means)
+    cfg = model.cfg
+    effects = {}
+    bar = tqdm(total=cfg.n_layers * cfg.n_heads, desc="single-head ablations", disable=not progress)
+    for layer in range(cfg.n_layers - 1, -1, -1):
+        fast.enter(layer)
+        above = list(model.layers[layer + 1:])
+        for h in range(cfg.n_heads):
+            effects[head_name(layer, h)] = fast.kl(layer, [head_name(layer, h)], above)
+            bar.update(1)
+    bar.close()
+    return effects
+
+
+def top_heads(effects: dict[str, float], k: int) -> list[str]:
+    """The k heads with the largest effect (ties broken by name order)."""
+    if not 0 < k <= len(effects):
+        raise ValueError(f"k must be in 1..{len(effects)}; got {k}")
+    return [h for h, _ in sorted(effects.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+
+
+def random_kept(circuit: Circuit, seed: int) -> list[str]:
+    """A random circuit of the same size as `circuit`: as many heads (and MLPs) drawn uniformly.
+
+    MLPs outside the search (include_mlps=False) are kept, as in the extracted circuit.
+    """
+    rng = random.Random(seed)
+    heads = [head_name(l, h) for l in range(circuit.n_layers) for h in range(circuit.n_heads)]
+    kept = rng.sample(heads, len(circuit.kept_heads))
+    mlps = [mlp_name(l) for l in range(circuit.n_layers)]
+    kept += rng.sample(mlps, len(circuit.kept_mlps)) if circuit.include_mlps else mlps
+    return kept
+
+
+def time_pair(full: Transformer, pruned: Transformer, tokens: torch.Tensor, *, warmup: int = 3,
+              repeats: int = 20, rounds: int = 4, device=None) -> dict:
+    """Median forward time of both models on the same `tokens` (last position only, as used).
+
+    Both are timed with `metrics.time_forward` (warm-up, inference mode, synchronised on CUDA),
+    in `rounds` alternating rounds (full, pruned, full, ...) so that a change of machine load
+    hits both; `warmup` untimed calls before each model's first round, one before the others.
+    Returns {"full_s", "pruned_s" (medians of `repeats` calls each), "time_ratio" (pruned /
+    full), "flop_ratio"}.
+    """
+    per_round = max(1, repeats // rounds)
+    times = {"full": [], "pruned": []}
+    for r in range(rounds):
+        for name, model in (("full", full), ("pruned", pruned)):
+            t = time_forward(lambda m=model: m(tokens, last_only=True), warmup=warmup if r == 0 else 1,
+                             repeats=per_round, device=device)
+            times[name] += t["times_s"]
+    full_s, pruned_s = float(np.median(times["full"])), float(np.median(times["pruned"]))
+    S = tokens.shape[1]
+    return {"full_s": full_s, "pruned_s": pruned_s, "time_ratio": pruned_s / full_s,
+            "flop_ratio": pruned.flops(S) / full.flops(S)}
+
+
+# ------------------------------------------------------------------------------------------
+# figures of the hyperparameter study
+
+_COLORS = {"mean": "#0072B2", "zero": "#D55E00"}   # Okabe-Ito, as circuitlib.plots
+_STYLES = {False: "-", True: "--"}
+
+
+def config_label(ablation: str, include_mlps: bool) -> str:
+    return f"{ablation} ablation, {'heads and MLPs' if include_mlps else 'heads only'}"
+
+
+def plot_vs_alpha(table, columns: Sequence[tuple[str, str]], title: str | None = None):
+    """One panel per (column, axis label) against alpha (log scale); one line per configuration.
+
+    Colours are the ablation scheme, solid/dashed lines heads only / heads and MLPs (as in the
+    paper's figures). With several seeds the line is the mean and the band spans min to max.
+    Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6), layout="constrained")
+    plt.close(fig)
+    axes = np.atleast_1d(axes)
+    n_seeds = table["seed"].nunique()
+    for ax, (column, label) in zip(axes, columns):
+        for (ablation, mlps), g in table.groupby(["ablation", "include_mlps"], sort=True):
+            s = g.groupby("alpha")[column].agg(["mean", "min", "max"])
+            ax.plot(s.index, s["mean"], color=_COLORS.get(ablation), linestyle=_STYLES[bool(mlps)], marker="o",
+                    markersize=3, label=config_label(ablation, bool(mlps)))
+            if n_seeds > 1:
+                ax.fill_between(s.index, s["min"], s["max"], color=_COLORS.get(ablation), alpha=0.15, linewidth=0)
+        ax.set_xscale("log")
+        ax.set_xlabel(r"$\alpha$")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def plot_accuracy_vs_size(table, accuracy: str = "val_accuracy", title: str | None = None):
+    """Accuracy against parameter reduction (the paper's Figure 3), one line per configuration."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.8), layout="constrained")
+    plt.close(fig)
+    for (ablation, mlps), g in table.groupby(["ablation", "include_mlps"], sort=True):
+        s = g.groupby("alpha")[["parameter_reduction", accuracy]].mean().sort_values("parameter_reduction")
+        ax.plot(100 * s["parameter_reduction"], s[accuracy], color=_COLORS.get(ablation),
+                linestyle=_STYLES[bool(mlps)], marker="o", markersize=3, label=config_label(ablation, bool(mlps)))
+    if "full_val_accuracy" in table and accuracy == "val_accuracy":
+        ax.axhline(table["full_val_accuracy"].mean(), color="grey", linewidth=1, linestyle=":", label="full model")
+    ax.set_xlabel("parameter reduction (%)")
+    ax.set_ylabel("accuracy" + (" (validation)" if accuracy == "val_accuracy" else ""))
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig
+
+
+def machine() -> str:
+    """CPU model, logical cores, PyTorch threads and GPU of this machine (to label timings)."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU used"
+    return f"{cpu}, {os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()}, {gpu}"

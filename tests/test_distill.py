@@ -1,0 +1,93 @@
+"""The distillation baseline on tiny random models: sizes, initialisation, training, determinism."""
+
+import pytest
+import torch
+
+from circuitlib.ablation import mean_activations
+from circuitlib.distill import (distill, l2_logit_loss, make_student, student_layers, student_parameters)
+from circuitlib.surgery import prune
+from circuitlib.tasks import TaskSplit, get_task
+
+
+def _split(teacher, tokens):
+    """A TaskSplit whose 'correct' answer is the teacher's own argmax (accuracy = agreement)."""
+    with torch.inference_mode():
+        answers = teacher(tokens, last_only=True).argmax(-1)
+    return TaskSplit([str(i) for i in range(len(tokens))], tokens, answers)
+
+
+def test_student_parameters_match_a_real_student(models, arch):
+    teacher = models[arch]
+    for n in (1, 2, 3):
+        student = make_student(teacher, n, seed=0)
+        assert student.count_parameters()["parameters"] == student_parameters(teacher.cfg, n)
+        assert student.cfg.n_layers == n and student.cfg.d_model == teacher.cfg.d_model
+    assert student_parameters(teacher.cfg, teacher.cfg.n_layers) == teacher.count_parameters()["parameters"]
+
+
+def test_student_is_the_largest_that_fits(models, data, arch):
+    teacher = models[arch]
+    means = mean_activations(teacher, data[0])
+    heads = teacher.kept_heads()
+    cases = [heads[: len(heads) // 2] + [f"MLP {l}" for l in range(teacher.cfg.n_layers)],   # ~ 2 layers' worth
+             heads[:2],                                                                          # smaller than 1 layer
+             heads + [f"MLP {l}" for l in range(teacher.cfg.n_layers)]]                          # the full model
+    found = []
+    for kept in cases:
+        pruned = prune(teacher, kept, "mean", means)
+        n = student_layers(teacher, pruned)
+        budget = pruned.count_parameters()["parameters"]
+        if n:
+            assert student_parameters(teacher.cfg, n) <= budget
+        if n < teacher.cfg.n_layers:
+            assert student_parameters(teacher.cfg, n + 1) > budget
+        found.append(n)
+    assert found[1] == 0 and found[2] == teacher.cfg.n_layers
+    assert 0 < found[0] < teacher.cfg.n_layers
+
+
+def test_make_student_seeded_and_embeddings(models):
+    teacher = models["gpt2"]
+    a, b, c = make_student(teacher, 2, seed=3), make_student(teacher, 2, seed=3), make_student(teacher, 2, seed=4)
+    for (name, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(a.layers[0].W_Q, c.layers[0].W_Q)
+    assert not torch.equal(a.W_E, teacher.W_E)                       # fresh, as in the paper
+    d = make_student(teacher, 2, seed=3, copy_embeddings=True)
+    assert torch.equal(d.W_E, teacher.W_E) and not d.W_E.requires_grad
+    assert torch.equal(d.layers[0].W_Q, a.layers[0].W_Q)              # the rest is the same fresh init
+    with pytest.raises(ValueError, match="at least one layer|>= 1"):
+        make_student(teacher, 0)
+
+
+def test_l2_loss_is_the_papers():
+    t, s = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
+    assert l2_logit_loss(t, s).item() == pytest.approx((4 + 3) / 2)
+
+
+def test_distillation_lowers_the_loss_and_is_deterministic(models, data, arch):
+    teacher = models[arch]
+    train, val = data
+    split = _split(teacher, val)
+    task = get_task("ioi")  # its rule: argmax == answers
+    runs = []
+    for _ in range(2):
+        student = make_student(teacher, 1, seed=0)
+        runs.append(distill(teacher, student, train, split, task, steps=30, lr=1e-2, seed=0, progress=False))
+    h = runs[0]
+    assert h.train_loss[-1] < 0.5 * h.train_loss[0]
+    assert len(h.val_loss) == len(h.eval_steps) and all(v == v for v in h.val_loss)  # (random data: it may overfit)
+    assert h.eval_steps[0] == 0 and h.eval_steps[-1] == 30
+    assert 0 <= h.best_val_accuracy <= 1 and h.best_step in h.eval_steps
+    assert runs[0].train_loss == runs[1].train_loss and runs[0].val_accuracy == runs[1].val_accuracy
+    # the teacher is not touched
+    assert not any(p.grad is not None for p in teacher.parameters())
+
+
+def test_minibatches_are_seeded(models, data):
+    teacher = models["gpt2"]
+    train, val = data
+    split, task = _split(teacher, val), get_task("ioi")
+    h = [distill(teacher, make_student(teacher, 1, seed=0), train, split, task, steps=6, batch_size=8,
+                 seed=s, progress=False).train_loss for s in (0, 0, 1)]
+    assert h[0] == h[1] and h[0] != h[2]

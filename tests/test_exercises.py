@@ -1,0 +1,154 @@
+"""The exercise checkers accept correct solutions, reject typical mistakes, and never crash."""
+
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from circuitlib import exercises as ex
+
+
+# ------------------------------------------------------------------ correct solutions
+
+def decision(kl_before, kl_after, alpha):
+    return kl_after - kl_before < alpha
+
+
+def kl(full, other):
+    log_f, log_g = F.log_softmax(full.float(), -1), F.log_softmax(other.float(), -1)
+    return (log_f.exp() * (log_f - log_g)).sum(-1).mean().item()
+
+
+def mean_z(model, tokens, layer, head):
+    x = model.embed(tokens)
+    for l in range(layer):
+        x = model.layers[l](x)
+    return model.layers[layer].z(x)[:, :, head].mean(0)
+
+
+def greedy(components, kl_of, alpha):
+    pruned, current = [], kl_of([])
+    for c in components:
+        new = kl_of(pruned + [c])
+        if new - current < alpha:
+            pruned.append(c)
+            current = new
+    return pruned
+
+
+def head_params(cfg, removed):
+    removed = set(removed)
+    bias = cfg.arch == "gpt2"
+    q = len(removed) * (2 * cfg.d_model * cfg.d_head + (cfg.d_head if bias else 0))
+    group = cfg.n_heads // cfg.n_kv_heads
+    gone_kv = [k for k in range(cfg.n_kv_heads) if all(k * group + i in removed for i in range(group))]
+    kv = len(gone_kv) * 2 * (cfg.d_model * cfg.d_head + (cfg.d_head if bias else 0))
+    norm = cfg.d_model * (2 if bias else 1) if len(removed) == cfg.n_heads else 0
+    return q + kv + norm
+
+
+def acc(task, split, logits):
+    pred = logits.argmax(-1)
+    if split.candidates is None:
+        return (pred == split.answers).float().mean().item()
+    hit = (pred[:, None] == split.candidates) & split.accepted
+    return hit.any(-1).float().mean().item()
+
+
+def timer(forward, warmup, repeats):
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            forward()
+        for _ in range(repeats):
+            t = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+CORRECT = [(ex.check_prune_decision, decision), (ex.check_kl, kl), (ex.check_mean_ablation, mean_z),
+           (ex.check_greedy_extraction, greedy), (ex.check_head_parameter_count, head_params),
+           (ex.check_accuracy, acc), (ex.check_timer, timer)]
+
+
+@pytest.mark.parametrize("checker,solution", CORRECT, ids=[c.__name__ for c, _ in CORRECT])
+def test_checker_accepts_a_correct_solution(checker, solution, capsys):
+    assert checker(solution) is True
+    assert capsys.readouterr().out.startswith("PASS")
+
+
+def test_reference_solutions_in_the_module_pass():
+    assert ex.check_greedy_extraction(ex.reference_greedy)
+    assert ex.check_head_parameter_count(ex.reference_head_parameters)
+
+
+def test_head_parameters_of_the_papers_model():
+    # 4 * d * d_head + 3 * d_head biases = 196,800 for GPT-2 Small (paper-facts)
+    assert ex.reference_head_parameters(ex.GPT2_SMALL, [0]) == 196_800
+    assert ex.reference_head_parameters(ex.SMOLLM2_135M, [0]) == 2 * 576 * 64
+    assert ex.reference_head_parameters(ex.SMOLLM2_135M, [0, 1, 2]) == 8 * 576 * 64  # 3 x (W_Q + W_O) + the K/V head they shared
+
+
+# ------------------------------------------------------------------ wrong solutions
+
+def _stub(*args):
+    raise NotImplementedError
+
+
+def greedy_against_full(components, kl_of, alpha):  # compares with the full model: a classic mistake
+    return [c for c in components if kl_of([c]) < alpha]
+
+
+def timer_no_warmup(forward, warmup, repeats):
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup + repeats):
+            t = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - t)
+    return sum(times) / len(times)
+
+
+def timer_with_grad(forward, warmup, repeats):
+    for _ in range(warmup):
+        forward()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        forward()
+    return (time.perf_counter() - t) / repeats
+
+
+WRONG = [
+    (ex.check_prune_decision, lambda b, a, alpha: a - b <= alpha),                       # <= instead of <
+    (ex.check_prune_decision, lambda b, a, alpha: abs(a - b) < alpha),                   # |delta|
+    (ex.check_kl, lambda f, o: kl(o, f)),                                                # KL(g || f)
+    (ex.check_kl, lambda f, o: kl(f, o) * len(f)),                                       # sum over the batch
+    (ex.check_mean_ablation, lambda m, t, l, h: mean_z(m, t, l, h).mean(0, keepdim=True).expand(t.shape[1], -1)),
+    (ex.check_mean_ablation, lambda m, t, l, h: mean_z(m, t, l, (h + 1) % m.cfg.n_heads)),
+    (ex.check_greedy_extraction, greedy_against_full),
+    (ex.check_head_parameter_count, lambda cfg, r: len(r) * 4 * cfg.d_model * cfg.d_head),  # the paper's GPT-2 formula
+    (ex.check_accuracy, lambda task, split, logits: (logits.argmax(-1) == split.answers).float().mean().item()),
+    (ex.check_timer, timer_no_warmup),
+    (ex.check_timer, timer_with_grad),
+]
+
+
+@pytest.mark.parametrize("checker,wrong", WRONG, ids=[f"{c.__name__}-{i}" for i, (c, _) in enumerate(WRONG)])
+def test_checker_rejects_a_wrong_solution(checker, wrong, capsys):
+    assert checker(wrong) is False
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL") and "hint:" in out
+
+
+@pytest.mark.parametrize("checker", [c for c, _ in CORRECT], ids=[c.__name__ for c, _ in CORRECT])
+def test_an_untouched_stub_fails_cleanly(checker, capsys):
+    assert checker(_stub) is False
+    assert "not implemented yet" in capsys.readouterr().out
+
+
+def test_a_crashing_solution_is_reported_not_raised(capsys):
+    assert ex.check_kl(lambda f, o: f.missing_attribute) is False
+    assert "AttributeError" in capsys.readouterr().out
