@@ -10,7 +10,7 @@ from circuitlib.experiment import run_extraction
 from circuitlib.extract import Circuit, Decision, sweep
 from circuitlib.loading import load_model
 from circuitlib.metrics import kl_divergence
-from circuitlib.study import (alpha_study, evaluate_circuits, evaluate_kept, full_reference, paper_alphas,
+from circuitlib.study import (alpha_study, evaluate_circuits, evaluate_kept, paper_alphas,
                               random_kept, single_head_effects, time_pair, top_heads, tpr_fpr_by_alpha)
 from circuitlib.surgery import prune
 from circuitlib.tasks import TaskData, TaskSplit, get_task
