@@ -15,8 +15,9 @@ Two paths make exactly the same decisions:
 - `method="fast"`: below the layer under test the model is still the full model, so its
   residual stream is computed once; a head's removal changes its layer's output by a known
   amount (its mean, or zero, minus its output); only the layers from the candidate's upward run
-  again, the already-pruned layers above are physically smaller, and only the last position's
-  logits are formed.
+  again, the already-pruned layers above are physically smaller, only the last position's
+  logits are formed, and above the highest layer that still keeps a head (positions mix only
+  in attention) only the last position is computed at all.
 
 `sweep` runs the fast path for many alphas in one walk: alphas that agree on every decision so
 far share one model state, and a decision splits the set of alphas at its KL increase.
@@ -219,13 +220,23 @@ class _FastPath:
     def kl(self, layer: int, ablated: list[str], above: list) -> float:
         """KL(f || g) where g ablates `ablated` (all in `layer`) and runs the pruned layers `above`."""
         heads = [parse_component(c)[1] for c in ablated if not c.startswith("MLP")]
-        x = self.resid[layer] + self.attn_full
+        S = self.resid[layer].shape[1]
+        # Positions mix only in attention: above the highest layer that keeps a head, and
+        # everywhere if no layer above keeps one, the last position alone decides the logits.
+        top = max((i for i, upper in enumerate(above) if upper.heads), default=-1)
+        pos = slice(0, S) if top >= 0 else slice(S - 1, S)
+        x = self.resid[layer][:, pos] + self.attn_full[:, pos]                     # [n, s, D]
         if heads:
-            x = x + (self.head_repl[heads][:, None] - self.head_out[heads]).sum(0)
+            x = x + (self.head_repl[heads][:, None, pos] - self.head_out[heads][:, :, pos]).sum(0)
         L = self.model.layers[layer]
-        x = x + (self.mlp_repl if mlp_name(layer) in ablated else L.mlp_out(x))
+        x = x + (self.mlp_repl[pos] if mlp_name(layer) in ablated else L.mlp_out(x, pos))
         for i, upper in enumerate(above):
-            x = upper(x, last_only=i == len(above) - 1)
+            if i < top:
+                x = upper(x)
+            elif i == top:
+                x, pos = upper(x, last_only=True), slice(S - 1, S)
+            else:
+                x = upper.forward_positionwise(x, pos)
         return kl_divergence(self.full, self.model.unembed(x[:, -1]))
 
     def pruned_layer(self, layer: int, ablated: list[str]):

@@ -197,6 +197,11 @@ class Layer(nn.Module):
         out = torch.zeros_like(x[:, pos])
         if self.heads:
             out = torch.einsum("bshe,hed->bsd", self.z(x, last_only) if z is None else z, self.W_O)
+        return out + self.attn_bias(pos)
+
+    def attn_bias(self, pos: slice):
+        """What attention writes whatever the input: b_O plus the removed heads' means at `pos` ([s, D] or 0)."""
+        out = 0.0
         if self.b_O is not None:
             out = out + self.b_O
         if self.attn_ablation is not None:
@@ -224,6 +229,16 @@ class Layer(nn.Module):
         S = x.shape[1]
         pos = slice(S - 1, S) if last_only else slice(0, S)
         x = x[:, pos] + self.attn_out(x, last_only=last_only)
+        return x + self.mlp_out(x, pos)
+
+    def forward_positionwise(self, x, pos: slice):
+        """A layer without heads mixes no positions, so it can run on some of them alone.
+
+        x: [B, s, D] holding the positions `pos` of the sequence -> [B, s, D].
+        """
+        if self.heads:
+            raise ValueError("a layer with attention heads needs every position; use forward")
+        x = x + self.attn_bias(pos)
         return x + self.mlp_out(x, pos)
 
 

@@ -45,6 +45,19 @@ def test_fast_path_makes_the_plain_path_decisions(arch, models, data, scheme, in
         assert math.isclose(a.kl_after, b.kl_after, rel_tol=1e-4, abs_tol=1e-6)
 
 
+@pytest.mark.parametrize("include_mlps", [False, True])
+def test_fast_path_decides_alike_when_whole_layers_lose_their_heads(arch, models, data, include_mlps):
+    """A high alpha empties upper layers of heads; the fast path then computes the last position only."""
+    model = models[arch]
+    alpha = alpha_at(model, data, 0.9, include_mlps=include_mlps)
+    plain = extract(model, *data, alpha=alpha, include_mlps=include_mlps, method="plain", progress=False)
+    fast = extract(model, *data, alpha=alpha, include_mlps=include_mlps, progress=False)
+    assert any(not any(h.startswith(f"{l}.") for h in fast.kept_heads) for l in range(1, model.cfg.n_layers))
+    assert [(d.component, d.pruned) for d in fast.decisions] == [(d.component, d.pruned) for d in plain.decisions]
+    for a, b in zip(fast.decisions, plain.decisions):
+        assert math.isclose(a.kl_after, b.kl_after, rel_tol=1e-4, abs_tol=1e-6)
+
+
 def test_final_kl_is_the_pruned_models_kl(arch, models, data):
     model, (patching, validation) = models[arch], data
     alpha = alpha_at(model, data, 0.6, include_mlps=True)

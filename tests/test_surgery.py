@@ -64,3 +64,19 @@ def test_unknown_components_are_refused(models, bad):
 def test_unknown_scheme_is_refused(models):
     with pytest.raises(ValueError, match="unknown ablation scheme 'resample'"):
         prune(models["gpt2"], [], "resample")
+
+
+@pytest.mark.parametrize("scheme", ["mean", "zero"])
+def test_a_layer_without_heads_runs_on_the_last_position_alone(arch, models, data, scheme):
+    model, (patching, validation) = models[arch], data
+    kept = [c for c in components(model) if not c.startswith("1.") and c != "MLP 2"]
+    pruned = prune(model, kept, scheme, mean_activations(model, patching))
+    S = validation.shape[1]
+    with torch.no_grad():
+        x = pruned.embed(validation)
+        x = pruned.layers[0](x)
+        whole = pruned.layers[1](x)[:, -1:]
+        alone = pruned.layers[1].forward_positionwise(x[:, -1:], slice(S - 1, S))
+        assert torch.allclose(alone, whole, atol=1e-5)
+        with pytest.raises(ValueError, match="needs every position"):
+            pruned.layers[0].forward_positionwise(x, slice(0, S))
