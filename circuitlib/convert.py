@@ -77,12 +77,19 @@ def _llama_state(sd: dict, cfg: ModelConfig) -> dict:
 
 # ---- TransformerLens ------------------------------------------------------------------------
 
+# TransformerLens keeps an [n_ctx, n_ctx] causal mask in every layer: 64 MB per layer for
+# SmolLM2's 8192 positions, 2 GB in all. Rotary models have no position weights, so their hooked
+# copy gets a shorter context; the task prompts are 10-15 tokens.
+HOOKED_ROTARY_CTX = 1024
+
+
 def hooked_config(cfg: ModelConfig):
-    """The `HookedTransformerConfig` of the same architecture."""
+    """The `HookedTransformerConfig` of the same architecture (rotary models: context capped at 1024)."""
     from transformer_lens import HookedTransformerConfig
 
+    n_ctx = cfg.n_ctx if cfg.arch == "gpt2" else min(cfg.n_ctx, HOOKED_ROTARY_CTX)
     common = dict(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.d_head,
-                  d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx, eps=cfg.norm_eps,
+                  d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, n_ctx=n_ctx, eps=cfg.norm_eps,
                   default_prepend_bos=False, dtype=torch.float32)
     if cfg.arch == "gpt2":
         return HookedTransformerConfig(**common, act_fn="gelu_new", normalization_type="LN",

@@ -115,3 +115,12 @@ def test_flops_of_gpt2_small_at_one_token():
     # one token: every weight matrix is used once (2 FLOPs per weight), plus scores/mixing and the unembedding
     matrices = 12 * (4 * 768 * 768 + 2 * 768 * 3072)
     assert model.flops(1, last_only=False) == 2 * matrices + 12 * 2 * 2 * 768 + 2 * 768 * 50257
+
+
+def test_hooked_copy_of_a_long_context_rotary_model_has_a_short_mask():
+    from circuitlib.convert import hooked_config
+
+    smollm2 = ModelConfig(name="smollm2-135m", arch="llama", n_layers=30, d_model=576, n_heads=9, d_head=64,
+                          d_mlp=1536, d_vocab=49152, n_ctx=8192, n_kv_heads=3)
+    assert hooked_config(smollm2).n_ctx == 1024
+    assert hooked_config(GPT2_SMALL).n_ctx == 1024  # learned positions: the whole table is kept
