@@ -60,6 +60,28 @@ def machine() -> dict:
     return info
 
 
+def reset_peak_rss() -> bool:
+    """Restart the kernel's count of this process's peak resident memory (Linux); False if it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process in GiB (since `reset_peak_rss`, where that worked)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def timed(fn):
     """(result, seconds) of one call."""
     start = time.perf_counter()

@@ -74,6 +74,7 @@ def main():
             row[f"time_ratio_b{batch}"] = timings["pruned"] / timings["full"]
             row[f"full_median_s_b{batch}"], row[f"pruned_median_s_b{batch}"] = timings["full"], timings["pruned"]
         row["time_over_flop_ratio"] = row[f"time_ratio_b{args.n}"] / row["flop_ratio"]
+        row["target_met"] = row["time_over_flop_ratio"] <= 1.25
         rows.append(row)
         print(f"{name:30}{row['param_ratio']:>8.2f}{row['flop_ratio']:>8.2f}{row['time_ratio_b1']:>10.2f}"
               f"{row[f'time_ratio_b{args.n}']:>11.2f}{row['time_over_flop_ratio']:>12.2f}")
