@@ -25,9 +25,9 @@ book: $(STAMP)
 	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
 
 # The tests: the library, the CLI, the book, and every notebook top to bottom under nbval at CI's
-# small configuration (8 prompts per split, injected with papermill --prepare-only).
+# small configuration (notebooks/ci.yml: 8 prompts per split, fewer alphas; papermill --prepare-only).
 test: $(STAMP)
-	$(PY) scripts/prepare_notebooks.py --out .nbval -p n 8
+	$(PY) scripts/prepare_notebooks.py --out .nbval --config notebooks/ci.yml
 	$(PY) -m pytest -q tests .nbval --nbval-lax --sanitize-with notebooks/nbval_sanitize.cfg
 
 # A single extraction on the offline stand-in (the README's worked example).

@@ -116,3 +116,29 @@ def test_parse_value(rn):
 
 def test_the_book_notebooks_resolve(rn):
     assert rn.resolve_notebook("background").name == "00_background.ipynb"
+
+
+def test_ci_configuration_is_injected(tmp_path):
+    """`make test` runs the notebooks with notebooks/ci.yml's small parameters."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "nbval"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_notebooks.py"), "--out", str(out),
+                    "--config", str(REPO / "notebooks" / "ci.yml")], check=True, capture_output=True)
+    assert sorted(p.name for p in out.glob("*.ipynb")) == sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb"))
+    nb = nbformat.read(out / "04_hyperparameters.ipynb", as_version=4)
+    injected = [c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "n_alphas = 3" in injected[0] and "n = 8" in injected[0]
+
+
+def test_ci_configuration_errors_write_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "ci.yml"
+    bad.write_text("04_hyperparameters: {n_alpha: 3}\n")
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_notebooks.py"), "--out",
+                           str(tmp_path / "nbval"), "--config", str(bad)], capture_output=True, text=True)
+    assert done.returncode != 0 and "has no parameter n_alpha" in done.stderr
+    assert not (tmp_path / "nbval").exists()
