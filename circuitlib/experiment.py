@@ -81,6 +81,7 @@ class Extraction:
 
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the run folder is an ordinary folder
         try:
             self.pruned.save(tmp)
             self.tokenizer.save_pretrained(tmp)

@@ -418,6 +418,7 @@ def _atomic_write(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a saved model is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

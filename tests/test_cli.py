@@ -31,6 +31,8 @@ def test_extract_writes_a_complete_run_folder(run_dir):
     assert record["metrics"]["full"]["validation"]["kl"] == 0.0
     for name in ("model.safetensors", "model.json", "reference.safetensors", "tokenizer.json"):
         assert (run_dir / name).is_file()
+        assert (run_dir / name).stat().st_mode & 0o044 == 0o044, f"{name} is private"
+    assert run_dir.stat().st_mode & 0o055 == 0o055, "the run folder is private"
 
 
 def test_evaluate_reads_the_saved_model_alone(run_dir):

@@ -76,6 +76,13 @@ def test_save_refuses_to_overwrite(tmp_path, models):
         models["gpt2"].save(tmp_path)
 
 
+def test_saved_files_are_readable_by_others(tmp_path, models):
+    """The atomic write goes through a private temporary file; the saved model must not stay private."""
+    models["gpt2"].save(tmp_path / "m")
+    for f in (tmp_path / "m").iterdir():
+        assert f.stat().st_mode & 0o044 == 0o044, f"{f.name} is not readable by group and others"
+
+
 def test_truncated_weights_give_a_clear_error(tmp_path, models):
     models["gpt2"].save(tmp_path)
     weights = tmp_path / "model.safetensors"
