@@ -18,11 +18,13 @@ given. Ports to other tokenizers (checked on SmolLM2-135M's):
   SmolLM2); the tokenizer's own BOS is prepended (SmolLM2's is "<|im_start|>": 11 tokens again),
   or none if it has none (then 10 tokens).
 - ioi: unchanged (names, places and objects are filtered to single tokens).
-- greater-than: a tokenizer that splits numbers into digits (SmolLM2: " 1732" -> " ", "1", "7",
-  "3", "2") cannot predict a two-digit year in one token. The port asks for the tens digit of the
-  end year: "... from the year 1732 to 17" -> a digit d counts as correct iff d > 3, i.e. every
-  year it can start is later than the start year (strict, as in the original). Start years whose
-  tens digit is 9 have no such answer and are left out. 15 tokens with SmolLM2's tokenizer.
+- greater-than: a tokenizer that splits numbers into digits (SmolLM2: " 1739" -> " ", "1", "7",
+  "3", "9") cannot predict a two-digit year in one token. The port asks for the tens digit of the
+  end year, and only start years ending in 9 are used, so that every digit is unambiguous:
+  "... from the year 1739 to 17" -> d counts as correct iff d > 3, because every year 17d? is
+  then later than 1739 and every year 173? or earlier is not (strict, as in the original). With
+  any other start year the start's own tens digit could begin a later year or an earlier one.
+  Start years 1X99 (no later decade) are left out. 15 tokens with SmolLM2's tokenizer.
 
 To add a task: subclass `Task`, give it a `name`, implement `build` (return `count` distinct
 prompts through `make_split`), and `register_task` an instance.
@@ -373,7 +375,8 @@ class GreaterThan(Task):
     without the first and the last such year of each century; nouns are single tokens. No BOS.
     Correct: the argmax is a year-ending token whose value is strictly greater than the start's.
     With GPT-2 the year ending is one two-digit token ("33".."99" for YY = 32). With a tokenizer
-    that splits digits it is the tens digit ("4".."9" for YY = 32; see the module docstring).
+    that splits digits it is the tens digit, after start years ending in 9 ("4".."9" for YY = 39;
+    see the module docstring).
     `answers` holds the smallest correct value.
     """
 
@@ -411,11 +414,15 @@ def _year_endings(tokenizer):
 
 
 def _start_years(tokenizer, value_of, n_values: int) -> list[tuple[int, int]]:
-    """(century, YY) pairs: " XXYY" tokenises as " XX" + "YY" and some ending is greater than YY."""
+    """(century, YY) pairs: " XXYY" tokenises as " XX" + "YY" and some ending is greater than YY.
+
+    For the tens-digit port (n_values == 10) only YY ending in 9, so that no digit is ambiguous.
+    """
     years = []
     for century in range(11, 18):
         valid = [yy for yy in range(2, 99)
                  if value_of(yy) + 1 < n_values
+                 and (n_values != 10 or yy % 10 == 9)
                  and _encode(tokenizer, f" {century}{yy:02d}")
                  == _encode(tokenizer, f" {century}") + _encode(tokenizer, f"{yy:02d}")]
         years += [(century, yy) for yy in valid[1:-1]]

@@ -30,6 +30,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tidy_outputs import tidy_file  # noqa: E402
 NOTEBOOKS = REPO / "notebooks"
 
 
@@ -243,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             os.environ["CIRCUITLIB_RUN_DIR"] = env_before
 
+    if (tmp / notebook.name).exists():
+        tidy_file(tmp / notebook.name)  # progress bars: their final state, not every redraw
     record["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     record["status"] = "ok" if error is None else "failed"
     if error is not None:

@@ -142,3 +142,21 @@ def test_ci_configuration_errors_write_nothing(tmp_path):
                            str(tmp_path / "nbval"), "--config", str(bad)], capture_output=True, text=True)
     assert done.returncode != 0 and "has no parameter n_alpha" in done.stderr
     assert not (tmp_path / "nbval").exists()
+
+
+def test_tidy_keeps_the_final_state_of_progress_bars():
+    spec = importlib.util.spec_from_file_location("tidy_outputs", REPO / "scripts" / "tidy_outputs.py")
+    tidy_outputs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tidy_outputs)
+    stream = nbformat.v4.new_output
+    cell = nbformat.v4.new_code_cell("work()")
+    cell.outputs = [stream("stream", name="stderr", text="\rbar   0%"), stream("stream", name="stderr", text="\rbar  50%"),
+                    stream("stream", name="stderr", text="\rbar 100%\r"), stream("stream", name="stderr", text="\n"),
+                    stream("stream", name="stdout", text="kept 4 heads\nsaved\n"),
+                    stream("display_data", data={"text/plain": "table"}),
+                    stream("stream", name="stdout", text="after\n")]
+    nb = nbformat.v4.new_notebook(cells=[cell, nbformat.v4.new_markdown_cell("text")])
+    outputs = tidy_outputs.tidy(nb).cells[0].outputs
+    assert [(o.output_type, o.get("name"), o.get("text")) for o in outputs] == [
+        ("stream", "stderr", "bar 100%\n"), ("stream", "stdout", "kept 4 heads\nsaved\n"),
+        ("display_data", None, None), ("stream", "stdout", "after\n")]

@@ -105,6 +105,11 @@ def test_greater_than_start_years_drop_each_centurys_first_and_last(tok):
     assert {century for century, _ in years} == set(range(11, 18))
 
 
+def test_greater_than_digit_port_uses_start_years_ending_in_9(tok):
+    years = _start_years(tok, lambda yy: yy // 10, 10)  # GPT-2's tokenizer, with the port's value rule
+    assert [yy for century, yy in years if century == 17] == [19, 29, 39, 49, 59, 69, 79]  # 09 and 89 dropped
+
+
 def test_greater_than_correct_is_strictly_greater(tok):
     task = get_task("greater-than")
     split = make_split(tok, ["The war lasted from the year 1732 to 17"] * 4, ["33"] * 4,
@@ -250,5 +255,6 @@ def test_smollm2_greater_than_asks_for_the_tens_digit(smol_tok):
     digit = [smol_tok.encode(str(d), add_special_tokens=False)[0] for d in range(10)]
     tens = [int(p.split()[6][2]) for p in split.prompts]
     assert max(tens) <= 8
+    assert all(p.split()[6].endswith("9") for p in split.prompts)  # the own tens digit is never a later year
     assert task.correct(split, one_hot_logits([digit[t + 1] for t in tens], len(smol_tok))).all()
     assert not task.correct(split, one_hot_logits([digit[t] for t in tens], len(smol_tok))).any()
