@@ -42,6 +42,12 @@ def tokens_digest(tokens: torch.Tensor) -> str:
 
 
 @torch.inference_mode()
+def full_reference(model: Transformer, data: TaskData) -> dict:
+    """The full model's final residual stream at the last position, per split ([n, d_model] each)."""
+    return {s: model.residual(getattr(data, s).tokens, last_only=True) for s in SPLITS}
+
+
+@torch.inference_mode()
 def measure(task, data: TaskData, full_resid: dict, model: Transformer) -> dict:
     """Accuracy and KL to the full model of `model` on the validation and test splits."""
     out = {}
@@ -124,7 +130,7 @@ def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: s
                       include_mlps=include_mlps, order=order, method=method, progress=progress, means=means)
     seconds = time.perf_counter() - started
     pruned = prune(model, circuit.kept, ablation, means)
-    full_resid = {s: model.residual(getattr(data, s).tokens, last_only=True) for s in SPLITS}
+    full_resid = full_reference(model, data)
     full_size, pruned_size = model.count_parameters(), pruned.count_parameters()
     metrics = {
         "full": {**measure(task, data, full_resid, model), "n_params": full_size},

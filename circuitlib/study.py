@@ -14,7 +14,7 @@ validation and the held-out test split, and its size).
     random_kept                            a random circuit of the same size (a baseline)
     time_pair                              honest inference times of a full and a pruned model
     plot_vs_alpha, plot_accuracy_vs_size   the paper's RQ1 figures from an `alpha_study` table
-    machine                                which CPU/GPU and how many threads made a timing
+    machine, cpu_name                      which CPU/GPU and how many threads made a timing
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .ablation import Means, check_scheme, head_name, mean_activations, mlp_name
-from .experiment import SPLITS, measure
+from .experiment import full_reference, measure
 from .extract import Circuit, _FastPath, sweep
 from .metrics import time_forward, tpr_fpr
 from .model import Transformer
@@ -37,7 +37,7 @@ from .tasks import TaskData
 
 __all__ = ["paper_alphas", "evaluate_kept", "evaluate_circuits", "alpha_study", "tpr_fpr_by_alpha",
            "single_head_effects", "top_heads", "random_kept", "time_pair", "full_reference", "plot_vs_alpha",
-           "plot_accuracy_vs_size", "config_label", "machine"]
+           "plot_accuracy_vs_size", "config_label", "machine", "cpu_name"]
 
 
 def paper_alphas(task_name: str, n_points: int = 30) -> list[float]:
@@ -47,12 +47,6 @@ def paper_alphas(task_name: str, n_points: int = 30) -> list[float]:
         raise ValueError(f"n_points must be >= 1; got {n_points}")
     top = 10.0 if task_name == "greater-than" else 1.0
     return [float(a) for a in np.logspace(-5, np.log10(top), n_points)]
-
-
-@torch.inference_mode()
-def full_reference(model: Transformer, data: TaskData) -> dict:
-    """The full model's final residual stream at the last position, per split ([n, d_model] each)."""
-    return {s: model.residual(getattr(data, s).tokens, last_only=True) for s in SPLITS}
 
 
 def evaluate_kept(model: Transformer, task, data: TaskData, kept: Iterable[str], ablation: str,
@@ -130,7 +124,7 @@ def alpha_study(model: Transformer, tokenizer, task, alphas: Sequence[float], *,
         for ablation, mlps in configs:
             started = time.perf_counter()
             circuits = sweep(model, data.patching.tokens, data.validation.tokens, list(alphas), ablation=ablation,
-                             include_mlps=mlps, order=order, progress=False)
+                             include_mlps=mlps, order=order, progress=False, means=means)
             for row in evaluate_circuits(model, task, data, circuits, means, full_resid):
                 rows.append({"seed": seed, **row, "full_val_accuracy": full["validation"]["accuracy"],
                              "full_test_accuracy": full["test"]["accuracy"]})
@@ -301,13 +295,17 @@ def plot_accuracy_vs_size(table, accuracy: str = "val_accuracy", title: str | No
 def machine() -> str:
     """CPU model, logical cores, PyTorch threads and GPU of this machine (to label timings)."""
     import os
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU used"
+    return f"{cpu_name()}, {os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()}, {gpu}"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
     import platform
 
-    cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU used"
-    return f"{cpu}, {os.cpu_count()} logical cores, torch threads: {torch.get_num_threads()}, {gpu}"
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
