@@ -80,9 +80,16 @@ def test_checker_accepts_a_correct_solution(checker, solution, capsys):
     assert capsys.readouterr().out.startswith("PASS")
 
 
-def test_reference_solutions_in_the_module_pass():
-    assert ex.check_greedy_extraction(ex.reference_greedy)
-    assert ex.check_head_parameter_count(ex.reference_head_parameters)
+CHECKER_OF = {"my_prune_decision": ex.check_prune_decision, "my_kl": ex.check_kl,
+              "my_mean_z": ex.check_mean_ablation, "my_greedy": ex.check_greedy_extraction,
+              "my_head_parameters": ex.check_head_parameter_count, "my_accuracy": ex.check_accuracy,
+              "my_timer": ex.check_timer}
+
+
+@pytest.mark.parametrize("name", sorted(ex.REFERENCES))
+def test_each_reference_passes_its_checker(name):
+    assert set(ex.REFERENCES) == set(CHECKER_OF)
+    assert CHECKER_OF[name](ex.REFERENCES[name], record=False)
 
 
 def test_head_parameters_of_the_papers_model():
@@ -112,6 +119,38 @@ def timer_no_warmup(forward, warmup, repeats):
     return sum(times) / len(times)
 
 
+def timer_min(forward, warmup, repeats):  # the fastest call instead of a typical one
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            forward()
+        for _ in range(repeats):
+            t = time.perf_counter()
+            forward()
+            times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def timer_mean_after_warmup(forward, warmup, repeats):  # warm, but one outlier moves a mean
+    with torch.inference_mode():
+        for _ in range(warmup):
+            forward()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            forward()
+        return (time.perf_counter() - t) / repeats
+
+
+def kl_softmax_then_log(full, other):  # log(softmax) is -inf where the softmax underflows to 0
+    p_f, p_g = torch.softmax(full.float(), -1), torch.softmax(other.float(), -1)
+    return (p_f * (p_f.log() - p_g.log())).sum(-1).mean().item()
+
+
+def kl_torch_softmax_then_log(full, other):  # the same slip through F.kl_div
+    return F.kl_div(torch.softmax(other, -1).log(), torch.softmax(full, -1).log(), log_target=True,
+                    reduction="none").sum(-1).mean().item()
+
+
 def timer_with_grad(forward, warmup, repeats):
     for _ in range(warmup):
         forward()
@@ -126,6 +165,8 @@ WRONG = [
     (ex.check_prune_decision, lambda b, a, alpha: abs(a - b) < alpha),                   # |delta|
     (ex.check_kl, lambda f, o: kl(o, f)),                                                # KL(g || f)
     (ex.check_kl, lambda f, o: kl(f, o) * len(f)),                                       # sum over the batch
+    (ex.check_kl, kl_softmax_then_log),
+    (ex.check_kl, kl_torch_softmax_then_log),
     (ex.check_mean_ablation, lambda m, t, l, h: mean_z(m, t, l, h).mean(0, keepdim=True).expand(t.shape[1], -1)),
     (ex.check_mean_ablation, lambda m, t, l, h: mean_z(m, t, l, (h + 1) % m.cfg.n_heads)),
     (ex.check_greedy_extraction, greedy_against_full),
@@ -133,6 +174,8 @@ WRONG = [
     (ex.check_accuracy, lambda task, split, logits: (logits.argmax(-1) == split.answers).float().mean().item()),
     (ex.check_timer, timer_no_warmup),
     (ex.check_timer, timer_with_grad),
+    (ex.check_timer, timer_min),
+    (ex.check_timer, timer_mean_after_warmup),
 ]
 
 
@@ -147,6 +190,31 @@ def test_checker_rejects_a_wrong_solution(checker, wrong, capsys):
 def test_an_untouched_stub_fails_cleanly(checker, capsys):
     assert checker(_stub) is False
     assert "not implemented yet" in capsys.readouterr().out
+
+
+def test_verdicts_are_recorded_and_summarised(capsys):
+    ex.RESULTS.clear(), ex.TIMES.clear()
+    assert ex.check_prune_decision(decision)
+    assert not ex.check_prune_decision(lambda b, a, alpha: a - b <= alpha, record=False)  # a demonstration
+    assert not ex.check_kl(_stub)
+    assert ex.passed("prune decision") and not ex.passed("KL divergence") and not ex.passed("timer")
+    assert ex.RESULTS == {"1. prune decision": True, "2. KL divergence": False}
+    capsys.readouterr()
+    ex.summary()
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text=capsys.readouterr().out)])])
+    table = ex.read_summary(nb)
+    assert list(table) == list(ex.EXERCISES)
+    assert table["1. prune decision"]["result"] == "PASS" and table["2. KL divergence"]["result"] == "FAIL"
+    assert table["8. put it together"] == {"result": "not run", "seconds": None}
+    assert table["1. prune decision"]["seconds"] == round(ex.TIMES["1. prune decision"], 2)
+    with pytest.raises(ValueError, match="no exercise summary"):
+        ex.read_summary(nbformat.v4.new_notebook())
+    with pytest.raises(KeyError, match="no exercise called"):
+        ex.passed("KL")
+    ex.RESULTS.clear(), ex.TIMES.clear()
 
 
 def test_a_crashing_solution_is_reported_not_raised(capsys):
