@@ -68,8 +68,9 @@ def mean_activations(model: Transformer, tokens: torch.Tensor, batch_size: int =
     if model.kept_heads() != [head_name(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)]:
         raise ValueError("means must be computed on the full model, not on a pruned one")
     n, S = tokens.shape
-    z_sum = torch.zeros(cfg.n_layers, cfg.n_heads, S, cfg.d_head, dtype=torch.float64)
-    mlp_sum = torch.zeros(cfg.n_layers, S, cfg.d_model, dtype=torch.float64)
+    tokens = tokens.to(model.device)
+    z_sum = torch.zeros(cfg.n_layers, cfg.n_heads, S, cfg.d_head, dtype=torch.float64, device=model.device)
+    mlp_sum = torch.zeros(cfg.n_layers, S, cfg.d_model, dtype=torch.float64, device=model.device)
     for start in range(0, n, batch_size):
         x = model.embed(tokens[start:start + batch_size])
         for l, layer in enumerate(model.layers):

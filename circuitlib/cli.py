@@ -43,7 +43,100 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--split", default="validation", choices=("validation", "test"))
     ev.add_argument("--json", action="store_true", help="print a JSON object")
+
+    _add_study_parser(sub)
     return parser
+
+
+def _add_study_parser(sub) -> None:
+    st = sub.add_parser("study", help="run, resume and inspect a study declared in a YAML spec (studies/*.yml)")
+    st_sub = st.add_subparsers(dest="study_command", required=True)
+    run = st_sub.add_parser("run", help="compute the spec's pending units (finished ones are skipped)")
+    run.add_argument("spec", help="the study spec, e.g. studies/book.yml")
+    run.add_argument("--workers", type=int, default=None,
+                     help="local Dask workers, one torch thread each (default: one per core); 0 = serially")
+    run.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (tcp://host:8786)")
+    run.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1; recorded)")
+    run.add_argument("--device", default=None, help="override the spec's device (cpu, cuda, cuda:N)")
+    run.add_argument("--max-units", type=int, default=None, help="stop after this many units")
+    run.add_argument("--task", action="append", default=None,
+                     help="run only this task's units (repeatable); the others stay pending")
+    for name, text in (("status", "done / pending / failed / running units, time spent and left"),
+                       ("show", "the summary table of the finished units")):
+        p = st_sub.add_parser(name, help=text)
+        p.add_argument("spec")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        if name == "status":
+            p.add_argument("--workers", type=int, default=None, help="workers to assume for the time left")
+
+
+def _study(args) -> int:
+    from .runner import run_study, study_status, study_table, summary_table
+    from .spec import load_spec
+
+    spec = load_spec(args.spec)
+    if args.study_command == "run":
+        if args.workers is not None and args.workers < 0:
+            raise ValueError(f"--workers must be >= 0 (0 runs serially), got {args.workers}")
+        if args.max_units is not None and args.max_units < 1:
+            raise ValueError(f"--max-units must be >= 1, got {args.max_units}")
+        result = run_study(spec, workers=args.workers, scheduler=args.scheduler, threads=args.threads,
+                           device=args.device, max_units=args.max_units, tasks=args.task)
+        status = study_status(spec, args.workers)
+        print(f"study {spec.name}: {len(result['done'])} units computed, {len(result['failed'])} failed now; "
+              f"{status['done']}/{status['units']} done in {spec.store}")
+        for r in result["failed"]:
+            print(f"  failed: {r['label']}: {r['error']} (retried by the next run)")
+        return 1 if result["failed"] else 0
+    if args.study_command == "status":
+        status = study_status(spec, args.workers)
+        if args.json:
+            print(json.dumps(status))
+            return 0
+        left = status["seconds_left_estimate"]
+        print(f"study {status['study']} ({status['store']}): {status['done']} done, {status['running']} running, "
+              f"{status['failed']} failed, {status['pending']} pending of {status['units']} units; "
+              f"{status['seconds_spent'] / 3600:.2f} h spent; about "
+              + (f"{left / 3600:.2f} h left with {status['workers_assumed']} workers" if left is not None
+                 else "? h left (no unit finished yet)"))
+        for u in status["unit_states"]:
+            extra = u.get("error") or (f"{u['progress']} candidates, updated {u['updated_s_ago']} s ago"
+                                       if u["state"] == "running" else "")
+            print(f"  {u['state']:8} {u['key']}  {u['unit']}  {extra}")
+        if status["other_units_in_store"]:
+            print(f"  ({status['other_units_in_store']} units of other settings are in the store and left out)")
+        return 0
+    table = summary_table(study_table(spec))
+    if args.json:
+        print(table.to_json(orient="records"))
+    elif not len(table):
+        print(f"study {spec.name}: no finished unit yet (python -m circuitlib study run {args.spec})")
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.width", 200, "display.max_rows", 500, "display.max_columns", 20):
+            print(table.round(4).to_string(index=False))
+    return 0
+
+
+def _summary(result) -> str:
+    m, s = result.metrics, result.settings
+    lines = [f"model {s['model']} · task {s['task']} · alpha {s['alpha']:g} · {s['ablation']} ablation · "
+             f"MLPs {'included' if s['include_mlps'] else 'kept'} · seed {s['seed']} · n {s['n']}",
+             f"{'':10}{'accuracy (val/test)':>22}{'KL (val/test)':>22}{'parameters':>14}"]
+    for name in ("full", "pruned"):
+        r = m[name]
+        lines.append(f"{name:10}{r['validation']['accuracy']:>11.3f}/{r['test']['accuracy']:<10.3f}"
+                     f"{r['validation']['kl']:>11.4f}/{r['test']['kl']:<10.4f}{r['n_params']['parameters']:>14,}")
+    lines.append(f"kept heads ({len(result.circuit.kept_heads)}): {' '.join(result.circuit.kept_heads)}")
+    if s["include_mlps"]:
+        lines.append(f"kept MLPs: {result.circuit.kept_mlps}")
+    lines.append(f"parameter reduction {m['parameter_reduction']:.2%} (plus "
+                 f"{m['pruned']['n_params']['ablation_bias']:,} mean-ablation bias elements); "
+                 f"extraction took {m['extraction_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
 
 
 def _summary(result) -> str:
@@ -67,6 +160,8 @@ def _summary(result) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "study":
+            return _study(args)
         if args.command == "extract":
             from pathlib import Path
 

@@ -83,14 +83,14 @@ def _llama_state(sd: dict, cfg: ModelConfig) -> dict:
 HOOKED_ROTARY_CTX = 1024
 
 
-def hooked_config(cfg: ModelConfig):
-    """The `HookedTransformerConfig` of the same architecture (rotary models: context capped at 1024)."""
+def hooked_config(cfg: ModelConfig, device: str = "cpu"):
+    """The `HookedTransformerConfig` of the same architecture on `device` (rotary models: context capped at 1024)."""
     from transformer_lens import HookedTransformerConfig
 
     n_ctx = cfg.n_ctx if cfg.arch == "gpt2" else min(cfg.n_ctx, HOOKED_ROTARY_CTX)
     common = dict(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.d_head,
                   d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, n_ctx=n_ctx, eps=cfg.norm_eps,
-                  default_prepend_bos=False, dtype=torch.float32)
+                  default_prepend_bos=False, dtype=torch.float32, device=str(device))
     if cfg.arch == "gpt2":
         return HookedTransformerConfig(**common, act_fn="gelu_new", normalization_type="LN",
                                        positional_embedding_type="standard", original_architecture="GPT2LMHeadModel")
@@ -107,7 +107,7 @@ def to_hooked(model: Transformer):
 
     if model.kept_heads() != Transformer(model.cfg).kept_heads() or model.kept_mlps() != list(range(model.cfg.n_layers)):
         raise ValueError("to_hooked converts full models only; a pruned model is already standalone")
-    hooked = HookedTransformer(hooked_config(model.cfg))
+    hooked = HookedTransformer(hooked_config(model.cfg, model.device))
     target = hooked.state_dict()
     state = {}
     for name, value in model.state_dict().items():

@@ -44,7 +44,7 @@ def tokens_digest(tokens: torch.Tensor) -> str:
 @torch.inference_mode()
 def full_reference(model: Transformer, data: TaskData) -> dict:
     """The full model's final residual stream at the last position, per split ([n, d_model] each)."""
-    return {s: model.residual(getattr(data, s).tokens, last_only=True) for s in SPLITS}
+    return {s: model.residual(getattr(data, s).tokens.to(model.device), last_only=True) for s in SPLITS}
 
 
 @torch.inference_mode()
@@ -53,7 +53,7 @@ def measure(task, data: TaskData, full_resid: dict, model: Transformer) -> dict:
     out = {}
     for split in SPLITS:
         s = getattr(data, split)
-        logits = model(s.tokens, last_only=True)
+        logits = model(s.tokens.to(model.device), last_only=True)
         out[split] = {"accuracy": accuracy(task, s, logits),
                       "kl": kl_divergence(model.unembed(full_resid[split]), logits)}
     return out

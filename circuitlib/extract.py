@@ -7,7 +7,9 @@ rises by less than alpha,
     KL(f || g without c) - KL(f || g) < alpha,
 
 remove c for good, else keep it. The KL is taken at the last position, summed over the
-vocabulary and averaged over the validation prompts.
+vocabulary and averaged over the validation prompts, in float64 (`metrics.kl_divergence`).
+Ties: the test is strict, so a component whose removal raises the KL by exactly alpha is kept,
+and one whose removal lowers the KL (a negative delta) is always removed, even at alpha = 0.
 
 Two paths make exactly the same decisions:
 - `method="plain"`: the reference. A full TransformerLens forward pass with ablation hooks for
@@ -26,13 +28,14 @@ far share one model state, and a decision splits the set of alphas at its KL inc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from .ablation import Means, check_scheme, head_name, hooked_last_logits, mean_activations, mlp_name, parse_component
-from .metrics import kl_divergence
+from .metrics import kl_to, log_probs
 from .model import Transformer
 from .surgery import prune_layer
 
@@ -163,14 +166,15 @@ def extract(model: Transformer, patching: torch.Tensor, validation: torch.Tensor
     from .convert import to_hooked
 
     hooked = to_hooked(model)
+    patching, validation = patching.to(model.device), validation.to(model.device)
     if scheme == "mean" and means is None:
         means = mean_activations(model, patching)
-    full = hooked_last_logits(hooked, validation, [], scheme, means)
+    full = log_probs(hooked_last_logits(hooked, validation, [], scheme, means))
     circuit = Circuit(model.cfg.name, model.cfg.n_layers, model.cfg.n_heads, alpha, scheme, include_mlps, order)
     ablated, kl = [], 0.0
     for name in tqdm(traversal(model.cfg.n_layers, model.cfg.n_heads, include_mlps, order),
                      desc=f"extract (plain, alpha={alpha:g})", disable=not progress):
-        kl_new = kl_divergence(full, hooked_last_logits(hooked, validation, ablated + [name], scheme, means))
+        kl_new = kl_to(full, hooked_last_logits(hooked, validation, ablated + [name], scheme, means))
         pruned = kl_new - kl < alpha
         circuit.decisions.append(Decision(name, kl, kl_new, pruned))
         if pruned:
@@ -199,7 +203,7 @@ class _FastPath:
         for layer in model.layers:
             self.resid.append(x)
             x = layer(x)
-        self.full = model.unembed(x[:, -1])               # [n, V]: f's last-position logits
+        self.full = log_probs(model.unembed(x[:, -1]))    # [n, V]: f's last-position log-probs (float64)
         self.layer_cache: dict[tuple, object] = {}
 
     def enter(self, layer: int) -> None:
@@ -214,8 +218,8 @@ class _FastPath:
             self.head_repl = torch.einsum("hse,hed->hsd", self.means.z[layer], L.W_O)  # [H, S, D]
             self.mlp_repl = self.means.mlp[layer]                                     # [S, D]
         else:
-            self.head_repl = torch.zeros(H, S, x.shape[2])
-            self.mlp_repl = torch.zeros(S, x.shape[2])
+            self.head_repl = torch.zeros(H, S, x.shape[2], device=x.device, dtype=x.dtype)
+            self.mlp_repl = torch.zeros(S, x.shape[2], device=x.device, dtype=x.dtype)
 
     def kl(self, layer: int, ablated: list[str], above: list) -> float:
         """KL(f || g) where g ablates `ablated` (all in `layer`) and runs the pruned layers `above`."""
@@ -237,7 +241,7 @@ class _FastPath:
                 x, pos = upper(x, last_only=True), slice(S - 1, S)
             else:
                 x = upper.forward_positionwise(x, pos)
-        return kl_divergence(self.full, self.model.unembed(x[:, -1]))
+        return kl_to(self.full, self.model.unembed(x[:, -1]))
 
     def pruned_layer(self, layer: int, ablated: list[str]):
         """Layer `layer` with `ablated` removed, physically (shared between states that agree)."""
@@ -253,10 +257,13 @@ class _FastPath:
 @torch.inference_mode()
 def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, alphas: list[float], *,
           ablation: str = "mean", include_mlps: bool = False, order: str = "heads-ascending",
-          progress: bool = True, means: Means | None = None) -> list[Circuit]:
+          progress: bool = True, means: Means | None = None,
+          on_step: Callable[[int, int, int], None] | None = None) -> list[Circuit]:
     """Algorithm 1 for every alpha in `alphas` in one walk (fast path); one Circuit per alpha, in order.
 
     Identical to running `extract` separately for each alpha. `means` as in `extract`.
+    on_step: called as on_step(candidates_done, candidates_total, model_states) after each
+             candidate (studies use it to report a unit's progress from a worker process)
     """
     alphas = [check_alpha(a) for a in alphas]
     if not alphas:
@@ -265,6 +272,7 @@ def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, 
     patching, validation = _check_tokens("patching", patching), _check_tokens("validation", validation)
     cfg = model.cfg
     names = traversal(cfg.n_layers, cfg.n_heads, include_mlps, order)
+    patching, validation = patching.to(model.device), validation.to(model.device)
     if scheme == "mean" and means is None:
         means = mean_activations(model, patching)
     fast = _FastPath(model, validation, scheme, means)
@@ -286,6 +294,8 @@ def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, 
             states = next_states
             bar.update(1)
             bar.set_postfix(states=len(states))
+            if on_step is not None:
+                on_step(names.index(name) + 1, len(names), len(states))
         for s in states:
             s.above = [fast.pruned_layer(layer, s.ablated_in(layer))] + s.above
     bar.close()

@@ -203,8 +203,26 @@ def load_tokenizer(
     return _load_local_tokenizer(_existing_dir(name))
 
 
-def load_model(name_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None):
-    """``load_hf`` followed by ``circuitlib.convert.from_hf``.
+def check_device(device) -> torch.device:
+    """A torch device that exists here, or one clear error (e.g. "cuda" on a machine without a GPU)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU here "
+                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} asked for, but there are {torch.cuda.device_count()} GPUs")
+    elif device.type != "cpu":
+        raise ValueError(f"device {str(device)!r} is not supported; use 'cpu' or 'cuda'")
+    return device
+
+
+def load_model(name_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+               device: str | torch.device = "cpu"):
+    """``load_hf`` followed by ``circuitlib.convert.from_hf``, moved to `device` (checked first).
 
     Returns ``(circuitlib.model.Transformer, tokenizer)``; the Transformer's ``cfg.name`` is
     ``model_label(name_or_dir)``, except that a local folder holding a model of GPT-2 Small's exact
@@ -212,10 +230,11 @@ def load_model(name_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike |
     """
     from circuitlib.convert import from_hf
 
+    device = check_device(device)
     hf_model, tokenizer = load_hf(name_or_dir, cache_dir=cache_dir)
     c = hf_model.config
     gpt2_small = c.model_type == "gpt2" and (c.n_layer, c.n_head, c.n_embd, c.vocab_size) == (12, 12, 768, 50257)
-    return from_hf(hf_model, "gpt2" if gpt2_small else model_label(name_or_dir)), tokenizer
+    return from_hf(hf_model, "gpt2" if gpt2_small else model_label(name_or_dir)).to(device), tokenizer
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,21 +14,35 @@ import torch
 import torch.nn.functional as F
 
 
+def log_probs(last_logits: torch.Tensor) -> torch.Tensor:
+    """[n, V] logits -> [n, V] log-probabilities in float64 (the KL's precision; see `kl_divergence`)."""
+    return F.log_softmax(last_logits.to(torch.float64), dim=-1)
+
+
 def kl_divergence(full_last_logits: torch.Tensor, other_last_logits: torch.Tensor) -> float:
     """KL(f || g) at the last position: summed over the vocabulary, averaged over the batch.
 
     full_last_logits:  [n, V] logits of the full model f
     other_last_logits: [n, V] logits of the ablated or pruned model g
     Same as `F.kl_div(log_softmax(g), log_softmax(f), log_target=True, reduction="batchmean")`,
-    computed in float32 at least (half-precision inputs are upcast). KL(x, x) is exactly 0.
+    but computed and accumulated in float64 from the (float32) logits, so that a decision within
+    float32 noise of alpha does not depend on how the sum was split across threads or devices.
+    KL(x, x) is exactly 0.
     """
     if full_last_logits.ndim != 2 or full_last_logits.shape != other_last_logits.shape:
         raise ValueError(f"kl_divergence needs two [n, vocab] tensors of the same shape (logits at the last "
                          f"position only); got {list(full_last_logits.shape)} and {list(other_last_logits.shape)}")
-    dtype = torch.promote_types(full_last_logits.dtype, torch.float32)
-    log_f = F.log_softmax(full_last_logits.to(dtype), dim=-1)
-    log_g = F.log_softmax(other_last_logits.to(dtype), dim=-1)
-    return F.kl_div(log_g, log_f, log_target=True, reduction="batchmean").item()
+    return kl_to(log_probs(full_last_logits), other_last_logits)
+
+
+def kl_to(full_log_probs: torch.Tensor, other_last_logits: torch.Tensor) -> float:
+    """`kl_divergence` with f given as `log_probs(full_last_logits)` [n, V], computed once by the caller."""
+    return F.kl_div(log_probs(other_last_logits), full_log_probs, log_target=True, reduction="batchmean").item()
+
+
+def kl_per_prompt(full_log_probs: torch.Tensor, other_last_logits: torch.Tensor) -> torch.Tensor:
+    """KL(f || g) of each prompt [n] (float64); its mean is `kl_to` (for intervals over prompts)."""
+    return F.kl_div(log_probs(other_last_logits), full_log_probs, log_target=True, reduction="none").sum(-1)
 
 
 def accuracy(task, split, last_logits: torch.Tensor) -> float:

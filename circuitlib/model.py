@@ -259,6 +259,11 @@ class Transformer(nn.Module):
         # The unembedding is tied to W_E (GPT-2 and SmolLM2 both tie them).
 
     @property
+    def device(self) -> torch.device:
+        """Where the weights are (inputs are moved there by the extraction and measuring code)."""
+        return self.W_E.device
+
+    @property
     def max_len(self) -> int:
         """Longest input: the context, or the length of the per-position ablation biases."""
         lens = [p.ablation_len for p in self.plan if p.attn_ablation or p.mlp_ablation]

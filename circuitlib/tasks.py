@@ -255,13 +255,20 @@ class Task:
         """`count` distinct prompts in random order, drawn with `rng`."""
         raise NotImplementedError
 
-    def generate(self, tokenizer, n: int, seed: int) -> TaskData:
-        """Three disjoint splits of n prompts each; the same seed gives the same data."""
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int (prompts per split); got {n!r}")
-        split = self.build(tokenizer, 3 * n, random.Random(seed))
-        if len(split) != 3 * n or len(set(split.prompts)) != 3 * n:
-            raise ValueError(f"{self.name}: build() must return {3 * n} distinct prompts; got {len(split)} prompts, "
+    def generate(self, tokenizer, n: int, seed: int, n_test: int | None = None) -> TaskData:
+        """Three disjoint splits: n patching, n validation and `n_test` (default n) held-out test prompts.
+
+        The same seed and sizes give the same data. Searching a circuit costs in proportion to n;
+        measuring one is cheap, so a study may hold out more test prompts than it searches with.
+        """
+        n_test = n if n_test is None else n_test
+        for name, value in (("n", n), ("n_test", n_test)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int (prompts per split); got {value!r}")
+        total = 2 * n + n_test
+        split = self.build(tokenizer, total, random.Random(seed))
+        if len(split) != total or len(set(split.prompts)) != total:
+            raise ValueError(f"{self.name}: build() must return {total} distinct prompts; got {len(split)} prompts, "
                              f"{len(set(split.prompts))} distinct")
         return TaskData(split[:n], split[n:2 * n], split[2 * n:])
 

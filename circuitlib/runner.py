@@ -1,0 +1,343 @@
+"""Run a study: its pending units, serially or on Dask distributed, into its results store.
+
+    run_study(spec)                    a local Dask cluster, one single-threaded worker per core
+    run_study(spec, workers=0)         serially, in this process
+    run_study(spec, scheduler=ADDR)    on an existing Dask cluster (Slurm via dask-jobqueue, a GPU box, ...)
+    study_status(spec)                 done / pending / failed / running units, time spent and left
+    study_table(spec)                  the finished rows of this spec, one per circuit
+
+A unit (see `circuitlib.spec`) loads the model once per worker process, generates its prompts,
+runs one `extract.sweep` over all its alphas, prunes every distinct circuit for real
+(`surgery.prune`) and measures the pruned model on the validation and the held-out test split.
+It writes one row per alpha, with per-prompt correctness and KL (for intervals over prompts) and
+its provenance, atomically (`circuitlib.store`). A unit that raises is recorded as failed with
+its error and retried by the next run; Ctrl-C or a crash loses only the units in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .spec import Spec, Unit
+from .store import Store
+
+_LOADED: dict = {}          # (model, device) -> (model, tokenizer), one per worker process
+
+
+@dataclass
+class PlannedUnit:
+    unit: Unit
+    key: str
+    digest: str
+
+
+def plan(spec: Spec) -> list[PlannedUnit]:
+    """Every unit of `spec` with its key (the prompts are generated to fingerprint them; no model is loaded)."""
+    from .experiment import tokens_digest
+    from .loading import load_tokenizer
+    from .tasks import get_task
+
+    tokenizer = load_tokenizer(spec.model)
+    digests: dict[tuple, str] = {}
+    planned = []
+    for u in spec.units():
+        data_key = (u.task, u.n, u.n_test, u.seed)
+        if data_key not in digests:
+            data = get_task(u.task).generate(tokenizer, n=u.n, seed=u.seed, n_test=u.n_test)
+            digests[data_key] = "-".join(tokens_digest(s.tokens) for s in (data.patching, data.validation, data.test))
+        planned.append(PlannedUnit(u, u.key(digests[data_key]), digests[data_key]))
+    return planned
+
+
+def provenance(device: str, threads: int) -> dict:
+    """Where and with what a unit ran: commit, machine, device, threads, library versions."""
+    import numpy
+    import transformers
+
+    from . import __version__
+    from .study import cpu_name
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "circuitlib"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = (commit + ("+local-changes" if dirty else "")) or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    dev = torch.device(device)
+    return {"commit": commit, "host": platform.node(), "cpu": cpu_name(), "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
+            "torch_threads": threads, "circuitlib_version": __version__, "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__, "numpy_version": numpy.__version__}
+
+
+def _model(name: str, device: str):
+    if (name, device) not in _LOADED:
+        from .loading import load_model
+
+        _LOADED[(name, device)] = load_model(name, device=device)
+    return _LOADED[(name, device)]
+
+
+@torch.inference_mode()
+def _per_prompt(task, split, full_log_probs: torch.Tensor, model) -> dict:
+    """Correctness [n] and KL to the full model [n] of `model` on one split."""
+    from .metrics import kl_per_prompt
+
+    logits = model(split.tokens.to(model.device), last_only=True)
+    return {"correct": task.correct(split, logits).cpu().tolist(),
+            "kl": kl_per_prompt(full_log_probs, logits).cpu().tolist()}
+
+
+def run_unit(planned: PlannedUnit, store_root: str, *, study: str, device: str = "cpu", threads: int = 1,
+             progress: bool = False, prov: dict | None = None) -> dict:
+    """Compute one unit and write its rows; a failure is recorded, not raised. Returns a short summary."""
+    store, unit, key = Store(store_root), planned.unit, planned.key
+    started = time.perf_counter()
+    torch.set_num_threads(threads)
+    last_report = [0.0]
+
+    def on_step(done: int, total: int, states: int) -> None:
+        if time.perf_counter() - last_report[0] > 5 or done == total:
+            last_report[0] = time.perf_counter()
+            store.write_running(key, {"unit": unit.label, "done": done, "total": total, "states": states,
+                                      "pid": os.getpid(), "host": platform.node()})
+
+    try:
+        store.write_running(key, {"unit": unit.label, "done": 0, "total": None, "pid": os.getpid(),
+                                  "host": platform.node()})
+        rows = _compute(unit, key, planned.digest, study, device, threads, progress, on_step)
+        unit_seconds = time.perf_counter() - started
+        info = {**(prov or provenance(device, threads)), "torch_threads": threads, "device": device,
+                "unit_seconds": unit_seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        store.write_unit(key, [{**r, **info} for r in rows])
+        return {"key": key, "label": unit.label, "status": "done", "seconds": unit_seconds}
+    except Exception as e:   # noqa: BLE001 - recorded with its traceback and retried by the next run
+        store.write_failure(key, {"unit": unit.label, "error": f"{type(e).__name__}: {e}",
+                                  "traceback": traceback.format_exc(), "host": platform.node(),
+                                  "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        return {"key": key, "label": unit.label, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+    finally:
+        store.clear_running(key)
+
+
+@torch.inference_mode()
+def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads: int, progress: bool,
+             on_step) -> list[dict]:
+    from .ablation import mean_activations
+    from .experiment import full_reference, tokens_digest
+    from .extract import sweep
+    from .metrics import log_probs
+    from .surgery import prune
+    from .tasks import get_task
+
+    model, tokenizer = _model(unit.model, device)
+    task = get_task(unit.task)
+    data = task.generate(tokenizer, n=unit.n, seed=unit.seed, n_test=unit.n_test)
+    found = "-".join(tokens_digest(s.tokens) for s in (data.patching, data.validation, data.test))
+    if found != digest:
+        raise RuntimeError(f"the prompts generated on this worker differ from the planner's ({found} != {digest}): "
+                           "different circuitlib versions or tokenizers on the driver and the workers")
+    full_lp = {s: log_probs(model.unembed(r)) for s, r in full_reference(model, data).items()}
+    means = mean_activations(model, data.patching.tokens) if unit.ablation == "mean" else None
+    full = {s: _per_prompt(task, getattr(data, s), full_lp[s], model) for s in ("validation", "test")}
+    started = time.perf_counter()
+    circuits = sweep(model, data.patching.tokens, data.validation.tokens, list(unit.alphas), ablation=unit.ablation,
+                     include_mlps=unit.include_mlps, order=unit.order, progress=progress, means=means,
+                     on_step=on_step)
+    sweep_seconds = time.perf_counter() - started
+    S = data.validation.tokens.shape[1]
+    full_params, full_flops = model.count_parameters()["parameters"], model.flops(S)
+    measured: dict[tuple, dict] = {}
+    rows = []
+    for c in circuits:
+        kept = tuple(c.kept)
+        if kept not in measured:
+            pruned = prune(model, list(kept), unit.ablation, means)
+            size = pruned.count_parameters()
+            measured[kept] = {"size": size, "flops": pruned.flops(S),
+                              **{s: _per_prompt(task, getattr(data, s), full_lp[s], pruned)
+                                 for s in ("validation", "test")}}
+            del pruned
+        m = measured[kept]
+        rows.append({
+            "study": study, "key": key, "model": unit.model, "task": task.name, "ablation": unit.ablation,
+            "include_mlps": unit.include_mlps, "seed": unit.seed, "alpha": c.alpha, "n": unit.n,
+            "n_test": unit.n_test, "order": unit.order, "n_alphas": len(unit.alphas), "prompts_digest": digest,
+            "kept_heads": c.kept_heads, "kept_mlps": c.kept_mlps, "heads": len(c.kept_heads),
+            "mlps": len(c.kept_mlps), "circuit_kl": c.final_kl,
+            "val_accuracy": _mean(m["validation"]["correct"]), "val_kl": _mean(m["validation"]["kl"]),
+            "test_accuracy": _mean(m["test"]["correct"]), "test_kl": _mean(m["test"]["kl"]),
+            "val_correct": m["validation"]["correct"], "test_correct": m["test"]["correct"],
+            "val_kl_per_prompt": m["validation"]["kl"], "test_kl_per_prompt": m["test"]["kl"],
+            "full_val_accuracy": _mean(full["validation"]["correct"]),
+            "full_test_accuracy": _mean(full["test"]["correct"]),
+            "full_val_correct": full["validation"]["correct"], "full_test_correct": full["test"]["correct"],
+            "parameters": m["size"]["parameters"], "ablation_bias": m["size"]["ablation_bias"],
+            "full_parameters": full_params, "parameter_reduction": 1 - m["size"]["parameters"] / full_params,
+            "flops": m["flops"], "full_flops": full_flops, "flop_ratio": m["flops"] / full_flops,
+            "sweep_seconds": sweep_seconds,
+        })
+    return rows
+
+
+def _mean(values: list) -> float:
+    return float(sum(values) / len(values))
+
+
+def run_study(spec: Spec, *, workers: int | None = None, scheduler: str | None = None, threads: int = 1,
+              device: str | None = None, max_units: int | None = None, tasks: list[str] | None = None,
+              progress: bool = True) -> dict:
+    """Compute the pending units of `spec` (finished ones are skipped, failed ones retried).
+
+    workers:   local Dask workers (default: one per core); 0 runs serially in this process
+    scheduler: address of an existing Dask scheduler (then `workers` is ignored)
+    threads:   torch threads per worker (recorded with every row)
+    device:    overrides the spec's device ("cuda" sends every unit to the workers' GPU)
+    max_units: stop after this many units (the rest stay pending)
+    tasks:     run only the units of these tasks of the spec (the others stay pending)
+    Returns {"done": [...], "failed": [...]} summaries of the units this call ran.
+    """
+    from .loading import check_device
+
+    device = device or spec.device
+    if scheduler is None:
+        check_device(device)             # on a remote cluster the workers' devices count, not ours
+    unknown = sorted(set(tasks or []) - set(spec.tasks))
+    if unknown:
+        raise ValueError(f"task {unknown[0]!r} is not in the spec {spec.name} (its tasks: {', '.join(spec.tasks)})")
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive number of torch threads per worker, got {threads!r}")
+    store = Store(spec.store)
+    store.check_writable()
+    planned = plan(spec)
+    finished = store.done()
+    pending = [p for p in planned if p.key not in finished and (not tasks or p.unit.task in tasks)][:max_units]
+    prov = provenance(device, threads)
+    results = {"done": [], "failed": []}
+    if not pending:
+        return results
+    common = dict(study=spec.name, device=device, threads=threads, prov=prov)
+    if scheduler is None and workers == 0:
+        bar = tqdm(pending, desc=f"study {spec.name}", unit="unit", disable=not progress)
+        for p in bar:
+            bar.set_postfix_str(p.unit.label)
+            r = run_unit(p, str(store.root), progress=progress, **common)
+            results[r["status"]].append(r)
+        return results
+    return _run_on_dask(spec, store, pending, common, workers, scheduler, threads, progress, results)
+
+
+def _run_on_dask(spec, store, pending, common, workers, scheduler, threads, progress, results) -> dict:
+    from distributed import Client, LocalCluster, wait
+
+    cluster = None
+    if scheduler is None:
+        n = workers or os.cpu_count() or 1
+        thread_env = {v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               env=thread_env, silence_logs=40)
+    client = Client(cluster if cluster is not None else scheduler)
+    try:
+        futures = [client.submit(run_unit, p, str(store.root), key=f"unit-{p.key}", priority=-i, pure=False,
+                                 **common) for i, p in enumerate(pending)]
+        labels = {f.key: p for f, p in zip(futures, pending)}
+        bar = tqdm(total=len(futures), desc=f"study {spec.name}", unit="unit", disable=not progress)
+        remaining = set(futures)
+        while remaining:
+            try:
+                finished, remaining = wait(remaining, timeout=5, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                finished = set()
+            for f in finished:
+                try:
+                    r = f.result()
+                except Exception as e:  # noqa: BLE001 - a worker died: record it like any failure
+                    p = labels[f.key]
+                    store.write_failure(p.key, {"unit": p.unit.label, "error": f"{type(e).__name__}: {e}",
+                                                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                    r = {"key": p.key, "label": p.unit.label, "status": "failed", "error": str(e)}
+                results[r["status"]].append(r)
+                bar.update(1)
+            running = store.running()
+            bar.set_postfix_str(" | ".join(f"{v.get('unit', '?')} {v.get('done', 0)}/{v.get('total') or '?'}"
+                                           for v in running.values()))
+        bar.close()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return results
+
+
+def study_status(spec: Spec, workers: int | None = None) -> dict:
+    """Done, pending, failed and running units of `spec`, time spent and an estimate of the time left.
+
+    The estimate: the mean unit time of finished units of the same task and configuration (else
+    of all finished units) for each pending unit, divided by `workers` (default: one per core).
+    """
+    store = Store(spec.store)
+    planned = plan(spec)
+    keys = {p.key for p in planned}
+    done, failures, running = store.done(), store.failures(), store.running()
+    table = store.read(keys & done)
+    unit_seconds = (table.groupby("key")[["task", "ablation", "include_mlps", "unit_seconds"]].first()
+                    if len(table) else None)
+    spent = float(unit_seconds["unit_seconds"].sum()) if unit_seconds is not None else 0.0
+    left, units = 0.0, []
+    for p in planned:
+        state = ("done" if p.key in done else "running" if p.key in running
+                 else "failed" if p.key in failures else "pending")
+        units.append({"key": p.key, "unit": p.unit.label, "state": state,
+                      **({"error": failures[p.key].get("error")} if state == "failed" else {}),
+                      **({"progress": f"{running[p.key].get('done')}/{running[p.key].get('total')}",
+                          "updated_s_ago": round(time.time() - running[p.key].get("updated", time.time()))}
+                         if state == "running" else {})})
+        if state != "done" and unit_seconds is not None:
+            same = unit_seconds[(unit_seconds.task == _task_name(p.unit.task))
+                                & (unit_seconds.ablation == p.unit.ablation)
+                                & (unit_seconds.include_mlps == p.unit.include_mlps)]
+            left += float((same if len(same) else unit_seconds)["unit_seconds"].mean())
+    counts = {s: sum(u["state"] == s for u in units) for s in ("done", "running", "failed", "pending")}
+    n_workers = workers or os.cpu_count() or 1
+    return {"study": spec.name, "store": str(spec.store), "units": len(units), **counts,
+            "other_units_in_store": len(done - keys), "seconds_spent": spent,
+            "seconds_left_estimate": left / n_workers if unit_seconds is not None else None,
+            "workers_assumed": n_workers, "unit_states": units}
+
+
+def _task_name(task: str) -> str:
+    from .tasks import get_task
+
+    return get_task(task).name
+
+
+def study_table(spec: Spec):
+    """The rows of `spec`'s finished units (older settings in the same store are left out)."""
+    return Store(spec.store).read({p.key for p in plan(spec)})
+
+
+def summary_table(table):
+    """Mean and spread over seeds per task, configuration and alpha (the `study show` table)."""
+    import pandas as pd
+
+    if not len(table):
+        return pd.DataFrame()
+    g = table.groupby(["task", "ablation", "include_mlps", "alpha"], sort=True)
+    out = g.agg(seeds=("seed", "nunique"), heads=("heads", "mean"), heads_sd=("heads", "std"),
+                mlps=("mlps", "mean"), test_accuracy=("test_accuracy", "mean"),
+                test_accuracy_sd=("test_accuracy", "std"), full_test_accuracy=("full_test_accuracy", "mean"),
+                test_kl=("test_kl", "mean"), test_kl_sd=("test_kl", "std"),
+                parameter_reduction=("parameter_reduction", "mean"), flop_ratio=("flop_ratio", "mean"))
+    return out.reset_index()

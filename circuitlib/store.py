@@ -1,0 +1,110 @@
+"""A study's results store: one Parquet file per finished unit, written atomically.
+
+    <store>/units/<key>.parquet     the rows of one finished unit (one row per circuit)
+    <store>/failed/<key>.json       the error of a unit's last failed attempt (retried next run)
+    <store>/running/<key>.json      progress of a unit in flight (a hint for `study status`)
+
+Why Parquet files, one per unit (pyarrow), rather than one database file (DuckDB): a unit is
+written once and never changed, so a file per unit makes every write atomic (a temporary file
+renamed into place) and lets any number of workers on any number of machines write at the same
+time without a lock; a rerun only has to list the folder to know what is done; committing new
+units to git adds small files instead of rewriting one binary database; and the columns keep
+their types, lists included (kept heads, per-prompt correctness). pandas or DuckDB read the
+folder as one table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+class Store:
+    """The results folder of one study."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def unit_path(self, key: str) -> Path:
+        return self.root / "units" / f"{key}.parquet"
+
+    def done(self) -> set[str]:
+        """Keys of every finished unit in the store (of this spec or of earlier settings)."""
+        return {p.stem for p in (self.root / "units").glob("*.parquet")}
+
+    def failures(self) -> dict[str, dict]:
+        return {p.stem: _read_json(p) for p in (self.root / "failed").glob("*.json")}
+
+    def running(self) -> dict[str, dict]:
+        return {p.stem: _read_json(p) for p in (self.root / "running").glob("*.json")}
+
+    def check_writable(self) -> None:
+        """Create the store's folders, or one clear error if they cannot be written (before any work)."""
+        try:
+            for sub in ("units", "failed", "running"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=self.root / "units", prefix=".probe-", delete=True)
+            probe.close()
+        except OSError as e:
+            raise ValueError(f"cannot write the results store {self.root}: {e.strerror or e}; "
+                             "give the spec a writable 'store' folder") from None
+
+    def write_unit(self, key: str, rows: list[dict]) -> Path:
+        """Write a finished unit's rows atomically; an existing unit is never replaced."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = self.unit_path(key)
+        if path.exists():
+            raise FileExistsError(f"unit {key} is already in {self.root}; a finished unit is never overwritten "
+                                  "(delete its file by hand to recompute it)")
+        table = pa.Table.from_pylist(rows)
+        _atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        (self.root / "failed" / f"{key}.json").unlink(missing_ok=True)
+        self.clear_running(key)
+        return path
+
+    def write_failure(self, key: str, record: dict) -> None:
+        _atomic(self.root / "failed" / f"{key}.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        self.clear_running(key)
+
+    def write_running(self, key: str, record: dict) -> None:
+        _atomic(self.root / "running" / f"{key}.json",
+                lambda tmp: Path(tmp).write_text(json.dumps({**record, "updated": time.time()})))
+
+    def clear_running(self, key: str) -> None:
+        (self.root / "running" / f"{key}.json").unlink(missing_ok=True)
+
+    def read(self, keys=None):
+        """The rows of the finished units (all, or those in `keys`) as one pandas DataFrame."""
+        import pandas as pd
+        import pyarrow.parquet as pq
+
+        keys = sorted(self.done() if keys is None else set(keys) & self.done())
+        if not keys:
+            return pd.DataFrame()
+        return pd.concat([pq.read_table(self.unit_path(k)).to_pandas() for k in keys], ignore_index=True)
+
+
+def _atomic(path: Path, write) -> None:
+    """Write `path` through a temporary sibling renamed into place (readable by others, like a normal file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
