@@ -22,15 +22,26 @@ from .model import Layer, LayerPlan, Transformer
 
 
 def plan_for(model: Transformer, kept: Iterable[str], scheme: str, seq_len: int) -> list[LayerPlan]:
-    """Layer plans keeping the components named in `kept` ('L.H' heads, 'MLP L')."""
+    """Layer plans keeping the components named in `kept` ('L.H' heads, 'MLP L').
+
+    Refuses, before building anything, names that are not components of this model and names
+    that repeat one (a repeated head would be built twice and its layer's ablation bias lost).
+    """
     cfg = model.cfg
     heads = {l: [] for l in range(cfg.n_layers)}
     mlps = set()
+    seen: dict[tuple[int, int | None], str] = {}
     for name in kept:
+        if not isinstance(name, str):
+            raise ValueError(f"component names must be strings ('L.H' for a head, 'MLP L' for an MLP); got {name!r}")
         layer, head = parse_component(name)
         if not (0 <= layer < cfg.n_layers) or (head is not None and not 0 <= head < cfg.n_heads):
             raise ValueError(f"component {name!r} does not exist in a model with {cfg.n_layers} layers "
                              f"and {cfg.n_heads} heads per layer")
+        if (layer, head) in seen:
+            same = "" if seen[layer, head] == name else f" (as {seen[layer, head]!r})"
+            raise ValueError(f"the kept components name {name!r} twice{same}; list each component once")
+        seen[layer, head] = name
         if head is None:
             mlps.add(layer)
         else:
@@ -50,7 +61,6 @@ def prune(model: Transformer, kept: Iterable[str], scheme: str, means: Means | N
     kept:   component names, heads 'L.H' and MLPs 'MLP L' (everything else is removed)
     scheme: 'mean' (removed parts replaced by their per-position mean, needs `means`) or 'zero'
     """
-    kept = list(kept)
     pruned = Transformer(model.cfg, _plans(model, kept, scheme, means), ablation=scheme).to(model.W_E.device)
     pruned.W_E.copy_(model.W_E)
     if model.W_pos is not None:
@@ -72,6 +82,8 @@ def prune_layer(model: Transformer, layer: int, kept: Iterable[str], scheme: str
 
 def _plans(model: Transformer, kept: Iterable[str], scheme: str, means: Means | None) -> list[LayerPlan]:
     check_scheme(scheme)
+    if isinstance(kept, str):
+        raise ValueError(f"kept must be a list of component names, not one string ({kept!r}); e.g. ['9.6', 'MLP 0']")
     if scheme == "mean" and means is None:
         raise ValueError("mean-ablation pruning needs the patching-set means (circuitlib.ablation.mean_activations)")
     return plan_for(model, kept, scheme, means.z.shape[2] if means is not None else 0)

@@ -80,3 +80,17 @@ def test_a_layer_without_heads_runs_on_the_last_position_alone(arch, models, dat
         assert torch.allclose(alone, whole, atol=1e-5)
         with pytest.raises(ValueError, match="needs every position"):
             pruned.layers[0].forward_positionwise(x, slice(0, S))
+
+
+@pytest.mark.parametrize("kept, message", [
+    (["0.1", "1.2", "0.1"], "name '0.1' twice"),
+    (["1.2", "1.02"], "name '1.02' twice \\(as '1.2'\\)"),
+    (["MLP 1", "MLP 1"], "name 'MLP 1' twice"),
+    ("0.1", "not one string"),
+    ([3], "must be strings"),
+])
+def test_repeated_or_malformed_kept_lists_are_refused(models, data, kept, message):
+    # a repeated head used to be built twice, and its layer's mean-ablation bias silently dropped
+    model, (patching, _) = models["gpt2"], data
+    with pytest.raises(ValueError, match=message):
+        prune(model, kept, "mean", mean_activations(model, patching))
