@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -129,22 +130,47 @@ class Circuit:
 
 
 def check_alpha(alpha) -> float:
+    """`alpha` as a float KL threshold: a finite number >= 0 (-0 becomes 0), or one ValueError."""
+    if isinstance(alpha, (bool, np.bool_)):
+        raise ValueError(f"alpha must be a number, got the boolean {alpha!r}; give a KL threshold such as 0.01")
     try:
         alpha = float(alpha)
     except (TypeError, ValueError):
         raise ValueError(f"alpha must be a number, got {alpha!r}") from None
     if math.isnan(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a number >= 0 (a KL threshold), got {alpha}; try e.g. 0.01")
-    return alpha
+    if math.isinf(alpha):
+        raise ValueError("alpha must be finite (circuit.json must stay valid JSON); to remove every component "
+                         "give a large threshold such as 1e9")
+    return alpha + 0.0  # -0.0 -> 0.0
 
 
-def _check_tokens(name: str, tokens) -> torch.Tensor:
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
-        raise ValueError(f"{name} tokens must be a LongTensor [n_prompts, seq]; got "
-                         f"{getattr(tokens, 'shape', type(tokens))} — pad or filter prompts to one token length")
-    if len(tokens) == 0:
-        raise ValueError(f"{name} set is empty")
-    return tokens
+def _check_batches(model: Transformer, patching, validation, means: Means | None):
+    """The patching and validation prompts [n, S] as given, or one ValueError saying what does not fit.
+
+    Both must be non-empty LongTensors of one length S that the model can take (token ids below
+    its vocabulary, S within its context), and `means`, if given, must be of length S too.
+    """
+    for name, tokens in (("patching", patching), ("validation", validation)):
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
+            raise ValueError(f"{name} tokens must be a LongTensor [n_prompts, seq]; got "
+                             f"{getattr(tokens, 'shape', type(tokens))} — pad or filter prompts to one token length")
+        if len(tokens) == 0:
+            raise ValueError(f"{name} set is empty")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab):
+            raise ValueError(f"{name} tokens must be ids in [0, {model.cfg.d_vocab}) for this model's vocabulary; "
+                             f"found {int(tokens.min())}..{int(tokens.max())} — tokenise with the model's tokenizer")
+    if patching.shape[1] != validation.shape[1]:
+        raise ValueError(f"patching prompts have {patching.shape[1]} tokens but validation prompts have "
+                         f"{validation.shape[1]}: the means are per position, so both must have one length; "
+                         "make both sets from the same task")
+    if means is not None and means.z.shape[2] != patching.shape[1]:
+        raise ValueError(f"means were computed on prompts of {means.z.shape[2]} tokens but the prompts have "
+                         f"{patching.shape[1]}; compute them with mean_activations(model, patching)")
+    if patching.shape[1] > model.max_len:
+        raise ValueError(f"prompts have {patching.shape[1]} tokens but this model takes at most {model.max_len}; "
+                         "shorten the prompts")
+    return patching, validation
 
 
 def extract(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, *, alpha: float,
@@ -162,7 +188,7 @@ def extract(model: Transformer, patching: torch.Tensor, validation: torch.Tensor
         return sweep(model, patching, validation, [alpha], ablation=ablation, include_mlps=include_mlps,
                      order=order, progress=progress, means=means)[0]
     alpha, scheme = check_alpha(alpha), check_scheme(ablation)
-    patching, validation = _check_tokens("patching", patching), _check_tokens("validation", validation)
+    patching, validation = _check_batches(model, patching, validation, means)
     from .convert import to_hooked
 
     hooked = to_hooked(model)
@@ -269,7 +295,7 @@ def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, 
     if not alphas:
         raise ValueError("give at least one alpha")
     scheme = check_scheme(ablation)
-    patching, validation = _check_tokens("patching", patching), _check_tokens("validation", validation)
+    patching, validation = _check_batches(model, patching, validation, means)
     cfg = model.cfg
     names = traversal(cfg.n_layers, cfg.n_heads, include_mlps, order)
     patching, validation = patching.to(model.device), validation.to(model.device)
