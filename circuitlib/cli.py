@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--split", default="validation", choices=("validation", "test"))
     ev.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_edges_parser(sub)
 
     _add_study_parser(sub)
     return parser
@@ -157,9 +158,88 @@ def _summary(result) -> str:
     return "\n".join(lines)
 
 
+def _add_edges_parser(sub) -> None:
+    ed = sub.add_parser("edges", help="find an edge circuit by Edge Pruning, prune the model to its nodes, save both")
+    ed.add_argument("--model", required=True,
+                    help=f"one of {', '.join(MODELS)}, or a local Hugging Face model folder")
+    ed.add_argument("--task", required=True, choices=TASKS)
+    ed.add_argument("--target-sparsity", required=True, type=str,
+                    help="fraction of edges to remove, in [0, 1) (e.g. 0.95)")
+    ed.add_argument("--steps", required=True, type=int, help="training steps (the authors: 3000)")
+    ed.add_argument("--ablation", default="mean", choices=("mean", "zero", "corrupted"),
+                    help="what a closed edge passes: the writer's patching-set mean (default), zero, or its "
+                         "output on another prompt of the split (corrupted)")
+    ed.add_argument("--node-target-sparsity", type=str, default=None,
+                    help="also gate nodes, with this target (default: edges only)")
+    ed.add_argument("--lr", type=float, default=0.8, help="learning rate of the gates (default 0.8)")
+    ed.add_argument("--reg-lr", type=float, default=0.8, help="learning rate of the Lagrange multipliers")
+    ed.add_argument("--warmup", type=int, default=None, help="steps to ramp the target up (default 5/6 of --steps)")
+    ed.add_argument("--batch-size", type=int, default=32, help="prompts per step (default 32)")
+    ed.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the gates")
+    ed.add_argument("--n", type=int, default=None, help="prompts per split; default: the paper's size")
+    ed.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    ed.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    ed.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    ed.add_argument("--json", action="store_true", help="print the result's summary as JSON")
+
+
+def _edges(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .edges_train import check_sparsity, run_edges
+    from .experiment import check_out_dir
+
+    target = check_sparsity(args.target_sparsity, "--target-sparsity")
+    node_target = None if args.node_target_sparsity is None else check_sparsity(args.node_target_sparsity,
+                                                                                "--node-target-sparsity")
+    for flag, value, low in (("--steps", args.steps, 1), ("--n", args.n, 1), ("--batch-size", args.batch_size, 1),
+                             ("--warmup", args.warmup, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be a positive number, got {value}")
+    for flag, value in (("--lr", args.lr), ("--reg-lr", args.reg_lr)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be a number > 0, got {value}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} asked for, but CUDA is not available here; use cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r} is not supported; use cpu or cuda")
+    check_out_dir(Path(args.out), args.force)
+    run = run_edges(args.model, args.task, target_sparsity=target, steps=args.steps, ablation=args.ablation,
+                    seed=args.seed, n=args.n, lr=args.lr, reg_lr=args.reg_lr, warmup=args.warmup,
+                    batch_size=args.batch_size, node_target_sparsity=node_target, device=str(device))
+    out = run.save(args.out, force=args.force)
+    r, m = run.result, run.result.metrics
+    if args.json:
+        print(json.dumps({"out": str(out), "settings": r.settings, "metrics": m, "n_edges": len(r.edges),
+                          "n_edges_total": r.n_edges_total, "nodes": r.nodes}))
+        return 0
+    s = r.settings
+    print(f"model {s['model']} · task {s['task']} · edge pruning, target sparsity {s['target_sparsity']:g} · "
+          f"{s['steps']} steps · {s['ablation']} ablation · seed {s['seed']} · n {s['n']}")
+    print(f"{'':14}{'accuracy (val/test)':>22}{'KL (val/test)':>22}")
+    for name in ("full", "edge_circuit", "pruned_model"):
+        v, t = m[name]["validation"], m[name]["test"]
+        print(f"{name:14}{v['accuracy']:>11.3f}/{t['accuracy']:<10.3f}{v['kl']:>11.4f}/{t['kl']:<10.4f}")
+    print(f"edges kept {len(r.edges):,} of {r.n_edges_total:,} (sparsity {r.sparsity:.4f}); nodes kept {len(r.nodes)}: "
+          f"{' '.join(r.nodes)}")
+    print(f"pruned model: {m['n_params']['pruned']['parameters']:,} parameters "
+          f"({m['parameter_reduction']:.2%} fewer), {m['edges_among_kept_nodes']:,} edges among its nodes; "
+          f"training took {m['training_seconds']:.1f} s ({m['seconds_per_step']:.3f} s/step)")
+    print(f"saved to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "edges":
+            return _edges(args)
         if args.command == "study":
             return _study(args)
         if args.command == "extract":

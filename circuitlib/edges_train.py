@@ -1,0 +1,377 @@
+"""Edge Pruning, part two: train the gates, read off a circuit, make a standalone model of it.
+
+Every edge (and, optionally, every node) gets a hard-concrete gate (Louizos et al. 2018) with a
+learned location `log_alpha`. Each training step samples the gates, runs the masked model of
+`edges.py` on a batch of prompts and minimises
+
+    KL(f || masked) + lambda1 (t - s) + lambda2 (t - s)^2
+
+where s is the expected edge sparsity (1 - the mean probability that a gate is open) and t the
+target sparsity, ramped up linearly over the first `warmup` steps. The multipliers lambda1 and
+lambda2 are trained by gradient *ascent* (a Lagrangian), so the sparsity is pushed to the target
+rather than traded off against the KL at a fixed price. With `node_target_sparsity`, node gates
+get their own Lagrangian term and an edge counts as open only if its writer's node is too.
+
+After training, the gates are made deterministic and binary: edges are ranked by `log_alpha`,
+and a search over the number kept picks the largest circuit whose edges, *after dead-node
+removal* (`edges.remove_dead`: nodes that reach the logits by no kept edge are dropped with all
+their edges, which changes no logit), number at most (1 - target) x all edges. The nodes that
+survive are a node circuit; `surgery.prune` turns it into a physically smaller model. That model
+keeps every edge among its nodes, more than the edge circuit, so its KL differs from the edge
+circuit's; the difference is measured and reported (`conversion_kl_change`).
+
+Seeded and reproducible: the gate noise, the initial `log_alpha` and the batches come from
+generators seeded with `seed`, on the model's device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .edges import (REPLACEMENTS, EdgeGraph, Replacement, check_full, deterministic_gates,
+                    edges_among, expected_open, gates_from_edges, graph_for, kl_loss, make_replacement,
+                    masked_logits, node_circuit, remove_dead, sample_gates)
+from .metrics import accuracy, kl_divergence
+from .model import Transformer, _atomic_write
+
+RESULT_FILE = "edges.json"
+
+
+def check_sparsity(value, name: str = "target sparsity") -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}") from None
+    if math.isnan(value) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1) (the fraction of edges removed), got {value}; "
+                         "try e.g. 0.95")
+    return value
+
+
+@contextlib.contextmanager
+def _frozen(model: Transformer):
+    """The model's weights take no gradient while the gates train."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+
+
+@dataclass
+class EdgeTraining:
+    """Trained gate locations and the training curve (one entry per step)."""
+
+    log_alpha: torch.Tensor                   # [n_edges]
+    node_log_alpha: torch.Tensor | None       # [n_nodes] or None (no node gates)
+    curve: dict = field(default_factory=dict)  # step, loss, kl, edge_sparsity, target, lambda1, lambda2, ...
+    seconds: float = 0.0
+
+
+def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, target_sparsity: float,
+                steps: int, node_target_sparsity: float | None = None, lr: float = 0.8, reg_lr: float = 0.8,
+                warmup: int | None = None, batch_size: int = 32, seed: int = 0, init: float = 3.0,
+                progress: bool = True) -> EdgeTraining:
+    """Learn hard-concrete gates on `tokens` [n, S] (the full model `model` is frozen).
+
+    repl:         the replacement (`edges.make_replacement`); a corrupted one is paired row by row
+    warmup:       steps over which the target ramps from 0 (default: 5/6 of `steps`, as the authors)
+    batch_size:   prompts per step (all of them if fewer)
+    init:         initial log_alpha (3: every gate open with probability 0.99)
+    """
+    target = check_sparsity(target_sparsity)
+    node_target = None if node_target_sparsity is None else check_sparsity(node_target_sparsity, "node target sparsity")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    check_full(model)
+    warmup = max(1, round(steps * 5 / 6) if warmup is None else warmup)
+    g, dev = graph_for(model), model.W_E.device
+    tokens = tokens.to(dev)
+    n = len(tokens)
+    if repl.per_prompt and repl.values.shape[1] != n:
+        raise ValueError(f"the corrupted replacement has {repl.values.shape[1]} prompts, the training set {n}")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    batch_gen = torch.Generator(device="cpu").manual_seed(seed)
+    log_alpha = (init + 0.01 * torch.randn(g.n_edges, generator=gen, device=dev)).requires_grad_(True)
+    params = [log_alpha]
+    node_log_alpha = None
+    if node_target is not None:
+        node_log_alpha = (init + 0.01 * torch.randn(len(g.nodes), generator=gen, device=dev)).requires_grad_(True)
+        params.append(node_log_alpha)
+        edge_writer = torch.tensor([w for w, _ in g.edges], device=dev)
+    lambdas = torch.zeros(4, device=dev, requires_grad=True)
+    opt = torch.optim.Adam(params, lr=lr)
+    reg_opt = torch.optim.Adam([lambdas], lr=reg_lr, maximize=True)
+    with torch.no_grad():
+        full = model(tokens, last_only=True)
+    curve = {k: [] for k in ("step", "loss", "kl", "edge_sparsity", "target", "lambda1", "lambda2")}
+    if node_target is not None:
+        curve |= {"node_sparsity": [], "node_target": []}
+    started = time.perf_counter()
+    bar = tqdm(range(steps), desc=f"edge pruning (target {target:g})", disable=not progress)
+    with _frozen(model):
+        for step in bar:
+            rows = None
+            if n > batch_size:
+                rows = torch.randperm(n, generator=batch_gen, device="cpu")[:batch_size].to(dev)
+            batch = tokens if rows is None else tokens[rows]
+            ramp = min(1.0, (step + 1) / warmup)
+            gates = sample_gates(log_alpha, gen)
+            node_gates = None if node_log_alpha is None else sample_gates(node_log_alpha, gen)
+            logits = masked_logits(model, batch, gates, repl, node_gates, rows=rows if repl.per_prompt else None)
+            kl = kl_loss(full if rows is None else full[rows], logits)
+            p_edge = expected_open(log_alpha)
+            if node_log_alpha is not None:
+                p_node = torch.cat([torch.ones(1, device=dev), expected_open(node_log_alpha)])
+                p_edge = p_edge * p_node[edge_writer]              # writer w is node w - 1; the embedding has no gate
+                gap_n = ramp * node_target - (1 - expected_open(node_log_alpha).mean())
+            gap = ramp * target - (1 - p_edge.mean())
+            lagrangian = lambdas[0] * gap + lambdas[1] * gap ** 2
+            if node_log_alpha is not None:
+                lagrangian = lagrangian + lambdas[2] * gap_n + lambdas[3] * gap_n ** 2
+            loss = kl + lagrangian
+            opt.zero_grad()
+            reg_opt.zero_grad()
+            loss.backward()
+            opt.step()
+            reg_opt.step()
+            sparsity = 1 - p_edge.mean().item()
+            for k, v in (("step", step + 1), ("loss", loss.item()), ("kl", kl.item()), ("edge_sparsity", sparsity),
+                         ("target", ramp * target), ("lambda1", lambdas[0].item()), ("lambda2", lambdas[1].item())):
+                curve[k].append(v)
+            if node_log_alpha is not None:
+                curve["node_sparsity"].append(1 - expected_open(node_log_alpha).mean().item())
+                curve["node_target"].append(ramp * node_target)
+            bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}", sparsity=f"{sparsity:.3f}")
+    bar.close()
+    return EdgeTraining(log_alpha.detach(), None if node_log_alpha is None else node_log_alpha.detach(), curve,
+                        time.perf_counter() - started)
+
+
+def binarize(graph: EdgeGraph, log_alpha: torch.Tensor, target_sparsity: float,
+             node_log_alpha: torch.Tensor | None = None) -> tuple[list[int], list[str], float]:
+    """The binary circuit of trained gates: (kept edges, kept nodes, log_alpha threshold).
+
+    Nodes whose deterministic gate is below 1/2 are closed. Edges are ranked by log_alpha
+    (ties: by index); the largest k whose top-k edges leave at most (1 - target) x n_edges edges
+    after dead-node removal is found by bisection (the surviving set only grows with k).
+    """
+    target = check_sparsity(target_sparsity)
+    closed = []
+    if node_log_alpha is not None:
+        det = deterministic_gates(node_log_alpha)
+        closed = [n for n, d in zip(graph.nodes, det.tolist()) if d < 0.5]
+    order = torch.argsort(-log_alpha.detach().float().cpu(), stable=True).tolist()
+    want = math.floor((1 - target) * graph.n_edges + 1e-9)
+
+    def survivors(k):
+        return remove_dead(graph, order[:k], closed)
+
+    lo, hi = 0, graph.n_edges          # survivors(lo) fits; find the largest k that fits
+    if len(survivors(hi)[0]) <= want:
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if len(survivors(mid)[0]) <= want:
+            lo = mid
+        else:
+            hi = mid
+    edges, nodes = survivors(lo)
+    threshold = float(log_alpha[order[lo - 1]]) if lo > 0 else float("inf")
+    return edges, nodes, threshold
+
+
+@dataclass
+class EdgeCircuit:
+    """One Edge Pruning result: settings, kept edges and nodes, training curve, metrics.
+
+    edges: kept edges as 'WRITER -> READER' ('embed -> 0.1.q', '0.3 -> MLP 1', 'MLP 2 -> logits')
+    nodes: kept heads 'L.H' and MLPs 'MLP L' (those that reach the logits)
+    """
+
+    settings: dict
+    n_edges_total: int
+    edges: list[str]
+    nodes: list[str]
+    threshold: float
+    curve: dict
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - len(self.edges) / self.n_edges_total
+
+    @property
+    def kept_heads(self) -> list[str]:
+        return [n for n in self.nodes if not n.startswith("MLP")]
+
+    @property
+    def kept_mlps(self) -> list[int]:
+        return [int(n[4:]) for n in self.nodes if n.startswith("MLP")]
+
+    def to_dict(self) -> dict:
+        return {"circuitlib_version": __version__, **asdict(self), "n_edges": len(self.edges),
+                "sparsity": self.sparsity, "kept_heads": self.kept_heads, "kept_mlps": self.kept_mlps}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EdgeCircuit":
+        return cls(**{k: d[k] for k in ("settings", "n_edges_total", "edges", "nodes", "threshold", "curve",
+                                        "metrics")})
+
+    def save_json(self, path: str | os.PathLike) -> Path:
+        """Write the result as JSON atomically (a temporary file renamed)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=2)
+        return _atomic_write(path, lambda p: Path(p).write_text(text))
+
+    @classmethod
+    def load_json(cls, path: str | os.PathLike) -> "EdgeCircuit":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def gates(self, model: Transformer) -> torch.Tensor:
+        return gates_from_edges(model, self.edges)
+
+
+@torch.no_grad()
+def edge_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor, repl: Replacement,
+                batch_size: int = 64) -> torch.Tensor:
+    """Last-position logits [n, V] of the masked model, in batches (rows paired for corrupted)."""
+    dev = model.W_E.device
+    tokens = tokens.to(dev)
+    out = []
+    for start in range(0, len(tokens), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(tokens)), device=dev)
+        out.append(masked_logits(model, tokens[rows], gates, repl, rows=rows if repl.per_prompt else None))
+    return torch.cat(out)
+
+
+def corrupt(tokens: torch.Tensor) -> torch.Tensor:
+    """Corrupted prompts for a task split: prompt i is paired with prompt i - 1 of the same split
+    (another prompt of the same template, with other names, letters or years)."""
+    return tokens.roll(1, dims=0)
+
+
+@dataclass
+class EdgeRun:
+    """An Edge Pruning run end to end: the result, the standalone pruned model, and what made them."""
+
+    result: EdgeCircuit
+    full: Transformer
+    pruned: Transformer
+    tokenizer: object
+    task: object
+    data: object
+    training: EdgeTraining
+
+    def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
+        """Write `edges.json`, the pruned model and the tokenizer into `out_dir`, atomically."""
+        from .experiment import check_out_dir
+
+        out_dir = Path(out_dir)
+        check_out_dir(out_dir, force)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+        tmp.chmod(0o755)
+        try:
+            self.pruned.save(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            self.result.save_json(tmp / RESULT_FILE)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out_dir
+
+
+def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps: int, ablation: str = "mean",
+              seed: int = 0, n: int | None = None, lr: float = 0.8, reg_lr: float = 0.8, warmup: int | None = None,
+              batch_size: int = 32, node_target_sparsity: float | None = None, device: str | None = None,
+              progress: bool = True, loaded=None) -> EdgeRun:
+    """Load a model and a task, train edge gates on the validation split (the split Algorithm 1
+    decides on), read off the circuit, prune the model to its nodes, and measure both.
+
+    ablation: 'mean' (patching-split means), 'zero', or 'corrupted' (each prompt paired with
+              another of its split, `corrupt`); the standalone model replaces removed nodes by
+              their means under 'mean' and 'corrupted' (it has no corrupted input), by zero under 'zero'
+    `loaded`: an already loaded (model, tokenizer) pair.
+    """
+    from .ablation import mean_activations
+    from .experiment import SPLITS
+    from .loading import load_model
+    from .surgery import prune
+    from .tasks import get_task
+
+    target = check_sparsity(target_sparsity)
+    if ablation not in REPLACEMENTS:
+        raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(REPLACEMENTS)}")
+    task = get_task(task_name)
+    model, tokenizer = loaded if loaded is not None else load_model(model_name)
+    if device is not None:
+        model = model.to(device)
+    dev = model.W_E.device
+    n = n or task.default_n
+    data = task.generate(tokenizer, n=n, seed=seed)
+    patching = data.patching.tokens.to(dev)
+    means = mean_activations(model, patching)
+    graph = graph_for(model)
+    repls = {}
+    for split in SPLITS:
+        tokens = getattr(data, split).tokens.to(dev)
+        repls[split] = make_replacement(model, ablation, patching=patching, means=means,
+                                        corrupted=corrupt(tokens) if ablation == "corrupted" else None)
+    training = train_edges(model, data.validation.tokens, repls["validation"], target_sparsity=target, steps=steps,
+                           node_target_sparsity=node_target_sparsity, lr=lr, reg_lr=reg_lr, warmup=warmup,
+                           batch_size=batch_size, seed=seed, progress=progress)
+    started = time.perf_counter()
+    kept, nodes, threshold = binarize(graph, training.log_alpha, target, training.node_log_alpha)
+    scheme = "zero" if ablation == "zero" else "mean"
+    pruned = prune(model, node_circuit(nodes), scheme, means)
+    gates = gates_from_edges(model, kept)
+    metrics = {"full": {}, "edge_circuit": {}, "pruned_model": {}, "conversion_kl_change": {}}
+    with torch.no_grad():
+        for split in SPLITS:
+            s = getattr(data, split)
+            tokens = s.tokens.to(dev)
+            full = model(tokens, last_only=True)
+            edge = edge_logits(model, tokens, gates, repls[split])
+            small = pruned(tokens, last_only=True)
+            metrics["full"][split] = {"accuracy": accuracy(task, s, full), "kl": 0.0}
+            metrics["edge_circuit"][split] = {"accuracy": accuracy(task, s, edge), "kl": kl_divergence(full, edge)}
+            metrics["pruned_model"][split] = {"accuracy": accuracy(task, s, small), "kl": kl_divergence(full, small)}
+            metrics["conversion_kl_change"][split] = (metrics["pruned_model"][split]["kl"]
+                                                      - metrics["edge_circuit"][split]["kl"])
+    full_size, pruned_size = model.count_parameters(), pruned.count_parameters()
+    metrics |= {
+        "n_params": {"full": full_size, "pruned": pruned_size},
+        "parameter_reduction": 1 - pruned_size["parameters"] / full_size["parameters"],
+        "edges_among_kept_nodes": len(edges_among(graph, nodes)),
+        "training_seconds": training.seconds,
+        "seconds_per_step": training.seconds / steps,
+        "readout_seconds": time.perf_counter() - started,
+    }
+    settings = {"model": model.cfg.name, "task": task.name, "target_sparsity": target, "steps": steps,
+                "ablation": ablation, "standalone_scheme": scheme, "seed": seed, "n": n, "lr": lr, "reg_lr": reg_lr,
+                "warmup": warmup, "batch_size": batch_size, "node_target_sparsity": node_target_sparsity,
+                "train_split": "validation", "device": str(dev)}
+    result = EdgeCircuit(settings, graph.n_edges, [graph.edge_name(e) for e in kept], nodes, threshold,
+                         training.curve, metrics)
+    return EdgeRun(result, model, pruned, tokenizer, task, data, training)

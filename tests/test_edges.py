@@ -1,0 +1,265 @@
+"""Edge Pruning: the disentangled masked model is exact against the full model, node ablation and
+node circuits; training is reproducible; the result and the CLI run folder are complete."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from circuitlib.ablation import hooked_last_logits, mean_activations
+from circuitlib.cli import main
+from circuitlib.convert import to_hooked
+from circuitlib.edges import (EdgeGraph, all_open, edges_among, gates_from_edges, graph_for, make_replacement,
+                              masked_logits, remove_dead)
+from circuitlib.edges_train import EdgeCircuit, binarize, check_sparsity, train_edges
+from circuitlib.extract import extract
+from circuitlib.metrics import kl_divergence
+from circuitlib.surgery import prune
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors on a shared CPU: one thread avoids thread contention (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def means(models, data):
+    return {a: mean_activations(m, data[0]) for a, m in models.items()}
+
+
+def repl(model, scheme, patching, means):
+    return make_replacement(model, scheme, patching=patching, means=means)
+
+
+def closing_outgoing(model, nodes):
+    """All gates open except every edge leaving one of `nodes`."""
+    g = graph_for(model)
+    gates = all_open(model).clone()
+    idx = {g.writer_index[n] for n in nodes}
+    for e, (w, _) in enumerate(g.edges):
+        if w in idx:
+            gates[e] = 0.0
+    return gates
+
+
+def test_edge_counts_match_the_paper():
+    assert EdgeGraph.build(12, 12).n_edges == 32491          # GPT-2 Small, as Bhaskar et al. count them
+    g = EdgeGraph.build(2, 3)
+    assert g.writers == ["embed", "0.0", "0.1", "0.2", "MLP 0", "1.0", "1.1", "1.2", "MLP 1"]
+    assert g.readers[:3] == ["0.0.q", "0.1.q", "0.2.q"] and g.readers[-1] == "logits"
+    for e in range(g.n_edges):
+        assert g.parse_edge(g.edge_name(e)) == e
+    with pytest.raises(ValueError, match="bad edge"):
+        g.parse_edge("1.0 -> 0.0.q")                         # edges only go forward
+
+
+@pytest.mark.parametrize("scheme", ["mean", "zero", "corrupted"])
+def test_every_gate_open_is_the_full_model(arch, models, data, means, scheme):
+    model, (patching, validation) = models[arch], data
+    r = make_replacement(model, scheme, patching=patching, means=means[arch], corrupted=validation.roll(1, 0))
+    with torch.no_grad():
+        ours = masked_logits(model, validation, all_open(model), r)
+        assert torch.allclose(ours, model(validation, last_only=True), atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["mean", "zero"])
+def test_closing_a_nodes_outgoing_edges_ablates_it(arch, models, data, means, scheme):
+    model, (patching, validation) = models[arch], data
+    g, r = graph_for(model), repl(model, scheme, patching, means[arch])
+    full = model(validation, last_only=True)
+    rng = random.Random(0)
+    for nodes in [["0.1"], ["MLP 1"], [g.nodes[-2]], rng.sample(g.nodes, 4)]:
+        with torch.no_grad():
+            ours = masked_logits(model, validation, closing_outgoing(model, nodes), r)
+            reference = prune(model, [n for n in g.nodes if n not in nodes], scheme, means[arch])(
+                validation, last_only=True)
+        assert torch.allclose(ours, reference, atol=1e-4), nodes
+        assert not torch.allclose(ours, full, atol=1e-3), f"ablating {nodes} should change the logits"
+        # a closed node gate does the same
+        node_gates = torch.tensor([0.0 if n in nodes else 1.0 for n in g.nodes])
+        with torch.no_grad():
+            assert torch.allclose(masked_logits(model, validation, all_open(model), r, node_gates), reference,
+                                  atol=1e-4)
+
+
+def test_node_ablation_matches_transformer_lens_hooks(arch, models, data, means):
+    model, (patching, validation) = models[arch], data
+    ablated = ["0.2", "1.0", "MLP 0", "2.1"]
+    for scheme in ("mean", "zero"):
+        with torch.no_grad():
+            ours = masked_logits(model, validation, closing_outgoing(model, ablated),
+                                 repl(model, scheme, patching, means[arch]))
+        reference = hooked_last_logits(to_hooked(model), validation, ablated, scheme, means[arch])
+        assert torch.allclose(ours, reference, atol=1e-4)
+
+
+def test_corrupted_replacement_patches_in_the_corrupted_run(arch, models, data):
+    model, (_, validation) = models[arch], data
+    corrupted = validation.roll(1, 0)
+    r = make_replacement(model, "corrupted", corrupted=corrupted)
+    with torch.no_grad():
+        closed = masked_logits(model, validation, torch.zeros(graph_for(model).n_edges), r)
+        assert torch.allclose(closed, model(corrupted, last_only=True), atol=1e-4)  # every edge closed
+        # one head: its output replaced by its output on the corrupted prompt (hook_z patching)
+        hooked = to_hooked(model)
+        _, cache = hooked.run_with_cache(corrupted)
+        z_bad = cache["blocks.1.attn.hook_z"][:, :, 2]
+
+        def patch(z, hook):
+            z = z.clone()
+            z[:, :, 2] = z_bad
+            return z
+
+        reference = hooked.run_with_hooks(validation, fwd_hooks=[("blocks.1.attn.hook_z", patch)])[:, -1]
+        ours = masked_logits(model, validation, closing_outgoing(model, ["1.2"]), r)
+        assert torch.allclose(ours, reference, atol=1e-4)
+        rows = torch.tensor([3, 7])
+        assert torch.allclose(masked_logits(model, validation[rows], closing_outgoing(model, ["1.2"]), r, rows=rows),
+                              reference[rows], atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["mean", "zero"])
+def test_edges_of_a_node_circuit_reproduce_its_kl(arch, models, data, means, scheme):
+    model, (patching, validation) = models[arch], data
+    alpha = {"gpt2": 0.03, "llama": 0.1}[arch]
+    circuit = extract(model, patching, validation, alpha=alpha, ablation=scheme, include_mlps=True, progress=False,
+                      means=means[arch])
+    assert 0 < len(circuit.kept) < len(graph_for(model).nodes)
+    edges = edges_among(graph_for(model), circuit.kept)
+    with torch.no_grad():
+        ours = masked_logits(model, validation, gates_from_edges(model, edges), repl(model, scheme, patching,
+                                                                                     means[arch]))
+    assert kl_divergence(model(validation, last_only=True), ours) == pytest.approx(circuit.final_kl, abs=1e-5)
+
+
+def test_dead_node_removal_changes_no_logit(arch, models, data, means):
+    model, (patching, validation) = models[arch], data
+    g, r = graph_for(model), repl(model, "mean", patching, means[arch])
+    gen = torch.Generator().manual_seed(0)
+    kept = torch.nonzero(torch.rand(g.n_edges, generator=gen) < 0.15).flatten().tolist()
+    survivors, nodes = remove_dead(g, kept)
+    assert len(survivors) < len(kept) and set(survivors) <= set(kept)
+    with torch.no_grad():
+        before = masked_logits(model, validation, gates_from_edges(model, kept), r)
+        after = masked_logits(model, validation, gates_from_edges(model, survivors), r)
+    assert torch.allclose(before, after, atol=1e-5)
+    assert all(g.writers[g.edges[e][0]] in set(nodes) | {"embed"} for e in survivors)
+
+
+def test_training_is_reproducible_and_reaches_the_target(arch, models, data, means):
+    model, (patching, validation) = models[arch], data
+    r = repl(model, "mean", patching, means[arch])
+    kw = dict(target_sparsity=0.8, steps=12, batch_size=6, progress=False)
+    a = train_edges(model, validation, r, seed=3, **kw)
+    b = train_edges(model, validation, r, seed=3, **kw)
+    c = train_edges(model, validation, r, seed=4, **kw)
+    assert a.curve == b.curve and torch.equal(a.log_alpha, b.log_alpha)
+    assert not torch.equal(a.log_alpha, c.log_alpha)
+    assert set(a.curve) >= {"loss", "kl", "edge_sparsity", "target", "lambda1"} and len(a.curve["kl"]) == 12
+    assert all(p.requires_grad for p in model.parameters())          # the model is left as it was
+    g = graph_for(model)
+    edges, nodes, threshold = binarize(g, a.log_alpha, 0.8)
+    assert 0 < len(edges) <= 0.2 * g.n_edges
+    assert remove_dead(g, edges)[0] == edges                           # nothing dead left
+    # node gates: trained alongside, with their own target
+    d = train_edges(model, validation, r, seed=3, node_target_sparsity=0.5, **kw)
+    assert d.node_log_alpha.shape == (len(g.nodes),) and "node_sparsity" in d.curve
+
+
+def test_bad_settings_are_refused(models, data):
+    model, (patching, validation) = models["gpt2"], data
+    r = make_replacement(model, "zero")
+    for bad in (1.0, -0.1, float("nan"), "x"):
+        with pytest.raises(ValueError, match="target sparsity must be a number in"):
+            train_edges(model, validation, r, target_sparsity=bad, steps=1)
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        train_edges(model, validation, r, target_sparsity=0.5, steps=0)
+    with pytest.raises(ValueError, match="unknown replacement"):
+        make_replacement(model, "resample")
+    with pytest.raises(ValueError, match="full model"):
+        make_replacement(prune(model, ["0.1"], "zero"), "zero")
+    with pytest.raises(ValueError, match="gates must have shape"):
+        masked_logits(model, validation, torch.ones(3), r)
+    assert check_sparsity("0.95") == 0.95
+
+
+# ---- end to end: the command line on tiny-gpt2 --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("edges") / "ioi"
+    assert main(["edges", "--model", "tiny-gpt2", "--task", "ioi", "--target-sparsity", "0.9", "--steps", "8",
+                 "--n", "8", "--out", str(out)]) == 0
+    return out
+
+
+def test_cli_writes_a_complete_run_folder(run_dir):
+    record = json.loads((run_dir / "edges.json").read_text())
+    assert record["settings"]["target_sparsity"] == 0.9 and record["settings"]["steps"] == 8
+    assert record["n_edges_total"] == graph_for_tiny_gpt2_edges()
+    assert len(record["edges"]) <= 0.1 * record["n_edges_total"] and record["sparsity"] >= 0.9
+    assert len(record["curve"]["kl"]) == 8
+    for name in ("full", "edge_circuit", "pruned_model"):
+        assert set(record["metrics"][name]) == {"validation", "test"}
+    for name in ("model.safetensors", "model.json", "tokenizer.json"):
+        assert (run_dir / name).is_file()
+    assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")]   # no temporary left
+    result = EdgeCircuit.load_json(run_dir / "edges.json")
+    assert result.edges == record["edges"] and result.nodes == record["nodes"]
+
+
+def graph_for_tiny_gpt2_edges():
+    return EdgeGraph.build(4, 4).n_edges
+
+
+def test_cli_pruned_model_is_the_node_circuit(run_dir):
+    from circuitlib.loading import load_model
+    from circuitlib.model import Transformer
+    from circuitlib.tasks import get_task
+
+    record = json.loads((run_dir / "edges.json").read_text())
+    pruned = Transformer.load(run_dir)
+    assert pruned.kept_heads() == record["kept_heads"] and pruned.kept_mlps() == record["kept_mlps"]
+    full, tokenizer = load_model("tiny-gpt2")
+    data = get_task("ioi").generate(tokenizer, n=8, seed=0)
+    with torch.no_grad():
+        kl = kl_divergence(full(data.test.tokens, last_only=True), pruned(data.test.tokens, last_only=True))
+    assert kl == pytest.approx(record["metrics"]["pruned_model"]["test"]["kl"], rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target-sparsity", "1.5"], "--target-sparsity must be a number in [0, 1)"),
+    (["--steps", "0"], "--steps must be a positive number"),
+    (["--n", "0"], "--n must be a positive number"),
+    (["--lr", "0"], "--lr must be a number > 0"),
+    (["--device", "tpu"], "--device"),
+    (["--model", "gpt3"], "unknown model"),
+])
+def test_cli_refuses_bad_input_and_writes_nothing(tmp_path, capsys, args, message):
+    base = {"--model": "tiny-gpt2", "--task": "ioi", "--target-sparsity": "0.9", "--steps": "2", "--n": "8"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    argv = ["edges", *[x for kv in base.items() for x in kv], "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message.lower() in err.lower() and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_an_occupied_out_unless_forced(run_dir, tmp_path, capsys):
+    before = (run_dir / "edges.json").read_text()
+    argv = ["edges", "--model", "tiny-gpt2", "--task", "ioi", "--target-sparsity", "0.5", "--steps", "2",
+            "--n", "8", "--out"]
+    assert main(argv + [str(run_dir)]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert (run_dir / "edges.json").read_text() == before
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert main(argv + [str(out), "--force", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"]["target_sparsity"] == 0.5
+    assert not (out / "old.txt").exists() and (out / "edges.json").is_file()
