@@ -22,13 +22,14 @@ HTML itself from the same bundled ``circuitsvis/dist/cdn/iife.js`` and calls the
 
 * it never touches the network and never references a CDN: the bundle is read from the
   installed circuitsvis package and inlined;
-* the bundle is inlined **once per page**: the first attention figure shown in a Python
-  process (a notebook's kernel) carries it in a classic ``<script>`` that defines the global
-  ``CircuitsVis``; later figures only carry their data and a small script that waits for
-  that global. A rendered Jupyter Book page is one notebook, so the page opened from disk
-  (``file://``) with the network off has everything it needs, and so does a live notebook.
-  Call :func:`load_circuitsvis` in a setup cell to put the bundle in a cell of its own (then
-  re-running a figure cell never moves it); see that function for the details;
+* the bundle is **not stored in the notebook**. :func:`load_circuitsvis` (the last line of a
+  notebook's set-up cell) sends it inline to a live notebook, so that every later figure of the
+  kernel finds the global ``CircuitsVis``, and then replaces that output by a one-line
+  reference to ``../_static/circuitsvis-<version>.js``: what the saved notebook keeps (a few
+  hundred bytes instead of 1.3 MB). The book writes that file once into its ``_static`` folder
+  (book/_ext/circuitlib_book.py calls :func:`write_circuitsvis_bundle`), so a page of the book
+  opened from disk (``file://``) with the network off has everything it needs. A saved notebook
+  reopened without re-running shows the static copies below until its set-up cell is run;
 * element ids are ``circuitlib-attn-<sha256 of the figure's data>``, so the same data gives
   the same bytes on every run (two identical figures on one page are told apart at view
   time, in the browser, without changing the stored output);
@@ -38,10 +39,9 @@ HTML itself from the same bundled ``circuitsvis/dist/cdn/iife.js`` and calls the
   until the script replaces it (what a viewer that strips scripts, such as an untrusted
   notebook or GitHub's notebook preview, shows).
 
-Why not a file in the book's ``_static/``? A page opened in a live notebook server cannot
-reach the book's static folder, and a notebook that carries its own bundle renders the same
-everywhere (book, JupyterLab, VS Code, nbviewer-like viewers) at the cost of 1.3 MB per
-notebook that has attention figures.
+Token labels are shown as text: byte-level BPE markers (``Ġ`` for a space, ``Ċ`` for a newline)
+and SentencePiece's ``▁`` are turned back into the characters they stand for
+(:func:`clean_token`), so a plot reads `` Karen``, not ``ĠKaren``.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ __all__ = [
     "AttentionPlot",
     "load_circuitsvis",
     "reset_page",
+    "write_circuitsvis_bundle",
+    "clean_token",
     "roc_plot",
     "parse_head",
 ]
@@ -273,6 +275,35 @@ def _bundle_html() -> str:
     return f'<script {_BUNDLE_MARK}="circuitsvis-{version}">\n{js}\n</script>\n'
 
 
+def bundle_filename() -> str:
+    """Name of the static copy of the bundle, e.g. ``circuitsvis-1.43.3.js``."""
+    return f"circuitsvis-{_circuitsvis_js()[0]}.js"
+
+
+def write_circuitsvis_bundle(folder) -> Path:
+    """Write the CircuitsVis bundle (from the installed package) into `folder`; return its path.
+
+    The book's Sphinx extension writes it into the site's ``_static`` folder, where the
+    notebooks' set-up cells reference it (see :func:`load_circuitsvis`).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / bundle_filename()
+    js = _circuitsvis_js()[1]
+    if not path.exists() or path.read_text(encoding="utf-8") != js:
+        path.write_text(js, encoding="utf-8")
+    return path
+
+
+def _bundle_reference_html() -> str:
+    """The saved form of the bundle: a reference to the book's static copy (a few hundred bytes)."""
+    version, _ = _circuitsvis_js()
+    return (f'<script {_BUNDLE_MARK}="circuitsvis-{html.escape(version)}" '
+            f'src="../_static/{bundle_filename()}"></script>\n'
+            f'<p style="font-size:small;color:#666">CircuitsVis {html.escape(version)} (offline copy: '
+            f'the book\'s <code>_static/{bundle_filename()}</code>; in a live notebook, sent by this cell).</p>')
+
+
 def _in_colab() -> bool:
     # Colab shows every output in its own iframe: a bundle from another cell is not visible.
     return "google.colab" in sys.modules
@@ -291,22 +322,35 @@ class _BundleOnly:
     """Display object that puts the CircuitsVis bundle on the page (see load_circuitsvis)."""
 
     def _repr_mimebundle_(self, include=None, exclude=None):
+        # the saved form (what a notebook file keeps); _ipython_display_ sends the bundle first
         _page["bundle_sent"] = True
         version, _ = _circuitsvis_js()
-        note = (f'<p style="font-size:small;color:#666">CircuitsVis {html.escape(version)} '
-                "loaded from the installed package (offline).</p>")
-        return {"text/html": _bundle_html() + note,
+        return {"text/html": _bundle_reference_html(),
                 "text/plain": f"CircuitsVis {version} JavaScript (offline copy)"}
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        version, _ = _circuitsvis_js()
+        if _in_colab():  # every output is its own iframe: nothing to share, nothing to reference
+            _page["bundle_sent"] = False
+            return
+        # 1. the whole bundle, inline: a live notebook runs it and keeps the global CircuitsVis;
+        # 2. at once replaced by the reference, which is all that the saved notebook keeps.
+        handle = display({"text/html": _bundle_html(), "text/plain": f"CircuitsVis {version}"},
+                         raw=True, display_id=True)
+        handle.update(self._repr_mimebundle_(), raw=True)
 
 
 def load_circuitsvis() -> _BundleOnly:
-    """Put the CircuitsVis JavaScript on the page, in a cell of its own.
+    """Put the CircuitsVis JavaScript on the page, in a cell of its own, without storing it.
 
-    Make it the last line of a notebook's setup cell. Without it, the first attention figure
-    of the kernel carries the bundle, which is fine when a notebook is run top to bottom
-    (papermill, "Run all") but not when, in a live session, only a later figure cell is
-    re-run after the first one was cleared. The object marks the bundle as sent when it is
-    displayed, so later figures carry only their data.
+    Make it the last line of a notebook's set-up cell. In a live notebook the cell sends the
+    1.3 MB bundle, which the browser runs, and immediately replaces that output by a reference
+    to the book's static copy (``../_static/circuitsvis-<version>.js``), so the saved notebook
+    stays small; the book writes that file (:func:`write_circuitsvis_bundle`). Later figures of
+    the kernel carry only their data. Without this cell, the first figure of the kernel does
+    the same before it shows.
     """
     return _BundleOnly()
 
@@ -315,6 +359,37 @@ def _json_for_script(obj: Any) -> str:
     """JSON that is safe inside an inline <script> (no '</script>', no '<!--')."""
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte (the inverse of ``bytes_to_unicode``)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def clean_token(token: str) -> str:
+    """A token as a reader writes it: ``"ĠKaren"`` -> ``" Karen"``, ``"Ċ"`` -> ``"\\n"`` (shown).
+
+    Byte-level BPE tokens (GPT-2, SmolLM2: they contain characters U+0100..U+0143 for spaces,
+    newlines and other bytes) are decoded to their bytes and then to text; SentencePiece's
+    ``▁`` becomes a space. Strings without those markers (already decoded tokens) are left as
+    they are, so cleaning twice changes nothing.
+    """
+    token = str(token)
+    if any("\u0100" <= c <= "\u0143" for c in token):
+        decoder = _byte_decoder()
+        if all(c in decoder for c in token):
+            token = bytes(decoder[c] for c in token).decode("utf-8", errors="replace")
+    return token.replace("\u2581", " ")
 
 
 def _label(token: str) -> str:
@@ -336,7 +411,7 @@ class AttentionPlot:
         pattern = _to_numpy(pattern)
         if pattern.ndim == 2:
             pattern = pattern[None]
-        tokens = [str(t) for t in tokens]
+        tokens = [clean_token(t) for t in tokens]
         head_names = [str(h) for h in head_names]
         if pattern.ndim != 3 or pattern.shape[1] != pattern.shape[2]:
             raise ValueError(f"pattern must be [n_heads, seq, seq], got {tuple(pattern.shape)}")
@@ -453,6 +528,13 @@ class AttentionPlot:
             return bool(self.include_bundle)
         return _in_colab() or not _page["bundle_sent"]
 
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        if not self.static and self.include_bundle is None and self._wants_bundle() and not _in_colab():
+            display(load_circuitsvis())          # sent to the page, not stored (see load_circuitsvis)
+        display(self._repr_mimebundle_(), raw=True)
+
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
         png = self.png()
         bundle = {
@@ -489,8 +571,9 @@ def attention_plot(tokens: list[str], pattern, head_names: list[str], *, static:
         max_value: the value shown darkest (default: 1 in the static copy, the data's
             maximum in CircuitsVis).
         mask_upper_tri: hide the (causally impossible) future positions.
-        include_bundle: ``None`` (default) inlines the CircuitsVis JavaScript in the first
-            figure shown in this kernel only; ``True``/``False`` force it either way.
+        include_bundle: ``None`` (default): the first figure shown in this kernel sends the
+            CircuitsVis JavaScript to the page first (as :func:`load_circuitsvis` does, not
+            stored in the notebook); ``True`` inlines it in this figure's HTML, ``False`` never.
 
     Returns an :class:`AttentionPlot`; make it a cell's value (or ``display`` it) to show
     it. It never reaches the network, and re-running a notebook from the top reproduces
