@@ -26,12 +26,15 @@ given. Ports to other tokenizers (checked on SmolLM2-135M's):
   any other start year the start's own tens digit could begin a later year or an earlier one.
   Start years 1X99 (no later decade) are left out. 15 tokens with SmolLM2's tokenizer.
 
-To add a task: subclass `Task`, give it a `name`, implement `build` (return `count` distinct
-prompts through `make_split`), and `register_task` an instance.
+To add a task without code, write its prompts and answers into a .jsonl or .csv file and pass
+the file's path wherever a task name goes (`get_task`, `--task`; see `circuitlib.filetask`).
+In code: subclass `Task`, give it a `name`, implement `build` (return `count` distinct prompts
+through `make_split`), and `register_task` an instance.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import string
 from dataclasses import dataclass
@@ -255,6 +258,15 @@ class Task:
         """`count` distinct prompts in random order, drawn with `rng`."""
         raise NotImplementedError
 
+    def check(self, tokenizer, count: int) -> int:
+        """Check, cheaply and before any model work, that the task works under `tokenizer`; its prompt length.
+
+        The default builds one prompt (a port that cannot work fails here); whether `count`
+        distinct prompts exist is checked when `build` starts. A task that can say more sooner
+        (a task file: every row, and the number of rows) overrides this.
+        """
+        return self.build(tokenizer, 1, random.Random(0)).tokens.shape[1]
+
     def generate(self, tokenizer, n: int, seed: int, n_test: int | None = None) -> TaskData:
         """Three disjoint splits: n patching, n validation and `n_test` (default n) held-out test prompts.
 
@@ -452,11 +464,17 @@ def register_task(task: Task) -> Task:
     return task
 
 
-def get_task(name: str) -> Task:
-    """The registered task called `name`."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[name]
+def get_task(name: str | os.PathLike) -> Task:
+    """The registered task called `name`, or the task in a .jsonl or .csv file (`circuitlib.filetask`)."""
+    name = os.fspath(name)
+    if name in TASKS:
+        return TASKS[name]
+    from .filetask import SUFFIXES, load_task_file
+
+    if name.endswith(SUFFIXES) or os.path.isfile(name):
+        return load_task_file(name)
+    raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}, or give a task file "
+                     f"(prompts and answers in a {' or '.join(SUFFIXES)} file)")
 
 
 register_task(Acronyms())

@@ -1,5 +1,8 @@
 """Task datasets under GPT-2's real (vendored) tokenizer, and the SmolLM2 ports (slow)."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -258,3 +261,97 @@ def test_smollm2_greater_than_asks_for_the_tens_digit(smol_tok):
     assert all(p.split()[6].endswith("9") for p in split.prompts)  # the own tens digit is never a later year
     assert task.correct(split, one_hot_logits([digit[t + 1] for t in tens], len(smol_tok))).all()
     assert not task.correct(split, one_hot_logits([digit[t] for t in tens], len(smol_tok))).any()
+
+
+# --- tasks from a file ---------------------------------------------------------------------
+
+CAPITALS = Path(__file__).parent.parent / "examples" / "capitals.jsonl"
+
+
+def write(tmp_path, name, lines):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def jsonl(rows):
+    return [json.dumps(r) for r in rows]
+
+
+def test_the_example_task_file_makes_seeded_disjoint_splits(tok):
+    task = get_task(str(CAPITALS))
+    assert task.name == "capitals" and task.default_n == 12
+    data = task.generate(tok, 12, seed=0)
+    assert [len(s) for s in splits(data)] == [12, 12, 12] and data.test.tokens.shape == (12, 5)
+    assert len({p for s in splits(data) for p in s.prompts}) == 36
+    rows = {json.loads(x)["prompt"]: json.loads(x)["answer"] for x in CAPITALS.read_text().splitlines()}
+    assert [tok.decode([a]) for a in data.test.answers.tolist()] == [rows[p] for p in data.test.prompts]
+    assert get_task(CAPITALS).generate(tok, 12, seed=0).test.prompts == data.test.prompts
+    assert get_task(CAPITALS).generate(tok, 12, seed=1).test.prompts != data.test.prompts
+
+
+def test_csv_task_file_and_several_accepted_answers(tok, tmp_path):
+    csv_path = write(tmp_path, "sums.csv", ["prompt,answer", "Two plus two is, four", '"One, two,", three',
+                                            "Three plus one is, four"])
+    data = get_task(csv_path).generate(tok, 1, seed=0)
+    assert get_task(csv_path).name == "sums" and {p for s in splits(data) for p in s.prompts} == {
+        "Two plus two is", "One, two,", "Three plus one is"}
+    path = write(tmp_path, "primes.jsonl", jsonl([
+        {"prompt": f"A prime below {k} is", "answer": " 2", "answers": [" 3", " 5"]} for k in (10, 11, 12)]))
+    task = get_task(path)
+    split = task.generate(tok, 1, seed=0).validation
+    assert [tok.decode([c]) for c in split.candidates.tolist()] == [" 2", " 3", " 5"] and split.accepted.all()
+    right = [tok.encode(" 5")[0]]
+    assert task.correct(split, one_hot_logits(right)).all()
+    assert not task.correct(split, one_hot_logits(tok.encode(" 7"))).any()
+
+
+def test_every_problem_of_a_task_file_is_named_in_one_message(tok, tmp_path):
+    path = write(tmp_path, "bad.jsonl", jsonl([
+        {"prompt": "The capital of France is", "answer": " Paris"},
+        {"prompt": "The capital of Germany is", "answer": " Berlin"},
+        {"prompt": "The capital of the United States is", "answer": " Washington"},
+        {"prompt": "The capital of France is", "answer": " Paris"},
+        {"prompt": "The capital of Burkina Faso is", "answer": " Ouagadougou"},
+    ]))
+    with pytest.raises(ValueError) as error:
+        get_task(path).generate(tok, 2, seed=0)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message
+    assert "line 4 repeats the prompt of line 1" in message
+    assert "3 rows of 5 tokens, 1 row of 7 tokens (line 3), 1 row of 8 tokens (line 5)" in message
+    assert "line 5: answer ' Ouagadougou' is 5 tokens ['ĠOu', 'ag', 'ad', 'oug', 'ou'], not one" in message
+    assert "6 prompts are needed" in message and "the file has 5 rows; lower n to at most 1" in message
+
+
+@pytest.mark.parametrize("name, lines, message", [
+    ("empty.jsonl", [""], "holds no rows"),
+    ("broken.jsonl", ['{"prompt": "A", "answer": " b"}', '{"prompt": "A"'], "line 2 is not JSON"),
+    ("list.jsonl", ['["A", " b"]'], "line 1 is not a JSON object"),
+    ("fields.jsonl", ['{"prompt": "A", "anser": " b"}'], "line 1: unknown field 'anser'.*'answer' must be a non-empty "
+                                                       "string \\(missing\\)"),
+    ("types.jsonl", ['{"prompt": 3, "answer": " b", "answers": " b"}'],
+     "'prompt' must be a non-empty string; 'answers' must be a non-empty list"),
+    ("header.csv", ["question,answer", "A, b"], "line 1 must be the header 'prompt,answer'"),
+    ("columns.csv", ["prompt,answer", "A, b, c"], "line 2 has 3 values, not 2"),
+    ("empty.csv", [""], "holds no rows"),
+    ("task.txt", ["A"], "must end in .jsonl or .csv"),
+])
+def test_malformed_task_files_are_refused(tmp_path, name, lines, message):
+    path = write(tmp_path, name, lines)
+    with pytest.raises(ValueError, match=message):
+        get_task(path)
+
+
+def test_missing_task_file_and_unknown_name(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        get_task(tmp_path / "nope.jsonl")
+    with pytest.raises(ValueError, match="or give a task file"):
+        get_task("capitals")
+
+
+def test_check_reports_the_prompt_length_without_building(tok):
+    assert get_task(CAPITALS).check(tok, 36) == 5
+    assert get_task("ioi").check(tok, 3) == 15
+    with pytest.raises(ValueError, match="lower n to at most 12"):
+        get_task(CAPITALS).check(tok, 39)
