@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup book book-gpt2 test demo run clean-book
+.PHONY: setup book book-gpt2 test demo run lab exercises clean-book
 
 setup: $(STAMP)
 
@@ -38,6 +38,16 @@ demo: $(STAMP)
 # Re-run one notebook with a new alpha into its own folder under runs/, e.g. make run NB=ioi ALPHA=0.02
 run: $(STAMP)
 	$(PY) scripts/run_notebook.py $(NB) $(if $(ALPHA),--alpha $(ALPHA)) $(ARGS)
+
+# The notebooks in JupyterLab with the project's kernel ("python3" of .venv: JUPYTER_PREFER_ENV_PATH puts the
+# environment's kernels before a user's own "python3"). Extra options: LAB_ARGS="--no-browser --port 8899".
+lab: $(STAMP)
+	JUPYTER_PREFER_ENV_PATH=1 $(VENV)/bin/jupyter-lab --ServerApp.root_dir=notebooks $(LAB_ARGS)
+
+# The exercises' student notebook (stubs, no solutions), from the same source as the book's chapter.
+EXERCISES_OUT ?= exercises-student.ipynb
+exercises: $(STAMP)
+	$(PY) scripts/make_exercises.py --student $(EXERCISES_OUT)
 
 # The whole book re-executed on GPT-2 Small (needs internet for the weights); the committed
 # notebooks are left as they are, the site lands in _build/gpt2/_build/html.
