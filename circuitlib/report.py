@@ -261,3 +261,153 @@ def attention_summary(model, tokenizer, tokens: torch.Tensor, heads: Sequence[st
         rows.append({"head": name, "position": pos, "token (example prompt)": repr(words[pos]),
                      "mean weight": round(float(row[pos]), 3), "weight on first token": round(float(row[0]), 3)})
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# results sentences computed from the numbers they describe (the benchmark and performance pages)
+
+# The paper's Table 3 (appendix E): GPT-2 Small, mean ablation, means over five batches of
+# prompts. Accuracy and parameter reduction are also its Table 1. Percentages as printed.
+PAPER_TABLE_3 = (
+    {"task": "acronyms", "alpha": 8.86e-2, "mlps": False, "accuracy": 99.92, "param_reduction": 32.88, "time_reduction": 83.56},
+    {"task": "acronyms", "alpha": 3.50e-2, "mlps": True, "accuracy": 78.64, "param_reduction": 63.70, "time_reduction": 86.20},
+    {"task": "ioi", "alpha": 8.53e-3, "mlps": False, "accuracy": 100.00, "param_reduction": 28.66, "time_reduction": 57.58},
+    {"task": "ioi", "alpha": 1.88e-2, "mlps": True, "accuracy": 96.53, "param_reduction": 72.31, "time_reduction": 82.78},
+    {"task": "greater-than", "alpha": 8.53e-2, "mlps": False, "accuracy": 100.00, "param_reduction": 32.65, "time_reduction": 77.78},
+    {"task": "greater-than", "alpha": 8.53e-2, "mlps": True, "accuracy": 99.84, "param_reduction": 82.77, "time_reduction": 88.33},
+)
+# The full GPT-2 Small's accuracy on the validation prompts in the paper.
+PAPER_FULL_ACCURACY = {"acronyms": 0.906, "ioi": 0.971, "greater-than": 1.0}
+
+
+def _latex_alpha(a: float) -> str:
+    mantissa, exponent = f"{a:.2e}".split("e")
+    return f"${mantissa} \\cdot 10^{{{int(exponent)}}}$"
+
+
+def paper_table_3_markdown() -> str:
+    """The paper's Table 3 as a Markdown table (from :data:`PAPER_TABLE_3`)."""
+    names = {"acronyms": "acronyms", "ioi": "IOI", "greater-than": "greater-than"}
+    lines = ["| task | $\\alpha$ | MLPs removable | accuracy (%) | parameter reduction (%) | time reduction (%) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in PAPER_TABLE_3:
+        lines.append(f"| {names[r['task']]} | {_latex_alpha(r['alpha'])} | {'yes' if r['mlps'] else 'no'} | "
+                     f"{r['accuracy']:.2f} | {r['param_reduction']:.2f} | {r['time_reduction']:.2f} |")
+    return "\n".join(lines)
+
+
+def paper_range(key: str, mlps: bool) -> tuple[float, float]:
+    """(min, max) of a Table 3 column over the heads-only (`mlps=False`) or heads-and-MLPs rows."""
+    values = [r[key] for r in PAPER_TABLE_3 if r["mlps"] == mlps]
+    return min(values), max(values)
+
+
+def compare_to_flops(time_ratio: float, flop_ratio: float, tolerance: float = 0.05) -> str:
+    """How a time ratio relates to its FLOP ratio (both pruned / full): the words a sentence uses.
+
+    "more than" FLOPs (time fell more: time ratio below the FLOP ratio by more than `tolerance`
+    of it), "less than" FLOPs, or "in proportion to" FLOPs (within the tolerance).
+    """
+    if time_ratio < flop_ratio * (1 - tolerance):
+        return "more than"
+    if time_ratio > flop_ratio * (1 + tolerance):
+        return "less than"
+    return "in proportion to"
+
+
+def _span(values, fmt: str) -> str:
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else f"{format(lo, fmt)} to {format(hi, fmt)}"
+
+
+def _count(words: list[str], which: str) -> str:
+    return f"{sum(w == which for w in words)} of {len(words)}"
+
+
+def benchmark_findings(rows: Sequence[Mapping], tolerance: float = 0.05) -> str:
+    """The benchmark page's findings, as Markdown computed from its table's rows.
+
+    rows: dicts with "MLP" (bool), "param reduction %", "FLOP ratio", "time ratio, batch 1",
+    "time ratio, batch <n>" (one other batch), "layers without heads" and "layers". Every
+    number and every "more"/"less" in the text is derived here from those values, and
+    tests/test_results_prose.py re-derives them from the notebook's stored data.
+    """
+    rows = list(rows)
+    if not rows:
+        return "(no rows)"
+    big = next(k for k in rows[0] if k.startswith("time ratio, batch ") and not k.endswith(" 1"))
+    n_big = big.rsplit(" ", 1)[1]
+    out = []
+    for mlps, label in ((False, "heads only"), (True, "heads and MLPs")):
+        sel = [r for r in rows if bool(r["MLP"]) == mlps]
+        if not sel:
+            continue
+        w1 = [compare_to_flops(r["time ratio, batch 1"], r["FLOP ratio"], tolerance) for r in sel]
+        wn = [compare_to_flops(r[big], r["FLOP ratio"], tolerance) for r in sel]
+        cut_time = 100 * (1 - min(min(r["time ratio, batch 1"], r[big]) for r in sel))
+        cut_flops = 100 * (1 - min(r["FLOP ratio"] for r in sel))
+        p_lo, p_hi = paper_range("param_reduction", mlps)
+        t_lo, t_hi = paper_range("time_reduction", mlps)
+        out.append(
+            f"- **{label}** ({len(sel)} rows): {_span([r['param reduction %'] for r in sel], '.1f')} % fewer "
+            f"parameters, FLOP ratio {_span([r['FLOP ratio'] for r in sel], '.3f')}, time ratio "
+            f"{_span([r['time ratio, batch 1'] for r in sel], '.3f')} at batch 1 and "
+            f"{_span([r[big] for r in sel], '.3f')} at batch {n_big}. Time fell more than FLOPs in "
+            f"{_count(w1, 'more than')} rows at batch 1 and {_count(wn, 'more than')} at batch {n_big}, "
+            f"less than FLOPs in {_count(w1, 'less than')} and {_count(wn, 'less than')}, in proportion "
+            f"(within {100 * tolerance:.0f} %) in the others. The largest time cut measured is "
+            f"{cut_time:.0f} %, the largest FLOP cut {cut_flops:.0f} %. The paper's {label} rows: "
+            f"{p_lo:.2f} to {p_hi:.2f} % fewer parameters and {t_lo:.2f} to {t_hi:.2f} % less time.")
+    faster = [r for r in rows if compare_to_flops(r["time ratio, batch 1"], r["FLOP ratio"], tolerance) == "more than"
+              or compare_to_flops(r[big], r["FLOP ratio"], tolerance) == "more than"]
+    if faster:
+        empty = [r["layers without heads"] for r in faster]
+        out.append(
+            f"\nIn the {len(faster)} row(s) where time fell more than FLOPs, {_span(empty, 'd')} of the "
+            f"{rows[0]['layers']} layers had lost every head. Such a layer skips its whole attention block "
+            "(a normalisation, the projections, the softmax: a dozen operations, each with a fixed cost per "
+            "call that does not depend on the FLOPs it does), and on small inputs those fixed costs weigh "
+            "more than the arithmetic. A FLOP count, which counts multiply-adds only, cannot see them. So a "
+            "time cut larger than the FLOP cut is possible, and measured here; it comes from overheads, not "
+            "from arithmetic that pruning saves.")
+    heads_only = [r for r in rows if not r["MLP"]]
+    if heads_only:
+        ours = 100 * (1 - min(min(r["time ratio, batch 1"], r[big]) for r in heads_only))
+        t_lo, t_hi = paper_range("time_reduction", False)
+        p_lo, p_hi = paper_range("param_reduction", False)
+        out.append(
+            f"\nFor the heads-only models the paper reports {t_lo:.2f} to {t_hi:.2f} % less time with "
+            f"{p_lo:.2f} to {p_hi:.2f} % fewer parameters: time cuts {t_lo - p_hi:.0f} to {t_hi - p_lo:.0f} points "
+            f"larger than the parameter cuts. Here, on the machine named above, the largest heads-only time cut "
+            f"is {ours:.0f} %, "
+            + ("larger" if ours > 100 * (1 - min(r['FLOP ratio'] for r in heads_only)) else "no larger")
+            + " than the FLOP cut of that group. What the authors' timer measures, and what each of its choices "
+            "does to a measured ratio, is on the {doc}`performance page <09_performance>`.")
+    return "\n".join(out)
+
+
+def time_vs_flops_findings(rows: Sequence[Mapping], batch: int, tolerance: float = 0.05) -> str:
+    """The performance page's findings on pruned models, as Markdown computed from the result rows.
+
+    rows: the rows of benchmarks/results/pruned_inference.json ("circuit", "flop_ratio",
+    "time_ratio_b1", "time_ratio_b<batch>").
+    """
+    out = []
+    for r in rows:
+        w1 = compare_to_flops(r["time_ratio_b1"], r["flop_ratio"], tolerance)
+        wb = compare_to_flops(r[f"time_ratio_b{batch}"], r["flop_ratio"], tolerance)
+        out.append(f"- **{r['circuit']}** (FLOP ratio {r['flop_ratio']:.3f}): at batch 1 time fell {w1} FLOPs "
+                   f"(time ratio {r['time_ratio_b1']:.3f}); at batch {batch} it fell {wb} FLOPs "
+                   f"({r[f'time_ratio_b{batch}']:.3f}).")
+    ratios = [r[f"time_ratio_b{batch}"] / r["flop_ratio"] for r in rows]
+    ones = [r["time_ratio_b1"] / r["flop_ratio"] for r in rows]
+    out.append(
+        f"\nAt batch {batch}, time / FLOPs is {_span(ratios, '.2f')} over the {len(rows)} circuits; at batch 1 "
+        f"it is {_span(ones, '.2f')}. "
+        + ("The large batch follows the FLOP count more closely than batch 1: "
+           if max(abs(x - 1) for x in ratios) < max(abs(x - 1) for x in ones) else
+           "Batch 1 follows the FLOP count at least as closely as the large batch: ")
+        + "at batch 1 a forward pass is too small to keep the arithmetic units busy, and costs that do not "
+          "scale with the FLOPs (the embedding lookup, Python and per-operation overheads, whole attention "
+          "blocks skipped in layers with no head left) weigh more, in either direction.")
+    return "\n".join(out)
