@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("extract", help="extract a task's circuit, prune the model and save both")
     ex.add_argument("--model", required=True,
                     help=f"one of {', '.join(MODELS)}, or a local Hugging Face model folder")
-    ex.add_argument("--task", required=True, choices=TASKS)
+    ex.add_argument("--task", required=True,
+                    help=f"one of {', '.join(TASKS)}, or a task file: prompts and answers, one per row, in a "
+                         ".jsonl or .csv file (see examples/capitals.jsonl)")
     ex.add_argument("--alpha", required=True, type=str, help="KL threshold, a number >= 0 (e.g. 0.01)")
     ex.add_argument("--ablation", default="mean", choices=SCHEMES)
     ex.add_argument("--include-mlps", action="store_true", help="also consider MLPs for removal")
@@ -43,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--split", default="validation", choices=("validation", "test"))
     ev.add_argument("--json", action="store_true", help="print a JSON object")
+
+    xp = sub.add_parser("export", help="write a run's pruned model as ONNX, checked against torch with onnxruntime")
+    xp.add_argument("run_dir")
+    xp.add_argument("--format", required=True, choices=("onnx",))
+    xp.add_argument("--out", default=None, help="the .onnx file to write (default: RUN_DIR/model.onnx)")
+    xp.add_argument("--force", action="store_true", help="replace an existing file")
     _add_edges_parser(sub)
 
     _add_study_parser(sub)
@@ -262,6 +270,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(_summary(result))
                 print(f"saved to {out}")
+        elif args.command == "export":
+            from .export import export_onnx
+
+            report = export_onnx(args.run_dir, args.out, force=args.force)
+            print(f"wrote {report['path']} ({report['bytes'] / 2**20:.1f} MiB, opset {report['opset']}, batch dynamic, "
+                  f"{report['seq_len']} tokens); onnxruntime {report['onnxruntime']} on the {report['n']} test prompts: "
+                  f"max abs logit difference {report['max_abs_diff']:.2e}, same argmax on "
+                  f"{report['argmax_agreement']:.1%}")
         else:
             from .experiment import evaluate_saved
 
@@ -275,4 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing half-written was left behind (finished results are kept)", file=sys.stderr)
+        return 130
     return 0

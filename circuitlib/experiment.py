@@ -6,6 +6,7 @@ folder that a pruned model can be evaluated from on its own (no TransformerLens,
     circuit.json             settings, every decision, kept heads and MLPs, metrics of full and pruned
     model.safetensors/.json  the pruned model (circuitlib.model.Transformer.save)
     tokenizer files          the tokenizer the prompts were made with
+    task.jsonl / task.csv    for a task read from a file: a copy of that file (the prompts come from it)
     reference.safetensors    the full model's final residual stream at the last position for the
                              validation and test prompts ([n, d_model] each); with the pruned model's
                              own (shared) final norm and unembedding this gives the full model's
@@ -31,7 +32,8 @@ from .extract import Circuit, check_alpha, extract
 from .metrics import accuracy, kl_divergence
 from .model import Transformer
 from .surgery import prune
-from .tasks import TaskData, get_task
+from .filetask import FileTask, load_task_file
+from .tasks import TaskData, TaskSplit, get_task
 
 SPLITS = ("validation", "test")
 
@@ -92,6 +94,8 @@ class Extraction:
             self.pruned.save(tmp)
             self.tokenizer.save_pretrained(tmp)
             save_file({s: r.contiguous() for s, r in self.full_resid.items()}, tmp / "reference.safetensors")
+            if "task_file" in self.settings:
+                shutil.copyfile(self.task.path, tmp / self.settings["task_file"])
             (tmp / "circuit.json").write_text(json.dumps(self.to_dict(), indent=2))
             if out_dir.exists():
                 shutil.rmtree(out_dir)
@@ -102,11 +106,62 @@ class Extraction:
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
-    """Refuse a non-empty output folder unless `force` (checked before any work is done)."""
+    """Refuse, before any work is done, an output folder that cannot be written or is not empty.
+
+    The run folder is written next to itself and renamed into place, so the nearest existing
+    folder above it must be a folder we can create files in (tried, and nothing left behind).
+    A non-empty `out_dir` is refused unless `force`.
+    """
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a folder; choose another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise FileExistsError(f"{out_dir} is not empty; choose a new --out folder, or pass --force to replace it")
+    parent = out_dir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"cannot create {out_dir}: {parent} is a file, not a folder; choose another --out")
+    try:
+        tempfile.TemporaryDirectory(dir=parent, prefix=".circuitlib-write-test-").cleanup()
+    except OSError as e:
+        raise ValueError(f"cannot write the run folder {out_dir}: {parent} is not writable ({e.strerror}); "
+                         "choose another --out") from None
+
+
+def extraction_memory(cfg, n: int, seq_len: int, method: str = "fast") -> int:
+    """Bytes an extraction on n prompts per split of `seq_len` tokens needs besides the model (an estimate).
+
+    Per validation prompt the fast path holds the full model's residual stream before every layer
+    ([L, S, D]), one layer's per-head outputs ([H, S, D]) and one forward pass of activations
+    (MLP hidden [S, M] x 3, attention scores [H, S, S] x 2, a few [S, D]); per prompt of a split,
+    last-position logits and float64 log-probabilities ([V] x ~5). The plain path also forms
+    logits at every position ([S, V] x 3). float32 = 4 bytes.
+    """
+    L, S, D, H, M, V = cfg.n_layers, seq_len, cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.d_vocab
+    per_prompt = 4 * (L * S * D + (H + 5) * S * D + 3 * S * M + 2 * H * S * S) + 40 * V
+    if method == "plain":
+        per_prompt += 12 * S * V
+    return n * per_prompt
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on `device`: free GPU memory, or the system's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check_memory(model: Transformer, n: int, seq_len: int, method: str) -> None:
+    """Refuse, before making the prompts, an n whose extraction would not fit in memory; name the limit."""
+    need, free = extraction_memory(model.cfg, n, seq_len, method), available_memory(model.device)
+    if need > free:
+        limit = free // extraction_memory(model.cfg, 1, seq_len, method)
+        raise ValueError(f"n = {n} prompts per split would need about {need / 2**30:.1f} GiB for this extraction "
+                         f"({model.cfg.name}, {seq_len} tokens per prompt, {method} path) but "
+                         f"{free / 2**30:.1f} GiB are free on {model.device}; lower --n to at most {limit}")
 
 
 def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: str = "mean",
@@ -115,14 +170,22 @@ def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: s
                    loaded=None) -> Extraction:
     """Load `model_name`, make `task_name`'s prompts (n per split, seeded), extract and prune.
 
+    `task_name`: a built-in task or a .jsonl/.csv task file (`circuitlib.filetask`).
     `loaded`: an already loaded (model, tokenizer) pair, to skip loading in notebooks and tests.
+    Everything that can be checked is checked before the work it guards: the settings and the
+    task's prompts under the tokenizer before the model is loaded, the memory n needs before
+    the prompts are made.
     """
-    from .loading import load_model
+    from .loading import load_model, load_tokenizer
 
     alpha = check_alpha(alpha)
     task = get_task(task_name)
+    n = task.default_n if n is None else n
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive number of prompts per split, got {n!r}")
+    seq_len = task.check(loaded[1] if loaded is not None else load_tokenizer(model_name), 3 * n)
     model, tokenizer = loaded if loaded is not None else load_model(model_name)
-    n = n or task.default_n
+    check_memory(model, n, seq_len, method)
     data = task.generate(tokenizer, n=n, seed=seed)
     means = mean_activations(model, data.patching.tokens) if ablation == "mean" else None
     started = time.perf_counter()
@@ -140,34 +203,97 @@ def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: s
     }
     settings = {"model": model.cfg.name, "task": task.name, "alpha": alpha, "ablation": ablation,
                 "include_mlps": include_mlps, "seed": seed, "n": n, "order": order, "method": method}
+    if isinstance(task, FileTask):
+        settings["task_file"] = "task" + task.path.suffix
     return Extraction(settings, circuit, model, pruned, tokenizer, task, data, means, full_resid, metrics)
 
 
-@torch.inference_mode()
-def evaluate_saved(run_dir: str | os.PathLike, split: str = "validation") -> dict:
-    """Evaluate a saved run's pruned model on its own: accuracy, KL to the full model, size."""
-    from safetensors.torch import load_file
+@dataclass
+class SavedRun:
+    """A run folder read back: its record (circuit.json), pruned model, tokenizer, task and one split."""
+
+    run_dir: Path
+    record: dict
+    pruned: Transformer
+    tokenizer: object
+    task: object
+    split: str
+    prompts: TaskSplit
+
+
+def load_run(run_dir: str | os.PathLike, split: str = "validation") -> SavedRun:
+    """Read a run folder written by `Extraction.save` and regenerate the prompts of `split`.
+
+    Every way a folder can be damaged ends in one ValueError naming the file and what to do.
+    """
     from transformers import AutoTokenizer
 
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose 'validation' or 'test'")
     run_dir = Path(run_dir)
-    if not (run_dir / "circuit.json").is_file():
-        raise FileNotFoundError(f"{run_dir} has no circuit.json: not a run folder written by "
-                                "`python -m circuitlib extract`")
-    record = json.loads((run_dir / "circuit.json").read_text())
-    pruned = Transformer.load(run_dir)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    settings = record["settings"]
-    task = get_task(settings["task"])
+    redo = "re-run the extraction (python -m circuitlib extract ... --out NEW_FOLDER)"
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir} does not exist or is not a folder; give the folder that "
+                         "`python -m circuitlib extract --out` wrote")
+    path = run_dir / "circuit.json"
+    if not path.is_file():
+        raise ValueError(f"{run_dir} has no circuit.json: not a run folder written by `python -m circuitlib extract`")
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path} cannot be read as JSON ({e}); the run folder is damaged: {redo}") from None
+    record = record if isinstance(record, dict) else {}
+    settings, digest = record.get("settings"), record.get("tokens_digest")
+    missing = [f"settings.{k}" for k in ("model", "task", "n", "seed")
+               if not (isinstance(settings, dict) and k in settings)]
+    missing += [f"tokens_digest.{s}" for s in SPLITS if not (isinstance(digest, dict) and s in digest)]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}; the run folder is damaged or from another program: "
+                         f"{redo}")
+    try:
+        pruned = Transformer.load(run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{e}; {redo}") from None
+    missing = [f for f in ("tokenizer.json", "tokenizer_config.json") if not (run_dir / f).is_file()]
+    try:
+        if missing:
+            raise OSError(f"{', '.join(missing)} missing")
+        tokenizer = AutoTokenizer.from_pretrained(run_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"the tokenizer files in {run_dir} are missing or damaged ({str(e).splitlines()[0]}); "
+                         f"{redo}") from None
+    if "task_file" in settings:
+        task_path = run_dir / settings["task_file"]
+        if not task_path.is_file():
+            raise ValueError(f"{task_path} is missing: this run's prompts came from that task file; copy the task "
+                             f"file back there, or {redo}")
+        task = load_task_file(task_path, name=settings["task"])
+    else:
+        task = get_task(settings["task"])
     data = task.generate(tokenizer, n=settings["n"], seed=settings["seed"])
-    s = getattr(data, split)
-    if tokens_digest(s.tokens) != record["tokens_digest"][split]:
+    prompts = getattr(data, split)
+    if tokens_digest(prompts.tokens) != record["tokens_digest"][split]:
         raise ValueError(f"the {split} prompts regenerated for {run_dir} differ from those of the extraction "
-                         "(another circuitlib version or tokenizer?); re-run the extraction")
+                         "(another circuitlib version, tokenizer or task file?); re-run the extraction")
+    return SavedRun(run_dir, record, pruned, tokenizer, task, split, prompts)
+
+
+@torch.inference_mode()
+def evaluate_saved(run_dir: str | os.PathLike, split: str = "validation") -> dict:
+    """Evaluate a saved run's pruned model on its own: accuracy, KL to the full model, size."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    run = load_run(run_dir, split)
+    reference = run.run_dir / "reference.safetensors"
+    try:
+        full_resid = load_file(str(reference))[split]
+    except (OSError, KeyError, SafetensorError) as e:
+        raise ValueError(f"{reference} is missing or damaged ({e}); re-run the extraction") from None
+    s, pruned, settings = run.prompts, run.pruned, run.record["settings"]
     logits = pruned(s.tokens, last_only=True)
-    full_logits = pruned.unembed(load_file(str(run_dir / "reference.safetensors"))[split])
+    full_logits = pruned.unembed(full_resid)
     return {"model": settings["model"], "task": settings["task"], "split": split, "n": len(s.tokens),
-            "accuracy": accuracy(task, s, logits), "kl": kl_divergence(full_logits, logits),
+            "accuracy": accuracy(run.task, s, logits), "kl": kl_divergence(full_logits, logits),
             "n_params": pruned.count_parameters(), "kept_heads": pruned.kept_heads(),
             "kept_mlps": pruned.kept_mlps()}

@@ -69,7 +69,9 @@ class FileTask(Task):
         Raises one ValueError naming every problem found.
         """
         problems, ids = self._problems(tokenizer)
-        if count > len(self.rows):
+        if len(self.rows) < 3:
+            problems.append(f"three disjoint splits need at least 3 rows but the file has {len(self.rows)}; add rows")
+        elif count > len(self.rows):
             problems.append(f"{count} prompts are needed (three disjoint splits) but the file has {len(self.rows)} "
                             f"rows; lower n to at most {len(self.rows) // 3}, or add rows")
         if problems:
