@@ -9,6 +9,10 @@
   ``_static/circuitsvis-<version>.js`` (see ``circuitlib.plots.load_circuitsvis``), and this
   extension writes that file, from the installed circuitsvis package, into the site's
   ``_static`` folder. The pages still work opened from disk, with no network.
+* **Author-year labels.** The text cites "García-Carrasco et al., 2025"
+  (``bibtex_reference_style: author_year``); the bibliography's labels are made the same way
+  (style ``authoryear``, registered here) instead of pybtex's alpha labels
+  (``[GarciaCMateT24]``).
 * **Readable tables.** ``circuitlib.css`` (book/_static) gives output tables padding and a
   smaller font, and header cells may break after an underscore (``val_<wbr>accuracy``), so that
   wide tables fit the text column at a 1280-pixel window (tests/test_book.py checks it).
@@ -56,7 +60,39 @@ def _write_bundle(app, exception):
     write_circuitsvis_bundle(Path(app.outdir) / "_static")
 
 
+def _register_authoryear_style():
+    import latexcodec  # noqa: F401 - registers the "latex" codec (a dependency of pybtex)
+    from pybtex.plugin import register_plugin
+    from pybtex.style.formatting.unsrt import Style as Unsrt
+    from pybtex.style.labels import BaseLabelStyle
+
+    def last(person) -> str:
+        name = " ".join(person.prelast_names + person.last_names)
+        return name.encode("utf-8").decode("latex").replace("{", "").replace("}", "")
+
+    class AuthorYearLabels(BaseLabelStyle):
+        def format_labels(self, sorted_entries):
+            for entry in sorted_entries:
+                people = entry.persons.get("author") or entry.persons.get("editor") or []
+                if not people:
+                    names = entry.fields.get("title", entry.key)
+                elif len(people) == 1:
+                    names = last(people[0])
+                elif len(people) == 2:
+                    names = f"{last(people[0])} and {last(people[1])}"
+                else:
+                    names = f"{last(people[0])} et al."
+                yield f"{names}, {entry.fields.get('year', 'n.d.')}"
+
+    class AuthorYear(Unsrt):
+        default_label_style = AuthorYearLabels
+        default_sorting_style = "author_year_title"
+
+    register_plugin("pybtex.style.formatting", "authoryear", AuthorYear, force=True)
+
+
 def setup(app):
+    _register_authoryear_style()
     app.connect("config-inited", _drop_thebe, priority=900)
     app.connect("builder-inited", _static_path)
     app.connect("html-page-context", _page, priority=900)
