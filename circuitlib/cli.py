@@ -146,26 +146,6 @@ def _summary(result) -> str:
     return "\n".join(lines)
 
 
-
-
-def _summary(result) -> str:
-    m, s = result.metrics, result.settings
-    lines = [f"model {s['model']} · task {s['task']} · alpha {s['alpha']:g} · {s['ablation']} ablation · "
-             f"MLPs {'included' if s['include_mlps'] else 'kept'} · seed {s['seed']} · n {s['n']}",
-             f"{'':10}{'accuracy (val/test)':>22}{'KL (val/test)':>22}{'parameters':>14}"]
-    for name in ("full", "pruned"):
-        r = m[name]
-        lines.append(f"{name:10}{r['validation']['accuracy']:>11.3f}/{r['test']['accuracy']:<10.3f}"
-                     f"{r['validation']['kl']:>11.4f}/{r['test']['kl']:<10.4f}{r['n_params']['parameters']:>14,}")
-    lines.append(f"kept heads ({len(result.circuit.kept_heads)}): {' '.join(result.circuit.kept_heads)}")
-    if s["include_mlps"]:
-        lines.append(f"kept MLPs: {result.circuit.kept_mlps}")
-    lines.append(f"parameter reduction {m['parameter_reduction']:.2%} (plus "
-                 f"{m['pruned']['n_params']['ablation_bias']:,} mean-ablation bias elements); "
-                 f"extraction took {m['extraction_seconds']:.1f} s")
-    return "\n".join(lines)
-
-
 def _add_edges_parser(sub) -> None:
     ed = sub.add_parser("edges", help="find an edge circuit by Edge Pruning, prune the model to its nodes, save both")
     ed.add_argument("--model", required=True,

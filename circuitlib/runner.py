@@ -247,6 +247,7 @@ def _run_on_dask(spec, store, pending, common, workers, scheduler, threads, prog
         n = workers or os.cpu_count() or 1
         thread_env = {v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               scheduler_kwargs={"dashboard": False},
                                env=thread_env, silence_logs=40)
     client = Client(cluster if cluster is not None else scheduler)
     try:

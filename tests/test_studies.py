@@ -1,0 +1,219 @@
+"""Studies as data: spec checking, unit keys, the results store, serial and Dask runs, resuming."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from circuitlib.runner import plan, run_study, study_status, study_table, summary_table
+from circuitlib.spec import SpecError, load_spec, parse_spec
+from circuitlib.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMING = ("unit_seconds", "sweep_seconds", "finished_at", "host")
+
+SMALL = {"model": "tiny-gpt2", "tasks": ["ioi", "greater-than"], "ablations": ["mean", "zero"],
+         "include_mlps": [False, True], "alphas": {"from": 1.0e-3, "to": 1, "points": 3}, "seeds": 2,
+         "n": 5, "n_test": 7}
+
+
+def write_spec(folder: Path, name: str = "small", **changes) -> Path:
+    path = folder / f"{name}.yml"
+    path.write_text(yaml.safe_dump({**SMALL, **changes}))
+    return path
+
+
+def comparable(table):
+    """A study table without its timings, in a fixed order (to compare two runs)."""
+    return table.drop(columns=list(TIMING)).sort_values(["key", "alpha"]).reset_index(drop=True).astype(str)
+
+
+# ---------------------------------------------------------------------------------------------
+# specs
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"tasks": ["ioi", "capitals"]}, "tasks"),
+    ({"ablations": ["mean", "resample"]}, "ablations"),
+    ({"alphas": [0.1, float("inf")]}, "alphas"),
+    ({"alphas": [0.1, -1]}, "alphas"),
+    ({"alphas": {"from": 0, "to": 1, "points": 3}}, "alphas"),
+    ({"alphas": [True]}, "alphas"),
+    ({"seeds": 0}, "seeds"),
+    ({"seeds": [1, 1]}, "seeds"),
+    ({"n": 0}, "n"),
+    ({"n": {"ioi": 5}}, "n"),
+    ({"n_test": "many"}, "n_test"),
+    ({"include_mlps": "yes"}, "include_mlps"),
+    ({"order": "random"}, "order"),
+    ({"device": "tpu"}, "device"),
+    ({"batch": 3}, "batch"),
+])
+def test_a_bad_spec_is_refused_naming_the_field(tmp_path, change, field):
+    with pytest.raises(SpecError, match=f"field '{field}'"):
+        load_spec(write_spec(tmp_path, **change))
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_fields_and_files_are_named(tmp_path):
+    raw = dict(SMALL)
+    del raw["alphas"]
+    with pytest.raises(SpecError, match="field 'alphas' is missing"):
+        parse_spec(raw)
+    with pytest.raises(SpecError, match="no study spec"):
+        load_spec(tmp_path / "absent.yml")
+    (tmp_path / "broken.yml").write_text("model: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "broken.yml")
+
+
+def test_units_alphas_and_per_task_values(tmp_path):
+    spec = load_spec(write_spec(tmp_path, n={"ioi": 4, "default": 6}, alphas=[0.5, -0.0, 0.01]))
+    units = spec.units()
+    assert len(units) == 2 * 2 * 2 * 2
+    assert units[0].seed == 0 and units[-1].seed == 1          # seed by seed
+    assert {u.n for u in units if u.task == "ioi"} == {4} and {u.n for u in units if u.task == "greater-than"} == {6}
+    assert units[0].alphas == (0.0, 0.01, 0.5) and str(units[0].alphas[0]) == "0.0"   # -0 stored as 0, sorted
+    assert spec.store == (tmp_path / "results" / "small").resolve()
+
+
+def test_unit_keys_follow_settings_and_prompts(tmp_path):
+    keys = [p.key for p in plan(load_spec(write_spec(tmp_path)))]
+    assert len(set(keys)) == len(keys)
+    assert keys == [p.key for p in plan(load_spec(write_spec(tmp_path)))]            # stable
+    changed = {p.key for p in plan(load_spec(write_spec(tmp_path, n_test=8)))}
+    assert not changed & set(keys)                                                   # a changed setting: new units
+    device = [p.key for p in plan(load_spec(write_spec(tmp_path, device="cuda")))]
+    assert device == keys                                                            # the device is not a setting
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def test_serial_and_two_worker_dask_runs_make_equal_stores(tmp_path):
+    small = dict(tasks=["ioi"], include_mlps=[True])
+    serial = load_spec(write_spec(tmp_path, "serial", **small))
+    dask = load_spec(write_spec(tmp_path, "dask", **small))
+    assert run_study(serial, workers=0, progress=False)["failed"] == []
+    assert run_study(dask, workers=2, progress=False)["failed"] == []
+    a, b = study_table(serial), study_table(dask)
+    assert len(a) == 4 * 3
+    assert comparable(a.drop(columns="study")).equals(comparable(b.drop(columns="study")))
+    row = a.iloc[0]
+    assert row["torch_threads"] == 1 and row["device"] == "cpu" and row["commit"]
+    assert len(row["test_correct"]) == 7 and len(row["val_kl_per_prompt"]) == 5
+    assert row["test_accuracy"] == pytest.approx(sum(row["test_correct"]) / 7)
+    # a rerun finds nothing to do and changes nothing
+    before = {p: p.stat().st_mtime_ns for p in (serial.store / "units").iterdir()}
+    assert run_study(serial, workers=0, progress=False) == {"done": [], "failed": []}
+    assert {p: p.stat().st_mtime_ns for p in (serial.store / "units").iterdir()} == before
+    status = study_status(serial)
+    assert (status["done"], status["pending"], status["failed"]) == (4, 0, 0)
+    summary = summary_table(a)
+    assert len(summary) == 2 * 3 and set(summary["seeds"]) == {2}
+
+
+def test_a_failed_unit_is_recorded_and_retried(tmp_path, monkeypatch):
+    import circuitlib.runner as runner
+
+    spec = load_spec(write_spec(tmp_path, tasks=["ioi"], ablations=["zero"], include_mlps=[False], seeds=2))
+    real = runner._compute
+    calls = []
+
+    def flaky(unit, *args):
+        calls.append(unit.seed)
+        if unit.seed == 1:
+            raise RuntimeError("simulated out-of-memory")
+        return real(unit, *args)
+
+    monkeypatch.setattr(runner, "_compute", flaky)
+    result = run_study(spec, workers=0, progress=False)
+    assert [r["status"] for r in result["done"] + result["failed"]] == ["done", "failed"]
+    status = study_status(spec)
+    assert (status["done"], status["failed"]) == (1, 1)
+    assert "simulated out-of-memory" in [u for u in status["unit_states"] if u["state"] == "failed"][0]["error"]
+    monkeypatch.setattr(runner, "_compute", real)
+    result = run_study(spec, workers=0, progress=False)
+    assert [r["status"] for r in result["done"]] == ["done"] and not result["failed"]   # only the failed one
+    assert study_status(spec)["done"] == 2 and not Store(spec.store).failures()
+
+
+def test_a_finished_unit_is_never_overwritten(tmp_path):
+    store = Store(tmp_path / "s")
+    store.check_writable()
+    store.write_unit("abc", [{"x": 1}])
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        store.write_unit("abc", [{"x": 2}])
+    assert store.read()["x"].tolist() == [1]
+
+
+def test_an_unwritable_store_is_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("")
+    spec = load_spec(write_spec(tmp_path, store="file/results"))
+    with pytest.raises(ValueError, match="cannot write the results store"):
+        run_study(spec, workers=0, progress=False)
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "circuitlib", "study", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_killing_a_run_midway_and_rerunning_completes_only_the_missing_units(tmp_path):
+    spec_path = write_spec(tmp_path, "killed", tasks=["ioi"], ablations=["zero"], include_mlps=[False], seeds=8)
+    store = Store(load_spec(spec_path).store)
+    proc = _cli("run", str(spec_path), "--workers", "0")
+    deadline = time.time() + 300
+    while time.time() < deadline and len(store.done()) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    first = {p.name: p.stat().st_mtime_ns for p in (store.root / "units").glob("*.parquet")}
+    assert 2 <= len(first) < 8
+    assert not list((store.root / "units").glob(".*")) and not list((store.root / "running").iterdir())
+    proc = _cli("run", str(spec_path), "--workers", "0")
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert f"{8 - len(first)} units computed" in out
+    after = {p.name: p.stat().st_mtime_ns for p in (store.root / "units").glob("*.parquet")}
+    assert len(after) == 8 and {k: after[k] for k in first} == first
+
+
+def test_status_and_show_from_the_command_line(tmp_path):
+    spec_path = write_spec(tmp_path, "cli", tasks=["ioi"], ablations=["mean"], include_mlps=[False], seeds=1)
+    out, err = _cli("status", str(spec_path)).communicate(timeout=120)
+    assert "0 done" in out and "1 pending" in out and "no unit finished yet" in out, err
+    out, _ = _cli("run", str(spec_path), "--workers", "0").communicate(timeout=300)
+    assert "1 units computed" in out
+    out, _ = _cli("status", str(spec_path), "--json").communicate(timeout=120)
+    assert json.loads(out)["done"] == 1
+    out, _ = _cli("show", str(spec_path), "--json").communicate(timeout=120)
+    assert len(json.loads(out)) == 3
+    bad = write_spec(tmp_path, "bad", alphas=[0.1, ".inf"])
+    proc = _cli("run", str(bad))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and err.count("\n") == 1 and "field 'alphas'" in err
+
+
+def test_the_committed_specs_are_valid():
+    for path in sorted((ROOT / "studies").glob("*.yml")):
+        spec = load_spec(path)
+        assert spec.units(), path
+    book = load_spec(ROOT / "studies" / "book.yml")
+    assert min(book.n.values()) >= 64 and min(book.n_test.values()) >= 250
+    assert min(len(a) for a in book.alphas.values()) >= 12 and len(book.seeds) >= 3
+    assert len(book.ablations) * len(book.include_mlps) == 4 and len(book.tasks) == 3
+    paper = load_spec(ROOT / "studies" / "paper.yml")
+    assert paper.n == {"acronyms": 250, "ioi": 150, "greater-than": 250} and len(paper.seeds) == 5
+    assert {len(a) for a in paper.alphas.values()} == {30}
+    assert max(paper.alphas["greater-than"]) == pytest.approx(10) and max(paper.alphas["ioi"]) == pytest.approx(1)
