@@ -20,8 +20,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 
-# The main job: build the whole book into _build/html, offline, from the committed notebooks.
+# The main job: build the whole book into _build/html, offline, from the committed notebooks
+# (first the teachers' page's tables, read from the executed notebooks).
 book: $(STAMP)
+	$(PY) scripts/teaching_page.py
 	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
 
 # The tests: the library, the CLI, the book, and every notebook top to bottom under nbval at CI's

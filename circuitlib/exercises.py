@@ -43,9 +43,10 @@ from .ablation import mean_activations
 from .extract import extract, traversal
 from .metrics import kl_divergence, time_forward
 from .model import LayerPlan, ModelConfig, Transformer, full_plan
-from .study import machine  # noqa: F401  (re-exported: the exercises page prints it)
+from .study import machine
 
-__all__ = ["EXERCISES", "RESULTS", "TIMES", "REFERENCES", "timed", "record", "passed", "summary", "read_summary",
+__all__ = ["EXERCISES", "RESULTS", "TIMES", "REFERENCES", "timed", "record", "passed", "requires",
+           "check_put_together", "summary", "read_summary",
            "machine", "check_prune_decision", "check_kl", "check_mean_ablation", "check_greedy_extraction",
            "check_head_parameter_count", "check_accuracy", "check_timer", "reference_prune_decision",
            "reference_kl", "reference_mean_z", "reference_greedy", "reference_head_parameters",
@@ -91,6 +92,35 @@ def passed(name: str) -> bool:
     return RESULTS.get(_exercise(name), False)
 
 
+def requires(name: str, needed) -> bool:
+    """True when every exercise in `needed` passed; otherwise print a FAIL for `name`, record it, return False.
+
+    Exercise 8 calls it first, so that a student copy fails at once instead of after minutes of work.
+    """
+    name = _exercise(name)
+    missing = [_exercise(x) for x in needed if not passed(x)]
+    if missing:
+        record(name, False)
+        print(f"FAIL {name.split('. ', 1)[1]}: needs exercise {' and '.join(missing)} to pass first "
+              f"(this exercise uses those functions); skipped.")
+        return False
+    return True
+
+
+def check_put_together(accuracy_full: float, accuracy_pruned: float, extraction) -> bool:
+    """Exercise 8: the student's accuracies of both models agree with the extraction's own metrics."""
+    want = (extraction.metrics["full"]["validation"]["accuracy"],
+            extraction.metrics["pruned"]["validation"]["accuracy"])
+    ok = all(math.isclose(float(got), w, abs_tol=1e-6) for got, w in zip((accuracy_full, accuracy_pruned), want))
+    if ok:
+        print("PASS put it together: your accuracies of the full and the extracted model agree with circuitlib's.")
+    else:
+        print(f"FAIL put it together: your accuracies (full {float(accuracy_full):.4f}, extracted "
+              f"{float(accuracy_pruned):.4f}) differ from circuitlib's ({want[0]:.4f}, {want[1]:.4f}) on the "
+              f"same validation prompts.")
+    return record("put it together", ok)
+
+
 @contextmanager
 def timed(name: str):
     """Add the wall-clock seconds of the block to TIMES for exercise `name`."""
@@ -107,7 +137,8 @@ _SUMMARY_LINE = re.compile(r"^(\d\. .+?)\s+(PASS|FAIL|not run)\s+(\S+)$")
 
 
 def summary() -> None:
-    """Print every exercise's verdict and computing seconds, one a line (`read_summary` parses it)."""
+    """Print the machine, then every exercise's verdict and computing seconds, one a line (`read_summary` parses it)."""
+    print(f"computed on {machine()}")
     print(_SUMMARY_HEADER)
     for name in EXERCISES:
         verdict = {True: "PASS", False: "FAIL", None: "not run"}[RESULTS.get(name)]

@@ -220,3 +220,98 @@ def test_verdicts_are_recorded_and_summarised(capsys):
 def test_a_crashing_solution_is_reported_not_raised(capsys):
     assert ex.check_kl(lambda f, o: f.missing_attribute) is False
     assert "AttributeError" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ the notebooks made from the one source
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import papermill
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("make_exercises", REPO / "scripts" / "make_exercises.py")
+mk = sys.modules["make_exercises"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
+_spec.loader.exec_module(mk)
+
+# the student notebook at its smallest: a random GPT-2-shaped model, 4 prompts per split
+SMALL = {"model": "tiny-gpt2", "n": 4, "timing_repeats": 2}
+STUB = re.compile(r"^def (my_\w+)\(", re.M)
+
+
+def _run(nb, tmp_path, name):
+    """Execute `nb` top to bottom (an exception fails the test) and return everything it printed."""
+    src, out = tmp_path / f"{name}-in.ipynb", tmp_path / f"{name}.ipynb"
+    nbformat.write(nb, src)
+    papermill.execute_notebook(str(src), str(out), parameters=SMALL, kernel_name="python3", cwd=str(REPO / "notebooks"),
+                               progress_bar=False, log_output=False)
+    done = nbformat.read(out, as_version=4)
+    text = "".join(o.get("text", "") for c in done.cells if c.cell_type == "code" for o in c.outputs
+                   if o.output_type == "stream")
+    return done, text
+
+
+def test_the_chapter_is_what_the_source_makes():
+    assert mk.differences() == []
+
+
+def test_every_exercise_is_rated_and_every_checker_has_its_exercise():
+    found = mk.exercises()
+    assert [e.number for e in found] == list(range(1, 9))
+    assert [f"{e.number}. " for e in found] == [name[:3] for name in ex.EXERCISES]
+    assert all(1 <= e.difficulty <= 5 and 1 <= e.importance <= 5 and e.minutes > 0 and e.writes for e in found)
+
+
+def test_solutions_are_behind_a_toggle_labelled_solution_and_absent_from_the_student_notebook():
+    solution, student = mk.build(student=False), mk.build(student=True)
+    folded = [c for c in solution.cells if c.metadata.get("mystnb", {}).get("code_prompt_show") == "Solution"]
+    assert {m for c in folded for m in STUB.findall(c.source)} == set(ex.REFERENCES)
+    assert all("hide-input" in c.metadata["tags"] and c.metadata["jupyter"]["source_hidden"] for c in folded)
+    stubs = [c for c in student.cells if STUB.search(c.source)]
+    assert len(stubs) == len(ex.REFERENCES) and all("raise NotImplementedError" in c.source for c in stubs)
+    # no line of any solution (nor a solution-only cell) reaches the student notebook, hints included
+    student_text = "\n".join(c.source for c in student.cells)
+    public = {line.strip() for c in student.cells if c not in stubs for line in c.source.splitlines()}
+    solution_lines = {line.strip() for c in folded for line in c.source.splitlines()
+                      if len(line.strip()) > 25 and not line.strip().startswith("def my_")} - public
+    assert len(solution_lines) > 20 and not [line for line in solution_lines if line in student_text]
+    assert "record=False" not in student_text
+    assert all("<details><summary>Hint" in c.source for c in student.cells if c.source.startswith("## Exercise ")
+               and not c.source.startswith("## Exercise 8"))
+
+
+def test_the_source_format_is_enforced(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("# %%\ndef f():\n    # SOLUTION\n    return 1\n")
+    with pytest.raises(mk.SourceError, match="not closed"):
+        mk.build(student=True, cells=mk.parse(bad))
+    bad.write_text("# %% [markdown]\n# ## Exercise 1: x\n")
+    with pytest.raises(mk.SourceError, match="EXERCISE line"):
+        mk.exercises(mk.parse(bad))
+    bad.write_text("# %% solutions-only\nx = 1\n")
+    with pytest.raises(mk.SourceError, match="unknown cell option"):
+        mk.parse(bad)
+
+
+def test_the_student_notebook_fails_cleanly_when_nothing_is_filled_in(tmp_path):
+    done, text = _run(mk.build(student=True), tmp_path, "unfilled")
+    assert "NameError" not in text and "your function raised" not in text and "PASS" not in text
+    assert text.count("not implemented yet") == len(ex.REFERENCES)
+    assert "FAIL put it together: needs exercise 6. accuracy and 7. timer to pass first" in text
+    assert {row["result"] for row in ex.read_summary(done).values()} == {"FAIL"}
+
+
+def test_the_student_notebook_passes_with_the_references_filled_in(tmp_path):
+    nb = mk.build(student=True)
+    filled = []
+    for cell in nb.cells:
+        filled.append(cell)
+        for name in STUB.findall(cell.source):
+            filled.append(nbformat.v4.new_code_cell(f"{name} = ex.REFERENCES[{name!r}]"))
+    nb.cells = filled
+    done, text = _run(nb, tmp_path, "filled")
+    assert "FAIL" not in text
+    assert {row["result"] for row in ex.read_summary(done).values()} == {"PASS"}
