@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="output folder (must be new or empty)")
     ex.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     ex.add_argument("--json", action="store_true", help="print circuit.json's summary as JSON")
+    ex.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda or cuda:N")
 
     ev = sub.add_parser("evaluate", help="evaluate a saved pruned model on its own")
     ev.add_argument("run_dir")
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--n must be a positive number of prompts, got {args.n}")
             result = run_extraction(args.model, args.task, alpha=alpha, ablation=args.ablation,
                                     include_mlps=args.include_mlps, seed=args.seed, n=args.n, order=args.order,
-                                    method=args.method)
+                                    method=args.method, device=args.device)
             out = result.save(args.out, force=args.force)
             if args.json:
                 print(json.dumps({"out": str(out), "settings": result.settings, "metrics": result.metrics,

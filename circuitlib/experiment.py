@@ -167,24 +167,26 @@ def check_memory(model: Transformer, n: int, seq_len: int, method: str) -> None:
 def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: str = "mean",
                    include_mlps: bool = False, seed: int = 0, n: int | None = None,
                    order: str = "heads-ascending", method: str = "fast", progress: bool = True,
-                   loaded=None) -> Extraction:
+                   loaded=None, device: str = "cpu") -> Extraction:
     """Load `model_name`, make `task_name`'s prompts (n per split, seeded), extract and prune.
 
     `task_name`: a built-in task or a .jsonl/.csv task file (`circuitlib.filetask`).
     `loaded`: an already loaded (model, tokenizer) pair, to skip loading in notebooks and tests.
+    `device`: where the model runs ("cpu", "cuda", "cuda:N"); a `loaded` model stays where it is.
     Everything that can be checked is checked before the work it guards: the settings and the
     task's prompts under the tokenizer before the model is loaded, the memory n needs before
     the prompts are made.
     """
-    from .loading import load_model, load_tokenizer
+    from .loading import check_device, load_model, load_tokenizer
 
     alpha = check_alpha(alpha)
+    device = check_device(device)
     task = get_task(task_name)
     n = task.default_n if n is None else n
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive number of prompts per split, got {n!r}")
     seq_len = task.check(loaded[1] if loaded is not None else load_tokenizer(model_name), 3 * n)
-    model, tokenizer = loaded if loaded is not None else load_model(model_name)
+    model, tokenizer = loaded if loaded is not None else load_model(model_name, device=device)
     check_memory(model, n, seq_len, method)
     data = task.generate(tokenizer, n=n, seed=seed)
     means = mean_activations(model, data.patching.tokens) if ablation == "mean" else None
@@ -202,7 +204,8 @@ def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: s
         "extraction_seconds": seconds,
     }
     settings = {"model": model.cfg.name, "task": task.name, "alpha": alpha, "ablation": ablation,
-                "include_mlps": include_mlps, "seed": seed, "n": n, "order": order, "method": method}
+                "include_mlps": include_mlps, "seed": seed, "n": n, "order": order, "method": method,
+                "device": str(model.device), "torch_threads": torch.get_num_threads()}
     if isinstance(task, FileTask):
         settings["task_file"] = "task" + task.path.suffix
     return Extraction(settings, circuit, model, pruned, tokenizer, task, data, means, full_resid, metrics)
