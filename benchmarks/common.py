@@ -77,9 +77,12 @@ def peak_rss_gib() -> float:
 
 
 def timed(fn):
-    """(result, seconds) of one call."""
+    """(result, seconds) of one call (queued GPU work included: synchronised before and after)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    sync()
     start = time.perf_counter()
     out = fn()
+    sync()
     return out, time.perf_counter() - start
 
 

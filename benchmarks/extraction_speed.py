@@ -1,6 +1,6 @@
 """Benchmark: the fast exact extraction path against the plain hook path, a one-pass alpha sweep, memory.
 
-    python benchmarks/extraction_speed.py [--plain-steps K] [--n 250]
+    python benchmarks/extraction_speed.py [--plain-steps K] [--n 250] [--device cpu|cuda]
 
 Everything is measured in this one run, on a GPT-2-shaped model and the acronym batch (250 x 11):
 1. the fast path at one alpha (its decisions are checked against the plain path's);
@@ -10,8 +10,10 @@ Everything is measured in this one run, on a GPT-2-shaped model and the acronym 
 3. the plain path's forward pass with the authors' hook settings (use_attn_result,
    use_split_qkv_input, use_hook_mlp_in), timed on a few candidates and extrapolated;
 4. a sweep over the paper's 30 alphas against the single-alpha fast run;
-5. the peak memory (resident set) of a fast extraction in a fresh process, model included.
-Ratios are printed and written to benchmarks/results/extraction_speed.json.
+5. the peak memory (resident set) of a fast extraction in a fresh process, model included; on
+   CUDA, the peak GPU memory allocated by the fast extraction instead.
+Ratios are printed and written to benchmarks/results/extraction_speed.json (extraction_speed-cuda.json
+on a GPU).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from common import acronym_batch, gpt2_shaped_model, timed, write_result  # noqa
 from circuitlib.ablation import hooked_last_logits, mean_activations  # noqa: E402
 from circuitlib.convert import to_hooked  # noqa: E402
 from circuitlib.extract import extract, sweep, traversal  # noqa: E402
+from circuitlib.loading import check_device  # noqa: E402
 from circuitlib.metrics import kl_divergence  # noqa: E402
 
 PEAK_MEMORY_SCRIPT = """
@@ -68,11 +71,13 @@ def main():
     parser.add_argument("--plain-steps", type=int, default=144, help="plain-path decisions to run (<= 144)")
     parser.add_argument("--authors-steps", type=int, default=2, help="passes timed with the authors' hook settings")
     parser.add_argument("--n", type=int, default=250, help="prompts in the patching and validation batches")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
+    device = check_device(args.device)
     torch.manual_seed(0)
-    model = gpt2_shaped_model()
+    model = gpt2_shaped_model().to(device)
     patching, validation = acronym_batch(args.n)
-    print(f"model: GPT-2-shaped (random weights), batch {tuple(validation.shape)}, "
+    print(f"model: GPT-2-shaped (random weights), batch {tuple(validation.shape)}, device {device}, "
           f"torch threads {torch.get_num_threads()}")
 
     # An alpha on this model's own scale: the median KL increase of a run that prunes only harmless heads.
@@ -105,15 +110,21 @@ def main():
     print(f"sweep over 30 alphas: {sweep_s:.1f} s = {sweep_s / fast_s:.2f}x one extraction; "
           f"alpha {alphas[i]:.3g} identical to its own run: {check.to_dict() == swept[i].to_dict()}")
 
-    script = PEAK_MEMORY_SCRIPT.format(bench=str(Path(__file__).parent), n=args.n, alpha=alpha)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    peak, reset = out.stdout.strip().splitlines()[-1].split()
-    peak_gib, peak_scope = float(peak), ("extraction, model included" if reset == "True" else
-                                         "whole process, building the model included")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        extract(model, patching, validation, alpha=alpha, progress=False)
+        peak_gib, peak_scope = torch.cuda.max_memory_allocated(device) / 2**30, "GPU memory allocated, model included"
+    else:
+        script = PEAK_MEMORY_SCRIPT.format(bench=str(Path(__file__).parent), n=args.n, alpha=alpha)
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        peak, reset = out.stdout.strip().splitlines()[-1].split()
+        peak_gib, peak_scope = float(peak), ("extraction, model included" if reset == "True" else
+                                             "whole process, building the model included")
     print(f"peak memory of a fast extraction ({peak_scope}): {peak_gib:.2f} GiB")
 
     result = {
         "model": "GPT-2-shaped, random weights (seed 0)", "batch": list(validation.shape), "alpha": alpha,
+        "device": str(device), "torch_threads": torch.get_num_threads(),
         "fast_seconds": fast_s, "plain_seconds": plain_s, "plain_steps_measured": steps,
         "authors_hooks_seconds": authors_s, "authors_steps_measured": args.authors_steps,
         "same_decisions": same, "sweep_seconds": sweep_s, "sweep_alphas": len(alphas),
@@ -126,7 +137,7 @@ def main():
     }
     result["met"] = {"plain_over_fast": plain_s / fast_s >= 30, "authors_hooks_over_fast": authors_s / fast_s >= 30,
                      "sweep_over_single": sweep_s / fast_s <= 5, "peak_memory_gib": peak_gib < 3}
-    path = write_result("extraction_speed", result)
+    path = write_result("extraction_speed" + ("" if device.type == "cpu" else f"-{device.type}"), result)
     print("ratios:", {k: round(v, 2) for k, v in result["ratios"].items()}, "targets met:", result["met"],
           f"-> {path}")
 
