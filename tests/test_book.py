@@ -121,14 +121,27 @@ def test_math_uses_the_local_mathjax(site):
 
 
 def test_attention_pages_carry_the_circuitsvis_bundle(site):
+    """Each page with attention figures loads the bundle once, from the site's _static folder."""
     pages = [p for p in _pages(site) if 'class="circuitlib-attention"' in p.read_text("utf-8")]
     if not pages:
         pytest.skip("no page of the book shows an attention plot yet")
     for page in pages:
         text = page.read_text(encoding="utf-8")
         n = text.count("data-circuitlib-bundle=")
-        assert n == 1, f"{page.name}: the CircuitsVis bundle is inlined {n} times (want 1)"
+        assert n == 1, f"{page.name}: the CircuitsVis bundle is referenced {n} times (want 1)"
         assert text.index("data-circuitlib-bundle=") < text.index("data-circuitlib-figure=")
+        src = re.search(r'<script data-circuitlib-bundle="[^"]*" src="([^"]+)"', text)
+        assert src, f"{page.name}: the bundle is not a reference to a static file"
+        assert (page.parent / src.group(1)).resolve().is_file(), f"{page.name}: {src.group(1)} is missing"
+        assert "var CircuitsVis=" not in text, f"{page.name}: the bundle is inlined in the page"
+
+
+def test_notebooks_are_small():
+    """No notebook carries the 1.3 MB CircuitsVis bundle (the book ships it once, in _static)."""
+    for path in NOTEBOOKS:
+        text = path.read_text(encoding="utf-8")
+        assert "var CircuitsVis=" not in text, f"{path.name} inlines the CircuitsVis bundle"
+        assert path.stat().st_size < 600_000, f"{path.name} is {path.stat().st_size / 1e6:.1f} MB"
 
 
 # ------------------------------------------------------------------ (c) in a real browser
@@ -199,3 +212,32 @@ def test_pages_render_offline_in_chromium(site, tmp_path):
                 f"{page.name}: an attention figure was not drawn by CircuitsVis")
             browse(page, f"--screenshot={tmp_path / 'attention.png'}")
             break
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium installed")
+def test_pages_fit_a_1280px_window_without_console_errors(site):
+    """Every page of the book, opened from disk at 1280 x 1000 px with the network off:
+
+    no table or equation wider than the text column or cut off by a scroll box, no table cells
+    whose texts run together, no output figure shrunk below 60 % of its size (labels then become
+    unreadable), no raw LaTeX in the browser title or the sidebar, and nothing in the console:
+    no uncaught exception, no console.error, no failed load.
+    """
+    pytest.importorskip("websocket", reason="websocket-client drives Chromium (a jupyter_server dependency)")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from browser import Browser
+
+    problems = []
+    with Browser(width=1280, height=1000) as browser:
+        for page in _pages(site):
+            if page.name in ("genindex.html", "search.html"):
+                continue
+            name = str(page.relative_to(site))
+            report = browser.check(page)
+            problems += [f"{name}: {p}" for p in report["overflow"]]
+            problems += [f"{name}: cells run together: {p}" for p in report["crowded"][:3]]
+            problems += [f"{name}: a figure is shown at {scale:.0%} of its size: {what}"
+                         for what, scale in report["scales"] if scale < 0.6]
+            problems += [f"{name}: raw LaTeX in the title or the sidebar: {t!r}" for t in report["raw_math"]]
+            problems += [f"{name}: console: {e}" for e in report["errors"]]
+    assert not problems, "\n".join(problems)
