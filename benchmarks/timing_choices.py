@@ -1,6 +1,6 @@
 """Benchmark: what each choice of a timing protocol does to a measured pruned/full time ratio.
 
-    python benchmarks/timing_choices.py [--n 50] [--trials 5] [--device cpu|cuda]
+    python benchmarks/timing_choices.py [--n 16] [--trials 3] [--device cpu|cuda]
 
 The paper's Table 3 reports inference-time cuts measured by the authors' `measure_time`
 (their public code, utils.py): 5 calls of `model(val_tokens)` timed with `time.time()`, the
@@ -85,8 +85,8 @@ def time_calls(model, tokens, before: int, timed: int, last_only: bool, sync: bo
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--n", type=int, default=50, help="prompts in the timed batch (the authors: 250)")
-    parser.add_argument("--trials", type=int, default=5, help="repetitions of each protocol")
+    parser.add_argument("--n", type=int, default=16, help="prompts in the timed batch (the authors: 250)")
+    parser.add_argument("--trials", type=int, default=3, help="repetitions of each protocol")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
 
