@@ -19,7 +19,10 @@ Two paths make exactly the same decisions:
   amount (its mean, or zero, minus its output); only the layers from the candidate's upward run
   again, the already-pruned layers above are physically smaller, only the last position's
   logits are formed, and above the highest layer that still keeps a head (positions mix only
-  in attention) only the last position is computed at all.
+  in attention) only the last position is computed at all. Under mean ablation, positions that
+  begin every patching and validation prompt alike (BOS, "The", "Then ,") hold the same values
+  in g as in f (each removed part is replaced there by its mean over identical values), so they
+  are not recomputed: f's cached residual stream gives their keys and values, once for the batch.
 
 `sweep` runs the fast path for many alphas in one walk: alphas that agree on every decision so
 far share one model state, and a decision splits the set of alphas at its KL increase.
@@ -219,11 +222,25 @@ class _State:
         return [d.component for d in self.decisions if d.pruned and parse_component(d.component)[0] == layer]
 
 
-class _FastPath:
-    """Exact, incremental evaluation of KL(f || g') for one candidate at a time."""
+def shared_prefix_length(*token_sets: torch.Tensor) -> int:
+    """How many leading positions every prompt of every set has in common ([n_i, S] each), at most S - 1."""
+    tokens = torch.cat(token_sets)                               # [n, S]
+    same = (tokens == tokens[:1]).all(0)                         # [S]: position identical in every prompt
+    differs = (~same).nonzero()
+    p = int(differs[0]) if len(differs) else tokens.shape[1]
+    return min(p, tokens.shape[1] - 1)
 
-    def __init__(self, model: Transformer, validation: torch.Tensor, scheme: str, means: Means | None):
-        self.model, self.scheme, self.means = model, scheme, means
+
+class _FastPath:
+    """Exact, incremental evaluation of KL(f || g') for one candidate at a time.
+
+    prefix: positions 0..prefix-1 shared by every patching and validation prompt (mean ablation
+            only; see the module docstring); 0 recomputes every position.
+    """
+
+    def __init__(self, model: Transformer, validation: torch.Tensor, scheme: str, means: Means | None,
+                 prefix: int = 0):
+        self.model, self.scheme, self.means, self.prefix = model, scheme, means, prefix
         self.resid = []                                   # resid[l]: [n, S, D], input of layer l in f
         x = model.embed(validation)
         for layer in model.layers:
@@ -254,17 +271,19 @@ class _FastPath:
         # Positions mix only in attention: above the highest layer that keeps a head, and
         # everywhere if no layer above keeps one, the last position alone decides the logits.
         top = max((i for i, upper in enumerate(above) if upper.heads), default=-1)
-        pos = slice(0, S) if top >= 0 else slice(S - 1, S)
+        P = self.prefix
+        pos = slice(P, S) if top >= 0 else slice(S - 1, S)
         x = self.resid[layer][:, pos] + self.attn_full[:, pos]                     # [n, s, D]
         if heads:
             x = x + (self.head_repl[heads][:, None, pos] - self.head_out[heads][:, :, pos]).sum(0)
         L = self.model.layers[layer]
         x = x + (self.mlp_repl[pos] if mlp_name(layer) in ablated else L.mlp_out(x, pos))
         for i, upper in enumerate(above):
+            prefix = self.resid[layer + 1 + i][:1, :P] if P else None   # f's input there: [1, P, D]
             if i < top:
-                x = upper(x)
+                x = upper(x, prefix=prefix)
             elif i == top:
-                x, pos = upper(x, last_only=True), slice(S - 1, S)
+                x, pos = upper(x, last_only=True, prefix=prefix), slice(S - 1, S)
             else:
                 x = upper.forward_positionwise(x, pos)
         return kl_to(self.full, self.model.unembed(x[:, -1]))
@@ -301,7 +320,8 @@ def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, 
     patching, validation = patching.to(model.device), validation.to(model.device)
     if scheme == "mean" and means is None:
         means = mean_activations(model, patching)
-    fast = _FastPath(model, validation, scheme, means)
+    fast = _FastPath(model, validation, scheme, means,
+                     prefix=shared_prefix_length(patching, validation) if scheme == "mean" else 0)
     states = [_State(list(range(len(alphas))), [], 0.0, [])]
     label = f"alpha={alphas[0]:g}" if len(alphas) == 1 else f"{len(alphas)} alphas"
     bar = tqdm(total=len(names), desc=f"extract ({label})", disable=not progress)

@@ -151,27 +151,48 @@ class Layer(nn.Module):
         self.register_buffer("attn_ablation", torch.zeros(L, D) if plan.attn_ablation else None)
         self.register_buffer("mlp_ablation", torch.zeros(L, D) if plan.mlp_ablation else None)
 
-    def z(self, x, last_only: bool = False):
+    def z(self, x, last_only: bool = False, prefix=None):
         """Attention-weighted values of the kept heads (TransformerLens's hook_z).
 
-        x: [B, S, D] residual stream -> [B, S, H, E], or [B, 1, H, E] for the last query only.
+        x: [B, s, D] residual stream at positions p..S-1 (p = 0 without `prefix`)
+           -> [B, s, H, E], or [B, 1, H, E] for the last query only.
+        prefix: [1, p, D] this layer's input at positions 0..p-1 when it is the same for every
+                prompt (a shared start such as BOS + "Then ,"): its keys and values are computed
+                once and shared by the batch, and those positions are not queried.
         """
-        S = x.shape[1]
+        p = 0 if prefix is None else prefix.shape[1]
+        S = p + x.shape[1]
         h = self.ln1(x)
-        q = torch.einsum("bsd,hde->bhse", h[:, -1:] if last_only else h, self.W_Q)  # [B, H, S or 1, E]
-        k = torch.einsum("bsd,kde->bkse", h, self.W_K)                               # [B, K, S, E]
-        v = torch.einsum("bsd,kde->bkse", h, self.W_V)                               # [B, K, S, E]
+        q = torch.einsum("bsd,hde->bhse", h[:, -1:] if last_only else h, self.W_Q)  # [B, H, s or 1, E]
+        k, v = self._keys_values(h, start=p)                                         # [B, K, s, E] each
         if self.b_Q is not None:
             q = q + self.b_Q[:, None]
-            k = k + self.b_K[:, None]
-            v = v + self.b_V[:, None]
         if self.cfg.arch == "llama":
-            q = rotate(q, self.cfg.rotary_base, start=S - 1 if last_only else 0)
-            k = rotate(k, self.cfg.rotary_base)
+            q = rotate(q, self.cfg.rotary_base, start=S - 1 if last_only else p)
+        if prefix is not None:
+            k_pre, v_pre = self._keys_values(self.ln1(prefix), start=0)              # [1, K, p, E] each
+            B = x.shape[0]
+            k = torch.cat([k_pre.expand(B, -1, -1, -1), k], dim=2)                   # [B, K, S, E]
+            v = torch.cat([v_pre.expand(B, -1, -1, -1), v], dim=2)
         k, v = k[:, self.kv_of_head], v[:, self.kv_of_head]  # [B, H, S, E]: each query head's K/V
-        # The last query sees every key, so it needs no causal mask.
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=not last_only)  # [B, H, S or 1, E]
-        return z.transpose(1, 2)
+        if last_only:    # the last query sees every key: no mask
+            z = F.scaled_dot_product_attention(q, k, v)
+        elif p == 0:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:            # query i is position p + i and sees keys 0..p + i
+            seen = torch.arange(S, device=x.device)[None, :] <= torch.arange(p, S, device=x.device)[:, None]
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
+        return z.transpose(1, 2)                                                     # [B, s or 1, H, E]
+
+    def _keys_values(self, h, start: int):
+        """Keys and values [B, K, s, E] of the normed input h [B, s, D] at positions start.. (rotary applied)."""
+        k = torch.einsum("bsd,kde->bkse", h, self.W_K)
+        v = torch.einsum("bsd,kde->bkse", h, self.W_V)
+        if self.b_K is not None:
+            k, v = k + self.b_K[:, None], v + self.b_V[:, None]
+        if self.cfg.arch == "llama":
+            k = rotate(k, self.cfg.rotary_base, start=start)
+        return k, v
 
     def pattern(self, x):
         """Attention probabilities of the kept heads, for inspection. x: [B, S, D] -> [B, H, S, S]."""
@@ -187,16 +208,17 @@ class Layer(nn.Module):
         causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
         return scores.masked_fill(~causal, float("-inf")).softmax(-1)
 
-    def attn_out(self, x, z=None, last_only: bool = False):
-        """What attention writes to the residual stream. x: [B, S, D] -> [B, S or 1, D].
+    def attn_out(self, x, z=None, last_only: bool = False, prefix=None):
+        """What attention writes to the residual stream. x: [B, s, D] -> [B, s or 1, D].
 
-        `z`, if given, is `self.z(x, last_only)` computed already.
+        `z`, if given, is `self.z(x, last_only)` computed already; `prefix` as in `z`.
         """
-        S = x.shape[1]
-        pos = slice(S - 1, S) if last_only else slice(0, S)
-        out = torch.zeros_like(x[:, pos])
+        p = 0 if prefix is None else prefix.shape[1]
+        S = p + x.shape[1]
+        pos = slice(S - 1, S) if last_only else slice(p, S)
+        out = torch.zeros_like(x[:, -1:] if last_only else x)
         if self.heads:
-            out = torch.einsum("bshe,hed->bsd", self.z(x, last_only) if z is None else z, self.W_O)
+            out = torch.einsum("bshe,hed->bsd", self.z(x, last_only, prefix) if z is None else z, self.W_O)
         return out + self.attn_bias(pos)
 
     def attn_bias(self, pos: slice):
@@ -224,11 +246,15 @@ class Layer(nn.Module):
             out = out + self.mlp_ablation[pos if pos is not None else slice(0, x.shape[1])]
         return out
 
-    def forward(self, x, last_only: bool = False):
-        """x: [B, S, D] -> [B, S, D], or [B, 1, D] (the last position) if `last_only`."""
-        S = x.shape[1]
-        pos = slice(S - 1, S) if last_only else slice(0, S)
-        x = x[:, pos] + self.attn_out(x, last_only=last_only)
+    def forward(self, x, last_only: bool = False, prefix=None):
+        """x: [B, S, D] -> [B, S, D], or [B, 1, D] (the last position) if `last_only`.
+
+        With `prefix` ([1, p, D], see `z`), x holds only positions p..S-1 and so does the output.
+        """
+        p = 0 if prefix is None else prefix.shape[1]
+        S = p + x.shape[1]
+        pos = slice(S - 1, S) if last_only else slice(p, S)
+        x = (x[:, -1:] if last_only else x) + self.attn_out(x, last_only=last_only, prefix=prefix)
         return x + self.mlp_out(x, pos)
 
     def forward_positionwise(self, x, pos: slice):
