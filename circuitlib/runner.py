@@ -279,6 +279,8 @@ def _run_on_dask(spec, store, pending, common, workers, scheduler, threads, prog
         client.close()
         if cluster is not None:
             cluster.close()
+        for p in pending:    # units cut off by Ctrl-C or a crash are pending again, not "running"
+            store.clear_running(p.key)
     return results
 
 

@@ -35,7 +35,7 @@ from .model import Transformer
 from .surgery import prune
 from .tasks import TaskData
 
-__all__ = ["paper_alphas", "evaluate_kept", "evaluate_circuits", "alpha_study", "tpr_fpr_by_alpha",
+__all__ = ["bootstrap_interval", "with_intervals", "paper_alphas", "evaluate_kept", "evaluate_circuits", "alpha_study", "tpr_fpr_by_alpha",
            "single_head_effects", "top_heads", "random_kept", "time_pair", "full_reference", "plot_vs_alpha",
            "plot_accuracy_vs_size", "config_label", "machine", "cpu_name"]
 
@@ -135,6 +135,39 @@ def alpha_study(model: Transformer, tokenizer, task, alphas: Sequence[float], *,
                       f"in {time.perf_counter() - started:.0f} s", flush=True)
     table = pd.DataFrame(rows)
     return (table, kept) if keep_circuits else table
+
+
+def bootstrap_interval(groups: Sequence[Sequence[float]], *, n_boot: int = 2000, level: float = 0.95,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over groups of each group's mean, with a percentile bootstrap interval.
+
+    groups: one sequence of per-prompt values per batch (e.g. a row's `test_correct` for each
+            seed), resampled with replacement within each batch, `n_boot` times (seeded).
+    With one group this is the usual interval over prompts; with several, the interval of the
+    mean over batches that the prompts' sampling alone allows.
+    """
+    arrays = [np.asarray(g, dtype=float) for g in groups]
+    if not arrays or any(a.ndim != 1 or len(a) == 0 for a in arrays):
+        raise ValueError("give one non-empty sequence of per-prompt values per batch")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    rng = np.random.default_rng(seed)
+    boot = np.mean([a[rng.integers(0, len(a), size=(n_boot, len(a)))].mean(1) for a in arrays], axis=0)
+    low, high = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return float(np.mean([a.mean() for a in arrays])), float(low), float(high)
+
+
+def with_intervals(table, values: str, by: Sequence[str], **kw):
+    """Per group of `by`, the mean of the per-prompt lists in column `values` over the rows (batches)
+    with its bootstrap interval (`bootstrap_interval`): a DataFrame with `by`, mean, low, high, batches."""
+    import pandas as pd
+
+    rows = []
+    for key, g in table.groupby(list(by), sort=True):
+        mean, low, high = bootstrap_interval(list(g[values]), **kw)
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "mean": mean, "low": low,
+                     "high": high, "batches": len(g)})
+    return pd.DataFrame(rows)
 
 
 def tpr_fpr_by_alpha(circuits_per_batch: Sequence[Sequence[Circuit]], reference: Iterable[str],

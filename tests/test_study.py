@@ -138,3 +138,31 @@ def test_time_pair(models, data):
     assert t["full_s"] > 0 and t["pruned_s"] > 0
     assert math.isclose(t["time_ratio"], t["pruned_s"] / t["full_s"])
     assert 0 < t["flop_ratio"] < 1
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_prompts():
+    from circuitlib.study import bootstrap_interval
+
+    few = [1.0] * 6 + [0.0] * 4
+    mean, low, high = bootstrap_interval([few])
+    assert mean == pytest.approx(0.6) and low < 0.6 < high and 0.0 <= low and high <= 1.0
+    _, low_many, high_many = bootstrap_interval([few * 25])
+    assert high_many - low_many < (high - low) / 3
+    assert bootstrap_interval([few], seed=3) == bootstrap_interval([few], seed=3)
+    assert bootstrap_interval([[1.0] * 5]) == (1.0, 1.0, 1.0)
+    two = bootstrap_interval([[1.0] * 10, [0.0] * 10])
+    assert two == (0.5, 0.5, 0.5)                       # no prompt-level spread inside either batch
+    with pytest.raises(ValueError, match="non-empty"):
+        bootstrap_interval([[]])
+
+
+def test_with_intervals_groups_rows():
+    import pandas as pd
+
+    from circuitlib.study import with_intervals
+
+    table = pd.DataFrame({"alpha": [0.1, 0.1, 1.0], "correct": [[1, 1, 0, 1], [1, 0, 1, 1], [0, 0, 0, 1]]})
+    out = with_intervals(table, "correct", ["alpha"])
+    assert list(out["alpha"]) == [0.1, 1.0] and list(out["batches"]) == [2, 1]
+    assert out["mean"].tolist() == pytest.approx([0.75, 0.25])
+    assert (out["low"] <= out["mean"]).all() and (out["mean"] <= out["high"]).all()
