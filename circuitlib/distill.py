@@ -115,6 +115,7 @@ class DistillHistory:
     val_accuracy: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    stopped: str = ""                                         # why training ended
 
     @property
     def best_val_accuracy(self) -> float:
@@ -124,6 +125,14 @@ class DistillHistory:
     @property
     def best_step(self) -> int:
         return self.eval_steps[self.val_accuracy.index(self.best_val_accuracy)] if self.val_accuracy else -1
+
+
+def _plateaued(val_loss: list[float], patience: int, min_improvement: float) -> bool:
+    """Whether none of the last `patience` evaluations beat the best earlier one by `min_improvement`."""
+    if len(val_loss) <= patience:
+        return False
+    best_before = min(val_loss[:-patience])
+    return min(val_loss[-patience:]) > best_before * (1 - min_improvement)
 
 
 def l2_logit_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -136,7 +145,8 @@ def l2_logit_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
 
 def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, val_split, task, *,
             steps: int, lr: float = 1e-3, seed: int = 0, batch_size: int | None = None,
-            eval_every: int | None = None, progress: bool = True) -> DistillHistory:
+            eval_every: int | None = None, patience: int | None = None, min_improvement: float = 1e-3,
+            progress: bool = True) -> DistillHistory:
     """Train `student` (in place) to match `teacher`'s last-position logits on `tokens`.
 
     tokens:     [n, S] training prompts (the paper uses the task's prompts; we use the patching split)
@@ -145,9 +155,15 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
     batch_size: prompts per step (None: all of them); minibatches are drawn with `seed`
     eval_every: evaluate every this many steps (default: about 20 evaluations in all); the
                 student is also evaluated before the first step and after the last
+    patience:   stop when the validation loss has plateaued: `patience` evaluations in a row
+                without lowering the best loss so far by more than `min_improvement` (relative);
+                None trains all `steps` (then `steps` is a budget, not a target)
+    `history.stopped` says which ended the training.
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0; got {steps}")
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"patience must be a number of evaluations >= 1, or None; got {patience!r}")
     if student.cfg.d_vocab != teacher.cfg.d_vocab:
         raise ValueError("student and teacher must share the vocabulary")
     device = teacher.W_E.device
@@ -194,6 +210,11 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
         if step % eval_every == 0 or step == steps:
             evaluate(step)
             bar.set_postfix(loss=f"{loss.item():.3g}", val_acc=f"{history.val_accuracy[-1]:.2f}")
+            if patience is not None and _plateaued(history.val_loss, patience, min_improvement):
+                history.stopped = (f"validation loss plateaued: no improvement over {min_improvement:.0e} "
+                                   f"(relative) in {patience} evaluations, at step {step}")
+                break
+    history.stopped = history.stopped or f"step budget ({steps}) reached"
     bar.close()
     history.seconds = time.perf_counter() - started
     student.eval()

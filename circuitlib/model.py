@@ -296,12 +296,12 @@ class Transformer(nn.Module):
         return min([self.cfg.n_ctx] + lens)
 
     def embed(self, tokens):
-        """tokens: [B, S] int64 -> residual stream [B, S, D]."""
+        """tokens: [B, S] int64 (on any device; moved to the model's) -> residual stream [B, S, D]."""
         if tokens.shape[1] > self.max_len:
             raise ValueError(f"input has {tokens.shape[1]} tokens but this model takes at most {self.max_len} tokens "
                              "(its context, or the prompt length its per-position mean-ablation biases were "
                              "computed for); shorten the prompts")
-        x = self.W_E[tokens]
+        x = self.W_E[tokens.to(self.W_E.device)]
         if self.W_pos is not None:
             x = x + self.W_pos[: tokens.shape[1]]
         return x

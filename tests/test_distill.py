@@ -91,3 +91,23 @@ def test_minibatches_are_seeded(models, data):
     h = [distill(teacher, make_student(teacher, 1, seed=0), train, split, task, steps=6, batch_size=8,
                  seed=s, progress=False).train_loss for s in (0, 0, 1)]
     assert h[0] == h[1] and h[0] != h[2]
+
+
+def test_training_stops_when_the_validation_loss_plateaus(models, data):
+    from circuitlib.distill import _plateaued
+
+    assert not _plateaued([5, 4, 3, 2], 2, 1e-3)
+    assert _plateaued([5, 2, 2.0, 2.1], 2, 1e-3)
+    assert not _plateaued([5, 2], 2, 1e-3)
+    teacher = models["gpt2"]
+    patching, validation = data
+    split, Task = _split(teacher, validation), get_task("ioi")
+    student = make_student(teacher, 1, seed=0)
+    history = distill(teacher, student, patching, split, Task, steps=2000, lr=3e-2, eval_every=5, patience=3,
+                      progress=False)
+    assert history.stopped.startswith("validation loss plateaued") and len(history.train_loss) < 2000
+    assert _plateaued(history.val_loss, 3, 1e-3)
+    budget = distill(teacher, make_student(teacher, 1, seed=0), patching, split, Task, steps=5, progress=False)
+    assert budget.stopped == "step budget (5) reached" and len(budget.train_loss) == 5
+    with pytest.raises(ValueError, match="patience"):
+        distill(teacher, student, patching, split, Task, steps=5, patience=0, progress=False)
