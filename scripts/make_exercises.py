@@ -10,8 +10,8 @@ The source, notebooks/src/08_exercises.py, describes its own format in its heade
 solution notebook (the book's chapter) every cell holding a solution is folded behind a toggle
 labelled "Solution" (in the book: the `hide-input` tag with myst-nb's prompts; in JupyterLab:
 `source_hidden`); hints are folded `<details>` blocks in both notebooks. The student notebook
-replaces each solution by its stub and leaves out the solution-only cells. Nothing is
-overwritten without asking: --student refuses an existing file.
+replaces each solution by its stub and leaves out the solution-only cells. --student never
+overwrites a file; the chapter itself is always rewritten from the source.
 """
 
 from __future__ import annotations

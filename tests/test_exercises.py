@@ -254,8 +254,9 @@ def _run(nb, tmp_path, name):
     return done, text
 
 
-def test_the_chapter_is_what_the_source_makes():
+def test_the_chapter_is_what_the_source_makes_and_every_solution_passed_in_it():
     assert mk.differences() == []
+    assert {row["result"] for row in ex.read_summary(mk.CHAPTER).values()} == {"PASS"}
 
 
 def test_every_exercise_is_rated_and_every_checker_has_its_exercise():

@@ -388,8 +388,8 @@ ex.check_accuracy(lambda t, s, lg: (lg.argmax(-1) == s.answers).float().mean().i
 # clock read without `torch.cuda.synchronize()` can stop early. The first calls of a model are
 # often slower than later ones (memory allocation, kernel selection, caches). And one slow call
 # among five (another process, a page fault) moves a mean by a fifth of its delay; a **median**
-# does not move. The benchmark chapter measures these effects on the book's models; exercise 8
-# below compares both timers on the real one.
+# does not move. The benchmark and performance chapters time the book's models with warm-up,
+# synchronisation on a GPU and medians; exercise 8 below compares both timers on the real model.
 #
 # **Task.** Write `my_timer(forward, warmup, repeats)`: call `forward()` `warmup` times untimed,
 # then time each of `repeats` calls separately with `time.perf_counter()`, and return one number
@@ -514,7 +514,8 @@ if ex.requires("put it together", ["accuracy", "timer"]):
         f"| one forward pass of the batch | full | extracted | extracted / full |\n| --- | --- | --- | --- |\n"
         f"| your timer (3 warm-up calls, median of {timing_repeats}) | {1000 * f['yours']:.1f} ms | "
         f"{1000 * e['yours']:.1f} ms | {e['yours'] / f['yours']:.2f} |\n"
-        f"| the authors' way (mean of 5) | {1000 * f['authors']:.1f} ms | {1000 * e['authors']:.1f} ms | "
+        f"| the authors' timer (mean of 5, no warm-up of its own) | {1000 * f['authors']:.1f} ms | "
+        f"{1000 * e['authors']:.1f} ms | "
         f"{e['authors'] / f['authors']:.2f} |\n"
         f"| FLOPs per prompt | {full.flops(seq):,} | {pruned.flops(seq):,} | "
         f"{pruned.flops(seq) / full.flops(seq):.2f} |"))
