@@ -217,6 +217,22 @@ def test_verdicts_are_recorded_and_summarised(capsys):
     ex.RESULTS.clear(), ex.TIMES.clear()
 
 
+def test_exercise_8_agrees_only_with_the_extractions_own_accuracies_and_waits_for_6_and_7(capsys):
+    from types import SimpleNamespace
+
+    ex.RESULTS.clear()
+    assert not ex.requires("put it together", ["accuracy", "timer"])
+    assert "needs exercise 6. accuracy and 7. timer to pass first" in capsys.readouterr().out
+    extraction = SimpleNamespace(metrics={"full": {"validation": {"accuracy": 0.75}},
+                                          "pruned": {"validation": {"accuracy": 0.5}}})
+    assert ex.check_put_together(0.75, 0.5, extraction) and ex.passed("put it together")
+    assert not ex.check_put_together(0.75, 0.625, extraction) and not ex.passed("put it together")
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL put it together")
+    ex.record("accuracy", True), ex.record("timer", True)
+    assert ex.requires("put it together", ["accuracy", "timer"])
+    ex.RESULTS.clear()
+
+
 def test_a_crashing_solution_is_reported_not_raised(capsys):
     assert ex.check_kl(lambda f, o: f.missing_attribute) is False
     assert "AttributeError" in capsys.readouterr().out
