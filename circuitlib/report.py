@@ -411,3 +411,82 @@ def time_vs_flops_findings(rows: Sequence[Mapping], batch: int, tolerance: float
           "scale with the FLOPs (the embedding lookup, Python and per-operation overheads, whole attention "
           "blocks skipped in layers with no head left) weigh more, in either direction.")
     return "\n".join(out)
+
+
+# What each protocol of benchmarks/timing_choices.py changes from the authors' one, in words.
+TIMING_CHOICES = {
+    "authors": "the authors' protocol: one untimed call on the batch, then 5 calls timed with time.time(), the mean; "
+               "logits at every position",
+    "cold": "no call before the timer, so the first, cold call is timed",
+    "warm-up 3": "three untimed calls before the timer instead of one",
+    "median of 5": "the median of the same 5 calls instead of their mean",
+    "median of 30": "30 timed calls and their median",
+    "last position": "logits at the last position only, all that the tasks use",
+    "pruned first": "the pruned model timed before the full one",
+    "synchronised": "the device synchronised before each clock reading",
+}
+
+
+def timing_choices_table(result: Mapping):
+    """benchmarks/results/timing_choices.json as a table: one row per protocol (pandas DataFrame)."""
+    import pandas as pd
+
+    rows = []
+    for p in result["protocols"]:
+        if not p["measured"]:
+            rows.append({"protocol": p["protocol"], "what changes": TIMING_CHOICES.get(p["protocol"], ""),
+                         "ratio (mean of trials)": "not measured", "lowest trial": "", "highest trial": "",
+                         "first call / later calls (full)": p.get("why", "")})
+            continue
+        rows.append({"protocol": p["protocol"], "what changes": TIMING_CHOICES.get(p["protocol"], ""),
+                     "ratio (mean of trials)": f"{p['ratio_mean']:.3f}", "lowest trial": f"{p['ratio_min']:.3f}",
+                     "highest trial": f"{p['ratio_max']:.3f}",
+                     "first call / later calls (full)": f"{p['full_first_call_over_rest']:.2f}"})
+    return pd.DataFrame(rows).set_index("protocol")
+
+
+def timing_choices_findings(result: Mapping) -> str:
+    """What each timing choice did to the measured ratio, as Markdown computed from the result file.
+
+    A change is compared with the trial-to-trial spread of the authors' protocol (highest minus
+    lowest trial): a smaller change is not told apart from noise on that machine.
+    """
+    by = {p["protocol"]: p for p in result["protocols"]}
+    base = by["authors"]
+    a = base["ratio_mean"]
+    spread = base["ratio_max"] - base["ratio_min"]
+    out = [f"With the authors' protocol the pruned / full time ratio was {a:.3f}, the mean of {result['trials']} "
+           f"trials that ranged from {base['ratio_min']:.3f} to {base['ratio_max']:.3f}: one such measurement can "
+           f"land anywhere in a band {spread:.3f} wide on this machine. Changing one choice at a time:"]
+    moves = {}
+    for name, p in by.items():
+        if name == "authors":
+            continue
+        if not p["measured"]:
+            out.append(f"- **{name}**: not measured here; {p.get('why', '')}.")
+            continue
+        moves[name] = p["ratio_mean"] - a
+        line = (f"- **{name}**, {TIMING_CHOICES.get(name, name)}: ratio {p['ratio_mean']:.3f}, {moves[name]:+.3f}, "
+                + ("within" if abs(moves[name]) <= spread else "beyond") + " the spread of the authors' trials")
+        if name == "cold":
+            line += (f"; the full model's first call took {p['full_first_call_over_rest']:.2f} times as long as "
+                     "its later calls, median over the trials")
+        if name.startswith("median of"):
+            line += (f"; its own trials ranged from {p['ratio_min']:.3f} to {p['ratio_max']:.3f}, a spread of "
+                     f"{p['ratio_max'] - p['ratio_min']:.3f}")
+        if name == "last position":
+            line += (f"; the FLOP ratio is {result['flop_ratio_last_position']:.3f} with the last position only and "
+                     f"{result['flop_ratio_all_positions']:.3f} with every position, whose unembedding no pruning "
+                     "removes")
+        out.append(line + ".")
+    beyond = [k for k in moves if abs(moves[k]) > spread]
+    if moves:
+        if beyond:
+            out.append("\nOn this " + result["device"].upper() + ", the choices that moved the ratio by more than the "
+                       "trial-to-trial spread: " + ", ".join(f"**{k}** ({moves[k]:+.3f})" for k in beyond) + ".")
+        else:
+            out.append(f"\nOn this {result['device'].upper()}, no choice moved the ratio by more than the "
+                       f"trial-to-trial spread ({spread:.3f}).")
+        out.append(f"With the authors' protocol the time cut is {100 * (1 - a):.0f} % for "
+                   f"{100 * (1 - result['param_ratio']):.0f} % fewer parameters.")
+    return "\n".join(out)
