@@ -273,13 +273,17 @@ def config_label(ablation: str, include_mlps: bool) -> str:
     return f"{ablation} ablation, {'heads and MLPs' if include_mlps else 'heads only'}"
 
 
-def plot_vs_alpha(table, columns: Sequence[tuple[str, str]], title: str | None = None):
+def plot_vs_alpha(table, columns: Sequence[tuple[str, str]], title: str | None = None,
+                  per_prompt: dict[str, str] | None = None):
     """One panel per (column, axis label) against alpha (log scale); one line per configuration.
 
     Colours are the ablation scheme, solid/dashed lines heads only / heads and MLPs (as in the
-    paper's figures). With several seeds the line is the mean and the band spans min to max.
-    Returns the Figure.
+    paper's figures). The line is the mean over seeds (batches). The band: for a column named in
+    `per_prompt` (column -> its per-prompt list column, e.g. "test_accuracy" -> "test_correct"),
+    the 95 % bootstrap interval over prompts (`with_intervals`); otherwise, with several seeds,
+    min to max over the seeds. Returns the Figure.
     """
+    per_prompt = per_prompt or {}
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6), layout="constrained")
@@ -291,7 +295,11 @@ def plot_vs_alpha(table, columns: Sequence[tuple[str, str]], title: str | None =
             s = g.groupby("alpha")[column].agg(["mean", "min", "max"])
             ax.plot(s.index, s["mean"], color=_COLORS.get(ablation), linestyle=_STYLES[bool(mlps)], marker="o",
                     markersize=3, label=config_label(ablation, bool(mlps)))
-            if n_seeds > 1:
+            if column in per_prompt:
+                ci = with_intervals(g, per_prompt[column], ["alpha"])
+                ax.fill_between(ci["alpha"], ci["low"], ci["high"], color=_COLORS.get(ablation), alpha=0.15,
+                                linewidth=0)
+            elif n_seeds > 1:
                 ax.fill_between(s.index, s["min"], s["max"], color=_COLORS.get(ablation), alpha=0.15, linewidth=0)
         ax.set_xscale("log")
         ax.set_xlabel(r"$\alpha$")
