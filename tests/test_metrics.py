@@ -118,3 +118,33 @@ def test_time_forward_returns_sane_numbers():
 def test_time_forward_rejects_bad_counts():
     with pytest.raises(ValueError, match="repeats >= 1"):
         time_forward(lambda: None, repeats=0)
+
+
+def test_kl_is_computed_and_accumulated_in_float64():
+    import numpy as np
+
+    from circuitlib.metrics import kl_per_prompt, kl_to, log_probs
+
+    g = torch.Generator().manual_seed(0)
+    f, o = torch.randn(6, 5000, generator=g), torch.randn(6, 5000, generator=g)
+    lf = f.double().numpy() - np.log(np.exp(f.double().numpy()).sum(-1, keepdims=True))
+    lo = o.double().numpy() - np.log(np.exp(o.double().numpy()).sum(-1, keepdims=True))
+    want = float((np.exp(lf) * (lf - lo)).sum(-1).mean())
+    assert log_probs(f).dtype == torch.float64
+    assert kl_divergence(f, o) == pytest.approx(want, rel=1e-12)
+    assert kl_to(log_probs(f), o) == kl_divergence(f, o)
+    assert kl_per_prompt(log_probs(f), o).mean().item() == pytest.approx(want, rel=1e-12)
+
+
+def test_decisions_do_not_depend_on_the_thread_count(models, data):
+    from circuitlib.extract import sweep
+
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(sweep(models["llama"], *data, [0.0, 1e-3, 1e-2, 1e-1], include_mlps=True, progress=False))
+    finally:
+        torch.set_num_threads(before)
+    assert [c.kept for c in runs[0]] == [c.kept for c in runs[1]]
