@@ -37,15 +37,23 @@ writer's edges closed, both choices compute the same thing (tested against the p
 When a circuit is turned into a standalone model, a K/V head stays if any of its query heads
 stays (`surgery.prune`).
 
-**Memory.** The writer outputs are kept as separate tensors: `n_writers = 1 + L (H + 1)` of
-shape [B, S, D] each (plus their replacements, shared over the batch for mean/zero, per prompt
-for corrupted), and every layer forms its `3H + 1` reader inputs [B, S, D]. A forward pass
-without gradients therefore holds about `(1 + L (H + 1) + 3H + 1) B S D` floats; training keeps
-the reader inputs of every layer for the backward pass, together with their normalised copies:
-about `(1 + L (H + 1) + 2 L (3H + 1)) B S D` floats. For GPT-2 Small (L = H = 12, D = 768) that
-is 1,045 B S D floats, 0.96 GiB for a batch of 32 prompts of 15 tokens (the writers alone:
-157 B S D, 0.14 GiB); for SmolLM2-135M (L = 30, H = 9, D = 576) 1,981 B S D floats, 2.0 GiB.
-Batches are therefore small (`edges_train.train_edges` draws 32 prompts per step by default).
+**Memory (the writer tensor).** What each writer adds over its replacement is kept in one
+buffer of `n_writers = 1 + L (H + 1)` slices of shape [B, S, D]; a reader block is one matrix
+product over its prefix (`_MaskedSum`, whose backward reads the same buffer instead of saving
+copies). The replacements add `n_writers x S x D` floats (mean), `n_writers` rows (zero), or
+`n_writers x n x S x D` (corrupted: one per prompt). Every layer forms its `3H + 1` reader
+inputs [B, S, D]; training keeps them, and their normalised copies, for the backward pass. In
+all, training holds about `(1 + L (H + 1) + 2 L (3H + 1)) B S D` floats:
+
+- GPT-2 Small (L = H = 12, D = 768): 1,045 B S D floats, 1.4 GiB for 32 prompts of 15 tokens
+  (the writer buffer alone: 157 B S D, 0.22 GiB);
+- SmolLM2-135M (L = 30, H = 9, D = 576): 1,981 B S D floats, 2.0 GiB for 32 prompts of 15 tokens
+  (the writer buffer alone: 301 B S D, 0.31 GiB). Measured on IOI (15 tokens, CPU, one thread,
+  the whole process with the model): peak 2.2 GiB at 8 prompts per step, 3.3 GiB at 16;
+  4.8 and 8.5 CPU-seconds per step.
+
+Memory and time grow linearly with the batch, so batches are small (`edges_train.train_edges`
+draws 32 prompts per step by default).
 
 `edges_train.py` trains the gates (hard-concrete, with a Lagrangian sparsity target), reads off a
 binary circuit, and turns it into a physically smaller model.
@@ -213,10 +221,10 @@ def make_replacement(model: Transformer, kind: str, *, patching: torch.Tensor | 
     if kind not in REPLACEMENTS:
         raise ValueError(f"unknown replacement {kind!r}; choose one of {', '.join(REPLACEMENTS)}")
     check_full(model)
-    cfg, dev = model.cfg, model.W_E.device
+    cfg, dev, dtype = model.cfg, model.W_E.device, model.W_E.dtype
     n_writers = 1 + cfg.n_layers * (cfg.n_heads + 1)
     if kind == "zero":
-        return Replacement(kind, torch.zeros(n_writers, 1, cfg.d_model, device=dev))
+        return Replacement(kind, torch.zeros(n_writers, 1, cfg.d_model, device=dev, dtype=dtype))
     if kind == "corrupted":
         if corrupted is None:
             raise ValueError("corrupted replacement needs corrupted tokens [n, S], paired with the clean prompts")
@@ -229,10 +237,10 @@ def make_replacement(model: Transformer, kind: str, *, patching: torch.Tensor | 
         means = mean_activations(model, patching)
     patching = patching.to(dev)
     S = patching.shape[1]
-    values = [model.embed(patching).double().mean(0).float()]
+    values = [model.embed(patching).double().mean(0).to(dtype)]
     for l, layer in enumerate(model.layers):
-        values += list(torch.einsum("hse,hed->hsd", means.z[l].to(dev), layer.W_O))
-        values.append(means.mlp[l].to(dev))
+        values += list(torch.einsum("hse,hed->hsd", means.z[l].to(dev, dtype), layer.W_O))
+        values.append(means.mlp[l].to(dev, dtype))
     values = torch.stack(values)
     if values.shape[1] != S:
         raise ValueError("means and patching prompts have different lengths")
@@ -277,42 +285,98 @@ def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor,
         if R.shape[2] < S:
             raise ValueError(f"the replacement covers {R.shape[2]} positions; the prompts have {S}")
         R = R[:, :, :S]
-    chunks = []   # (first writer, delta [k, B, S, D]): what each writer adds over its replacement
+    B, D = tokens.shape[0], cfg.d_model
+    # deltas[w] = out[w] - repl[w] (times w's node gate): what writer w adds over its replacement.
+    # One buffer, filled writer by writer; a reader block is then one matrix product over its prefix.
+    deltas = torch.empty(len(g.writers), B, S, D, device=model.W_E.device, dtype=model.W_E.dtype)
+    chunks = []   # the same deltas as autograd tensors, in order, so gradients reach the writers
 
-    def read(block: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-        """block [r, W] gates over the first W writers -> reader inputs [r, B, S, D]."""
-        out = base
-        for first, delta in chunks:
-            k = delta.shape[0]
-            if first >= block.shape[1]:
+    def put(w: int, delta: torch.Tensor) -> None:
+        with torch.no_grad():
+            deltas[w:w + delta.shape[0]] = delta
+        chunks.append(delta)
+
+    def read(block: torch.Tensor, base: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """block [r, W] gates over the first W writers -> reader inputs [r, B, S, D] (S = 1 if `last`)."""
+        W = block.shape[1]
+        used, k = [], 0
+        for c in chunks:
+            if k >= W:
                 break
-            out = out + torch.einsum("rw,wbsd->rbsd", block[:, first:first + k], delta)
-        return out
+            used.append(c)
+            k += c.shape[0]
+        return base + _MaskedSum.apply(block, deltas, W, last, *used)
 
-    def node(i0: int, k: int) -> torch.Tensor | float:
-        return 1.0 if node_gates is None else node_gates[i0:i0 + k].view(k, 1, 1, 1)
+    def node(i0: int, k: int) -> torch.Tensor | None:
+        return None if node_gates is None else node_gates[i0:i0 + k].view(k, 1, 1, 1)
+
+    def gated(delta: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        return delta if gate is None else delta * gate
 
     x = model.embed(tokens)
-    chunks.append((0, (x - R[0])[None]))
+    put(0, (x - R[0])[None].expand(1, B, S, D))
     base = R[0]                                                      # sum of replacements and biases so far
     w = 1
     for l, layer in enumerate(model.layers):
-        inp = read(g.attn_gates(gates, l).reshape(3 * H, -1), base).view(3, H, *x.shape)  # [3, H, B, S, D]
-        heads = _heads(layer, cfg, layer.ln1(inp))                   # [H, B, S, D]
-        chunks.append((w, (heads - R[w:w + H]) * node(w - 1, H)))
+        inp = read(g.attn_gates(gates, l).reshape(3 * H, -1), base).view(3, H, B, S, D)
+        heads = _heads(layer, cfg, _norm(layer.ln1, inp))            # [H, B, S, D]
+        put(w, gated(heads - R[w:w + H], node(w - 1, H)))
         base = base + R[w:w + H].sum(0)
         if layer.b_O is not None:
             base = base + layer.b_O
         w += H
         m_in = read(g.mlp_gates(gates, l)[None], base)[0]            # [B, S, D]
         m = layer.mlp_out(m_in)
-        chunks.append((w, (m - R[w])[None] * node(w - 1, 1)))
+        put(w, gated((m - R[w])[None], node(w - 1, 1)))
         base = base + R[w]
         w += 1
-    last = [(first, d[:, :, -1:]) for first, d in chunks]
-    chunks[:] = last
-    resid = read(g.out_gates(gates)[None], base[:, -1:])[0]        # [B, 1, D]
+    resid = read(g.out_gates(gates)[None], base[:, -1:], last=True)[0]   # [B, 1, D]
     return model.unembed(resid[:, -1])
+
+
+class _MaskedSum(torch.autograd.Function):
+    """sum_w block[r, w] * deltas[w] for the first W writers, as one matrix product.
+
+    `deltas` is the buffer the writers' deltas are copied into as they are computed; rows below W
+    never change afterwards, so the backward pass reads them from it instead of saving copies.
+    The autograd tensors of the same deltas (`chunks`, in writer order, covering 0..W-1) are passed
+    only to route their gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, block, deltas, W, last, *chunks):
+        ctx.save_for_backward(block)
+        ctx.deltas, ctx.W, ctx.last, ctx.sizes = deltas, W, last, [c.shape[0] for c in chunks]
+        flat = _prefix(deltas, W, last)                              # [W, B * s * D]
+        out = block @ flat
+        return out.view(block.shape[0], deltas.shape[1], 1 if last else deltas.shape[2], deltas.shape[3])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (block,) = ctx.saved_tensors
+        g = grad.reshape(grad.shape[0], -1)                          # [r, B * s * D]
+        grad_block = g @ _prefix(ctx.deltas, ctx.W, ctx.last).T if ctx.needs_input_grad[0] else None
+        grad_flat = (block.T @ g).view(ctx.W, *grad.shape[1:])
+        parts = list(torch.split(grad_flat, ctx.sizes))
+        covered = sum(ctx.sizes)
+        if covered > ctx.W:                                          # the last chunk reaches past W
+            parts[-1] = torch.cat([parts[-1], grad_flat.new_zeros(covered - ctx.W, *grad.shape[1:])])
+        if ctx.last:                                                 # only the last position was read
+            parts = [torch.cat([p.new_zeros(p.shape[0], p.shape[1], ctx.deltas.shape[2] - 1, p.shape[3]), p], 2)
+                     for p in parts]
+        return (grad_block, None, None, None, *parts)
+
+
+def _prefix(deltas: torch.Tensor, W: int, last: bool) -> torch.Tensor:
+    d = deltas[:W, :, -1:] if last else deltas[:W]
+    return d.reshape(W, -1)
+
+
+def _norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """The layer's norm on many reader inputs at once (fused kernels: less memory kept for backward)."""
+    if norm.rms:
+        return F.rms_norm(x, x.shape[-1:], norm.w, norm.eps)
+    return F.layer_norm(x, x.shape[-1:], norm.w, norm.b, norm.eps)
 
 
 def _heads(layer, cfg, h: torch.Tensor) -> torch.Tensor:

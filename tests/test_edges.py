@@ -137,6 +137,29 @@ def test_edges_of_a_node_circuit_reproduce_its_kl(arch, models, data, means, sch
     assert kl_divergence(model(validation, last_only=True), ours) == pytest.approx(circuit.final_kl, abs=1e-5)
 
 
+def test_gradients_of_edge_and_node_gates_are_exact(arch, hf_models, data):
+    """The hand-written backward of the masked sum, checked against finite differences in float64."""
+    from circuitlib.convert import from_hf
+
+    model = from_hf(hf_models[arch], "double").double()
+    patching, validation = data
+    g = graph_for(model)
+    r = make_replacement(model, "mean", patching=patching)
+    gen = torch.Generator().manual_seed(0)
+    base_gates = torch.rand(g.n_edges, generator=gen, dtype=torch.float64)
+    base_nodes = torch.rand(len(g.nodes), generator=gen, dtype=torch.float64)
+    edges = torch.randperm(g.n_edges, generator=gen)[:12]
+    nodes = torch.randperm(len(g.nodes), generator=gen)[:4]
+
+    def f(e, n):
+        gates, node_gates = base_gates.clone(), base_nodes.clone()
+        gates[edges], node_gates[nodes] = e, n
+        return masked_logits(model, validation[:3], gates, r, node_gates)[:, :7]
+
+    assert torch.autograd.gradcheck(f, (base_gates[edges].clone().requires_grad_(True),
+                                        base_nodes[nodes].clone().requires_grad_(True)), eps=1e-6, atol=1e-5)
+
+
 def test_dead_node_removal_changes_no_logit(arch, models, data, means):
     model, (patching, validation) = models[arch], data
     g, r = graph_for(model), repl(model, "mean", patching, means[arch])
