@@ -49,8 +49,8 @@ all, training holds about `(1 + L (H + 1) + 2 L (3H + 1)) B S D` floats:
   (the writer buffer alone: 157 B S D, 0.22 GiB);
 - SmolLM2-135M (L = 30, H = 9, D = 576): 1,981 B S D floats, 2.0 GiB for 32 prompts of 15 tokens
   (the writer buffer alone: 301 B S D, 0.31 GiB). Measured on IOI (15 tokens, CPU, one thread,
-  the whole process with the model): peak 2.2 GiB at 8 prompts per step, 3.3 GiB at 16;
-  4.8 and 8.5 CPU-seconds per step.
+  the whole process with the model): peak 2.2, 3.3 and 5.4 GiB at 8, 16 and 32 prompts per
+  step; 4.8, 8.5 and 17.9 CPU-seconds per step.
 
 Memory and time grow linearly with the batch, so batches are small (`edges_train.train_edges`
 draws 32 prompts per step by default).
