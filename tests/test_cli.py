@@ -29,9 +29,10 @@ def run_dir(tmp_path_factory):
 
 def test_extract_writes_a_complete_run_folder(run_dir):
     record = json.loads((run_dir / "circuit.json").read_text())
-    assert record["settings"] | {"alpha": 1e-4} == {
+    assert record["settings"] == {
         "model": "tiny-gpt2", "task": "ioi", "alpha": 1e-4, "ablation": "mean", "include_mlps": True, "seed": 0,
-        "n": 12, "order": "heads-ascending", "method": "fast"}
+        "n": 12, "order": "heads-ascending", "method": "fast", "device": "cpu",
+        "torch_threads": record["settings"]["torch_threads"]}
     assert len(record["decisions"]) == 4 * 4 + 4
     assert {"component", "kl_before", "kl_after", "delta", "pruned"} <= set(record["decisions"][0])
     assert all(isinstance(h, str) and "." in h for h in record["kept_heads"])
