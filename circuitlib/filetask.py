@@ -192,13 +192,13 @@ def _row(line: int, obj: dict, problems: list[str]) -> Row | None:
         if not isinstance(obj.get(key), str) or not obj[key]:
             found.append(f"{key!r} must be a non-empty string" + ("" if key in obj else " (missing)"))
     answers = obj.get("answers", [])
-    if not isinstance(answers, list) or not answers and "answers" in obj \
-            or not all(isinstance(a, str) and a for a in answers):
+    if "answers" in obj and not (isinstance(answers, list) and answers
+                                 and all(isinstance(a, str) and a for a in answers)):
         found.append("'answers' must be a non-empty list of non-empty strings")
     if found:
         problems.append(f"line {line}: {'; '.join(found)}")
         return None
-    return Row(line, obj["prompt"], obj["answer"], tuple(answers))
+    return Row(line, obj["prompt"], obj["answer"], tuple(dict.fromkeys(answers)))
 
 
 def _lines(lines: list[int]) -> str:
