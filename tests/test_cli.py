@@ -238,7 +238,8 @@ def test_ctrl_c_while_saving_leaves_no_half_written_folder(tmp_path, capsys, mon
 def test_ctrl_c_in_a_real_process_exits_130_without_a_traceback(tmp_path):
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "circuitlib", "extract", "--model", "tiny-gpt2", "--task",
-                                "ioi", "--alpha", "0.01", "--n", "40", "--method", "plain", "--out", str(out)],
+                                "ioi", "--alpha", "0.01", "--n", "100", "--include-mlps", "--method", "plain", "--out",
+                                str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = []
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read(1), b"")))
