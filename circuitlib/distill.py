@@ -63,9 +63,13 @@ def student_layers(teacher: Transformer, pruned: Transformer) -> int:
     """
     if pruned.cfg != teacher.cfg:
         raise ValueError("`pruned` must be pruned from `teacher` (their configurations differ)")
-    budget = pruned.count_parameters()["parameters"]
+    return layers_within(teacher.cfg, pruned.count_parameters()["parameters"])
+
+
+def layers_within(cfg: ModelConfig, budget: int) -> int:
+    """The largest N (at most cfg.n_layers) whose N-layer student has at most `budget` parameters."""
     n = 0
-    while n < teacher.cfg.n_layers and student_parameters(teacher.cfg, n + 1) <= budget:
+    while n < cfg.n_layers and student_parameters(cfg, n + 1) <= budget:
         n += 1
     return n
 

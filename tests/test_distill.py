@@ -111,3 +111,32 @@ def test_training_stops_when_the_validation_loss_plateaus(models, data):
     assert budget.stopped == "step budget (5) reached" and len(budget.train_loss) == 5
     with pytest.raises(ValueError, match="patience"):
         distill(teacher, student, patching, split, Task, steps=5, patience=0, progress=False)
+
+
+def test_the_distillation_baseline_script_writes_its_curve_once(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from circuitlib.runner import run_study
+    from circuitlib.spec import load_spec
+
+    spec_path = tmp_path / "tiny.yml"
+    spec_path.write_text(yaml.safe_dump({"model": "tiny-gpt2", "tasks": ["ioi"], "alphas": [0.01], "n": 4}))
+    assert run_study(load_spec(spec_path), workers=0, progress=False)["failed"] == []
+    script = Path(__file__).resolve().parent.parent / "scripts" / "distill_baseline.py"
+    command = [sys.executable, str(script), "--task", "ioi", "--budget-from", str(spec_path), "--alpha", "0.01",
+               "--max-steps", "40", "--eval-every", "5", "--patience", "2", "--out-dir", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert record["student_parameters"] <= record["budget_parameters"] and record["student_layers"] >= 1
+    assert len(record["train_loss"]) == record["steps_run"] <= 40 and record["stopped"]
+    assert record["eval_steps"][0] == 0 and len(record["val_loss"]) == len(record["eval_steps"])
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "exists" in again.stderr
+    missing = subprocess.run(command[:7] + ["0.5"] + command[8:], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "has no row" in missing.stderr
