@@ -15,8 +15,27 @@ given. Ports to other tokenizers (checked on SmolLM2-135M's):
 
 - acronyms: words must tokenise as " X" + one more token and the first two acronym letters as two
   tokens under that tokenizer, so the pool differs (236 of our 275 words with GPT-2, 199 with
-  SmolLM2); the tokenizer's own BOS is prepended (SmolLM2's is "<|im_start|>": 11 tokens again),
-  or none if it has none (then 10 tokens).
+  SmolLM2). With GPT-2's tokenizer nothing else changes: the task is the paper's. With any other
+  tokenizer two things change, because SmolLM2-135M-Instruct could not do the task as it was
+  (full-model accuracy 0.344 on validation, 0.531 on test, n = 32, seed 0):
+  1. the whole acronym must be split letter by letter by the tokenizer itself, " (A1A2A3" ->
+     " (", "A1", "A2", "A3", as the paper's template |A1|A2|A3| reads. SmolLM2 merges most letter
+     triples (" (VPG" -> " (", "V", "PG"; " (IPS" -> " (", "IPS"); asked to go on after " (", "V",
+     "P", where its own tokenizer would never have put a lone "P", the model often answers ")" or
+     a two-letter token instead of the third letter. 4,361 of the 17,576 letter triples stay
+     split under SmolLM2's tokenizer, 38 % of the task's triples (under GPT-2's, 30 %; there the
+     paper's task keeps the others too); 689,130 distinct prompts remain (1,758,510 with GPT-2);
+  2. the prompt starts with "<|endoftext|>" where the vocabulary has it, else with the
+     tokenizer's BOS (none: no start token). "<|endoftext|>" is GPT-2's BOS, so GPT-2 is unchanged;
+     for SmolLM2 it is the document separator of its pretraining, where the tokenizer's BOS,
+     "<|im_start|>", opens a chat turn. 11 tokens with both.
+  Measured on SmolLM2-135M-Instruct (full model, argmax at the last position), seeds 0-4:
+  validation 0.906-0.969 and test 0.906-0.969 at n = 64; validation 0.912-0.952 and test
+  0.924-0.940 at n = 250. What each change does (3 samples of 250 prompts each, drawn like the
+  task's but with their own seeds): the old task scores 0.49-0.52; the letter-split rule alone
+  (still "<|im_start|>" first) 0.86-0.90; "<|endoftext|>" alone 0.57-0.59; both 0.92-0.95. The
+  ability tested is the same: the answer is the third word's initial, one token, which the prompt
+  holds as the token " C3".
 - ioi: unchanged (names, places and objects are filtered to single tokens).
 - greater-than: a tokenizer that splits numbers into digits (SmolLM2: " 1739" -> " ", "1", "7",
   "3", "9") cannot predict a two-digit year in one token. The port asks for the tens digit of the
@@ -35,6 +54,7 @@ through `make_split`), and `register_task` an instance.
 from __future__ import annotations
 
 import os
+import bisect
 import random
 import string
 from dataclasses import dataclass
@@ -316,7 +336,11 @@ class Acronyms(Task):
     """"The C1T1 C2T2 C3T3 (A1A2" -> A3: the third letter of a three-letter acronym.
 
     Each word is a capital-letter token plus one more token (" B" "urden"); A1 and A2 are two
-    separate letter tokens after " ("; A3 is a bare letter token. BOS first when the tokenizer has one.
+    separate letter tokens after " ("; A3 is a bare letter token. The prompt starts with
+    "<|endoftext|>" (GPT-2's BOS; the document separator of SmolLM2's pretraining), or with the
+    tokenizer's BOS where the vocabulary has no "<|endoftext|>", or with nothing if it has neither.
+    With a tokenizer other than GPT-2's, the whole acronym must also be split letter by letter by
+    that tokenizer, " (A1A2A3" -> " (", "A1", "A2", "A3" (see the module docstring).
     Correct: the argmax is A3.
     """
 
@@ -331,14 +355,48 @@ class Acronyms(Task):
                              "capital-letter token plus one more token")
         letter_pairs = _split_letter_pairs(tokenizer)
         pairs = [(a, b) for a in words for b in words if a != b and a[0] + b[0] in letter_pairs]
-        n_third = len(words) - 2
+        # The words that may come third after each letter pair, in list order: all of them with
+        # GPT-2's tokenizer (the paper's task), else those whose initial keeps the acronym split.
+        acronyms = None if _is_gpt2_tokenizer(tokenizer) else _split_acronyms(tokenizer)
+        thirds = {xy: [w for w in words if acronyms is None or xy + w[0] in acronyms] for xy in letter_pairs}
+        offsets, total = [], 0                    # pair k owns the indices offsets[k] .. offsets[k+1] - 1
+        for a, b in pairs:
+            offsets.append(total)
+            allowed = thirds[a[0] + b[0]]
+            total += len(allowed) - (a in allowed) - (b in allowed)
         prompts, answers = [], []
-        for index in _sample_indices(rng, len(pairs) * n_third, count, self.name):
-            first, second = pairs[index // n_third]
-            third = [w for w in words if w not in (first, second)][index % n_third]
+        for index in _sample_indices(rng, total, count, self.name):
+            k = bisect.bisect_right(offsets, index) - 1   # the last pair starting at or before index
+            first, second = pairs[k]
+            third = [w for w in thirds[first[0] + second[0]] if w not in (first, second)][index - offsets[k]]
             prompts.append(f"The {first} {second} {third} ({first[0]}{second[0]}")
             answers.append(third[0])
-        return make_split(tokenizer, prompts, answers, bos=tokenizer.bos_token_id is not None)
+        split = make_split(tokenizer, prompts, answers)
+        start = _acronyms_start_token(tokenizer)
+        if start is not None:
+            split.tokens = torch.cat([torch.full((len(split), 1), start, dtype=torch.long), split.tokens], dim=1)
+        return split
+
+
+def _is_gpt2_tokenizer(tokenizer) -> bool:
+    """Whether this is GPT-2's tokenizer (50,257 tokens, "<|endoftext|>" last), under which tasks stay the paper's."""
+    return len(tokenizer) == 50257 and tokenizer.convert_tokens_to_ids("<|endoftext|>") == 50256
+
+
+def _acronyms_start_token(tokenizer) -> int | None:
+    """The token before an acronyms prompt: "<|endoftext|>" if the vocabulary has it, else BOS, else None."""
+    vocab = tokenizer.get_vocab()
+    return vocab["<|endoftext|>"] if "<|endoftext|>" in vocab else tokenizer.bos_token_id
+
+
+def _split_acronyms(tokenizer) -> set[str]:
+    """Letter triples "XYZ" that this tokenizer splits letter by letter after " (": " (", "X", "Y", "Z"."""
+    triples = [a + b + c for a in string.ascii_uppercase for b in string.ascii_uppercase
+               for c in string.ascii_uppercase]
+    paren = _encode(tokenizer, " (")
+    letter = {x: _encode(tokenizer, x) for x in string.ascii_uppercase}
+    ids = tokenizer([" (" + t for t in triples], add_special_tokens=False)["input_ids"]
+    return {t for t, x in zip(triples, ids) if x == paren + letter[t[0]] + letter[t[1]] + letter[t[2]]}
 
 
 def _letter_plus_one_token_words(tokenizer) -> list[str]:

@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from circuitlib.loading import gpt2_tokenizer
-from circuitlib.tasks import TASK_NAMES, TASKS, Task, _start_years, get_task, make_split, register_task
+from circuitlib.tasks import (TASK_NAMES, TASKS, Task, _is_gpt2_tokenizer, _split_acronyms, _start_years, get_task,
+                              make_split, register_task)
 
 N = 40
+# GPT-2's first two acronyms validation prompts at n = 250, seed 0, as generated before the SmolLM2 port
+PAPER_ACRONYMS_SEED0 = ['The Zinc Yarn Aversion (ZY', 'The Wrench Laughter Eaves (WL']
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +59,16 @@ def test_acronyms_template(tok, datasets):
         assert [pieces[i] for i in (2, 4, 6)] == ["Ġ" + w[0] for w in words]  # " C1", " C2", " C3"
         assert pieces[8:] == ["Ġ(", words[0][0], words[1][0]]
         assert tok.decode([int(answer)]) == words[2][0]
+
+
+def test_acronyms_with_gpt2_stay_the_papers(tok):
+    """The SmolLM2 port (whole acronym split letter by letter) must not touch GPT-2's prompts."""
+    assert _is_gpt2_tokenizer(tok)
+    data = get_task("acronyms").generate(tok, 250, seed=0)
+    acronyms = [p.split()[1][0] + p.split()[2][0] + p.split()[3][0] for p in data.validation.prompts]
+    merged = [a for a in acronyms if a not in _split_acronyms(tok)]
+    assert len(merged) > 100  # about 70 % of the paper's triples are not split letter by letter by GPT-2
+    assert data.validation.prompts[:2] == PAPER_ACRONYMS_SEED0  # the same prompts as before the port
 
 
 def test_ioi_answer_is_the_indirect_object(tok, datasets):
@@ -248,8 +261,7 @@ def test_smollm2_ports(smol_tok):
             assert all(smol_tok.encode(smol_tok.decode([a]), add_special_tokens=False) == [a]
                        for a in split.answers.tolist())
         lengths[name] = data.validation.tokens.shape[1]
-    has_bos = smol_tok.bos_token_id is not None
-    assert lengths == {"acronyms": 10 + has_bos, "ioi": 15, "greater-than": 15}
+    assert lengths == {"acronyms": 11, "ioi": 15, "greater-than": 15}
 
 
 @pytest.mark.slow
@@ -362,3 +374,43 @@ def test_bad_answers_lists_are_refused(tmp_path, answers):
     path = write(tmp_path, "t.jsonl", jsonl([{"prompt": "A", "answer": " 2", "answers": answers}]))
     with pytest.raises(ValueError, match="line 1: 'answers' must be a non-empty list of non-empty strings"):
         get_task(path)
+
+
+@pytest.mark.slow
+def test_smollm2_acronyms_port(smol_tok):
+    assert not _is_gpt2_tokenizer(smol_tok)
+    data = get_task("acronyms").generate(smol_tok, 250, seed=0)  # 3 x 250 distinct prompts, as the paper's n
+    paren = smol_tok.encode(" (", add_special_tokens=False)
+    end_of_text = smol_tok.convert_tokens_to_ids("<|endoftext|>")
+    for split in splits(data):
+        assert split.tokens.shape == (250, 11)
+        assert (split.tokens[:, 0] == end_of_text).all()  # not the tokenizer's BOS, "<|im_start|>"
+        for prompt, row, answer in zip(split.prompts[:50], split.tokens[:50], split.answers[:50]):
+            words = prompt.split()[1:4]
+            acronym = "".join(w[0] for w in words)
+            letters = [smol_tok.encode(c, add_special_tokens=False) for c in acronym]
+            assert smol_tok.encode(" (" + acronym, add_special_tokens=False) == paren + sum(letters, [])
+            assert row[1:].tolist() == smol_tok.encode(prompt, add_special_tokens=False)
+            assert [answer.item()] == letters[2]
+    assert "VPG" not in _split_acronyms(smol_tok) and "CJL" in _split_acronyms(smol_tok)  # " (", "V", "PG"
+
+
+@pytest.fixture(scope="module")
+def smol_model():
+    loading = pytest.importorskip("circuitlib.loading")
+    try:
+        return loading.load_model("smollm2-135m")
+    except Exception as error:  # the stand-in's files may be missing on this machine
+        pytest.skip(f"SmolLM2 not available: {error}")
+
+
+@pytest.mark.slow
+def test_smollm2_can_do_the_acronyms_port(smol_model):
+    """The full stand-in is competent on the port (0.906-0.969 measured at n = 64, seeds 0-4)."""
+    model, tokenizer = smol_model
+    task = get_task("acronyms")
+    data = task.generate(tokenizer, 64, seed=0)
+    for split in (data.validation, data.test):
+        with torch.inference_mode():
+            accuracy = task.correct(split, model(split.tokens, last_only=True)).float().mean().item()
+        assert accuracy >= 0.8
