@@ -429,15 +429,19 @@ TIMING_CHOICES = {
 
 
 def timing_choices_table(result: Mapping):
-    """benchmarks/results/timing_choices.json as a table: one row per protocol (pandas DataFrame)."""
+    """benchmarks/results/timing_choices.json as a table: one row per protocol (pandas DataFrame).
+
+    Display it inside ``pd.option_context("display.max_colwidth", None)``: the "what changes"
+    texts are longer than pandas' default cut.
+    """
     import pandas as pd
 
     rows = []
     for p in result["protocols"]:
         if not p["measured"]:
             rows.append({"protocol": p["protocol"], "what changes": TIMING_CHOICES.get(p["protocol"], ""),
-                         "ratio (mean of trials)": "not measured", "lowest trial": "", "highest trial": "",
-                         "first call / later calls (full)": p.get("why", "")})
+                         "ratio (mean of trials)": "not measured (see below)", "lowest trial": "",
+                         "highest trial": "", "first call / later calls (full)": ""})
             continue
         rows.append({"protocol": p["protocol"], "what changes": TIMING_CHOICES.get(p["protocol"], ""),
                      "ratio (mean of trials)": f"{p['ratio_mean']:.3f}", "lowest trial": f"{p['ratio_min']:.3f}",
