@@ -144,6 +144,26 @@ def test_notebooks_are_small():
         assert path.stat().st_size < 600_000, f"{path.name} is {path.stat().st_size / 1e6:.1f} MB"
 
 
+def test_no_thebe_or_binder(site):
+    """The book has no launch buttons: no Thebe script (it was added twice: a SyntaxError) and no Binder config."""
+    for page in _pages(site):
+        text = page.read_text(encoding="utf-8")
+        assert "THEBE_JS_URL" not in text and "binderOptions" not in text, f"{page.name} carries Thebe/Binder"
+
+
+def test_bibliography_labels_read_like_the_citations(site):
+    """A citation "García-Carrasco et al., 2025" points at an entry labelled the same way."""
+    refs = (site / "book" / "references.html").read_text(encoding="utf-8")
+    labels = set(re.findall(r'<span class="label"><span class="fn-bracket">\[</span>(.*?)<span', refs))
+    assert labels, "no labelled bibliography entries"
+    cited = set()
+    for page in _pages(site):
+        for text in re.findall(r'href="[^"]*references\.html#[^"]*"[^>]*>(.*?)</a>', page.read_text("utf-8")):
+            cited.add(re.sub(r"<[^>]+>", "", text).replace("\xa0", " ").strip())
+    cited = {c for c in cited if re.search(r"\d{4}$", c)}
+    assert cited and cited <= labels, f"citations without a matching label: {sorted(cited - labels)}"
+
+
 # ------------------------------------------------------------------ (c) in a real browser
 
 def _chromium():
