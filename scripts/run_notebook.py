@@ -44,8 +44,14 @@ class UsageError(Exception):
 
 
 def _name_part(stem: str) -> str:
-    """'02_greater_than' -> 'greater_than' (the part after the leading number)."""
-    return re.sub(r"^\d+[_-]", "", stem)
+    """'02_greater_than' -> 'greater_than', '06b_edges_vs_nodes' -> 'edges_vs_nodes' (after the number)."""
+    return re.sub(r"^\d+[a-z]?[_-]", "", stem)
+
+
+def _number_part(stem: str) -> str | None:
+    """'06b_edges_vs_nodes' -> '06b', '02_ioi' -> '02', 'notes' -> None."""
+    m = re.match(r"^(\d+[a-z]?)[_-]", stem)
+    return m.group(1) if m else None
 
 
 def _norm(name: str) -> str:
@@ -67,8 +73,9 @@ def resolve_notebook(name: str, notebooks_dir: Path = NOTEBOOKS) -> Path:
     for rule in (
         lambda p: _norm(p.stem) == key,  # 02_ioi
         lambda p: _norm(_name_part(p.stem)) == key,  # ioi, greater-than
-        lambda p: re.match(r"^\d+", p.stem) is not None
-        and key.isdigit() and int(re.match(r"^\d+", p.stem).group()) == int(key),  # 02, 2
+        lambda p: _number_part(p.stem) == key,  # 02, 06b
+        lambda p: _number_part(p.stem) is not None and _number_part(p.stem).isdigit()
+        and key.isdigit() and int(_number_part(p.stem)) == int(key),  # 2
         lambda p: _norm(_name_part(p.stem)).startswith(key),  # greater
     ):
         matches = [p for p in available if rule(p)]

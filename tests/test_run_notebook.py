@@ -116,6 +116,10 @@ def test_parse_value(rn):
 
 def test_the_book_notebooks_resolve(rn):
     assert rn.resolve_notebook("background").name == "00_background.ipynb"
+    assert rn.resolve_notebook("06").name == "06_roc.ipynb"
+    assert rn.resolve_notebook("6").name == "06_roc.ipynb"
+    assert rn.resolve_notebook("06b").name == "06b_edges_vs_nodes.ipynb"
+    assert rn.resolve_notebook("edges").name == "06b_edges_vs_nodes.ipynb"
 
 
 def test_ci_configuration_is_injected(tmp_path):
