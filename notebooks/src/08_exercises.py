@@ -44,7 +44,7 @@ ablation: str = "mean"       # "mean" or "zero": what a removed component writes
 include_mlps: bool = False   # also test the MLPs for removal in exercise 8
 n: int = 8                   # prompts per split in exercise 8 (exercises 1-7 use fixed cases)
 seed: int = 0                # seed of the prompt sampling
-device: str = "cpu"          # only "cpu" for now
+device: str = "cpu"          # exercise 8's device: "cpu", or "cuda" / "cuda:N" where there is a GPU
 timing_repeats: int = 10     # timed forward passes per model in exercise 8
 
 # %%
@@ -60,7 +60,6 @@ from IPython.display import Markdown, display
 from circuitlib import exercises as ex
 from circuitlib import report
 
-assert device == "cpu", "the notebooks run on the CPU for now"
 settings = {"model": model, "task": task, "alpha": alpha, "ablation": ablation,
             "include_mlps": include_mlps, "n": n, "seed": seed}
 
@@ -490,7 +489,7 @@ def mean_of_5(forward):
 
 if ex.requires("put it together", ["accuracy", "timer"]):
     with ex.timed("put it together"):
-        full, tokenizer = load_model(model)
+        full, tokenizer = load_model(model, device=device)
         extraction = run_extraction(model, task, alpha=alpha, ablation=ablation, include_mlps=include_mlps,
                                     n=n, seed=seed, loaded=(full, tokenizer), progress=False)
         pruned, the_task, split = extraction.pruned, get_task(task), extraction.data.validation
