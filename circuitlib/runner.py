@@ -293,7 +293,8 @@ def study_status(spec: Spec, workers: int | None = None) -> dict:
     store = Store(spec.store)
     planned = plan(spec)
     keys = {p.key for p in planned}
-    done, failures, running = store.done(), store.failures(), store.running()
+    done, failures = store.done(), store.failures()
+    running = {k: v for k, v in store.running().items() if _alive(v)}
     table = store.read(keys & done)
     unit_seconds = (table.groupby("key")[["task", "ablation", "include_mlps", "unit_seconds"]].first()
                     if len(table) else None)
@@ -318,6 +319,19 @@ def study_status(spec: Spec, workers: int | None = None) -> dict:
             "other_units_in_store": len(done - keys), "seconds_spent": spent,
             "seconds_left_estimate": left / n_workers if unit_seconds is not None else None,
             "workers_assumed": n_workers, "unit_states": units}
+
+
+def _alive(marker: dict) -> bool:
+    """Whether a `running/` marker's process still runs (markers of other hosts are trusted)."""
+    if marker.get("host") != platform.node() or not isinstance(marker.get("pid"), int):
+        return True
+    try:
+        os.kill(marker["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _task_name(task: str) -> str:

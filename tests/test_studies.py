@@ -116,6 +116,13 @@ def test_serial_and_two_worker_dask_runs_make_equal_stores(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (serial.store / "units").iterdir()} == before
     status = study_status(serial)
     assert (status["done"], status["pending"], status["failed"]) == (4, 0, 0)
+    # a marker left by a process that no longer runs (a killed worker) does not count as running
+    more = load_spec(write_spec(tmp_path, "more", store=str(serial.store), seeds=3, **small))
+    pending = plan(more)[-1]
+    for pid, running in ((2 ** 22 + 12345, 0), (os.getpid(), 1)):
+        Store(serial.store).write_running(pending.key, {"unit": "x", "pid": pid, "host": os.uname().nodename})
+        status = study_status(more)
+        assert (status["done"], status["running"], status["pending"]) == (4, running, 2 - running)
     summary = summary_table(a)
     assert len(summary) == 2 * 3 and set(summary["seeds"]) == {2}
 
