@@ -105,13 +105,14 @@ def chromium() -> str | None:
 class Browser:
     """One headless Chromium, driven over its DevTools websocket."""
 
-    def __init__(self, width: int = 1280, height: int = 1000):
+    def __init__(self, width: int = 1280, height: int = 1000, network_off: bool = True):
         import websocket  # websocket-client (a dependency of jupyter_server)
 
         self.width, self.height = width, height
         self.profile = tempfile.mkdtemp(prefix="circuitlib-chromium-")
         self.proc = subprocess.Popen(
-            [chromium(), *FLAGS, "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
+            [chromium(), *(FLAGS if network_off else [f for f in FLAGS if not f.startswith(("--host-", "--proxy"))]),
+             "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
              "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         url, deadline = None, time.time() + 60
         while url is None and time.time() < deadline:
