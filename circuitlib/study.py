@@ -286,9 +286,14 @@ def plot_vs_alpha(table, columns: Sequence[tuple[str, str]], title: str | None =
     per_prompt = per_prompt or {}
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6), layout="constrained")
+    # At most two panels per row, 7.2 inches wide in all: the book's text column shows the figure at
+    # about its own size, so its labels stay readable (three panels in a row were shrunk to ~55 %).
+    n_cols = 1 if len(columns) == 1 else 2
+    n_rows = -(-len(columns) // n_cols)
+    fig, grid = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols, 2.9 * n_rows + 0.4), layout="constrained",
+                             squeeze=False)
     plt.close(fig)
-    axes = np.atleast_1d(axes)
+    axes, spare = grid.ravel()[:len(columns)], grid.ravel()[len(columns):]
     n_seeds = table["seed"].nunique()
     for ax, (column, label) in zip(axes, columns):
         for (ablation, mlps), g in table.groupby(["ablation", "include_mlps"], sort=True):
@@ -305,7 +310,12 @@ def plot_vs_alpha(table, columns: Sequence[tuple[str, str]], title: str | None =
         ax.set_xlabel(r"$\alpha$")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    for ax in spare:                     # an empty slot of the grid holds the legend
+        ax.axis("off")
+    if len(spare):
+        spare[0].legend(*axes[0].get_legend_handles_labels(), loc="center", fontsize=9, frameon=False)
+    else:
+        axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
