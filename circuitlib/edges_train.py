@@ -44,7 +44,7 @@ from .edges import (REPLACEMENTS, EdgeGraph, Replacement, check_full, determinis
                     edges_among, expected_open, gates_from_edges, graph_for, kl_loss, make_replacement,
                     masked_logits, node_circuit, remove_dead, sample_gates)
 from .metrics import accuracy, kl_divergence
-from .model import Transformer, _atomic_write
+from .model import Transformer, atomic_write
 
 RESULT_FILE = "edges.json"
 
@@ -240,7 +240,7 @@ class EdgeCircuit:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=2)
-        return _atomic_write(path, lambda p: Path(p).write_text(text))
+        return atomic_write(path, lambda p: Path(p).write_text(text))
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> "EdgeCircuit":

@@ -395,7 +395,7 @@ class Transformer(nn.Module):
         if (directory / CONFIG_FILE).exists():
             raise FileExistsError(f"{directory} already holds a model; choose a new folder or delete it first")
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        weights = _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, p))
+        weights = atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, p))
         meta = {
             "format_version": FORMAT_VERSION,
             "config": asdict(self.cfg),
@@ -403,7 +403,7 @@ class Transformer(nn.Module):
             "ablation": self.ablation,
             "weights_sha256": _sha256(weights),
         }
-        _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
         return directory
 
     @classmethod
@@ -443,7 +443,7 @@ def _sha256(path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> Path:
+def atomic_write(path: Path, write) -> Path:
     """Call `write(tmp_path)` then rename tmp_path to `path` (same folder, so the rename is atomic)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .model import atomic_write
+
 
 class Store:
     """The results folder of one study."""
@@ -62,17 +64,17 @@ class Store:
             raise FileExistsError(f"unit {key} is already in {self.root}; a finished unit is never overwritten "
                                   "(delete its file by hand to recompute it)")
         table = pa.Table.from_pylist(rows)
-        _atomic(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
         (self.root / "failed" / f"{key}.json").unlink(missing_ok=True)
         self.clear_running(key)
         return path
 
     def write_failure(self, key: str, record: dict) -> None:
-        _atomic(self.root / "failed" / f"{key}.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        atomic_write(self.root / "failed" / f"{key}.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
         self.clear_running(key)
 
     def write_running(self, key: str, record: dict) -> None:
-        _atomic(self.root / "running" / f"{key}.json",
+        atomic_write(self.root / "running" / f"{key}.json",
                 lambda tmp: Path(tmp).write_text(json.dumps({**record, "updated": time.time()})))
 
     def clear_running(self, key: str) -> None:
@@ -87,20 +89,6 @@ class Store:
         if not keys:
             return pd.DataFrame()
         return pd.concat([pq.read_table(self.unit_path(k)).to_pandas() for k in keys], ignore_index=True)
-
-
-def _atomic(path: Path, write) -> None:
-    """Write `path` through a temporary sibling renamed into place (readable by others, like a normal file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _read_json(path: Path) -> dict:

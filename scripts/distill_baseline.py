@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from circuitlib.distill import distill, layers_within, make_student, student_parameters  # noqa: E402
 from circuitlib.loading import check_device, load_model  # noqa: E402
+from circuitlib.model import atomic_write  # noqa: E402
 from circuitlib.runner import provenance, study_table  # noqa: E402
 from circuitlib.spec import load_spec  # noqa: E402
-from circuitlib.store import _atomic  # noqa: E402
 from circuitlib.tasks import get_task  # noqa: E402
 
 
@@ -102,7 +102,8 @@ def main() -> int:
               "val_loss": history.val_loss, "val_accuracy": history.val_accuracy,
               "provenance": {**provenance(str(device), args.threads),
                              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
-    _atomic(out, lambda tmp: Path(tmp).write_text(json.dumps(record)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(record)))
     print(f"{task.name}: {n_layers}-layer student ({record['student_parameters']:,} <= {budget:,} parameters), "
           f"{record['steps_run']} steps in {history.seconds / 60:.1f} min ({history.stopped}); best validation "
           f"accuracy {history.best_val_accuracy:.3f}, test {test_accuracy:.3f} -> {out}")
