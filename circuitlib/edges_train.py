@@ -30,8 +30,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -283,23 +281,14 @@ class EdgeRun:
 
     def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
         """Write `edges.json`, the pruned model and the tokenizer into `out_dir`, atomically."""
-        from .experiment import check_out_dir
+        from .experiment import write_folder
 
-        out_dir = Path(out_dir)
-        check_out_dir(out_dir, force)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-        tmp.chmod(0o755)
-        try:
+        def fill(tmp: Path) -> None:
             self.pruned.save(tmp)
             self.tokenizer.save_pretrained(tmp)
             self.result.save_json(tmp / RESULT_FILE)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out_dir
+
+        return write_folder(out_dir, force, fill)
 
 
 def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps: int, ablation: str = "mean",

@@ -83,26 +83,35 @@ class Extraction:
 
     def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
         """Write the run folder atomically (a temporary sibling renamed at the end)."""
-        out_dir = Path(out_dir)
-        check_out_dir(out_dir, force)
         from safetensors.torch import save_file
 
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the run folder is an ordinary folder
-        try:
+        def fill(tmp: Path) -> None:
             self.pruned.save(tmp)
             self.tokenizer.save_pretrained(tmp)
             save_file({s: r.contiguous() for s, r in self.full_resid.items()}, tmp / "reference.safetensors")
             if "task_file" in self.settings:
                 shutil.copyfile(self.task.path, tmp / self.settings["task_file"])
             (tmp / "circuit.json").write_text(json.dumps(self.to_dict(), indent=2))
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out_dir
+
+        return write_folder(out_dir, force, fill)
+
+
+def write_folder(out_dir: str | os.PathLike, force: bool, fill) -> Path:
+    """Make the folder `out_dir` atomically: `fill(tmp)` writes into a temporary sibling that is then
+    renamed into place (replacing a non-empty `out_dir` only with `force`, see `check_out_dir`)."""
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a run folder is an ordinary folder
+    try:
+        fill(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
 
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
