@@ -149,9 +149,10 @@ def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads
     if found != digest:
         raise RuntimeError(f"the prompts generated on this worker differ from the planner's ({found} != {digest}): "
                            "different circuitlib versions or tokenizers on the driver and the workers")
-    full_lp = {s: log_probs(model.unembed(r)) for s, r in full_reference(model, data).items()}
+    full_logits = {s: model.unembed(r) for s, r in full_reference(model, data).items()}   # [n, V] per split
+    full_lp = {s: log_probs(logits) for s, logits in full_logits.items()}
     means = mean_activations(model, data.patching.tokens) if unit.ablation == "mean" else None
-    full = {s: _per_prompt(task, getattr(data, s), full_lp[s], model) for s in ("validation", "test")}
+    full = {s: {"correct": task.correct(getattr(data, s), full_logits[s]).cpu().tolist()} for s in full_logits}
     started = time.perf_counter()
     circuits = sweep(model, data.patching.tokens, data.validation.tokens, list(unit.alphas), ablation=unit.ablation,
                      include_mlps=unit.include_mlps, order=unit.order, progress=progress, means=means,
