@@ -10,7 +10,9 @@ Everything is measured in this one run, on a GPT-2-shaped model and the acronym 
 3. the plain path's forward pass with the authors' hook settings (use_attn_result,
    use_split_qkv_input, use_hook_mlp_in), timed on a few candidates and extrapolated;
 4. a sweep over the paper's 30 alphas against the single-alpha fast run;
-5. the peak memory (resident set) of a fast extraction in a fresh process, model included; on
+5. batched candidates (a layer's remaining candidates in one pass; the default on CUDA) against
+   one candidate at a time (the default on the CPU), side by side, same decisions checked;
+6. the peak memory (resident set) of a fast extraction in a fresh process, model included; on
    CUDA, the peak GPU memory allocated by the fast extraction instead.
 Ratios are printed and written to benchmarks/results/extraction_speed.json (extraction_speed-cuda.json
 on a GPU).
@@ -110,6 +112,15 @@ def main():
     print(f"sweep over 30 alphas: {sweep_s:.1f} s = {sweep_s / fast_s:.2f}x one extraction; "
           f"alpha {alphas[i]:.3g} identical to its own run: {check.to_dict() == swept[i].to_dict()}")
 
+    batched, batched_s = timed(lambda: extract(model, patching, validation, alpha=alpha, progress=False,
+                                               batch_candidates=True))
+    single, single_s = timed(lambda: extract(model, patching, validation, alpha=alpha, progress=False,
+                                             batch_candidates=False))
+    batched_same = [(d.component, d.pruned) for d in batched.decisions] == [(d.component, d.pruned)
+                                                                            for d in single.decisions]
+    print(f"batched candidates: {batched_s:.1f} s, one at a time: {single_s:.1f} s "
+          f"({single_s / batched_s:.2f}x); same decisions: {batched_same}")
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         extract(model, patching, validation, alpha=alpha, progress=False)
@@ -130,8 +141,10 @@ def main():
         "same_decisions": same, "sweep_seconds": sweep_s, "sweep_alphas": len(alphas),
         "sweep_matches_separate_run": check.to_dict() == swept[i].to_dict(), "peak_memory_gib": peak_gib,
         "peak_memory_scope": peak_scope,
+        "batched_candidates_seconds": batched_s, "one_candidate_at_a_time_seconds": single_s,
+        "batched_candidates_same_decisions": batched_same,
         "ratios": {"plain_over_fast": plain_s / fast_s, "authors_hooks_over_fast": authors_s / fast_s,
-                   "sweep_over_single": sweep_s / fast_s},
+                   "sweep_over_single": sweep_s / fast_s, "one_at_a_time_over_batched": single_s / batched_s},
         "targets": {"plain_over_fast": ">= 30", "authors_hooks_over_fast": ">= 30", "sweep_over_single": "<= 5",
                     "peak_memory_gib": "< 3"},
     }
