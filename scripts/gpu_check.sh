@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one script to run when a GPU is at hand (e.g. the device machine lent to a session):
-#   bash scripts/gpu_check.sh [SECONDS_FOR_THE_STUDY]
+#   bash scripts/gpu_check.sh [SECONDS_FOR_THE_STUDIES]
 # 1. the device tests on CUDA, 2. the extraction and pruned-inference benchmarks on CUDA,
-# 3. as much of studies/paper.yml as fits in the time left (finished units land in results/paper;
-#    a unit cut off by the time limit is simply pending next time). Everything it makes is copied
+# 3. as many pending units of the studies in $STUDIES (default: the book's, Table 1's, then the
+#    paper's design) as fit in the time given (finished units land in results/<study>/units; a
+#    unit cut off by the time limit is simply pending next time). Everything it makes is copied
 #    to $OUT when that is set (the device tool brings $OUT back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,10 +17,18 @@ $PY -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'; pri
 $PY -m pytest -q tests/test_device.py 2>&1 | tail -3
 $PY benchmarks/extraction_speed.py --device cuda --plain-steps 24 2>&1 | tail -8
 $PY benchmarks/pruned_inference.py --device cuda 2>&1 | tail -8
-timeout --signal=INT "$STUDY_SECONDS" $PY -m circuitlib study run studies/paper.yml --workers 1 --device cuda --threads 4
-$PY -m circuitlib study status studies/paper.yml | head -3
+STUDIES=${STUDIES:-studies/book.yml studies/table1.yml studies/paper.yml}
+END=$((SECONDS + STUDY_SECONDS))
+for spec in $STUDIES; do
+  left=$((END - SECONDS)); [ "$left" -gt 30 ] || break
+  timeout --signal=INT "$left" $PY -m circuitlib study run "$spec" --workers 1 --device cuda --threads 4
+  $PY -m circuitlib study status "$spec" | head -3
+done
 if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/benchmarks" "$OUT/results"
   cp benchmarks/results/*-cuda.json "$OUT/benchmarks/" 2>/dev/null
-  cp -r results/paper "$OUT/results/" 2>/dev/null
+  for spec in $STUDIES; do
+    name=$(basename "$spec" .yml); mkdir -p "$OUT/results/$name"
+    cp -r "results/$name/units" "$OUT/results/$name/" 2>/dev/null
+  done
 fi
