@@ -20,6 +20,10 @@ for 20,000 epochs and published no code for it. Here:
   is a stronger baseline at no cost in the size comparison (it is not the paper's).
 - `distill(...)` trains with full-batch steps (one step = one pass over the training prompts =
   one of the paper's epochs), seeded, with a tqdm progress bar, and returns a `DistillHistory`.
+- `distill_baseline(teacher, tokenizer, row)` does it all for one row of a study's results store
+  (the extracted model the student competes with): the row's prompts, its parameter budget, a
+  student trained until its validation loss plateaus, and a JSON-ready record with the curve
+  (`scripts/distill_baseline.py` and the baselines chapter write it to `baseline_path`).
 
 Initialisation (fresh parts): normal(0, 0.02) for every weight matrix and the embeddings, as
 GPT-2 and Llama are initialised; output projections (W_O, W_out) scaled by 1/sqrt(2 N) as in
@@ -31,7 +35,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -223,3 +229,50 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
     history.seconds = time.perf_counter() - started
     student.eval()
     return history
+
+
+def baseline_path(out_dir, row: Mapping) -> Path:
+    """Where the distillation baseline of a study row is kept: <task>-<ablation>-<heads|heads+mlps>-seed<S>-alpha<A>.json."""
+    mlps = "heads+mlps" if row["include_mlps"] else "heads"
+    return Path(out_dir) / f"{row['task']}-{row['ablation']}-{mlps}-seed{int(row['seed'])}-alpha{float(row['alpha']):g}.json"
+
+
+def distill_baseline(teacher: Transformer, tokenizer, row: Mapping, *, lr: float = 1e-3, max_steps: int = 20000,
+                     eval_every: int = 25, patience: int | None = 10, min_improvement: float = 1e-3,
+                     progress: bool = True) -> dict:
+    """The distillation baseline of one row of a study's results store, as a JSON-ready record.
+
+    The row (the extracted model the student competes with) gives the task, the seed and sizes of
+    its prompts, and its parameter budget. The student (the largest N-layer one within the budget,
+    fresh, seeded by the row's seed) is trained on the row's patching prompts, evaluated every
+    `eval_every` steps on its validation prompts and stopped when the validation loss plateaus
+    (`patience`, `min_improvement`; see `distill`) or after `max_steps` (the paper's 20,000
+    epochs). The record holds the settings, the budget, N, the whole curve, the best validation
+    accuracy (the paper's number) and the final test accuracy.
+    """
+    from .tasks import get_task
+
+    task = get_task(row["task"])
+    seed = int(row["seed"])
+    budget = int(row["parameters"])
+    n_layers = layers_within(teacher.cfg, budget)
+    if n_layers < 1:
+        raise ValueError(f"not even a one-layer student fits in the extracted model's {budget:,} parameters")
+    data = task.generate(tokenizer, n=int(row["n"]), seed=seed, n_test=int(row["n_test"]))
+    student = make_student(teacher, n_layers, seed=seed)
+    history = distill(teacher, student, data.patching.tokens, data.validation, task, steps=max_steps, lr=lr, seed=seed,
+                      eval_every=eval_every, patience=patience, min_improvement=min_improvement, progress=progress)
+    with torch.inference_mode():
+        test_logits = student(data.test.tokens.to(teacher.W_E.device), last_only=True)
+        test_accuracy = task.correct(data.test, test_logits).float().mean().item()
+    return {"model": row["model"], "task": task.name, "ablation": row["ablation"],
+            "include_mlps": bool(row["include_mlps"]), "seed": seed, "alpha": float(row["alpha"]),
+            "n": int(row["n"]), "n_test": int(row["n_test"]), "study": row["study"], "study_key": row["key"],
+            "budget_parameters": budget, "extracted_val_accuracy": float(row["val_accuracy"]),
+            "extracted_test_accuracy": float(row["test_accuracy"]), "full_parameters": int(row["full_parameters"]),
+            "student_layers": n_layers, "student_parameters": student_parameters(teacher.cfg, n_layers), "lr": lr,
+            "max_steps": max_steps, "eval_every": eval_every, "patience": patience,
+            "min_improvement": min_improvement, "steps_run": len(history.train_loss), "stopped": history.stopped,
+            "seconds": history.seconds, "best_val_accuracy": history.best_val_accuracy, "best_step": history.best_step,
+            "test_accuracy": test_accuracy, "train_loss": history.train_loss, "eval_steps": history.eval_steps,
+            "val_loss": history.val_loss, "val_accuracy": history.val_accuracy}

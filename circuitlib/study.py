@@ -13,6 +13,7 @@ validation and the held-out test split, and its size).
     single_head_effects, top_heads         KL increase of ablating each head alone in the full model
     random_kept                            a random circuit of the same size (a baseline)
     time_pair                              honest inference times of a full and a pruned model
+    choose_alpha                           the largest alpha within a tolerance of the full accuracy
     plot_vs_alpha, plot_accuracy_vs_size   the paper's RQ1 figures from an `alpha_study` table
     machine, cpu_name                      which CPU/GPU and how many threads made a timing
 """
@@ -36,7 +37,7 @@ from .surgery import prune
 from .tasks import TaskData
 
 __all__ = ["bootstrap_interval", "with_intervals", "paper_alphas", "evaluate_kept", "evaluate_circuits", "alpha_study", "tpr_fpr_by_alpha",
-           "single_head_effects", "top_heads", "random_kept", "time_pair", "full_reference", "plot_vs_alpha",
+           "single_head_effects", "top_heads", "random_kept", "time_pair", "choose_alpha", "full_reference", "plot_vs_alpha",
            "plot_accuracy_vs_size", "config_label", "machine", "cpu_name"]
 
 
@@ -260,6 +261,21 @@ def time_pair(full: Transformer, pruned: Transformer, tokens: torch.Tensor, *, w
     S = tokens.shape[1]
     return {"full_s": full_s, "pruned_s": pruned_s, "time_ratio": pruned_s / full_s,
             "flop_ratio": pruned.flops(S) / full.flops(S)}
+
+
+def choose_alpha(table, tolerance: float = 0.05) -> dict[tuple, float | None]:
+    """The chapters' selection rule, per (task, ablation, include_mlps) of a study table.
+
+    The largest alpha whose circuits keep the validation accuracy (mean over the batches) within
+    `tolerance` of the full model's (mean over the same batches); None where no alpha does.
+    """
+    chosen = {}
+    for (task, ablation, mlps), g in table.groupby(["task", "ablation", "include_mlps"], sort=True):
+        full_val = g["full_val_accuracy"].mean()
+        acc = g.groupby("alpha")["val_accuracy"].mean()
+        ok = acc[acc >= full_val - tolerance]
+        chosen[(task, ablation, bool(mlps))] = float(ok.index.max()) if len(ok) else None
+    return chosen
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The distillation baseline of chapter 07, trained until its validation loss plateaus, as data.
 
-    python scripts/distill_baseline.py --task ioi --budget-from studies/table1.yml --alpha 0.01 \\
-        --ablation mean --seed 0 [--include-mlps] [--device cuda] [--max-steps 20000] [--patience 10]
+    python scripts/distill_baseline.py --task ioi --budget-from studies/book.yml [--alpha auto|A] \\
+        [--ablation mean] [--seed 0] [--include-mlps] [--device cuda] [--max-steps 20000] [--patience 10]
 
 The student (the teacher's family with N layers, N the largest that fits in the extracted
 model's parameter count, read from the study's store row of the same task, configuration, seed
@@ -9,10 +9,12 @@ and alpha) is trained on that row's patching prompts to copy the teacher's last-
 (L2, Adam, the paper's learning rate 1e-3), evaluated every `--eval-every` steps on the validation
 prompts, and stopped when the validation loss has plateaued (`--patience` evaluations without a
 relative improvement of `--min-improvement`) or after `--max-steps` (the paper's 20,000 epochs).
-The result (settings, budget, N, the whole training curve, best validation and final test
-accuracy, why it stopped, provenance) is written atomically to
-results/distill/<task>-<ablation>-<heads|heads+mlps>-seed<S>-alpha<A>.json; an existing result is
-never replaced without --force.
+`--alpha auto` (the default) takes the chapters' rule: the largest alpha of the study whose
+circuits keep the validation accuracy within 5 points of the full model's
+(`circuitlib.study.choose_alpha`). The record (`circuitlib.distill.distill_baseline`: settings,
+budget, N, the whole training curve, best validation and final test accuracy, why it stopped)
+and its provenance are written atomically to results/distill/<task>-<ablation>-<heads|heads+mlps>-
+seed<S>-alpha<A>.json; an existing result is never replaced without --force.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from circuitlib.distill import distill, layers_within, make_student, student_parameters  # noqa: E402
+from circuitlib.distill import baseline_path, distill_baseline  # noqa: E402
 from circuitlib.loading import check_device, load_model  # noqa: E402
 from circuitlib.model import atomic_write  # noqa: E402
 from circuitlib.runner import provenance, study_table  # noqa: E402
 from circuitlib.spec import load_spec  # noqa: E402
+from circuitlib.study import choose_alpha  # noqa: E402
 from circuitlib.tasks import get_task  # noqa: E402
 
 
@@ -40,7 +43,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", required=True)
     p.add_argument("--budget-from", required=True, help="the study spec whose store holds the extracted model's row")
-    p.add_argument("--alpha", type=float, required=True)
+    p.add_argument("--alpha", default="auto", help="the row's alpha, or 'auto' (the chapters' selection rule)")
     p.add_argument("--ablation", default="mean", choices=("mean", "zero"))
     p.add_argument("--include-mlps", action="store_true")
     p.add_argument("--seed", type=int, default=0)
@@ -57,56 +60,42 @@ def main() -> int:
 
     device = check_device(args.device)
     spec = load_spec(args.budget_from)
+    task_name = get_task(args.task).name
     table = study_table(spec)
-    row = table[(table.task == get_task(args.task).name) & (table.ablation == args.ablation)
-                & (table.include_mlps == args.include_mlps) & (table.seed == args.seed)
-                & ((table.alpha - args.alpha).abs() <= 1e-12 * max(1.0, args.alpha))]
+    table = table[(table.task == task_name) & (table.ablation == args.ablation)
+                  & (table.include_mlps == args.include_mlps)]
+    if args.alpha == "auto":
+        alpha = choose_alpha(table).get((task_name, args.ablation, args.include_mlps)) if len(table) else None
+        if alpha is None:
+            print(f"error: no alpha of {args.budget_from}'s finished units keeps {task_name} within 5 points of the "
+                  "full model (or none are finished); give --alpha", file=sys.stderr)
+            return 2
+    else:
+        alpha = float(args.alpha)
+    row = table[(table.seed == args.seed) & ((table.alpha - alpha).abs() <= 1e-12 * max(1.0, alpha))]
     if len(row) != 1:
-        print(f"error: the store of {args.budget_from} has no row for {args.task}, {args.ablation}, "
-              f"include_mlps={args.include_mlps}, seed {args.seed}, alpha {args.alpha}; run that study first "
+        print(f"error: the store of {args.budget_from} has no row for {task_name}, {args.ablation}, "
+              f"include_mlps={args.include_mlps}, seed {args.seed}, alpha {alpha:g}; run that study first "
               f"(python -m circuitlib study run {args.budget_from})", file=sys.stderr)
         return 2
     row = row.iloc[0]
-    mlps = "heads+mlps" if args.include_mlps else "heads"
-    out = Path(args.out_dir) / f"{args.task}-{args.ablation}-{mlps}-seed{args.seed}-alpha{args.alpha:g}.json"
+    out = baseline_path(args.out_dir, row)
     if out.exists() and not args.force:
         print(f"error: {out} exists; pass --force to replace it", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     teacher, tokenizer = load_model(spec.model, device=device)
-    task = get_task(args.task)
-    data = task.generate(tokenizer, n=int(row["n"]), seed=args.seed, n_test=int(row["n_test"]))
-    budget = int(row["parameters"])
-    n_layers = layers_within(teacher.cfg, budget)
-    if n_layers < 1:
-        print(f"error: not even a one-layer student fits in {budget:,} parameters", file=sys.stderr)
-        return 2
-    student = make_student(teacher, n_layers, seed=args.seed)
-    history = distill(teacher, student, data.patching.tokens, data.validation, task, steps=args.max_steps,
-                      lr=args.lr, seed=args.seed, eval_every=args.eval_every, patience=args.patience,
-                      min_improvement=args.min_improvement)
-    with torch.inference_mode():
-        test_logits = student(data.test.tokens.to(device), last_only=True)
-        test_accuracy = task.correct(data.test, test_logits).float().mean().item()
-    record = {"model": spec.model, "task": task.name, "ablation": args.ablation, "include_mlps": args.include_mlps,
-              "seed": args.seed, "alpha": args.alpha, "n": int(row["n"]), "n_test": int(row["n_test"]),
-              "study": spec.name, "study_key": row["key"], "budget_parameters": budget,
-              "extracted_test_accuracy": float(row["test_accuracy"]),
-              "full_parameters": int(row["full_parameters"]), "student_layers": n_layers,
-              "student_parameters": student_parameters(teacher.cfg, n_layers), "lr": args.lr,
-              "max_steps": args.max_steps, "eval_every": args.eval_every, "patience": args.patience,
-              "min_improvement": args.min_improvement, "steps_run": len(history.train_loss),
-              "stopped": history.stopped, "seconds": history.seconds,
-              "best_val_accuracy": history.best_val_accuracy, "best_step": history.best_step,
-              "test_accuracy": test_accuracy, "train_loss": history.train_loss, "eval_steps": history.eval_steps,
-              "val_loss": history.val_loss, "val_accuracy": history.val_accuracy,
-              "provenance": {**provenance(str(device), args.threads),
-                             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    record = distill_baseline(teacher, tokenizer, row, lr=args.lr, max_steps=args.max_steps,
+                              eval_every=args.eval_every, patience=args.patience,
+                              min_improvement=args.min_improvement)
+    record["provenance"] = {**provenance(str(device), args.threads),
+                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(record)))
-    print(f"{task.name}: {n_layers}-layer student ({record['student_parameters']:,} <= {budget:,} parameters), "
-          f"{record['steps_run']} steps in {history.seconds / 60:.1f} min ({history.stopped}); best validation "
-          f"accuracy {history.best_val_accuracy:.3f}, test {test_accuracy:.3f} -> {out}")
+    print(f"{task_name}, alpha {alpha:g}: {record['student_layers']}-layer student ({record['student_parameters']:,} <= "
+          f"{record['budget_parameters']:,} parameters), {record['steps_run']} steps in {record['seconds'] / 60:.1f} min "
+          f"({record['stopped']}); best validation accuracy {record['best_val_accuracy']:.3f}, test "
+          f"{record['test_accuracy']:.3f} -> {out}")
     return 0
 
 

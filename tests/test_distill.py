@@ -140,3 +140,29 @@ def test_the_distillation_baseline_script_writes_its_curve_once(tmp_path):
     assert again.returncode == 2 and "exists" in again.stderr
     missing = subprocess.run(command[:7] + ["0.5"] + command[8:], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "has no row" in missing.stderr
+
+
+def test_the_script_picks_the_chapters_alpha_by_default(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from circuitlib.runner import run_study, study_table
+    from circuitlib.spec import load_spec
+    from circuitlib.study import choose_alpha
+
+    spec_path = tmp_path / "tiny.yml"
+    spec_path.write_text(yaml.safe_dump({"model": "tiny-gpt2", "tasks": ["ioi"], "alphas": [0.001, 0.1], "n": 4}))
+    spec = load_spec(spec_path)
+    assert run_study(spec, workers=0, progress=False)["failed"] == []
+    want = choose_alpha(study_table(spec))[("ioi", "mean", False)]
+    script = Path(__file__).resolve().parent.parent / "scripts" / "distill_baseline.py"
+    done = subprocess.run([sys.executable, str(script), "--task", "ioi", "--budget-from", str(spec_path),
+                           "--max-steps", "6", "--eval-every", "3", "--out-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    [written] = (tmp_path / "out").glob("*.json")
+    assert json.loads(written.read_text())["alpha"] == want and written.name.endswith(f"alpha{want:g}.json")

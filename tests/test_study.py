@@ -166,3 +166,20 @@ def test_with_intervals_groups_rows():
     assert list(out["alpha"]) == [0.1, 1.0] and list(out["batches"]) == [2, 1]
     assert out["mean"].tolist() == pytest.approx([0.75, 0.25])
     assert (out["low"] <= out["mean"]).all() and (out["mean"] <= out["high"]).all()
+
+
+def test_choose_alpha_takes_the_largest_alpha_within_the_tolerance():
+    import pandas as pd
+
+    from circuitlib.study import choose_alpha
+
+    rows = []
+    for seed, accs in ((0, [0.95, 0.93, 0.80]), (1, [0.97, 0.89, 0.70])):   # mean 0.96, 0.91, 0.75
+        for alpha, acc in zip([0.001, 0.01, 0.1], accs):
+            rows.append({"task": "ioi", "ablation": "mean", "include_mlps": False, "seed": seed, "alpha": alpha,
+                         "val_accuracy": acc, "full_val_accuracy": 0.96})
+            rows.append({"task": "ioi", "ablation": "zero", "include_mlps": True, "seed": seed, "alpha": alpha,
+                         "val_accuracy": 0.5, "full_val_accuracy": 0.96})
+    chosen = choose_alpha(pd.DataFrame(rows))
+    assert chosen == {("ioi", "mean", False): 0.01, ("ioi", "zero", True): None}
+    assert choose_alpha(pd.DataFrame(rows), tolerance=0.01) == {("ioi", "mean", False): 0.001, ("ioi", "zero", True): None}
