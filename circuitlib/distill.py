@@ -276,3 +276,41 @@ def distill_baseline(teacher: Transformer, tokenizer, row: Mapping, *, lr: float
             "seconds": history.seconds, "best_val_accuracy": history.best_val_accuracy, "best_step": history.best_step,
             "test_accuracy": test_accuracy, "train_loss": history.train_loss, "eval_steps": history.eval_steps,
             "val_loss": history.val_loss, "val_accuracy": history.val_accuracy}
+
+
+BASELINE_SETTINGS = ("lr", "max_steps", "eval_every", "patience", "min_improvement")
+
+
+def baseline(out_dir, teacher: Transformer, tokenizer, row: Mapping, *, device: str = "cpu", threads: int = 1,
+             progress: bool = True, replace: bool = False, **settings) -> dict:
+    """The record at `baseline_path(out_dir, row)` if it was trained with these `settings`, else train it.
+
+    settings: any of BASELINE_SETTINGS (defaults as in `distill_baseline`). A record trained with
+    other settings is never replaced silently: that raises, naming the file and the differences;
+    `replace=True` retrains and replaces it (the old record stays until the new one is written).
+    A new record gets its provenance and is written atomically.
+    """
+    import json
+
+    from .model import atomic_write
+    from .runner import provenance
+
+    unknown = set(settings) - set(BASELINE_SETTINGS)
+    if unknown:
+        raise TypeError(f"unknown distillation setting(s) {sorted(unknown)}; choose from {BASELINE_SETTINGS}")
+    path = baseline_path(out_dir, row)
+    if path.exists() and not replace:
+        record = json.loads(path.read_text())
+        differ = {k: (record.get(k), v) for k, v in settings.items() if record.get(k) != v}
+        if record.get("study_key") != row["key"]:
+            differ["study_key"] = (record.get("study_key"), row["key"])
+        if differ:
+            raise ValueError(f"{path} was trained with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
+                             "delete it to retrain, or give another output folder")
+        return record
+    record = distill_baseline(teacher, tokenizer, row, progress=progress, **settings)
+    record["provenance"] = {**provenance(str(device), threads),
+                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record)))
+    return record

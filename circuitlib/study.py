@@ -11,7 +11,7 @@ validation and the held-out test split, and its size).
     alpha_study                            sweep x {ablation} x {include_mlps} x seeds -> a table
     tpr_fpr_by_alpha                       mean TPR/FPR per alpha over repeated batches (ROC points)
     single_head_effects, top_heads         KL increase of ablating each head alone in the full model
-    random_kept                            a random circuit of the same size (a baseline)
+    random_kept, random_components         a random circuit of the same size (a baseline)
     time_pair                              honest inference times of a full and a pruned model
     choose_alpha                           the largest alpha within a tolerance of the full accuracy
     plot_vs_alpha, plot_accuracy_vs_size   the paper's RQ1 figures from an `alpha_study` table
@@ -37,7 +37,7 @@ from .surgery import prune
 from .tasks import TaskData
 
 __all__ = ["bootstrap_interval", "with_intervals", "paper_alphas", "evaluate_kept", "evaluate_circuits", "alpha_study", "tpr_fpr_by_alpha",
-           "single_head_effects", "top_heads", "random_kept", "time_pair", "choose_alpha", "full_reference", "plot_vs_alpha",
+           "single_head_effects", "top_heads", "random_kept", "random_components", "time_pair", "choose_alpha", "full_reference", "plot_vs_alpha",
            "plot_accuracy_vs_size", "config_label", "machine", "cpu_name"]
 
 
@@ -232,12 +232,16 @@ def random_kept(circuit: Circuit, seed: int) -> list[str]:
 
     MLPs outside the search (include_mlps=False) are kept, as in the extracted circuit.
     """
+    return random_components(circuit.n_layers, circuit.n_heads, len(circuit.kept_heads), len(circuit.kept_mlps),
+                             circuit.include_mlps, seed)
+
+
+def random_components(n_layers: int, n_heads: int, heads: int, mlps: int, include_mlps: bool, seed: int) -> list[str]:
+    """`heads` heads drawn uniformly (seeded), and `mlps` MLPs if they were candidates, else all MLPs."""
     rng = random.Random(seed)
-    heads = [head_name(l, h) for l in range(circuit.n_layers) for h in range(circuit.n_heads)]
-    kept = rng.sample(heads, len(circuit.kept_heads))
-    mlps = [mlp_name(l) for l in range(circuit.n_layers)]
-    kept += rng.sample(mlps, len(circuit.kept_mlps)) if circuit.include_mlps else mlps
-    return kept
+    kept = rng.sample([head_name(l, h) for l in range(n_layers) for h in range(n_heads)], heads)
+    all_mlps = [mlp_name(l) for l in range(n_layers)]
+    return kept + (rng.sample(all_mlps, mlps) if include_mlps else all_mlps)
 
 
 def time_pair(full: Transformer, pruned: Transformer, tokens: torch.Tensor, *, warmup: int = 3,

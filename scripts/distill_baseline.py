@@ -11,18 +11,16 @@ prompts, and stopped when the validation loss has plateaued (`--patience` evalua
 relative improvement of `--min-improvement`) or after `--max-steps` (the paper's 20,000 epochs).
 `--alpha auto` (the default) takes the chapters' rule: the largest alpha of the study whose
 circuits keep the validation accuracy within 5 points of the full model's
-(`circuitlib.study.choose_alpha`). The record (`circuitlib.distill.distill_baseline`: settings,
-budget, N, the whole training curve, best validation and final test accuracy, why it stopped)
-and its provenance are written atomically to results/distill/<task>-<ablation>-<heads|heads+mlps>-
+(`circuitlib.study.choose_alpha`). The record (`circuitlib.distill.baseline`: settings, budget,
+N, the whole training curve, best validation and final test accuracy, why it stopped) and its
+provenance are written atomically to results/distill/<task>-<ablation>-<heads|heads+mlps>-
 seed<S>-alpha<A>.json; an existing result is never replaced without --force.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,10 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from circuitlib.distill import baseline_path, distill_baseline  # noqa: E402
+from circuitlib.distill import baseline, baseline_path  # noqa: E402
 from circuitlib.loading import check_device, load_model  # noqa: E402
-from circuitlib.model import atomic_write  # noqa: E402
-from circuitlib.runner import provenance, study_table  # noqa: E402
+from circuitlib.runner import study_table  # noqa: E402
 from circuitlib.spec import load_spec  # noqa: E402
 from circuitlib.study import choose_alpha  # noqa: E402
 from circuitlib.tasks import get_task  # noqa: E402
@@ -85,13 +82,9 @@ def main() -> int:
         return 2
     torch.set_num_threads(args.threads)
     teacher, tokenizer = load_model(spec.model, device=device)
-    record = distill_baseline(teacher, tokenizer, row, lr=args.lr, max_steps=args.max_steps,
-                              eval_every=args.eval_every, patience=args.patience,
-                              min_improvement=args.min_improvement)
-    record["provenance"] = {**provenance(str(device), args.threads),
-                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(record)))
+    record = baseline(args.out_dir, teacher, tokenizer, row, device=str(device), threads=args.threads, replace=args.force,
+                      lr=args.lr, max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience,
+                      min_improvement=args.min_improvement)
     print(f"{task_name}, alpha {alpha:g}: {record['student_layers']}-layer student ({record['student_parameters']:,} <= "
           f"{record['budget_parameters']:,} parameters), {record['steps_run']} steps in {record['seconds'] / 60:.1f} min "
           f"({record['stopped']}); best validation accuracy {record['best_val_accuracy']:.3f}, test "

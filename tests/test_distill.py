@@ -166,3 +166,28 @@ def test_the_script_picks_the_chapters_alpha_by_default(tmp_path):
     assert done.returncode == 0, done.stderr
     [written] = (tmp_path / "out").glob("*.json")
     assert json.loads(written.read_text())["alpha"] == want and written.name.endswith(f"alpha{want:g}.json")
+
+
+def test_baseline_reuses_a_record_of_the_same_settings_and_refuses_another(tmp_path):
+    import yaml
+
+    from circuitlib.distill import baseline
+    from circuitlib.loading import load_model
+    from circuitlib.runner import run_study, study_table
+    from circuitlib.spec import load_spec
+
+    spec_path = tmp_path / "tiny.yml"
+    spec_path.write_text(yaml.safe_dump({"model": "tiny-gpt2", "tasks": ["ioi"], "alphas": [0.01], "n": 4}))
+    spec = load_spec(spec_path)
+    run_study(spec, workers=0, progress=False)
+    row = study_table(spec).iloc[0]
+    teacher, tokenizer = load_model("tiny-gpt2")
+    first = baseline(tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=4, eval_every=2)
+    assert first["steps_run"] <= 4 and first["provenance"]["commit"]
+    again = baseline(tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=4, eval_every=2)
+    assert again == first                                         # read back, not retrained
+    with pytest.raises(ValueError, match="max_steps: 4 there, 6 now"):
+        baseline(tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=6, eval_every=2)
+    replaced = baseline(tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=6, eval_every=2,
+                        replace=True)
+    assert replaced["max_steps"] == 6
