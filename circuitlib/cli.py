@@ -71,6 +71,10 @@ def _add_study_parser(sub) -> None:
     run.add_argument("--max-units", type=int, default=None, help="stop after this many units")
     run.add_argument("--task", action="append", default=None,
                      help="run only this task's units (repeatable); the others stay pending")
+    run.add_argument("--ablation", action="append", default=None, choices=("mean", "zero"),
+                     help="run only this ablation scheme's units (repeatable)")
+    run.add_argument("--include-mlps", action="append", default=None, choices=("true", "false"),
+                     help="run only the units with (true) or without (false) the MLPs as candidates (repeatable)")
     for name, text in (("status", "done / pending / failed / running units, time spent and left"),
                        ("show", "the summary table of the finished units")):
         p = st_sub.add_parser(name, help=text)
@@ -91,7 +95,8 @@ def _study(args) -> int:
         if args.max_units is not None and args.max_units < 1:
             raise ValueError(f"--max-units must be >= 1, got {args.max_units}")
         result = run_study(spec, workers=args.workers, scheduler=args.scheduler, threads=args.threads,
-                           device=args.device, max_units=args.max_units, tasks=args.task)
+                           device=args.device, max_units=args.max_units, tasks=args.task, ablations=args.ablation,
+                           include_mlps=None if args.include_mlps is None else [v == "true" for v in args.include_mlps])
         status = study_status(spec, args.workers)
         print(f"study {spec.name}: {len(result['done'])} units computed, {len(result['failed'])} failed now; "
               f"{status['done']}/{status['units']} done in {spec.store}")

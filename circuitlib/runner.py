@@ -199,6 +199,7 @@ def _mean(values: list) -> float:
 
 def run_study(spec: Spec, *, workers: int | None = None, scheduler: str | None = None, threads: int = 1,
               device: str | None = None, max_units: int | None = None, tasks: list[str] | None = None,
+              ablations: list[str] | None = None, include_mlps: list[bool] | None = None,
               progress: bool = True) -> dict:
     """Compute the pending units of `spec` (finished ones are skipped, failed ones retried).
 
@@ -208,6 +209,8 @@ def run_study(spec: Spec, *, workers: int | None = None, scheduler: str | None =
     device:    overrides the spec's device ("cuda" sends every unit to the workers' GPU)
     max_units: stop after this many units (the rest stay pending)
     tasks:     run only the units of these tasks of the spec (the others stay pending)
+    ablations, include_mlps: likewise, only the units of these ablation schemes / MLP settings
+               (e.g. the units one chapter needs first)
     Returns {"done": [...], "failed": [...]} summaries of the units this call ran.
     """
     from .loading import check_device
@@ -218,13 +221,21 @@ def run_study(spec: Spec, *, workers: int | None = None, scheduler: str | None =
     unknown = sorted(set(tasks or []) - set(spec.tasks))
     if unknown:
         raise ValueError(f"task {unknown[0]!r} is not in the spec {spec.name} (its tasks: {', '.join(spec.tasks)})")
+    for name, chosen, values in (("ablation", ablations, spec.ablations), ("include_mlps", include_mlps,
+                                                                         spec.include_mlps)):
+        missing = [c for c in (chosen or []) if c not in values]
+        if missing:
+            raise ValueError(f"{name} {missing[0]!r} is not in the spec {spec.name} (its values: "
+                             f"{', '.join(map(str, values))})")
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive number of torch threads per worker, got {threads!r}")
     store = Store(spec.store)
     store.check_writable()
     planned = plan(spec)
     finished = store.done()
-    pending = [p for p in planned if p.key not in finished and (not tasks or p.unit.task in tasks)][:max_units]
+    pending = [p for p in planned if p.key not in finished and (not tasks or p.unit.task in tasks)
+               and (not ablations or p.unit.ablation in ablations)
+               and (not include_mlps or p.unit.include_mlps in include_mlps)][:max_units]
     prov = provenance(device, threads)
     results = {"done": [], "failed": []}
     if not pending:

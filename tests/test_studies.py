@@ -224,3 +224,17 @@ def test_the_committed_specs_are_valid():
     assert paper.n == {"acronyms": 250, "ioi": 150, "greater-than": 250} and len(paper.seeds) == 5
     assert {len(a) for a in paper.alphas.values()} == {30}
     assert max(paper.alphas["greater-than"]) == pytest.approx(10) and max(paper.alphas["ioi"]) == pytest.approx(1)
+
+
+def test_a_run_can_be_limited_to_some_settings_first(tmp_path):
+    """--task/--ablation/--include-mlps run the units one chapter needs first; the rest stay pending."""
+    spec = load_spec(write_spec(tmp_path, "filtered", tasks=["ioi"], seeds=1, n=4, n_test=4))
+    ran = run_study(spec, workers=0, ablations=["mean"], include_mlps=[False], progress=False)
+    assert [r["label"] for r in ran["done"]] == ["ioi · mean · heads · seed 0"]
+    assert study_status(spec)["done"] == 1 and study_status(spec)["pending"] == 3
+    with pytest.raises(ValueError, match="ablation 'resample' is not in the spec"):
+        run_study(spec, workers=0, ablations=["resample"], progress=False)
+    done = _cli("run", str(tmp_path / "filtered.yml"), "--workers", "0", "--ablation", "zero", "--include-mlps", "true")
+    assert done.wait(timeout=300) == 0, done.stderr.read()
+    assert set(study_table(spec)[["ablation", "include_mlps"]].itertuples(index=False, name=None)) == {
+        ("mean", False), ("zero", True)}
