@@ -72,9 +72,11 @@ def provenance(device: str, threads: int) -> dict:
                                 timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "circuitlib"],
                                cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        commit = (commit + ("+local-changes" if dirty else "")) or "unknown"
+        commit = (commit + ("+local-changes" if dirty else "")) if commit else ""
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+        commit = ""
+    # a copy without .git (e.g. a GPU machine the tree was sent to): the commit its sender gave
+    commit = commit or os.environ.get("CIRCUITLIB_COMMIT", "") or "unknown"
     dev = torch.device(device)
     return {"commit": commit, "host": platform.node(), "cpu": cpu_name(), "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
