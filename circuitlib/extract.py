@@ -327,7 +327,8 @@ class _FastPath:
 def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, alphas: list[float], *,
           ablation: str = "mean", include_mlps: bool = False, order: str = "heads-ascending",
           progress: bool = True, means: Means | None = None, batch_candidates: bool | None = None,
-          on_step: Callable[[int, int, int], None] | None = None) -> list[Circuit]:
+          on_step: Callable[[int, int, int], None] | None = None,
+          on_layer: Callable[[dict], None] | None = None, resume: dict | None = None) -> list[Circuit]:
     """Algorithm 1 for every alpha in `alphas` in one walk (fast path); one Circuit per alpha, in order.
 
     Identical to running `extract` separately for each alpha. `means` as in `extract`.
@@ -338,6 +339,10 @@ def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, 
              docstring).
     on_step: called as on_step(candidates_done, candidates_total, model_states) after each
              candidate (studies use it to report a unit's progress from a worker process)
+    on_layer: called with a JSON-ready snapshot of the walk after each layer (studies save it, so
+             that a unit cut off by the end of a session resumes where it stopped)
+    resume:  such a snapshot: the walk continues from it and gives exactly the circuits of an
+             uninterrupted walk (the layers above are rebuilt from its decisions)
     """
     alphas = [check_alpha(a) for a in alphas]
     if not alphas:
@@ -353,10 +358,13 @@ def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, 
         batch_candidates = model.device.type == "cuda"
     fast = _FastPath(model, validation, scheme, means,
                      prefix=shared_prefix_length(patching, validation) if scheme == "mean" else 0)
-    states = [_State(list(range(len(alphas))), [], 0.0, [])]
+    states, start = [_State(list(range(len(alphas))), [], 0.0, [])], cfg.n_layers - 1
+    if resume is not None:
+        states, start = _resumed_states(resume, alphas, names, fast)
     label = f"alpha={alphas[0]:g}" if len(alphas) == 1 else f"{len(alphas)} alphas"
-    bar = tqdm(total=len(names), desc=f"extract ({label})", disable=not progress)
-    for layer in range(cfg.n_layers - 1, -1, -1):
+    done_before = len(states[0].decisions)
+    bar = tqdm(total=len(names), initial=done_before, desc=f"extract ({label})", disable=not progress)
+    for layer in range(start, -1, -1):
         fast.enter(layer)
         in_layer = [n for n in names if parse_component(n)[0] == layer]
         for j, name in enumerate(in_layer):
@@ -384,6 +392,8 @@ def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, 
                 on_step(names.index(name) + 1, len(names), len(states))
         for s in states:
             s.above = [fast.pruned_layer(layer, s.ablated_in(layer))] + s.above
+        if on_layer is not None and layer > 0:
+            on_layer(_snapshot(states, alphas, layer - 1))
     bar.close()
     circuits = [None] * len(alphas)
     for s in states:
@@ -391,3 +401,33 @@ def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, 
             circuits[i] = Circuit(cfg.name, cfg.n_layers, cfg.n_heads, alphas[i], scheme, include_mlps, order,
                                   list(s.decisions))
     return circuits
+
+
+def _snapshot(states: list[_State], alphas: list[float], next_layer: int) -> dict:
+    """The walk so far, as JSON-ready data: every state's alphas, KL and decisions, and where to go on."""
+    return {"format": 1, "alphas": alphas, "next_layer": next_layer,
+            "states": [{"alphas": s.alphas, "kl": s.kl,
+                        "decisions": [[d.component, d.kl_before, d.kl_after, d.pruned] for d in s.decisions]}
+                       for s in states]}
+
+
+def _resumed_states(snapshot: dict, alphas: list[float], names: list[str], fast: _FastPath) -> tuple[list, int]:
+    """The states of a `_snapshot` with their pruned layers above rebuilt, and the layer to continue at.
+
+    Refuses (ValueError) a snapshot of other alphas or of another traversal.
+    """
+    if snapshot.get("format") != 1 or snapshot.get("alphas") != alphas:
+        raise ValueError("the snapshot to resume from was made with other alphas; start the sweep afresh")
+    next_layer = int(snapshot["next_layer"])
+    states = []
+    for raw in snapshot["states"]:
+        decisions = [Decision(c, float(before), float(after), bool(pruned)) for c, before, after, pruned in raw["decisions"]]
+        if [d.component for d in decisions] != names[:len(decisions)] or \
+                any(parse_component(n)[0] > next_layer for n in names[len(decisions):]):
+            raise ValueError("the snapshot to resume from belongs to another traversal (model, MLPs or order); "
+                             "start the sweep afresh")
+        states.append(_State(list(raw["alphas"]), decisions, float(raw["kl"]), []))
+    for layer in range(fast.model.cfg.n_layers - 1, next_layer, -1):
+        for s in states:
+            s.above = [fast.pruned_layer(layer, s.ablated_in(layer))] + s.above
+    return states, next_layer

@@ -119,8 +119,10 @@ def run_unit(planned: PlannedUnit, store_root: str, *, study: str, device: str =
     try:
         store.write_running(key, {"unit": unit.label, "done": 0, "total": None, "pid": os.getpid(),
                                   "host": platform.node()})
-        rows = _compute(unit, key, planned.digest, study, device, threads, progress, on_step)
-        unit_seconds = time.perf_counter() - started
+        saved = store.read_partial(key)              # the sweep time of an earlier, cut-off run of this unit
+        earlier = float(saved["seconds"]) if saved else 0.0
+        rows = _compute(unit, key, planned.digest, study, device, threads, progress, on_step, store_root)
+        unit_seconds = earlier + time.perf_counter() - started
         info = {**(prov or provenance(device, threads)), "torch_threads": threads, "device": device,
                 "unit_seconds": unit_seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         store.write_unit(key, [{**r, **info} for r in rows])
@@ -136,7 +138,7 @@ def run_unit(planned: PlannedUnit, store_root: str, *, study: str, device: str =
 
 @torch.inference_mode()
 def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads: int, progress: bool,
-             on_step) -> list[dict]:
+             on_step, store_root: str) -> list[dict]:
     from .ablation import mean_activations
     from .experiment import full_reference, tokens_digest
     from .extract import sweep
@@ -155,11 +157,27 @@ def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads
     full_lp = {s: log_probs(logits) for s, logits in full_logits.items()}
     means = mean_activations(model, data.patching.tokens) if unit.ablation == "mean" else None
     full = {s: {"correct": task.correct(getattr(data, s), full_logits[s]).cpu().tolist()} for s in full_logits}
+    store = Store(store_root)
+    saved = store.read_partial(key)               # a unit cut off earlier goes on from its last layer
+    before = float(saved["seconds"]) if saved else 0.0
     started = time.perf_counter()
-    circuits = sweep(model, data.patching.tokens, data.validation.tokens, list(unit.alphas), ablation=unit.ablation,
+
+    def on_layer(snapshot: dict) -> None:
+        store.write_partial(key, {"snapshot": snapshot, "seconds": before + time.perf_counter() - started})
+
+    def run(resume):
+        return sweep(model, data.patching.tokens, data.validation.tokens, list(unit.alphas), ablation=unit.ablation,
                      include_mlps=unit.include_mlps, order=unit.order, progress=progress, means=means,
-                     on_step=on_step)
-    sweep_seconds = time.perf_counter() - started
+                     on_step=on_step, on_layer=on_layer, resume=resume)
+
+    try:
+        circuits = run(saved["snapshot"] if saved else None)
+    except ValueError as e:
+        if not saved or "snapshot" not in str(e):
+            raise
+        before, started = 0.0, time.perf_counter()          # a snapshot of other settings: start afresh
+        circuits = run(None)
+    sweep_seconds = before + time.perf_counter() - started
     S = data.validation.tokens.shape[1]
     full_params, full_flops = model.count_parameters()["parameters"], model.flops(S)
     measured: dict[tuple, dict] = {}
@@ -321,7 +339,9 @@ def study_status(spec: Spec, workers: int | None = None) -> dict:
                       **({"error": failures[p.key].get("error")} if state == "failed" else {}),
                       **({"progress": f"{running[p.key].get('done')}/{running[p.key].get('total')}",
                           "updated_s_ago": round(time.time() - running[p.key].get("updated", time.time()))}
-                         if state == "running" else {})})
+                         if state == "running" else {}),
+                      **({"saved": f"{len(saved['snapshot']['states'][0]['decisions'])} candidates"}
+                         if state != "done" and (saved := store.read_partial(p.key)) else {})})
         if state != "done" and unit_seconds is not None:
             same = unit_seconds[(unit_seconds.task == _task_name(p.unit.task))
                                 & (unit_seconds.ablation == p.unit.ablation)

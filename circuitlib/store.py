@@ -3,6 +3,8 @@
     <store>/units/<key>.parquet     the rows of one finished unit (one row per circuit)
     <store>/failed/<key>.json       the error of a unit's last failed attempt (retried next run)
     <store>/running/<key>.json      progress of a unit in flight (a hint for `study status`)
+    <store>/partial/<key>.json      the sweep of an unfinished unit after its last complete layer:
+                                    a unit cut off (by a session's end, say) resumes from it
 
 Why Parquet files, one per unit (pyarrow), rather than one database file (DuckDB): a unit is
 written once and never changed, so a file per unit makes every write atomic (a temporary file
@@ -66,6 +68,7 @@ class Store:
         table = pa.Table.from_pylist(rows)
         atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
         (self.root / "failed" / f"{key}.json").unlink(missing_ok=True)
+        self.clear_partial(key)
         self.clear_running(key)
         return path
 
@@ -79,6 +82,17 @@ class Store:
 
     def clear_running(self, key: str) -> None:
         (self.root / "running" / f"{key}.json").unlink(missing_ok=True)
+
+    def read_partial(self, key: str) -> dict | None:
+        """The saved progress of an unfinished unit ({"snapshot", "seconds"}), or None."""
+        return _read_json(self.root / "partial" / f"{key}.json") or None
+
+    def write_partial(self, key: str, record: dict) -> None:
+        (self.root / "partial").mkdir(exist_ok=True)
+        atomic_write(self.root / "partial" / f"{key}.json", lambda tmp: Path(tmp).write_text(json.dumps(record)))
+
+    def clear_partial(self, key: str) -> None:
+        (self.root / "partial" / f"{key}.json").unlink(missing_ok=True)
 
     def read(self, keys=None):
         """The rows of the finished units (all, or those in `keys`) as one pandas DataFrame."""

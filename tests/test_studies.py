@@ -238,3 +238,40 @@ def test_a_run_can_be_limited_to_some_settings_first(tmp_path):
     assert done.wait(timeout=300) == 0, done.stderr.read()
     assert set(study_table(spec)[["ablation", "include_mlps"]].itertuples(index=False, name=None)) == {
         ("mean", False), ("zero", True)}
+
+
+def test_a_unit_cut_off_resumes_from_its_last_layer(tmp_path, monkeypatch):
+    """A unit killed mid-sweep leaves its snapshot in partial/; the rerun continues from it, with
+    the rows an uninterrupted run gives, and removes it."""
+    import circuitlib.extract as extract_module
+
+    small = dict(tasks=["ioi"], ablations=["mean"], include_mlps=[True], seeds=1, n=4, n_test=4)
+    spec, whole_spec = load_spec(write_spec(tmp_path, "cut", **small)), load_spec(write_spec(tmp_path, "whole", **small))
+    assert run_study(whole_spec, workers=0, progress=False)["failed"] == []
+    real = extract_module.sweep
+
+    def cut_after_one_layer(*args, on_layer=None, **kw):
+        def stop(snapshot):
+            on_layer(snapshot)
+            raise KeyboardInterrupt       # the session ends after the first saved layer
+        return real(*args, on_layer=stop, **kw)
+
+    monkeypatch.setattr(extract_module, "sweep", cut_after_one_layer)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, workers=0, progress=False)
+    [key] = [p.key for p in plan(spec)]
+    saved = Store(spec.store).read_partial(key)
+    assert saved and saved["snapshot"]["next_layer"] >= 0 and saved["seconds"] > 0
+    assert any(u.get("saved") for u in study_status(spec)["unit_states"])
+    resumed_from = []
+
+    def spy(*args, resume=None, **kw):
+        resumed_from.append(resume and resume["next_layer"])
+        return real(*args, resume=resume, **kw)
+
+    monkeypatch.setattr(extract_module, "sweep", spy)
+    assert run_study(spec, workers=0, progress=False)["failed"] == []
+    assert resumed_from == [saved["snapshot"]["next_layer"]]          # it went on from the saved layer
+    assert Store(spec.store).read_partial(key) is None
+    assert comparable(study_table(spec).drop(columns="study")).equals(
+        comparable(study_table(whole_spec).drop(columns="study")))
