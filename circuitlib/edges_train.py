@@ -20,13 +20,20 @@ survive are a node circuit; `surgery.prune` turns it into a physically smaller m
 keeps every edge among its nodes, more than the edge circuit, so its KL differs from the edge
 circuit's; the difference is measured and reported (`conversion_kl_change`).
 
-Seeded and reproducible: the gate noise, the initial `log_alpha` and the batches come from
-generators seeded with `seed`, on the model's device.
+Seeded and reproducible: the gate noise and the initial `log_alpha` come from a generator seeded
+with `seed` on the model's device, the batches from one on the cpu.
+
+Resumable: with a `checkpoint_path`, the training saves its whole state every `checkpoint_every`
+steps (gates, multipliers, both optimizers, both generators, the curve) and a training started
+again with the same settings continues from it, to exactly the result of an uninterrupted run.
+`edge_result` keeps finished runs as JSON files named after their settings, so that a long run
+is data: computed once (`scripts/edge_runs.py`, in the background), read afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -81,16 +88,37 @@ class EdgeTraining:
     seconds: float = 0.0
 
 
+def _digest(tokens: torch.Tensor) -> str:
+    """A short fingerprint of a token tensor (its shape and values)."""
+    data = tokens.detach().to("cpu", torch.int64).contiguous()
+    return hashlib.sha256(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()[:16]
+
+
+def _check_checkpoint(path: Path, saved: dict, settings: dict) -> None:
+    """One clear error if a checkpoint was made by a training with other settings."""
+    differ = [f"{k} {saved.get(k)!r} (checkpoint) vs {v!r} (this training)" for k, v in settings.items()
+              if saved.get(k) != v]
+    if differ:
+        raise ValueError(f"the checkpoint {path} belongs to another training: {'; '.join(differ)}; "
+                         "delete it to start afresh, or train with its settings")
+
+
 def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, target_sparsity: float,
                 steps: int, node_target_sparsity: float | None = None, lr: float = 0.8, reg_lr: float = 0.8,
                 warmup: int | None = None, batch_size: int = 32, seed: int = 0, init: float = 3.0,
-                progress: bool = True) -> EdgeTraining:
+                progress: bool = True, checkpoint_path: str | os.PathLike | None = None,
+                checkpoint_every: int = 50) -> EdgeTraining:
     """Learn hard-concrete gates on `tokens` [n, S] (the full model `model` is frozen).
 
-    repl:         the replacement (`edges.make_replacement`); a corrupted one is paired row by row
-    warmup:       steps over which the target ramps from 0 (default: 5/6 of `steps`, as the authors)
-    batch_size:   prompts per step (all of them if fewer)
-    init:         initial log_alpha (3: every gate open with probability 0.99)
+    repl:             the replacement (`edges.make_replacement`); a corrupted one is paired row by row
+    warmup:           steps over which the target ramps from 0 (default: 5/6 of `steps`, as the authors)
+    batch_size:       prompts per step (all of them if fewer)
+    init:             initial log_alpha (3: every gate open with probability 0.99)
+    checkpoint_path:  a file for the training's state, written (atomically) every `checkpoint_every`
+                      steps; if it exists at the start, the training continues from it (its settings
+                      must be these, or a ValueError names the difference); deleted at the end.
+                      Resumed or not, the gates and the curve are the same to the bit; `seconds`
+                      adds up the time of every part.
     """
     target = check_sparsity(target_sparsity)
     node_target = None if node_target_sparsity is None else check_sparsity(node_target_sparsity, "node target sparsity")
@@ -98,6 +126,9 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int (steps between checkpoints), "
+                         f"got {checkpoint_every!r}")
     check_full(model)
     warmup = max(1, round(steps * 5 / 6) if warmup is None else warmup)
     g, dev = graph_for(model), model.W_E.device
@@ -122,8 +153,39 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
     curve = {k: [] for k in ("step", "loss", "kl", "edge_sparsity", "target", "lambda1", "lambda2")}
     if node_target is not None:
         curve |= {"node_sparsity": [], "node_target": []}
+    first_step, seconds_before = 0, 0.0
+    if checkpoint_path is not None:
+        checkpoint_path = Path(checkpoint_path)
+        settings = {"model": model.cfg.name, "replacement": repl.kind, "device": dev.type, "target_sparsity": target,
+                    "steps": steps, "lr": lr, "reg_lr": reg_lr, "warmup": warmup, "batch_size": batch_size,
+                    "seed": seed, "init": init, "node_target_sparsity": node_target, "n_prompts": n,
+                    "tokens": _digest(tokens)}
+        if checkpoint_path.exists():
+            saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            _check_checkpoint(checkpoint_path, saved["settings"], settings)
+            with torch.no_grad():
+                log_alpha.copy_(saved["log_alpha"])
+                lambdas.copy_(saved["lambdas"])
+                if node_log_alpha is not None:
+                    node_log_alpha.copy_(saved["node_log_alpha"])
+            opt.load_state_dict(saved["opt"])
+            reg_opt.load_state_dict(saved["reg_opt"])
+            gen.set_state(saved["gen"])
+            batch_gen.set_state(saved["batch_gen"])
+            curve, first_step, seconds_before = saved["curve"], saved["step"], saved["seconds"]
     started = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"edge pruning (target {target:g})", disable=not progress)
+
+    def save_checkpoint(steps_done: int) -> None:
+        state = {"settings": settings, "step": steps_done, "log_alpha": log_alpha.detach().cpu(),
+                 "node_log_alpha": None if node_log_alpha is None else node_log_alpha.detach().cpu(),
+                 "lambdas": lambdas.detach().cpu(), "opt": opt.state_dict(), "reg_opt": reg_opt.state_dict(),
+                 "gen": gen.get_state(), "batch_gen": batch_gen.get_state(), "curve": curve,
+                 "seconds": seconds_before + time.perf_counter() - started}
+        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
+
+    bar = tqdm(range(first_step, steps), initial=first_step, total=steps, desc=f"edge pruning (target {target:g})",
+               disable=not progress)
     with _frozen(model):
         for step in bar:
             rows = None
@@ -158,9 +220,13 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
                 curve["node_sparsity"].append(1 - expected_open(node_log_alpha).mean().item())
                 curve["node_target"].append(ramp * node_target)
             bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}", sparsity=f"{sparsity:.3f}")
+            if checkpoint_path is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                save_checkpoint(step + 1)
     bar.close()
+    if checkpoint_path is not None:
+        checkpoint_path.unlink(missing_ok=True)
     return EdgeTraining(log_alpha.detach(), None if node_log_alpha is None else node_log_alpha.detach(), curve,
-                        time.perf_counter() - started)
+                        seconds_before + time.perf_counter() - started)
 
 
 def binarize(graph: EdgeGraph, log_alpha: torch.Tensor, target_sparsity: float,
@@ -294,7 +360,8 @@ class EdgeRun:
 def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps: int, ablation: str = "mean",
               seed: int = 0, n: int | None = None, lr: float = 0.8, reg_lr: float = 0.8, warmup: int | None = None,
               batch_size: int = 32, node_target_sparsity: float | None = None, device: str | None = None,
-              progress: bool = True, loaded=None) -> EdgeRun:
+              progress: bool = True, loaded=None, checkpoint_path: str | os.PathLike | None = None,
+              checkpoint_every: int = 50) -> EdgeRun:
     """Load a model and a task, train edge gates on the validation split (the split Algorithm 1
     decides on), read off the circuit, prune the model to its nodes, and measure both.
 
@@ -302,6 +369,7 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
               another of its split, `corrupt`); the standalone model replaces removed nodes by
               their means under 'mean' and 'corrupted' (it has no corrupted input), by zero under 'zero'
     `loaded`: an already loaded (model, tokenizer) pair.
+    checkpoint_path, checkpoint_every: make the training resumable (see `train_edges`).
     """
     from .ablation import mean_activations
     from .experiment import SPLITS
@@ -329,7 +397,8 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
                                         corrupted=corrupt(tokens) if ablation == "corrupted" else None)
     training = train_edges(model, data.validation.tokens, repls["validation"], target_sparsity=target, steps=steps,
                            node_target_sparsity=node_target_sparsity, lr=lr, reg_lr=reg_lr, warmup=warmup,
-                           batch_size=batch_size, seed=seed, progress=progress)
+                           batch_size=batch_size, seed=seed, progress=progress, checkpoint_path=checkpoint_path,
+                           checkpoint_every=checkpoint_every)
     started = time.perf_counter()
     kept, nodes, threshold = binarize(graph, training.log_alpha, target, training.node_log_alpha)
     scheme = "zero" if ablation == "zero" else "mean"
@@ -364,3 +433,80 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
     result = EdgeCircuit(settings, graph.n_edges, [graph.edge_name(e) for e in kept], nodes, threshold,
                          training.curve, metrics)
     return EdgeRun(result, model, pruned, tokenizer, task, data, training)
+
+
+# Settings that make two edge results the same result (the device and the seconds do not).
+RESULT_SETTINGS = ("model", "task", "target_sparsity", "steps", "ablation", "seed", "n", "lr", "reg_lr", "warmup",
+                   "batch_size", "node_target_sparsity")
+
+
+def edge_result_path(out_dir: str | os.PathLike, task_name: str, *, target_sparsity: float, steps: int,
+                     ablation: str = "mean", seed: int = 0, n: int | None = None, batch_size: int = 32,
+                     node_target_sparsity: float | None = None) -> Path:
+    """Where `edge_result` keeps a run:
+    <out_dir>/<task>-<ablation>-seed<S>-n<N>-bs<B>-steps<K>-target<T>[-nodes<NT>].json
+    (N: the task's default when None); its training checkpoint is the same name ending in .ckpt."""
+    from .tasks import get_task
+
+    task = get_task(task_name)
+    target = check_sparsity(target_sparsity)
+    name = f"{task.name}-{ablation}-seed{seed}-n{n or task.default_n}-bs{batch_size}-steps{steps}-target{target:g}"
+    if node_target_sparsity is not None:
+        name += f"-nodes{check_sparsity(node_target_sparsity, 'node target sparsity'):g}"
+    return Path(out_dir) / f"{name}.json"
+
+
+def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_name: str, *,
+                target_sparsity: float, steps: int, ablation: str = "mean", seed: int = 0, n: int | None = None,
+                batch_size: int = 32, lr: float = 0.8, reg_lr: float = 0.8, warmup: int | None = None,
+                node_target_sparsity: float | None = None, device: str | None = None, progress: bool = True,
+                checkpoint_every: int = 50) -> EdgeCircuit:
+    """The Edge Pruning result of these settings, as data: read from `edge_result_path` when it
+    is there, else computed by `run_edges` on the loaded (`model`, `tokenizer`) and saved there
+    (atomically) before it is returned.
+
+    The training checkpoints to the same name ending in .ckpt, so a computation cut off (a killed
+    process, the end of a session) continues where it stopped when asked again. A stored result
+    made with other settings (lr, say, which the name leaves out) is never replaced: a ValueError
+    names the differences.
+    """
+    from .tasks import get_task
+
+    task = get_task(task_name)
+    path = edge_result_path(out_dir, task.name, target_sparsity=target_sparsity, steps=steps, ablation=ablation,
+                            seed=seed, n=n, batch_size=batch_size, node_target_sparsity=node_target_sparsity)
+    asked = {"model": model.cfg.name, "task": task.name, "target_sparsity": check_sparsity(target_sparsity),
+             "steps": steps, "ablation": ablation, "seed": seed, "n": n or task.default_n, "lr": lr, "reg_lr": reg_lr,
+             "warmup": warmup, "batch_size": batch_size, "node_target_sparsity": node_target_sparsity}
+    if path.exists():
+        stored = EdgeCircuit.load_json(path)
+        differ = [f"{k} {stored.settings.get(k)!r} (stored) vs {asked[k]!r} (asked)" for k in RESULT_SETTINGS
+                  if stored.settings.get(k) != asked[k]]
+        if differ:
+            raise ValueError(f"{path} holds a result of other settings: {'; '.join(differ)}; ask for its settings, "
+                             "or give another out_dir (or delete the file to recompute it)")
+        return stored
+    run = run_edges(model.cfg.name, task.name, target_sparsity=target_sparsity, steps=steps, ablation=ablation,
+                    seed=seed, n=n, lr=lr, reg_lr=reg_lr, warmup=warmup, batch_size=batch_size,
+                    node_target_sparsity=node_target_sparsity, device=device, progress=progress,
+                    loaded=(model, tokenizer), checkpoint_path=path.with_suffix(".ckpt"),
+                    checkpoint_every=checkpoint_every)
+    run.result.save_json(path)
+    return run.result
+
+
+def standalone_model(result: EdgeCircuit, model: Transformer, tokenizer) -> Transformer:
+    """The standalone pruned model of an edge result, rebuilt without training: the full `model`
+    (the one the result was computed on) pruned to the result's nodes, removed nodes replaced as
+    in `run_edges` (by their means over the patching split of the result's prompts, or by zero)."""
+    from .ablation import mean_activations
+    from .surgery import prune
+    from .tasks import get_task
+
+    settings = result.settings
+    if settings["model"] != model.cfg.name or result.n_edges_total != graph_for(model).n_edges:
+        raise ValueError(f"this edge result was computed on {settings['model']!r} ({result.n_edges_total:,} edges), "
+                         f"not on {model.cfg.name!r} ({graph_for(model).n_edges:,} edges); load that model")
+    data = get_task(settings["task"]).generate(tokenizer, n=settings["n"], seed=settings["seed"])
+    means = mean_activations(model, data.patching.tokens.to(model.W_E.device))
+    return prune(model, node_circuit(result.nodes), settings["standalone_scheme"], means)

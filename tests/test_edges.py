@@ -1,8 +1,13 @@
 """Edge Pruning: the disentangled masked model is exact against the full model, node ablation and
-node circuits; training is reproducible; the result and the CLI run folder are complete."""
+node circuits; training is reproducible and resumes exactly; results are kept as data and their
+standalone models rebuilt from them; the result, the CLI run folder and the script are complete."""
 
+import contextlib
+import importlib.util
 import json
 import random
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -12,10 +17,12 @@ from circuitlib.cli import main
 from circuitlib.convert import to_hooked
 from circuitlib.edges import (EdgeGraph, all_open, edges_among, gates_from_edges, graph_for, make_replacement,
                               masked_logits, remove_dead)
-from circuitlib.edges_train import EdgeCircuit, binarize, check_sparsity, train_edges
+from circuitlib.edges_train import (EdgeCircuit, binarize, check_sparsity, edge_result, edge_result_path, run_edges,
+                                    standalone_model, train_edges)
 from circuitlib.extract import extract
 from circuitlib.metrics import kl_divergence
 from circuitlib.surgery import prune
+from circuitlib.tasks import get_task
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -286,3 +293,135 @@ def test_cli_refuses_an_occupied_out_unless_forced(run_dir, tmp_path, capsys):
     assert main(argv + [str(out), "--force", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["settings"]["target_sparsity"] == 0.5
     assert not (out / "old.txt").exists() and (out / "edges.json").is_file()
+
+
+# ---- resumable training and edge results as data (tiny-gpt2) ------------------------------------
+
+class Cut(Exception):
+    """Stands in for a process killed in the middle of a training."""
+
+
+@contextlib.contextmanager
+def cut_at_step(step):
+    """Training dies at the start of step `step` (1-based): the masked forward of that step raises."""
+    import circuitlib.edges_train as edges_train
+
+    real, calls = edges_train.masked_logits, [0]
+
+    def forward(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step:
+            raise Cut(f"cut at step {step}")
+        return real(*args, **kwargs)
+
+    with mock.patch.object(edges_train, "masked_logits", forward):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from circuitlib.loading import load_model
+
+    return load_model("tiny-gpt2")
+
+
+TIMES = ("training_seconds", "seconds_per_step", "readout_seconds")
+
+
+def without_times(result):
+    return {**result.to_dict(), "metrics": {k: v for k, v in result.metrics.items() if k not in TIMES}}
+
+
+@pytest.mark.parametrize("ablation, node_target", [("mean", None), ("mean", 0.5), ("corrupted", None)])
+def test_a_cut_off_training_resumes_to_the_uninterrupted_result(tiny, tmp_path, ablation, node_target):
+    kw = dict(target_sparsity=0.9, steps=9, ablation=ablation, n=8, batch_size=4, seed=1, progress=False,
+              node_target_sparsity=node_target, loaded=tiny)
+    whole = run_edges("tiny-gpt2", "ioi", **kw)
+    checkpoint = tmp_path / "run.ckpt"
+    with cut_at_step(6), pytest.raises(Cut):                    # steps 1-5 done, the last checkpoint after 4
+        run_edges("tiny-gpt2", "ioi", checkpoint_path=checkpoint, checkpoint_every=2, **kw)
+    assert torch.load(checkpoint, weights_only=True)["step"] == 4
+    resumed = run_edges("tiny-gpt2", "ioi", checkpoint_path=checkpoint, checkpoint_every=2, **kw)
+    assert torch.equal(resumed.training.log_alpha, whole.training.log_alpha)
+    if node_target is not None:
+        assert torch.equal(resumed.training.node_log_alpha, whole.training.node_log_alpha)
+    assert resumed.training.curve == whole.training.curve and len(resumed.training.curve["step"]) == 9
+    assert without_times(resumed.result) == without_times(whole.result)
+    assert not checkpoint.exists()                              # deleted once the training is done
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tiny, tmp_path):
+    model, tokenizer = tiny
+    data = get_task("ioi").generate(tokenizer, n=8, seed=0)
+    r = make_replacement(model, "zero")
+    checkpoint = tmp_path / "run.ckpt"
+    kw = dict(target_sparsity=0.9, steps=6, batch_size=4, progress=False, checkpoint_path=checkpoint,
+              checkpoint_every=2)
+    with cut_at_step(4), pytest.raises(Cut):
+        train_edges(model, data.validation.tokens, r, **kw)
+    with pytest.raises(ValueError, match=r"run.ckpt belongs to another training: lr 0.8 \(checkpoint\) vs 0.5"):
+        train_edges(model, data.validation.tokens, r, **{**kw, "lr": 0.5})
+    with pytest.raises(ValueError, match="tokens"):                # other prompts
+        train_edges(model, data.test.tokens, r, **kw)
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
+        train_edges(model, data.validation.tokens, r, **{**kw, "checkpoint_every": 0})
+    assert checkpoint.exists()                                     # a refused checkpoint is left alone
+    train_edges(model, data.validation.tokens, r, **kw)
+    assert not checkpoint.exists()
+
+
+def test_an_edge_result_is_computed_once_then_read(tiny, tmp_path, monkeypatch):
+    import circuitlib.edges_train as edges_train
+
+    model, tokenizer = tiny
+    kw = dict(target_sparsity=0.9, steps=4, n=8, batch_size=4, progress=False)
+    first = edge_result(tmp_path, model, tokenizer, "ioi", **kw)
+    path = tmp_path / "ioi-mean-seed0-n8-bs4-steps4-target0.9.json"
+    assert edge_result_path(tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")}) \
+        == path
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]       # no checkpoint, no temporary left
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored result was computed again")
+
+    monkeypatch.setattr(edges_train, "run_edges", no_training)
+    assert edge_result(tmp_path, model, tokenizer, "ioi", **kw).to_dict() == first.to_dict()
+    with pytest.raises(ValueError, match=r"holds a result of other settings: lr 0.8 \(stored\) vs 0.5 \(asked\)"):
+        edge_result(tmp_path, model, tokenizer, "ioi", lr=0.5, **kw)
+    assert EdgeCircuit.load_json(path).to_dict() == first.to_dict()        # never overwritten
+
+
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_the_rebuilt_standalone_model_is_the_runs(tiny, tmp_path, ablation):
+    model, tokenizer = tiny
+    run = run_edges("tiny-gpt2", "ioi", target_sparsity=0.8, steps=4, ablation=ablation, n=8, batch_size=4,
+                    progress=False, loaded=tiny)
+    run.result.save_json(tmp_path / "edges.json")
+    rebuilt = standalone_model(EdgeCircuit.load_json(tmp_path / "edges.json"), model, tokenizer)
+    assert rebuilt.kept_heads() == run.pruned.kept_heads() and rebuilt.kept_mlps() == run.pruned.kept_mlps()
+    tokens = run.data.test.tokens
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(tokens, last_only=True), run.pruned(tokens, last_only=True), atol=1e-6, rtol=0)
+    other = EdgeCircuit.from_dict({**run.result.to_dict(), "settings": {**run.result.settings, "model": "gpt2"}})
+    with pytest.raises(ValueError, match="computed on 'gpt2'"):
+        standalone_model(other, model, tokenizer)
+
+
+def test_the_edge_runs_script_computes_what_is_missing(tmp_path, capsys):
+    path = Path(__file__).resolve().parent.parent / "scripts" / "edge_runs.py"
+    spec = importlib.util.spec_from_file_location("edge_runs", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as done:
+        script.main(["--help"])
+    assert done.value.code == 0 and "--targets" in capsys.readouterr().out
+    argv = ["--model", "tiny-gpt2", "--n", "8", "--steps", "3", "--batch-size", "4", "--targets", "0.9",
+            "--out-dir", str(tmp_path)]
+    assert script.main(argv) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["ioi-mean-seed0-n8-bs4-steps3-target0.9.json"]
+    assert "0 of 1 results already" in capsys.readouterr().out
+    assert script.main(argv) == 0
+    assert "1 of 1 results already" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        script.main(["--targets", "1.5"])
+    assert refused.value.code == 2 and "target sparsity must be a number in [0, 1)" in capsys.readouterr().err

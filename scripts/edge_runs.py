@@ -1,0 +1,101 @@
+"""Compute the missing Edge Pruning results of chapter 06b, one target sparsity after another.
+
+    python scripts/edge_runs.py [--model smollm2-135m] [--task ioi] [--ablation mean] [--n 32] [--seed 0] \\
+        [--steps 300] [--batch-size 16] [--targets 0.9 0.95 0.98 0.99] [--out-dir results/edges] \\
+        [--device cpu] [--threads 1] [--checkpoint-every 50]
+
+    nohup nice -n 19 python scripts/edge_runs.py --steps 1000 > edge_runs.log 2>&1 &   # in the background
+
+The defaults are the chapter's parameters. Each result is `circuitlib.edges_train.edge_result`:
+a JSON file <out-dir>/<task>-<ablation>-seed<S>-n<N>-bs<B>-steps<K>-target<T>.json, which the
+chapter reads instead of training. A result already there is kept (and checked against these
+settings); a missing one is trained, with its state saved every --checkpoint-every steps to the
+same name ending in .ckpt, so the script can be killed at any time and started again: it goes on
+from the last checkpoint, to the result an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from circuitlib.edges_train import check_sparsity, edge_result, edge_result_path  # noqa: E402
+from circuitlib.loading import check_device, load_model  # noqa: E402
+from circuitlib.tasks import get_task  # noqa: E402
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return int(text)
+
+
+def sparsity(text: str) -> float:
+    try:
+        return check_sparsity(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", default="ioi")
+    p.add_argument("--ablation", default="mean", choices=("mean", "zero", "corrupted"))
+    p.add_argument("--n", type=positive_int, default=32, help="prompts per split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the gates")
+    p.add_argument("--steps", type=positive_int, default=300, help="training steps per target")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per training step")
+    p.add_argument("--targets", type=sparsity, nargs="+", default=[0.9, 0.95, 0.98, 0.99],
+                   help="target edge sparsities, computed in this order")
+    p.add_argument("--out-dir", default=str(ROOT / "results" / "edges"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    p.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between saved training states")
+    args = p.parse_args(argv)
+
+    try:
+        device = check_device(args.device)
+        task = get_task(args.task).name
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    settings = dict(steps=args.steps, ablation=args.ablation, seed=args.seed, n=args.n, batch_size=args.batch_size)
+    missing = [t for t in args.targets
+               if not edge_result_path(args.out_dir, task, target_sparsity=t, **settings).exists()]
+    print(f"{len(args.targets) - len(missing)} of {len(args.targets)} results already in {args.out_dir}")
+    if not missing:
+        return 0
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, device=device)
+    for t in args.targets:
+        path = edge_result_path(args.out_dir, task, target_sparsity=t, **settings)
+        checkpoint = path.with_suffix(".ckpt")
+        state = "kept" if path.exists() else "resuming from its checkpoint" if checkpoint.exists() else "training"
+        print(f"target {t:g}: {path.name} ({state})", flush=True)
+        started = time.perf_counter()
+        try:
+            result = edge_result(args.out_dir, model, tokenizer, task, target_sparsity=t, **settings,
+                                 checkpoint_every=args.checkpoint_every, progress=True)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if state != "kept":
+            m = result.metrics
+            print(f"target {t:g}: {len(result.edges):,} edges, {len(result.nodes)} nodes, test KL "
+                  f"{m['edge_circuit']['test']['kl']:.4f} (standalone model {m['pruned_model']['test']['kl']:.4f}); "
+                  f"{(time.perf_counter() - started) / 60:.1f} min here, {m['training_seconds'] / 60:.1f} min of "
+                  f"training in all -> {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
