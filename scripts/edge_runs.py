@@ -1,10 +1,10 @@
 """Compute the missing Edge Pruning results of chapter 06b, one target sparsity after another.
 
     python scripts/edge_runs.py [--model smollm2-135m] [--task ioi] [--ablation mean] [--n 32] [--seed 0] \\
-        [--steps 300] [--batch-size 16] [--targets 0.9 0.95 0.98 0.99] [--out-dir results/edges] \\
+        [--steps 1000] [--batch-size 16] [--targets 0.9 0.95 0.98 0.99] [--out-dir results/edges] \\
         [--device cpu] [--threads 1] [--checkpoint-every 50]
 
-    nohup nice -n 19 python scripts/edge_runs.py --steps 1000 > edge_runs.log 2>&1 &   # in the background
+    nohup nice -n 19 python scripts/edge_runs.py > edge_runs.log 2>&1 &   # in the background
 
 The defaults are the chapter's parameters. Each result is `circuitlib.edges_train.edge_result`:
 a JSON file <out-dir>/<task>-<ablation>-seed<S>-n<N>-bs<B>-steps<K>-target<T>.json, which the
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation", default="mean", choices=("mean", "zero", "corrupted"))
     p.add_argument("--n", type=positive_int, default=32, help="prompts per split")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the gates")
-    p.add_argument("--steps", type=positive_int, default=300, help="training steps per target")
+    p.add_argument("--steps", type=positive_int, default=1000, help="training steps per target (the chapter's)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per training step")
     p.add_argument("--targets", type=sparsity, nargs="+", default=[0.9, 0.95, 0.98, 0.99],
                    help="target edge sparsities, computed in this order")
