@@ -50,6 +50,11 @@ from .model import Transformer
 from .surgery import prune_layer
 
 ORDERS = ("heads-ascending", "heads-descending")
+
+
+class ResumeError(ValueError):
+    """A sweep was asked to resume from a snapshot of other alphas or of another traversal."""
+
 METHODS = ("fast", "plain")
 
 
@@ -414,17 +419,17 @@ def _snapshot(states: list[_State], alphas: list[float], next_layer: int) -> dic
 def _resumed_states(snapshot: dict, alphas: list[float], names: list[str], fast: _FastPath) -> tuple[list, int]:
     """The states of a `_snapshot` with their pruned layers above rebuilt, and the layer to continue at.
 
-    Refuses (ValueError) a snapshot of other alphas or of another traversal.
+    Refuses (ResumeError) a snapshot of other alphas or of another traversal.
     """
     if snapshot.get("format") != 1 or snapshot.get("alphas") != alphas:
-        raise ValueError("the snapshot to resume from was made with other alphas; start the sweep afresh")
+        raise ResumeError("the snapshot to resume from was made with other alphas; start the sweep afresh")
     next_layer = int(snapshot["next_layer"])
     states = []
     for raw in snapshot["states"]:
         decisions = [Decision(c, float(before), float(after), bool(pruned)) for c, before, after, pruned in raw["decisions"]]
         if [d.component for d in decisions] != names[:len(decisions)] or \
                 any(parse_component(n)[0] > next_layer for n in names[len(decisions):]):
-            raise ValueError("the snapshot to resume from belongs to another traversal (model, MLPs or order); "
+            raise ResumeError("the snapshot to resume from belongs to another traversal (model, MLPs or order); "
                              "start the sweep afresh")
         states.append(_State(list(raw["alphas"]), decisions, float(raw["kl"]), []))
     for layer in range(fast.model.cfg.n_layers - 1, next_layer, -1):

@@ -141,7 +141,7 @@ def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads
              on_step, store_root: str) -> list[dict]:
     from .ablation import mean_activations
     from .experiment import full_reference, tokens_digest
-    from .extract import sweep
+    from .extract import ResumeError, sweep
     from .metrics import log_probs
     from .surgery import prune
     from .tasks import get_task
@@ -172,10 +172,8 @@ def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads
 
     try:
         circuits = run(saved["snapshot"] if saved else None)
-    except ValueError as e:
-        if not saved or "snapshot" not in str(e):
-            raise
-        before, started = 0.0, time.perf_counter()          # a snapshot of other settings: start afresh
+    except ResumeError:                                      # a snapshot of other settings: start afresh
+        before, started = 0.0, time.perf_counter()
         circuits = run(None)
     sweep_seconds = before + time.perf_counter() - started
     S = data.validation.tokens.shape[1]

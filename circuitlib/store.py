@@ -88,7 +88,7 @@ class Store:
         return _read_json(self.root / "partial" / f"{key}.json") or None
 
     def write_partial(self, key: str, record: dict) -> None:
-        (self.root / "partial").mkdir(exist_ok=True)
+        (self.root / "partial").mkdir(parents=True, exist_ok=True)
         atomic_write(self.root / "partial" / f"{key}.json", lambda tmp: Path(tmp).write_text(json.dumps(record)))
 
     def clear_partial(self, key: str) -> None:

@@ -276,3 +276,16 @@ def test_a_unit_cut_off_resumes_from_its_last_layer(tmp_path, monkeypatch):
     assert Store(spec.store).read_partial(key) is None
     assert comparable(study_table(spec).drop(columns="study")).equals(
         comparable(study_table(whole_spec).drop(columns="study")))
+
+
+def test_a_saved_snapshot_of_other_settings_is_not_resumed(tmp_path):
+    small = dict(tasks=["ioi"], ablations=["mean"], include_mlps=[False], seeds=1, n=4, n_test=4)
+    spec, whole_spec = load_spec(write_spec(tmp_path, "odd", **small)), load_spec(write_spec(tmp_path, "ref", **small))
+    [key] = [p.key for p in plan(spec)]
+    Store(spec.store).write_partial(key, {"snapshot": {"format": 1, "alphas": [0.5], "next_layer": 0, "states": []},
+                                          "seconds": 99.0})
+    assert run_study(spec, workers=0, progress=False)["failed"] == []
+    assert run_study(whole_spec, workers=0, progress=False)["failed"] == []
+    assert comparable(study_table(spec).drop(columns="study")).equals(
+        comparable(study_table(whole_spec).drop(columns="study")))
+    assert Store(spec.store).read_partial(key) is None
