@@ -118,7 +118,8 @@ def _study(args) -> int:
             extra = u.get("error") or (f"{u['progress']} candidates, updated {u['updated_s_ago']} s ago"
                                        if u["state"] == "running" else "")
             if u.get("saved"):
-                extra += f" (resumes after {u['saved']}, saved by an earlier run)"
+                extra += (f" ({u['saved']} saved)" if u["state"] == "running"
+                          else f" (resumes after {u['saved']}, saved by an earlier run)")
             print(f"  {u['state']:8} {u['key']}  {u['unit']}  {extra}")
         if status["other_units_in_store"]:
             print(f"  ({status['other_units_in_store']} units of other settings are in the store and left out)")
