@@ -121,7 +121,7 @@ def run_unit(planned: PlannedUnit, store_root: str, *, study: str, device: str =
                                   "host": platform.node()})
         saved = store.read_partial(key)              # the sweep time of an earlier, cut-off run of this unit
         earlier = float(saved["seconds"]) if saved else 0.0
-        rows = _compute(unit, key, planned.digest, study, device, threads, progress, on_step, store_root)
+        rows = _compute(unit, key, planned.digest, study, device, threads, progress, on_step, store, saved)
         unit_seconds = earlier + time.perf_counter() - started
         info = {**(prov or provenance(device, threads)), "torch_threads": threads, "device": device,
                 "unit_seconds": unit_seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -138,7 +138,7 @@ def run_unit(planned: PlannedUnit, store_root: str, *, study: str, device: str =
 
 @torch.inference_mode()
 def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads: int, progress: bool,
-             on_step, store_root: str) -> list[dict]:
+             on_step, store: Store, saved: dict | None) -> list[dict]:
     from .ablation import mean_activations
     from .experiment import full_reference, tokens_digest
     from .extract import ResumeError, sweep
@@ -157,8 +157,7 @@ def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads
     full_lp = {s: log_probs(logits) for s, logits in full_logits.items()}
     means = mean_activations(model, data.patching.tokens) if unit.ablation == "mean" else None
     full = {s: {"correct": task.correct(getattr(data, s), full_logits[s]).cpu().tolist()} for s in full_logits}
-    store = Store(store_root)
-    saved = store.read_partial(key)               # a unit cut off earlier goes on from its last layer
+    # `saved`: the store's partial record of this unit, if an earlier run was cut off: go on from it
     before = float(saved["seconds"]) if saved else 0.0
     started = time.perf_counter()
 
