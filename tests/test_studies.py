@@ -289,3 +289,33 @@ def test_a_saved_snapshot_of_other_settings_is_not_resumed(tmp_path):
     assert comparable(study_table(spec).drop(columns="study")).equals(
         comparable(study_table(whole_spec).drop(columns="study")))
     assert Store(spec.store).read_partial(key) is None
+
+
+def test_head_effects_are_computed_once_into_the_store(tmp_path, monkeypatch):
+    import circuitlib.study as study_module
+    from circuitlib.loading import load_model
+    from circuitlib.runner import head_effects
+    from circuitlib.tasks import get_task
+
+    spec = load_spec(write_spec(tmp_path))
+    effects = head_effects(spec, "ioi", "mean", seed=1)
+    model, tokenizer = load_model("tiny-gpt2")
+    data = get_task("ioi").generate(tokenizer, n=spec.n["ioi"], seed=1, n_test=spec.n_test["ioi"])
+    direct = study_module.single_head_effects(model, data.patching.tokens, data.validation.tokens, "mean",
+                                              progress=False)
+    assert effects.keys() == direct.keys()
+    assert all(abs(effects[h] - direct[h]) < 1e-9 for h in direct)
+    records = list((spec.store / "effects").glob("*.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["settings"]["seed"] == 1
+
+    def no_computing(*args, **kw):
+        raise AssertionError("stored effects were recomputed")
+
+    monkeypatch.setattr(study_module, "single_head_effects", no_computing)
+    assert head_effects(spec, "ioi", "mean", seed=1) == effects            # read back, not recomputed
+    with pytest.raises(AssertionError, match="recomputed"):                # other settings: a new record
+        head_effects(spec, "ioi", "zero", seed=1)
+    with pytest.raises(ValueError, match="not in the spec"):
+        head_effects(spec, "acronyms", "mean")
+    with pytest.raises(ValueError, match="seed 7 is not in the spec"):
+        head_effects(spec, "ioi", "mean", seed=7)
