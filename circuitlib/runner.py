@@ -5,7 +5,6 @@
     run_study(spec, scheduler=ADDR)    on an existing Dask cluster (Slurm via dask-jobqueue, a GPU box, ...)
     study_status(spec)                 done / pending / failed / running units, time spent and left
     study_table(spec)                  the finished rows of this spec, one per circuit
-    head_effects(spec, task, ablation) single-head effects of one batch, computed once into the store
 
 A unit (see `circuitlib.spec`) loads the model once per worker process, generates its prompts,
 runs one `extract.sweep` over all its alphas, prunes every distinct circuit for real
@@ -375,54 +374,6 @@ def _task_name(task: str) -> str:
 def study_table(spec: Spec):
     """The rows of `spec`'s finished units (older settings in the same store are left out)."""
     return Store(spec.store).read({p.key for p in plan(spec)})
-
-
-def head_effects(spec: Spec, task: str, ablation: str, *, seed: int | None = None, device: str | None = None,
-                 progress: bool = False) -> dict[str, float]:
-    """KL(f || f without h) for every head h of `spec`'s model, on one task's batch; {"L.H": KL}.
-
-    The batch is the one a unit of `seed` (default: the spec's first) searches with: its patching
-    set gives the means, its validation set the KL (`study.single_head_effects`). The result is
-    written to `<store>/effects/<key>.json` with its settings and provenance, keyed by a hash of
-    the model, task, ablation and prompts, and read back by every later call: a chapter that
-    needs it re-runs in seconds. An existing record is never overwritten.
-    """
-    import hashlib
-    import json
-
-    from .ablation import check_scheme
-    from .experiment import tokens_digest
-    from .loading import check_device, load_tokenizer
-    from .study import single_head_effects
-    from .tasks import get_task
-
-    if task not in spec.tasks:
-        raise ValueError(f"task {task!r} is not in the spec {spec.name} (its tasks: {', '.join(spec.tasks)})")
-    check_scheme(ablation)
-    seed = spec.seeds[0] if seed is None else seed
-    if seed not in spec.seeds:
-        raise ValueError(f"seed {seed!r} is not in the spec {spec.name} (its seeds: "
-                         f"{', '.join(map(str, spec.seeds))})")
-    device = device or spec.device
-    the_task = get_task(task)
-    data = the_task.generate(load_tokenizer(spec.model), n=spec.n[task], seed=seed, n_test=spec.n_test[task])
-    settings = {"model": spec.model, "task": the_task.name, "ablation": ablation, "seed": seed, "n": spec.n[task],
-                "prompts": "-".join(tokens_digest(s.tokens) for s in (data.patching, data.validation))}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    store = Store(spec.store)
-    found = store.read_effects(key)
-    if found and found.get("settings") == settings:
-        return found["effects"]
-    check_device(device)
-    model, _ = _model(spec.model, device)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        effects = single_head_effects(model, data.patching.tokens.to(model.device),
-                                      data.validation.tokens.to(model.device), ablation, progress=progress)
-    store.write_effects(key, {"settings": settings, "effects": effects,
-                              "seconds": time.perf_counter() - started,
-                              **provenance(device, torch.get_num_threads())})
-    return effects
 
 
 def summary_table(table):

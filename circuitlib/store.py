@@ -5,8 +5,8 @@
     <store>/running/<key>.json      progress of a unit in flight (a hint for `study status`)
     <store>/partial/<key>.json      the sweep of an unfinished unit after its last complete layer:
                                     a unit cut off (by a session's end, say) resumes from it
-    <store>/effects/<key>.json      single-head effects of one task's batch (the ROC chapter's proxy
-                                    reference), computed once and read by every later run
+    <store>/effects/<key>.json      results derived from the units, computed once and read by every
+    <store>/baselines/<key>.json    later run (`circuitlib.derived`): single-head effects, random circuits
 
 Why Parquet files, one per unit (pyarrow), rather than one database file (DuckDB): a unit is
 written once and never changed, so a file per unit makes every write atomic (a temporary file
@@ -96,15 +96,15 @@ class Store:
     def clear_partial(self, key: str) -> None:
         (self.root / "partial" / f"{key}.json").unlink(missing_ok=True)
 
-    def read_effects(self, key: str) -> dict | None:
-        """A stored single-head-effects record ({"settings", "effects", ...}), or None."""
-        return _read_json(self.root / "effects" / f"{key}.json") or None
+    def read_record(self, kind: str, key: str) -> dict | None:
+        """A derived result stored under `<store>/<kind>/<key>.json` (see `circuitlib.derived`), or None."""
+        return _read_json(self.root / kind / f"{key}.json") or None
 
-    def write_effects(self, key: str, record: dict) -> None:
-        """Write a single-head-effects record atomically; an existing one is never replaced."""
-        path = self.root / "effects" / f"{key}.json"
+    def write_record(self, kind: str, key: str, record: dict) -> None:
+        """Write a derived result atomically; an existing one is never replaced."""
+        path = self.root / kind / f"{key}.json"
         if path.exists():
-            raise FileExistsError(f"effects {key} are already in {self.root}; delete the file by hand to recompute")
+            raise FileExistsError(f"{kind}/{key}.json is already in {self.root}; delete it by hand to recompute it")
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
 

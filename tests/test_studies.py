@@ -291,10 +291,19 @@ def test_a_saved_snapshot_of_other_settings_is_not_resumed(tmp_path):
     assert Store(spec.store).read_partial(key) is None
 
 
+
+# ---------------------------------------------------------------------------------------------
+# results derived from the units, stored once (circuitlib.derived)
+
+
+def _no_computing(*args, **kw):
+    raise AssertionError("a stored result was recomputed")
+
+
 def test_head_effects_are_computed_once_into_the_store(tmp_path, monkeypatch):
     import circuitlib.study as study_module
+    from circuitlib.derived import head_effects
     from circuitlib.loading import load_model
-    from circuitlib.runner import head_effects
     from circuitlib.tasks import get_task
 
     spec = load_spec(write_spec(tmp_path))
@@ -303,15 +312,11 @@ def test_head_effects_are_computed_once_into_the_store(tmp_path, monkeypatch):
     data = get_task("ioi").generate(tokenizer, n=spec.n["ioi"], seed=1, n_test=spec.n_test["ioi"])
     direct = study_module.single_head_effects(model, data.patching.tokens, data.validation.tokens, "mean",
                                               progress=False)
-    assert effects.keys() == direct.keys()
-    assert all(abs(effects[h] - direct[h]) < 1e-9 for h in direct)
+    assert effects == direct
     records = list((spec.store / "effects").glob("*.json"))
     assert len(records) == 1 and json.loads(records[0].read_text())["settings"]["seed"] == 1
 
-    def no_computing(*args, **kw):
-        raise AssertionError("stored effects were recomputed")
-
-    monkeypatch.setattr(study_module, "single_head_effects", no_computing)
+    monkeypatch.setattr(study_module, "single_head_effects", _no_computing)
     assert head_effects(spec, "ioi", "mean", seed=1) == effects            # read back, not recomputed
     with pytest.raises(AssertionError, match="recomputed"):                # other settings: a new record
         head_effects(spec, "ioi", "zero", seed=1)
@@ -319,3 +324,38 @@ def test_head_effects_are_computed_once_into_the_store(tmp_path, monkeypatch):
         head_effects(spec, "acronyms", "mean")
     with pytest.raises(ValueError, match="seed 7 is not in the spec"):
         head_effects(spec, "ioi", "mean", seed=7)
+
+
+def spec_heads(spec) -> int:
+    from circuitlib.loading import load_model
+
+    cfg = load_model(spec.model)[0].cfg
+    return cfg.n_layers * cfg.n_heads
+
+
+def test_random_baselines_rebuild_the_row_and_are_stored_once(tmp_path, monkeypatch):
+    import circuitlib.study as study_module
+    from circuitlib.derived import random_baselines
+
+    spec = load_spec(write_spec(tmp_path, tasks=["ioi"], ablations=["mean"], include_mlps=[True], seeds=1,
+                                alphas=[4.0e-6, 1.0e-3]))
+    run_study(spec, workers=0, progress=False)
+    table = study_table(spec)
+    row = table.sort_values("alpha").iloc[0]
+    assert 0 < row["heads"] < spec_heads(spec)                 # a circuit that random draws of its size can differ from
+    circuits = random_baselines(spec, "ioi", row, 3)
+    assert [c["circuit"] for c in circuits] == ["extracted"] + ["random"] * 3
+    assert circuits[0]["test_accuracy"] == row["test_accuracy"]
+    assert abs(circuits[0]["test_kl"] - row["test_kl"]) < 1e-6
+    assert abs(circuits[0]["parameter_reduction"] - row["parameter_reduction"]) < 1e-12
+    heads = [sum(not k.startswith("MLP") for k in c["kept"]) for c in circuits[1:]]
+    assert heads == [row["heads"]] * 3 and len({tuple(c["kept"]) for c in circuits[1:]}) > 1
+
+    monkeypatch.setattr(study_module, "evaluate_kept", _no_computing)
+    assert random_baselines(spec, "ioi", row, 3) == circuits               # read back, not recomputed
+    other = load_spec(write_spec(tmp_path, name="other", tasks=["ioi"], ablations=["mean"], include_mlps=[True],
+                                 seeds=1, alphas=[4.0e-6, 1.0e-3], n=6))
+    with pytest.raises(ValueError, match="other prompts"):
+        random_baselines(other, "ioi", row, 3)
+    with pytest.raises(ValueError, match="n_random"):
+        random_baselines(spec, "ioi", row, -1)
