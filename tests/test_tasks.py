@@ -101,6 +101,15 @@ def test_same_seed_same_data_other_seed_other_data(tok, datasets):
         assert other.validation.prompts != data.validation.prompts
 
 
+def test_more_test_prompts_leave_the_search_splits_and_the_first_test_prompts_unchanged(tok, datasets):
+    """A chapter may measure on more held-out prompts than a stored result was searched with."""
+    for name, data in datasets.items():
+        more = get_task(name).generate(tok, N, seed=0, n_test=3 * N)
+        for split in ("patching", "validation"):
+            assert torch.equal(getattr(more, split).tokens, getattr(data, split).tokens), (name, split)
+        assert more.test.prompts[:N] == data.test.prompts and len(more.test) == 3 * N
+
+
 def one_hot_logits(tokens, vocab=50257):
     logits = torch.zeros(len(tokens), vocab)
     logits[torch.arange(len(tokens)), torch.tensor(tokens)] = 5.0
