@@ -424,6 +424,7 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
         "edges_among_kept_nodes": len(edges_among(graph, nodes)),
         "training_seconds": training.seconds,
         "seconds_per_step": training.seconds / steps,
+        "torch_threads": torch.get_num_threads(),         # of the process that finished the training
         "readout_seconds": time.perf_counter() - started,
     }
     settings = {"model": model.cfg.name, "task": task.name, "target_sparsity": target, "steps": steps,

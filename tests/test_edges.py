@@ -396,6 +396,7 @@ def test_the_rebuilt_standalone_model_is_the_runs(tiny, tmp_path, ablation):
     model, tokenizer = tiny
     run = run_edges("tiny-gpt2", "ioi", target_sparsity=0.8, steps=4, ablation=ablation, n=8, batch_size=4,
                     progress=False, loaded=tiny)
+    assert run.result.metrics["torch_threads"] == torch.get_num_threads()    # timings carry their thread count
     run.result.save_json(tmp_path / "edges.json")
     rebuilt = standalone_model(EdgeCircuit.load_json(tmp_path / "edges.json"), model, tokenizer)
     assert rebuilt.kept_heads() == run.pruned.kept_heads() and rebuilt.kept_mlps() == run.pruned.kept_mlps()
