@@ -1,7 +1,7 @@
 """Compute the missing Edge Pruning results of chapter 06b, one target sparsity after another.
 
     python scripts/edge_runs.py [--model smollm2-135m] [--task ioi] [--ablation mean] [--n 32] [--seed 0] \\
-        [--steps 1000] [--batch-size 16] [--targets 0.9 0.95 0.98 0.99] [--out-dir results/edges] \\
+        [--steps 3000] [--batch-size 8] [--targets 0.9 0.95 0.98 0.99] [--out-dir results/edges] \\
         [--device cpu] [--threads 1] [--checkpoint-every 50]
 
     nohup nice -n 19 python scripts/edge_runs.py > edge_runs.log 2>&1 &   # in the background
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation", default="mean", choices=("mean", "zero", "corrupted"))
     p.add_argument("--n", type=positive_int, default=32, help="prompts per split")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the gates")
-    p.add_argument("--steps", type=positive_int, default=1000, help="training steps per target (the chapter's)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per training step")
+    p.add_argument("--steps", type=positive_int, default=3000, help="training steps per target (the chapter's, and the authors')")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per training step (the chapter's; the authors: 32)")
     p.add_argument("--targets", type=sparsity, nargs="+", default=[0.9, 0.95, 0.98, 0.99],
                    help="target edge sparsities, computed in this order")
     p.add_argument("--out-dir", default=str(ROOT / "results" / "edges"))
