@@ -5,7 +5,7 @@
 # per call). Then, within one warm machine (it is given back 30 s after a call), e.g.:
 #   run(carry=[".gpu/wheels", ".gpu/COMMIT", ".gpu/part-aa"], command="true")
 #   run(carry=[".gpu/part-ab"], command="true")
-#   run(carry=[".gpu/part-ac", ".gpu/part-ad"], command="bash scripts/gpu_check.sh 360", timeout_s=590)
+#   run(carry=[".gpu/part-ac", ".gpu/part-ad"], command="bash scripts/gpu_check.sh 240 150", timeout_s=590)
 # Carried paths already on the warm machine stay there between calls. scripts/gpu_check.sh installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,4 +1,4 @@
-"""Device plumbing: loading, extraction (fast path and sweep), pruning, measuring and studies on
+"""Device plumbing: loading, extraction (fast path and sweep), pruning, measuring, studies and Edge Pruning on
 every device torch sees here. On a machine without a GPU the CUDA cases are skipped; run this file
 on a GPU machine to check them (the README's GPU section)."""
 
@@ -70,3 +70,30 @@ def test_a_study_unit_on_device(tmp_path, device):
     assert run_study(spec, workers=0, progress=False)["failed"] == []
     row = study_table(spec).iloc[0]
     assert row["device"] == device and row["torch_threads"] == 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_edge_pruning_on_device(models, data, arch, device):
+    """The masked model, its node-ablation equivalence and a short training on each device (the gate
+    noise comes from a generator on the device, so a CUDA training is reproducible, not CPU-equal)."""
+    from circuitlib.edges import all_open, graph_for, make_replacement, masked_logits
+    from circuitlib.edges_train import train_edges
+
+    cpu_model = models[arch]
+    model = copy.deepcopy(cpu_model).to(device)
+    patching, validation = data
+    repl = make_replacement(model, "mean", patching=patching.to(device))
+    with torch.no_grad():
+        open_logits = masked_logits(model, validation.to(device), all_open(model), repl)
+        assert open_logits.device.type == device
+        torch.testing.assert_close(open_logits.cpu(), cpu_model(validation, last_only=True), atol=1e-4, rtol=1e-4)
+        closed = masked_logits(model, validation.to(device), torch.zeros_like(all_open(model)), repl)
+        repl_cpu = make_replacement(cpu_model, "mean", patching=patching)
+        closed_cpu = masked_logits(cpu_model, validation, torch.zeros(graph_for(cpu_model).n_edges), repl_cpu)
+        torch.testing.assert_close(closed.cpu(), closed_cpu, atol=1e-4, rtol=1e-4)
+    kw = dict(target_sparsity=0.5, steps=3, batch_size=4, seed=0, progress=False)
+    first, again = train_edges(model, validation, repl, **kw), train_edges(model, validation, repl, **kw)
+    assert first.log_alpha.device.type == device
+    # reproducible (to float error: a GPU's reductions may add in another order from run to run)
+    torch.testing.assert_close(first.log_alpha, again.log_alpha, atol=1e-5, rtol=1e-5)
+    assert first.curve["edge_sparsity"] == pytest.approx(again.curve["edge_sparsity"], abs=1e-5)
