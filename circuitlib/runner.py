@@ -317,7 +317,8 @@ def study_status(spec: Spec, workers: int | None = None) -> dict:
     """Done, pending, failed and running units of `spec`, time spent and an estimate of the time left.
 
     The estimate: the mean unit time of finished units of the same task and configuration (else
-    of all finished units) for each pending unit, divided by `workers` (default: one per core).
+    of all finished units) for each pending unit, less the sweep time a unit cut off part-way has
+    already saved (`partial/`), divided by `workers` (default: one per core).
     """
     store = Store(spec.store)
     planned = plan(spec)
@@ -332,18 +333,20 @@ def study_status(spec: Spec, workers: int | None = None) -> dict:
     for p in planned:
         state = ("done" if p.key in done else "running" if p.key in running
                  else "failed" if p.key in failures else "pending")
+        saved = store.read_partial(p.key) if state != "done" else None
         units.append({"key": p.key, "unit": p.unit.label, "state": state,
                       **({"error": failures[p.key].get("error")} if state == "failed" else {}),
                       **({"progress": f"{running[p.key].get('done')}/{running[p.key].get('total')}",
                           "updated_s_ago": round(time.time() - running[p.key].get("updated", time.time()))}
                          if state == "running" else {}),
-                      **({"saved": f"{len(saved['snapshot']['states'][0]['decisions'])} candidates"}
-                         if state != "done" and (saved := store.read_partial(p.key)) else {})})
+                      **({"saved": f"{len(saved['snapshot']['states'][0]['decisions'])} candidates, "
+                                   f"{float(saved['seconds']) / 3600:.2f} h"} if saved else {})})
         if state != "done" and unit_seconds is not None:
             same = unit_seconds[(unit_seconds.task == _task_name(p.unit.task))
                                 & (unit_seconds.ablation == p.unit.ablation)
                                 & (unit_seconds.include_mlps == p.unit.include_mlps)]
-            left += float((same if len(same) else unit_seconds)["unit_seconds"].mean())
+            expected = float((same if len(same) else unit_seconds)["unit_seconds"].mean())
+            left += max(0.0, expected - (float(saved["seconds"]) if saved else 0.0))
     counts = {s: sum(u["state"] == s for u in units) for s in ("done", "running", "failed", "pending")}
     n_workers = workers or os.cpu_count() or 1
     return {"study": spec.name, "store": str(spec.store), "units": len(units), **counts,

@@ -278,6 +278,18 @@ def test_a_unit_cut_off_resumes_from_its_last_layer(tmp_path, monkeypatch):
         comparable(study_table(whole_spec).drop(columns="study")))
 
 
+def test_the_estimate_of_time_left_counts_saved_progress(tmp_path):
+    spec = load_spec(write_spec(tmp_path, tasks=["ioi"], ablations=["mean"], include_mlps=[True], seeds=2))
+    run_study(spec, workers=0, max_units=1, progress=False)
+    spent = study_status(spec, workers=1)["seconds_spent"]
+    assert study_status(spec, workers=1)["seconds_left_estimate"] == pytest.approx(spent)
+    pending = [u for u in study_status(spec)["unit_states"] if u["state"] == "pending"][0]["key"]
+    Store(spec.store).write_partial(pending, {"snapshot": {"states": [{"decisions": [[], []]}]}, "seconds": spent / 4})
+    status = study_status(spec, workers=1)
+    assert status["seconds_left_estimate"] == pytest.approx(spent * 3 / 4)
+    assert [u["saved"] for u in status["unit_states"] if u["key"] == pending][0].startswith("2 candidates, ")
+
+
 def test_a_saved_snapshot_of_other_settings_is_not_resumed(tmp_path):
     small = dict(tasks=["ioi"], ablations=["mean"], include_mlps=[False], seeds=1, n=4, n_test=4)
     spec, whole_spec = load_spec(write_spec(tmp_path, "odd", **small)), load_spec(write_spec(tmp_path, "ref", **small))
