@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from .experiment import prompts_digest
 from .spec import Spec
 from .store import Store
 
@@ -38,7 +39,7 @@ def head_effects(spec: Spec, task: str, ablation: str, *, seed: int | None = Non
     seed = _check_seed(spec, seed)
     the_task, data = _batch(spec, task, seed)
     settings = {"model": spec.model, "task": the_task.name, "ablation": ablation, "seed": seed, "n": spec.n[task],
-                "prompts": _digest(data, ("patching", "validation"))}
+                "prompts": prompts_digest(data, ("patching", "validation"))}
 
     def compute(model):
         return single_head_effects(model, data.patching.tokens.to(model.device),
@@ -65,7 +66,7 @@ def random_baselines(spec: Spec, task: str, row, n_random: int, *, device: str |
         raise ValueError(f"n_random must be a number of random circuits (0 or more), got {n_random!r}")
     seed = _check_seed(spec, int(row["seed"]))
     the_task, data = _batch(spec, task, seed)
-    if _digest(data, ("patching", "validation", "test")) != row["prompts_digest"]:
+    if prompts_digest(data) != row["prompts_digest"]:
         raise ValueError(f"row {row['key']} was made from other prompts than {task!r} seed {seed} of the spec "
                          f"{spec.name} generates now: give a row of this spec's own table (runner.study_table)")
     ablation, include_mlps = str(row["ablation"]), bool(row["include_mlps"])
@@ -104,12 +105,6 @@ def _batch(spec: Spec, task: str, seed: int):
         raise ValueError(f"task {task!r} is not in the spec {spec.name} (its tasks: {', '.join(spec.tasks)})")
     the_task = get_task(task)
     return the_task, the_task.generate(load_tokenizer(spec.model), n=spec.n[task], seed=seed, n_test=spec.n_test[task])
-
-
-def _digest(data, splits) -> str:
-    from .experiment import tokens_digest
-
-    return "-".join(tokens_digest(getattr(data, s).tokens) for s in splits)
 
 
 def _check_seed(spec: Spec, seed: int | None) -> int:

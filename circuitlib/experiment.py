@@ -43,6 +43,11 @@ def tokens_digest(tokens: torch.Tensor) -> str:
     return hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()[:16]
 
 
+def prompts_digest(data: TaskData, splits=("patching", "validation", "test")) -> str:
+    """The fingerprints of some splits of a task's data, joined: "<patching>-<validation>-<test>" by default."""
+    return "-".join(tokens_digest(getattr(data, s).tokens) for s in splits)
+
+
 @torch.inference_mode()
 def full_reference(model: Transformer, data: TaskData) -> dict:
     """The full model's final residual stream at the last position, per split ([n, d_model] each)."""

@@ -42,7 +42,7 @@ class PlannedUnit:
 
 def plan(spec: Spec) -> list[PlannedUnit]:
     """Every unit of `spec` with its key (the prompts are generated to fingerprint them; no model is loaded)."""
-    from .experiment import tokens_digest
+    from .experiment import prompts_digest
     from .loading import load_tokenizer
     from .tasks import get_task
 
@@ -53,7 +53,7 @@ def plan(spec: Spec) -> list[PlannedUnit]:
         data_key = (u.task, u.n, u.n_test, u.seed)
         if data_key not in digests:
             data = get_task(u.task).generate(tokenizer, n=u.n, seed=u.seed, n_test=u.n_test)
-            digests[data_key] = "-".join(tokens_digest(s.tokens) for s in (data.patching, data.validation, data.test))
+            digests[data_key] = prompts_digest(data)
         planned.append(PlannedUnit(u, u.key(digests[data_key]), digests[data_key]))
     return planned
 
@@ -140,7 +140,7 @@ def run_unit(planned: PlannedUnit, store_root: str, *, study: str, device: str =
 def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads: int, progress: bool,
              on_step, store: Store, saved: dict | None) -> list[dict]:
     from .ablation import mean_activations
-    from .experiment import full_reference, tokens_digest
+    from .experiment import full_reference, prompts_digest
     from .extract import ResumeError, sweep
     from .metrics import log_probs
     from .surgery import prune
@@ -149,7 +149,7 @@ def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads
     model, tokenizer = _model(unit.model, device)
     task = get_task(unit.task)
     data = task.generate(tokenizer, n=unit.n, seed=unit.seed, n_test=unit.n_test)
-    found = "-".join(tokens_digest(s.tokens) for s in (data.patching, data.validation, data.test))
+    found = prompts_digest(data)
     if found != digest:
         raise RuntimeError(f"the prompts generated on this worker differ from the planner's ({found} != {digest}): "
                            "different circuitlib versions or tokenizers on the driver and the workers")
