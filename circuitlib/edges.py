@@ -467,6 +467,13 @@ def expected_open(log_alpha: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(log_alpha - BETA * math.log(-LEFT / RIGHT))
 
 
+def expected_closed(log_alpha: torch.Tensor) -> torch.Tensor:
+    """P(gate = 0) = 1 - `expected_open`, elementwise, computed directly: in float32,
+    1 - sigmoid(x) rounds to exactly 0 (and so does its gradient) once x > 16.6, which would
+    leave a gate that drifted there with no gradient to close it; sigmoid(-x) keeps both."""
+    return torch.sigmoid(BETA * math.log(-LEFT / RIGHT) - log_alpha)
+
+
 # Hard-concrete gates (Louizos et al. 2018): a stretched, clipped binary concrete variable.
 BETA, LEFT, RIGHT = 2 / 3, -0.1, 1.1
 

@@ -12,6 +12,16 @@ lambda2 are trained by gradient *ascent* (a Lagrangian), so the sparsity is push
 rather than traded off against the KL at a fixed price. With `node_target_sparsity`, node gates
 get their own Lagrangian term and an edge counts as open only if its writer's node is too.
 
+Every `log_alpha` is kept in [-10, 10] after each step (`log_alpha_limit`), as Louizos et al.'s own
+code keeps theirs in a range (`constrain_parameters` in AMLab-Amsterdam/L0_regularization), and the
+expected sparsity is computed from P(closed) directly (`edges.expected_closed`). Without both, Adam
+at lr 0.8 drives a gate the KL wants open up to where its samples are always exactly 1 (so the KL
+gives it no gradient) and 1 - P(open) rounds to 0 in float32 (so the sparsity term gives it none):
+it is frozen open. On the stand-in (123,211 edges), at step 1500 of 3000, 56 % of the gates sat
+frozen at 15.1 and the expected sparsity had stalled at 0.44 while the target ramped past 0.5
+(chapter 06b shows such a run). At +10 a gate is closed with probability 9e-6, at -10 open with
+probability 2e-4, and the sparsity term's gradient still moves it.
+
 After training, the gates are made deterministic and binary: edges are ranked by `log_alpha`,
 and a search over the number kept picks the largest circuit whose edges, *after dead-node
 removal* (`edges.remove_dead`: nodes that reach the logits by no kept edge are dropped with all
@@ -46,12 +56,13 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .edges import (REPLACEMENTS, EdgeGraph, Replacement, check_full, deterministic_gates,
-                    edges_among, expected_open, gates_from_edges, graph_for, kl_loss, make_replacement,
+                    edges_among, expected_closed, gates_from_edges, graph_for, kl_loss, make_replacement,
                     masked_logits, node_circuit, remove_dead, sample_gates)
 from .metrics import accuracy, kl_divergence
 from .model import Transformer, atomic_write
 
 RESULT_FILE = "edges.json"
+LOG_ALPHA_LIMIT = 10.0   # gates' locations stay in [-10, 10] (see the module's docstring)
 
 
 def check_sparsity(value, name: str = "target sparsity") -> float:
@@ -106,7 +117,7 @@ def _check_checkpoint(path: Path, saved: dict, settings: dict) -> None:
 def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, target_sparsity: float,
                 steps: int, node_target_sparsity: float | None = None, lr: float = 0.8, reg_lr: float = 0.8,
                 warmup: int | None = None, batch_size: int = 32, seed: int = 0, init: float = 3.0,
-                progress: bool = True, checkpoint_path: str | os.PathLike | None = None,
+                log_alpha_limit: float | None = LOG_ALPHA_LIMIT, progress: bool = True, checkpoint_path: str | os.PathLike | None = None,
                 checkpoint_every: int = 50) -> EdgeTraining:
     """Learn hard-concrete gates on `tokens` [n, S] (the full model `model` is frozen).
 
@@ -114,6 +125,7 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
     warmup:           steps over which the target ramps from 0 (default: 5/6 of `steps`, as the authors)
     batch_size:       prompts per step (all of them if fewer)
     init:             initial log_alpha (3: every gate open with probability 0.99)
+    log_alpha_limit:  every log_alpha is clamped to [-limit, limit] after each step; None: no clamp
     checkpoint_path:  a file for the training's state, written (atomically) every `checkpoint_every`
                       steps; if it exists at the start, the training continues from it (its settings
                       must be these, or a ValueError names the difference); deleted at the end.
@@ -126,6 +138,9 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if log_alpha_limit is not None and not (isinstance(log_alpha_limit, (int, float)) and log_alpha_limit > abs(init)):
+        raise ValueError(f"log_alpha_limit must be a number above |init| = {abs(init)} (or None for no clamp), "
+                         f"got {log_alpha_limit!r}; the default is {LOG_ALPHA_LIMIT}")
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int (steps between checkpoints), "
                          f"got {checkpoint_every!r}")
@@ -159,7 +174,7 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
         settings = {"model": model.cfg.name, "replacement": repl.kind, "device": dev.type, "target_sparsity": target,
                     "steps": steps, "lr": lr, "reg_lr": reg_lr, "warmup": warmup, "batch_size": batch_size,
                     "seed": seed, "init": init, "node_target_sparsity": node_target, "n_prompts": n,
-                    "tokens": _digest(tokens)}
+                    "log_alpha_limit": log_alpha_limit, "tokens": _digest(tokens)}
         if checkpoint_path.exists():
             saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
             _check_checkpoint(checkpoint_path, saved["settings"], settings)
@@ -197,12 +212,13 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
             node_gates = None if node_log_alpha is None else sample_gates(node_log_alpha, gen)
             logits = masked_logits(model, batch, gates, repl, node_gates, rows=rows if repl.per_prompt else None)
             kl = kl_loss(full if rows is None else full[rows], logits)
-            p_edge = expected_open(log_alpha)
+            q_edge = expected_closed(log_alpha)                    # [n_edges] P(edge gate = 0)
             if node_log_alpha is not None:
-                p_node = torch.cat([torch.ones(1, device=dev), expected_open(node_log_alpha)])
-                p_edge = p_edge * p_node[edge_writer]              # writer w is node w - 1; the embedding has no gate
-                gap_n = ramp * node_target - (1 - expected_open(node_log_alpha).mean())
-            gap = ramp * target - (1 - p_edge.mean())
+                q_node = torch.cat([torch.zeros(1, device=dev), expected_closed(node_log_alpha)])
+                q_writer = q_node[edge_writer]                     # writer w is node w - 1; the embedding has no gate
+                q_edge = q_edge + q_writer - q_edge * q_writer     # P(edge or writer closed)
+                gap_n = ramp * node_target - expected_closed(node_log_alpha).mean()
+            gap = ramp * target - q_edge.mean()
             lagrangian = lambdas[0] * gap + lambdas[1] * gap ** 2
             if node_log_alpha is not None:
                 lagrangian = lagrangian + lambdas[2] * gap_n + lambdas[3] * gap_n ** 2
@@ -212,12 +228,16 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
             loss.backward()
             opt.step()
             reg_opt.step()
-            sparsity = 1 - p_edge.mean().item()
+            if log_alpha_limit is not None:
+                with torch.no_grad():
+                    for p in params:
+                        p.clamp_(-log_alpha_limit, log_alpha_limit)
+            sparsity = q_edge.mean().item()
             for k, v in (("step", step + 1), ("loss", loss.item()), ("kl", kl.item()), ("edge_sparsity", sparsity),
                          ("target", ramp * target), ("lambda1", lambdas[0].item()), ("lambda2", lambdas[1].item())):
                 curve[k].append(v)
             if node_log_alpha is not None:
-                curve["node_sparsity"].append(1 - expected_open(node_log_alpha).mean().item())
+                curve["node_sparsity"].append(expected_closed(node_log_alpha).mean().item())
                 curve["node_target"].append(ramp * node_target)
             bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}", sparsity=f"{sparsity:.3f}")
             if checkpoint_path is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
@@ -359,7 +379,8 @@ class EdgeRun:
 
 def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps: int, ablation: str = "mean",
               seed: int = 0, n: int | None = None, lr: float = 0.8, reg_lr: float = 0.8, warmup: int | None = None,
-              batch_size: int = 32, node_target_sparsity: float | None = None, device: str | None = None,
+              batch_size: int = 32, node_target_sparsity: float | None = None,
+              log_alpha_limit: float | None = LOG_ALPHA_LIMIT, device: str | None = None,
               progress: bool = True, loaded=None, checkpoint_path: str | os.PathLike | None = None,
               checkpoint_every: int = 50) -> EdgeRun:
     """Load a model and a task, train edge gates on the validation split (the split Algorithm 1
@@ -397,7 +418,8 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
                                         corrupted=corrupt(tokens) if ablation == "corrupted" else None)
     training = train_edges(model, data.validation.tokens, repls["validation"], target_sparsity=target, steps=steps,
                            node_target_sparsity=node_target_sparsity, lr=lr, reg_lr=reg_lr, warmup=warmup,
-                           batch_size=batch_size, seed=seed, progress=progress, checkpoint_path=checkpoint_path,
+                           batch_size=batch_size, seed=seed, log_alpha_limit=log_alpha_limit, progress=progress,
+                           checkpoint_path=checkpoint_path,
                            checkpoint_every=checkpoint_every)
     started = time.perf_counter()
     kept, nodes, threshold = binarize(graph, training.log_alpha, target, training.node_log_alpha)
@@ -430,7 +452,7 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
     settings = {"model": model.cfg.name, "task": task.name, "target_sparsity": target, "steps": steps,
                 "ablation": ablation, "standalone_scheme": scheme, "seed": seed, "n": n, "lr": lr, "reg_lr": reg_lr,
                 "warmup": warmup, "batch_size": batch_size, "node_target_sparsity": node_target_sparsity,
-                "train_split": "validation", "device": str(dev)}
+                "log_alpha_limit": log_alpha_limit, "train_split": "validation", "device": str(dev)}
     result = EdgeCircuit(settings, graph.n_edges, [graph.edge_name(e) for e in kept], nodes, threshold,
                          training.curve, metrics)
     return EdgeRun(result, model, pruned, tokenizer, task, data, training)
@@ -438,7 +460,7 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
 
 # Settings that make two edge results the same result (the device and the seconds do not).
 RESULT_SETTINGS = ("model", "task", "target_sparsity", "steps", "ablation", "seed", "n", "lr", "reg_lr", "warmup",
-                   "batch_size", "node_target_sparsity")
+                   "batch_size", "node_target_sparsity", "log_alpha_limit")
 
 
 def edge_result_path(out_dir: str | os.PathLike, task_name: str, *, target_sparsity: float, steps: int,
@@ -460,8 +482,8 @@ def edge_result_path(out_dir: str | os.PathLike, task_name: str, *, target_spars
 def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_name: str, *,
                 target_sparsity: float, steps: int, ablation: str = "mean", seed: int = 0, n: int | None = None,
                 batch_size: int = 32, lr: float = 0.8, reg_lr: float = 0.8, warmup: int | None = None,
-                node_target_sparsity: float | None = None, device: str | None = None, progress: bool = True,
-                checkpoint_every: int = 50) -> EdgeCircuit:
+                node_target_sparsity: float | None = None, log_alpha_limit: float | None = LOG_ALPHA_LIMIT,
+                device: str | None = None, progress: bool = True, checkpoint_every: int = 50) -> EdgeCircuit:
     """The Edge Pruning result of these settings, as data: read from `edge_result_path` when it
     is there, else computed by `run_edges` on the loaded (`model`, `tokenizer`) and saved there
     (atomically) before it is returned.
@@ -478,7 +500,8 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
                             seed=seed, n=n, batch_size=batch_size, node_target_sparsity=node_target_sparsity)
     asked = {"model": model.cfg.name, "task": task.name, "target_sparsity": check_sparsity(target_sparsity),
              "steps": steps, "ablation": ablation, "seed": seed, "n": n or task.default_n, "lr": lr, "reg_lr": reg_lr,
-             "warmup": warmup, "batch_size": batch_size, "node_target_sparsity": node_target_sparsity}
+             "warmup": warmup, "batch_size": batch_size, "node_target_sparsity": node_target_sparsity,
+             "log_alpha_limit": log_alpha_limit}
     if path.exists():
         stored = EdgeCircuit.load_json(path)
         differ = [f"{k} {stored.settings.get(k)!r} (stored) vs {asked[k]!r} (asked)" for k in RESULT_SETTINGS
@@ -489,7 +512,8 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
         return stored
     run = run_edges(model.cfg.name, task.name, target_sparsity=target_sparsity, steps=steps, ablation=ablation,
                     seed=seed, n=n, lr=lr, reg_lr=reg_lr, warmup=warmup, batch_size=batch_size,
-                    node_target_sparsity=node_target_sparsity, device=device, progress=progress,
+                    node_target_sparsity=node_target_sparsity, log_alpha_limit=log_alpha_limit, device=device,
+                    progress=progress,
                     loaded=(model, tokenizer), checkpoint_path=path.with_suffix(".ckpt"),
                     checkpoint_every=checkpoint_every)
     run.result.save_json(path)

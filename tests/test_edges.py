@@ -15,8 +15,8 @@ import torch
 from circuitlib.ablation import hooked_last_logits, mean_activations
 from circuitlib.cli import main
 from circuitlib.convert import to_hooked
-from circuitlib.edges import (EdgeGraph, all_open, edges_among, gates_from_edges, graph_for, make_replacement,
-                              masked_logits, remove_dead)
+from circuitlib.edges import (EdgeGraph, all_open, edges_among, expected_closed, expected_open, gates_from_edges,
+                              graph_for, make_replacement, masked_logits, remove_dead)
 from circuitlib.edges_train import (EdgeCircuit, binarize, check_sparsity, edge_result, edge_result_path, run_edges,
                                     standalone_model, train_edges)
 from circuitlib.extract import extract
@@ -199,6 +199,30 @@ def test_training_is_reproducible_and_reaches_the_target(arch, models, data, mea
     # node gates: trained alongside, with their own target
     d = train_edges(model, validation, r, seed=3, node_target_sparsity=0.5, **kw)
     assert d.node_log_alpha.shape == (len(g.nodes),) and "node_sparsity" in d.curve
+
+
+def test_no_gate_freezes_beyond_the_sparsity_gradient():
+    """P(closed) computed directly keeps a gradient where 1 - P(open) rounds to 0 in float32."""
+    la = torch.tensor([-5.0, 0.0, 5.0, 20.0], requires_grad=True)
+    assert torch.allclose(expected_closed(la.detach()), 1 - expected_open(la.detach()), atol=1e-6)
+    (1 - expected_open(la)).sum().backward()
+    assert la.grad[3] == 0                                             # the old formula: frozen at 20
+    la.grad = None
+    expected_closed(la).sum().backward()
+    assert (la.grad < 0).all()                                         # every gate can still close
+
+
+def test_gate_locations_stay_within_their_limit(models, data, means):
+    model, (patching, validation) = models["gpt2"], data
+    r = repl(model, "mean", patching, means["gpt2"])
+    kw = dict(target_sparsity=0.8, steps=8, batch_size=6, progress=False, seed=3)
+    clamped = train_edges(model, validation, r, log_alpha_limit=3.5, **kw)
+    free = train_edges(model, validation, r, log_alpha_limit=None, **kw)
+    assert clamped.log_alpha.abs().max() <= 3.5
+    assert free.log_alpha.abs().max() > 3.5                            # so the limit did bite
+    for bad in (0, -1.0, 2.0, "10"):                                   # must exceed |init| = 3
+        with pytest.raises(ValueError, match="log_alpha_limit must be a number above"):
+            train_edges(model, validation, r, target_sparsity=0.5, steps=1, log_alpha_limit=bad)
 
 
 def test_bad_settings_are_refused(models, data):
