@@ -17,8 +17,8 @@ code keeps theirs in a range (`constrain_parameters` in AMLab-Amsterdam/L0_regul
 expected sparsity is computed from P(closed) directly (`edges.expected_closed`). Without both, Adam
 at lr 0.8 drives a gate the KL wants open up to where its samples are always exactly 1 (so the KL
 gives it no gradient) and 1 - P(open) rounds to 0 in float32 (so the sparsity term gives it none):
-it is frozen open. On the stand-in (123,211 edges), at step 1500 of 3000, 56 % of the gates sat
-frozen at 15.1 and the expected sparsity had stalled at 0.44 while the target ramped past 0.5
+it is frozen open. On the stand-in (123,211 edges), at step 1500 of 3000, 53 % of the gates sat
+frozen near 15.1 and the expected sparsity had stalled at 0.44 while the target ramped past 0.5
 (chapter 06b shows such a run). At +10 a gate is closed with probability 9e-6, at -10 open with
 probability 2e-4, and the sparsity term's gradient still moves it.
 
