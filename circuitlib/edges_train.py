@@ -124,7 +124,9 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
     repl:             the replacement (`edges.make_replacement`); a corrupted one is paired row by row
     warmup:           steps over which the target ramps from 0 (default: 5/6 of `steps`, as the authors)
     batch_size:       prompts per step (all of them if fewer)
-    init:             initial log_alpha (3: every gate open with probability 0.99)
+    init:             initial log_alpha (3: every gate open with probability 0.99; the authors start near
+                      10, where a sampled gate is below 1, and the KL has a gradient for it, in one
+                      sample of 4,500 instead of one of 5)
     log_alpha_limit:  every log_alpha is clamped to [-limit, limit] after each step; None: no clamp
     checkpoint_path:  a file for the training's state, written (atomically) every `checkpoint_every`
                       steps; if it exists at the start, the training continues from it (its settings
