@@ -12,15 +12,16 @@ lambda2 are trained by gradient *ascent* (a Lagrangian), so the sparsity is push
 rather than traded off against the KL at a fixed price. With `node_target_sparsity`, node gates
 get their own Lagrangian term and an edge counts as open only if its writer's node is too.
 
-Every `log_alpha` is kept in [-10, 10] after each step (`log_alpha_limit`), as Louizos et al.'s own
-code keeps theirs in a range (`constrain_parameters` in AMLab-Amsterdam/L0_regularization), and the
-expected sparsity is computed from P(closed) directly (`edges.expected_closed`). Without both, Adam
-at lr 0.8 drives a gate the KL wants open up to where its samples are always exactly 1 (so the KL
-gives it no gradient) and 1 - P(open) rounds to 0 in float32 (so the sparsity term gives it none):
-it is frozen open. On the stand-in (123,211 edges), at step 1500 of 3000, 53 % of the gates sat
-frozen near 15.1 and the expected sparsity had stalled at 0.44 while the target ramped past 0.5
-(chapter 06b shows such a run). At +10 a gate is closed with probability 9e-6, at -10 open with
-probability 2e-4, and the sparsity term's gradient still moves it.
+The optimizer is the authors': AdamW with its default weight decay (0.01) at learning rate 0.8
+for the gates and the multipliers alike, the rate warmed up linearly over the first 1/15 of the
+steps (their 200 of 3000) and decayed linearly to 0 at the last. The weight decay matters: it
+pulls every `log_alpha` back towards 0. Without it (plain Adam at a constant rate, as circuitlib
+trained before), a gate the KL wants open climbs until its samples are always exactly 1 (no KL
+gradient) and 1 - P(open) rounds to 0 in float32 (no sparsity gradient): it is frozen open. On
+the stand-in (123,211 edges), at step 1500 of 3000, 53 % of the gates sat frozen and the expected
+sparsity had stalled at 0.44 while the target ramped past 0.5 (chapter 06b shows that run). The
+sparsity is also computed from P(closed) directly (`edges.expected_closed`), which keeps its
+gradient where 1 - P(open) would round to 0.
 
 After training, the gates are made deterministic and binary: edges are ranked by `log_alpha`,
 and a search over the number kept picks the largest circuit whose edges, *after dead-node
@@ -62,7 +63,6 @@ from .metrics import accuracy, kl_divergence
 from .model import Transformer, atomic_write
 
 RESULT_FILE = "edges.json"
-LOG_ALPHA_LIMIT = 10.0   # gates' locations stay in [-10, 10] (see the module's docstring)
 
 
 def check_sparsity(value, name: str = "target sparsity") -> float:
@@ -116,18 +116,18 @@ def _check_checkpoint(path: Path, saved: dict, settings: dict) -> None:
 
 def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, target_sparsity: float,
                 steps: int, node_target_sparsity: float | None = None, lr: float = 0.8, reg_lr: float = 0.8,
-                warmup: int | None = None, batch_size: int = 32, seed: int = 0, init: float = 3.0,
-                log_alpha_limit: float | None = LOG_ALPHA_LIMIT, progress: bool = True, checkpoint_path: str | os.PathLike | None = None,
+                warmup: int | None = None, batch_size: int = 32, seed: int = 0, init: float = 10.0,
+                weight_decay: float = 0.01, lr_warmup: int | None = None, progress: bool = True, checkpoint_path: str | os.PathLike | None = None,
                 checkpoint_every: int = 50) -> EdgeTraining:
     """Learn hard-concrete gates on `tokens` [n, S] (the full model `model` is frozen).
 
     repl:             the replacement (`edges.make_replacement`); a corrupted one is paired row by row
     warmup:           steps over which the target ramps from 0 (default: 5/6 of `steps`, as the authors)
     batch_size:       prompts per step (all of them if fewer)
-    init:             initial log_alpha (3: every gate open with probability 0.99; the authors start near
-                      10, where a sampled gate is below 1, and the KL has a gradient for it, in one
-                      sample of 4,500 instead of one of 5)
-    log_alpha_limit:  every log_alpha is clamped to [-limit, limit] after each step; None: no clamp
+    init:             initial log_alpha (the authors' 10: every gate open, its samples almost always 1)
+    weight_decay:     AdamW's decoupled weight decay, for the gates and the multipliers (the authors' 0.01)
+    lr_warmup:        steps over which the learning rates rise linearly from 0, after which they fall
+                      linearly to 0 at the last step (default: 1/15 of `steps`, as the authors' 200 of 3000)
     checkpoint_path:  a file for the training's state, written (atomically) every `checkpoint_every`
                       steps; if it exists at the start, the training continues from it (its settings
                       must be these, or a ValueError names the difference); deleted at the end.
@@ -140,9 +140,12 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if log_alpha_limit is not None and not (isinstance(log_alpha_limit, (int, float)) and log_alpha_limit > abs(init)):
-        raise ValueError(f"log_alpha_limit must be a number above |init| = {abs(init)} (or None for no clamp), "
-                         f"got {log_alpha_limit!r}; the default is {LOG_ALPHA_LIMIT}")
+    lr_warmup = round(steps / 15) if lr_warmup is None else lr_warmup
+    if not isinstance(lr_warmup, int) or not 0 <= lr_warmup < steps:
+        raise ValueError(f"lr_warmup must be a whole number of steps in [0, steps) = [0, {steps}), got {lr_warmup!r}; "
+                         f"the default is 1/15 of the steps ({round(steps / 15)})")
+    if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}; the authors' is 0.01")
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int (steps between checkpoints), "
                          f"got {checkpoint_every!r}")
@@ -163,11 +166,18 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
         params.append(node_log_alpha)
         edge_writer = torch.tensor([w for w, _ in g.edges], device=dev)
     lambdas = torch.zeros(4, device=dev, requires_grad=True)
-    opt = torch.optim.Adam(params, lr=lr)
-    reg_opt = torch.optim.Adam([lambdas], lr=reg_lr, maximize=True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    reg_opt = torch.optim.AdamW([lambdas], lr=reg_lr, weight_decay=weight_decay, maximize=True)
+
+    def lr_factor(step: int) -> float:
+        """The learning rates' multiplier at (0-based) `step`: up linearly, then down linearly to 0."""
+        if step < lr_warmup:
+            return step / lr_warmup
+        return (steps - step) / max(1, steps - lr_warmup)
+
     with torch.no_grad():
         full = model(tokens, last_only=True)
-    curve = {k: [] for k in ("step", "loss", "kl", "edge_sparsity", "target", "lambda1", "lambda2")}
+    curve = {k: [] for k in ("step", "loss", "kl", "edge_sparsity", "target", "lambda1", "lambda2", "lr")}
     if node_target is not None:
         curve |= {"node_sparsity": [], "node_target": []}
     first_step, seconds_before = 0, 0.0
@@ -176,7 +186,7 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
         settings = {"model": model.cfg.name, "replacement": repl.kind, "device": dev.type, "target_sparsity": target,
                     "steps": steps, "lr": lr, "reg_lr": reg_lr, "warmup": warmup, "batch_size": batch_size,
                     "seed": seed, "init": init, "node_target_sparsity": node_target, "n_prompts": n,
-                    "log_alpha_limit": log_alpha_limit, "tokens": _digest(tokens)}
+                    "weight_decay": weight_decay, "lr_warmup": lr_warmup, "tokens": _digest(tokens)}
         if checkpoint_path.exists():
             saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
             _check_checkpoint(checkpoint_path, saved["settings"], settings)
@@ -228,15 +238,15 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
             opt.zero_grad()
             reg_opt.zero_grad()
             loss.backward()
+            for optimizer, base in ((opt, lr), (reg_opt, reg_lr)):
+                for group in optimizer.param_groups:
+                    group["lr"] = base * lr_factor(step)
             opt.step()
             reg_opt.step()
-            if log_alpha_limit is not None:
-                with torch.no_grad():
-                    for p in params:
-                        p.clamp_(-log_alpha_limit, log_alpha_limit)
             sparsity = q_edge.mean().item()
             for k, v in (("step", step + 1), ("loss", loss.item()), ("kl", kl.item()), ("edge_sparsity", sparsity),
-                         ("target", ramp * target), ("lambda1", lambdas[0].item()), ("lambda2", lambdas[1].item())):
+                         ("target", ramp * target), ("lambda1", lambdas[0].item()), ("lambda2", lambdas[1].item()),
+                         ("lr", lr * lr_factor(step))):
                 curve[k].append(v)
             if node_log_alpha is not None:
                 curve["node_sparsity"].append(expected_closed(node_log_alpha).mean().item())
@@ -381,8 +391,8 @@ class EdgeRun:
 
 def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps: int, ablation: str = "mean",
               seed: int = 0, n: int | None = None, lr: float = 0.8, reg_lr: float = 0.8, warmup: int | None = None,
-              batch_size: int = 32, node_target_sparsity: float | None = None,
-              log_alpha_limit: float | None = LOG_ALPHA_LIMIT, device: str | None = None,
+              batch_size: int = 32, node_target_sparsity: float | None = None, weight_decay: float = 0.01,
+              lr_warmup: int | None = None, device: str | None = None,
               progress: bool = True, loaded=None, checkpoint_path: str | os.PathLike | None = None,
               checkpoint_every: int = 50) -> EdgeRun:
     """Load a model and a task, train edge gates on the validation split (the split Algorithm 1
@@ -420,7 +430,8 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
                                         corrupted=corrupt(tokens) if ablation == "corrupted" else None)
     training = train_edges(model, data.validation.tokens, repls["validation"], target_sparsity=target, steps=steps,
                            node_target_sparsity=node_target_sparsity, lr=lr, reg_lr=reg_lr, warmup=warmup,
-                           batch_size=batch_size, seed=seed, log_alpha_limit=log_alpha_limit, progress=progress,
+                           batch_size=batch_size, seed=seed, weight_decay=weight_decay, lr_warmup=lr_warmup,
+                           progress=progress,
                            checkpoint_path=checkpoint_path,
                            checkpoint_every=checkpoint_every)
     started = time.perf_counter()
@@ -454,7 +465,8 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
     settings = {"model": model.cfg.name, "task": task.name, "target_sparsity": target, "steps": steps,
                 "ablation": ablation, "standalone_scheme": scheme, "seed": seed, "n": n, "lr": lr, "reg_lr": reg_lr,
                 "warmup": warmup, "batch_size": batch_size, "node_target_sparsity": node_target_sparsity,
-                "log_alpha_limit": log_alpha_limit, "train_split": "validation", "device": str(dev)}
+                "weight_decay": weight_decay, "lr_warmup": lr_warmup, "train_split": "validation",
+                "device": str(dev)}
     result = EdgeCircuit(settings, graph.n_edges, [graph.edge_name(e) for e in kept], nodes, threshold,
                          training.curve, metrics)
     return EdgeRun(result, model, pruned, tokenizer, task, data, training)
@@ -462,7 +474,7 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
 
 # Settings that make two edge results the same result (the device and the seconds do not).
 RESULT_SETTINGS = ("model", "task", "target_sparsity", "steps", "ablation", "seed", "n", "lr", "reg_lr", "warmup",
-                   "batch_size", "node_target_sparsity", "log_alpha_limit")
+                   "batch_size", "node_target_sparsity", "weight_decay", "lr_warmup")
 
 
 def edge_result_path(out_dir: str | os.PathLike, task_name: str, *, target_sparsity: float, steps: int,
@@ -484,8 +496,8 @@ def edge_result_path(out_dir: str | os.PathLike, task_name: str, *, target_spars
 def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_name: str, *,
                 target_sparsity: float, steps: int, ablation: str = "mean", seed: int = 0, n: int | None = None,
                 batch_size: int = 32, lr: float = 0.8, reg_lr: float = 0.8, warmup: int | None = None,
-                node_target_sparsity: float | None = None, log_alpha_limit: float | None = LOG_ALPHA_LIMIT,
-                device: str | None = None, progress: bool = True, checkpoint_every: int = 50) -> EdgeCircuit:
+                node_target_sparsity: float | None = None, weight_decay: float = 0.01,
+                lr_warmup: int | None = None, device: str | None = None, progress: bool = True, checkpoint_every: int = 50) -> EdgeCircuit:
     """The Edge Pruning result of these settings, as data: read from `edge_result_path` when it
     is there, else computed by `run_edges` on the loaded (`model`, `tokenizer`) and saved there
     (atomically) before it is returned.
@@ -503,7 +515,7 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
     asked = {"model": model.cfg.name, "task": task.name, "target_sparsity": check_sparsity(target_sparsity),
              "steps": steps, "ablation": ablation, "seed": seed, "n": n or task.default_n, "lr": lr, "reg_lr": reg_lr,
              "warmup": warmup, "batch_size": batch_size, "node_target_sparsity": node_target_sparsity,
-             "log_alpha_limit": log_alpha_limit}
+             "weight_decay": weight_decay, "lr_warmup": lr_warmup}
     if path.exists():
         stored = EdgeCircuit.load_json(path)
         differ = [f"{k} {stored.settings.get(k)!r} (stored) vs {asked[k]!r} (asked)" for k in RESULT_SETTINGS
@@ -514,7 +526,8 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
         return stored
     run = run_edges(model.cfg.name, task.name, target_sparsity=target_sparsity, steps=steps, ablation=ablation,
                     seed=seed, n=n, lr=lr, reg_lr=reg_lr, warmup=warmup, batch_size=batch_size,
-                    node_target_sparsity=node_target_sparsity, log_alpha_limit=log_alpha_limit, device=device,
+                    node_target_sparsity=node_target_sparsity, weight_decay=weight_decay, lr_warmup=lr_warmup,
+                    device=device,
                     progress=progress,
                     loaded=(model, tokenizer), checkpoint_path=path.with_suffix(".ckpt"),
                     checkpoint_every=checkpoint_every)

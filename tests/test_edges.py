@@ -212,17 +212,22 @@ def test_no_gate_freezes_beyond_the_sparsity_gradient():
     assert (la.grad < 0).all()                                         # every gate can still close
 
 
-def test_gate_locations_stay_within_their_limit(models, data, means):
+def test_the_optimizer_is_the_authors(models, data, means):
+    """AdamW: the learning rate warms up linearly, then falls linearly to 0; the weight decay pulls
+    every gate location towards 0 (a huge one keeps them all near 0; without it they stay far from 0)."""
     model, (patching, validation) = models["gpt2"], data
     r = repl(model, "mean", patching, means["gpt2"])
-    kw = dict(target_sparsity=0.8, steps=8, batch_size=6, progress=False, seed=3)
-    clamped = train_edges(model, validation, r, log_alpha_limit=3.5, **kw)
-    free = train_edges(model, validation, r, log_alpha_limit=None, **kw)
-    assert clamped.log_alpha.abs().max() <= 3.5
-    assert free.log_alpha.abs().max() > 3.5                            # so the limit did bite
-    for bad in (0, -1.0, 2.0, "10"):                                   # must exceed |init| = 3
-        with pytest.raises(ValueError, match="log_alpha_limit must be a number above"):
-            train_edges(model, validation, r, target_sparsity=0.5, steps=1, log_alpha_limit=bad)
+    kw = dict(target_sparsity=0.8, steps=12, batch_size=6, progress=False, seed=3, lr=0.8, lr_warmup=3)
+    plain = train_edges(model, validation, r, weight_decay=0.0, **kw)
+    assert plain.curve["lr"] == pytest.approx([0.8 * s / 3 for s in range(3)] + [0.8 * (12 - s) / 9 for s in range(3, 12)])
+    assert plain.log_alpha.min() > 5                                   # started at 10: the gradient alone moved them little
+    decayed = train_edges(model, validation, r, weight_decay=1 / 0.8, **kw)   # lr x decay = 1 at the peak
+    assert decayed.log_alpha.abs().max() < 3.5
+    for bad in (-1, 12, 2.5):
+        with pytest.raises(ValueError, match="lr_warmup must be a whole number of steps"):
+            train_edges(model, validation, r, target_sparsity=0.5, steps=12, lr_warmup=bad)
+    with pytest.raises(ValueError, match="weight_decay must be a number >= 0"):
+        train_edges(model, validation, r, target_sparsity=0.5, steps=2, weight_decay=-0.1)
 
 
 def test_bad_settings_are_refused(models, data):
