@@ -117,8 +117,8 @@ def _check_checkpoint(path: Path, saved: dict, settings: dict) -> None:
 def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, target_sparsity: float,
                 steps: int, node_target_sparsity: float | None = None, lr: float = 0.8, reg_lr: float = 0.8,
                 warmup: int | None = None, batch_size: int = 32, seed: int = 0, init: float = 10.0,
-                weight_decay: float = 0.01, lr_warmup: int | None = None, progress: bool = True, checkpoint_path: str | os.PathLike | None = None,
-                checkpoint_every: int = 50) -> EdgeTraining:
+                weight_decay: float = 0.01, lr_warmup: int | None = None, progress: bool = True,
+                checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 50) -> EdgeTraining:
     """Learn hard-concrete gates on `tokens` [n, S] (the full model `model` is frozen).
 
     repl:             the replacement (`edges.make_replacement`); a corrupted one is paired row by row
