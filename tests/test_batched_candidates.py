@@ -6,15 +6,9 @@ import math
 import pytest
 import torch
 
-from circuitlib.extract import _FastPath, extract, sweep
+from circuitlib.extract import _FastPath, sweep
+from probe_alphas import alphas_between_deltas
 from test_prefix import with_prefix
-
-
-def alphas_around_the_median(model, prompts, include_mlps, ablation):
-    """Three alphas that split the decisions (some removed, some kept), from an alpha = 0 probe."""
-    probe = extract(model, *prompts, alpha=0.0, ablation=ablation, include_mlps=include_mlps, progress=False)
-    deltas = sorted(abs(d.delta) for d in probe.decisions)
-    return [deltas[len(deltas) // 4], deltas[len(deltas) // 2], deltas[3 * len(deltas) // 4]]
 
 
 @pytest.mark.parametrize("ablation", ["mean", "zero"])
@@ -22,7 +16,7 @@ def alphas_around_the_median(model, prompts, include_mlps, ablation):
 def test_batched_candidates_make_the_same_decisions(arch, models, data, ablation, include_mlps):
     model = models[arch]
     prompts = with_prefix(data, 2)
-    alphas = alphas_around_the_median(model, prompts, include_mlps, ablation)
+    alphas = alphas_between_deltas(model, prompts, include_mlps=include_mlps, ablation=ablation)
     one_by_one = sweep(model, *prompts, alphas, ablation=ablation, include_mlps=include_mlps, progress=False,
                        batch_candidates=False)
     batched = sweep(model, *prompts, alphas, ablation=ablation, include_mlps=include_mlps, progress=False,
@@ -38,7 +32,7 @@ def test_batched_candidates_make_the_same_decisions(arch, models, data, ablation
 def test_batched_candidates_take_fewer_passes(models, data, monkeypatch):
     """One pass per layer and kept candidate (plus one), instead of one per candidate."""
     model = models["gpt2"]
-    alpha = alphas_around_the_median(model, data, False, "mean")[1]
+    [alpha] = alphas_between_deltas(model, data, include_mlps=False, quantiles=[0.5])
     passes = []
     real = _FastPath.kl_many
     monkeypatch.setattr(_FastPath, "kl_many", lambda self, layer, sets, above: passes.append(len(sets))

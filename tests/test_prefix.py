@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from circuitlib.extract import _FastPath, extract, shared_prefix_length, sweep
+from probe_alphas import alphas_between_deltas
 
 
 def with_prefix(data, length: int):
@@ -38,9 +39,7 @@ def test_a_layer_after_a_prefix_equals_the_full_layer(models, data, arch):
 def test_the_prefix_shortcut_makes_the_plain_path_decisions(arch, models, data, include_mlps):
     model = models[arch]
     prompts = with_prefix(data, 3)
-    probe = extract(model, *prompts, alpha=0.0, include_mlps=include_mlps, progress=False)
-    deltas = sorted(abs(d.delta) for d in probe.decisions)
-    alpha = deltas[len(deltas) // 2]
+    [alpha] = alphas_between_deltas(model, prompts, include_mlps=include_mlps, quantiles=[0.5])
     plain = extract(model, *prompts, alpha=alpha, include_mlps=include_mlps, method="plain", progress=False)
     fast = extract(model, *prompts, alpha=alpha, include_mlps=include_mlps, progress=False)
     assert 0 < len(fast.pruned) < len(fast.decisions)
