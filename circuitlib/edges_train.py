@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -477,6 +478,10 @@ RESULT_SETTINGS = ("model", "task", "target_sparsity", "steps", "ablation", "see
                    "batch_size", "node_target_sparsity", "weight_decay", "lr_warmup")
 
 
+class ResultInProgress(ValueError):
+    """The result asked for is being computed by another process (which holds its lock)."""
+
+
 def edge_result_path(out_dir: str | os.PathLike, task_name: str, *, target_sparsity: float, steps: int,
                      ablation: str = "mean", seed: int = 0, n: int | None = None, batch_size: int = 32,
                      node_target_sparsity: float | None = None) -> Path:
@@ -500,7 +505,9 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
                 lr_warmup: int | None = None, device: str | None = None, progress: bool = True, checkpoint_every: int = 50) -> EdgeCircuit:
     """The Edge Pruning result of these settings, as data: read from `edge_result_path` when it
     is there, else computed by `run_edges` on the loaded (`model`, `tokenizer`) and saved there
-    (atomically) before it is returned.
+    (atomically) before it is returned. While it computes, it holds the file lock <name>.lock
+    (removed when done): another process asking for the same result meanwhile gets
+    `ResultInProgress` (a ValueError) instead of training it a second time.
 
     The training checkpoints to the same name ending in .ckpt, so a computation cut off (a killed
     process, the end of a session) continues where it stopped when asked again. A stored result
@@ -516,23 +523,39 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
              "steps": steps, "ablation": ablation, "seed": seed, "n": n or task.default_n, "lr": lr, "reg_lr": reg_lr,
              "warmup": warmup, "batch_size": batch_size, "node_target_sparsity": node_target_sparsity,
              "weight_decay": weight_decay, "lr_warmup": lr_warmup}
-    if path.exists():
-        stored = EdgeCircuit.load_json(path)
-        differ = [f"{k} {stored.settings.get(k)!r} (stored) vs {asked[k]!r} (asked)" for k in RESULT_SETTINGS
-                  if stored.settings.get(k) != asked[k]]
+    def stored() -> EdgeCircuit:
+        result = EdgeCircuit.load_json(path)
+        differ = [f"{k} {result.settings.get(k)!r} (stored) vs {asked[k]!r} (asked)" for k in RESULT_SETTINGS
+                  if result.settings.get(k) != asked[k]]
         if differ:
             raise ValueError(f"{path} holds a result of other settings: {'; '.join(differ)}; ask for its settings, "
                              "or give another out_dir (or delete the file to recompute it)")
-        return stored
-    run = run_edges(model.cfg.name, task.name, target_sparsity=target_sparsity, steps=steps, ablation=ablation,
-                    seed=seed, n=n, lr=lr, reg_lr=reg_lr, warmup=warmup, batch_size=batch_size,
-                    node_target_sparsity=node_target_sparsity, weight_decay=weight_decay, lr_warmup=lr_warmup,
-                    device=device,
-                    progress=progress,
-                    loaded=(model, tokenizer), checkpoint_path=path.with_suffix(".ckpt"),
-                    checkpoint_every=checkpoint_every)
-    run.result.save_json(path)
-    return run.result
+        return result
+
+    if path.exists():
+        return stored()
+    # one process per result: a second one (another worker, a second edge_runs.py) is refused, not run twice
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path.with_suffix(".lock"), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ResultInProgress(f"another process is computing {path} (it holds {lock.lock_file}); wait for it, or ask "
+                         "for other settings (scripts/edge_runs.py: other --targets)") from None
+    try:
+        if path.exists():       # finished by the process that held the lock a moment ago
+            return stored()
+        run = run_edges(model.cfg.name, task.name, target_sparsity=target_sparsity, steps=steps, ablation=ablation,
+                        seed=seed, n=n, lr=lr, reg_lr=reg_lr, warmup=warmup, batch_size=batch_size,
+                        node_target_sparsity=node_target_sparsity, weight_decay=weight_decay, lr_warmup=lr_warmup,
+                        device=device, progress=progress, loaded=(model, tokenizer),
+                        checkpoint_path=path.with_suffix(".ckpt"), checkpoint_every=checkpoint_every)
+        run.result.save_json(path)
+        return run.result
+    finally:
+        # unlinked while held: a process that opens the old file after this finds the result there
+        Path(lock.lock_file).unlink(missing_ok=True)
+        lock.release()
 
 
 def standalone_model(result: EdgeCircuit, model: Transformer, tokenizer) -> Transformer:

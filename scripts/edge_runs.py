@@ -6,6 +6,10 @@
 
     nohup nice -n 19 python scripts/edge_runs.py > edge_runs.log 2>&1 &   # in the background
 
+Two cores, two trainings at once: start one process per core with disjoint --targets (say
+`--targets 0.9 0.98` and `--targets 0.95 0.99`), each with --threads 1. A result another process
+is training is skipped (its .lock), not trained twice.
+
 The defaults are the chapter's parameters. Each result is `circuitlib.edges_train.edge_result`:
 a JSON file <out-dir>/<task>-<ablation>-seed<S>-n<N>-bs<B>-steps<K>-target<T>.json, which the
 chapter reads instead of training. A result already there is kept (and checked against these
@@ -26,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from circuitlib.edges_train import check_sparsity, edge_result, edge_result_path  # noqa: E402
+from circuitlib.edges_train import ResultInProgress, check_sparsity, edge_result, edge_result_path  # noqa: E402
 from circuitlib.loading import check_device, load_model  # noqa: E402
 from circuitlib.tasks import get_task  # noqa: E402
 
@@ -85,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = edge_result(args.out_dir, model, tokenizer, task, target_sparsity=t, **settings,
                                  checkpoint_every=args.checkpoint_every, progress=True)
+        except ResultInProgress as e:
+            print(f"target {t:g}: skipped, {e}", flush=True)
+            continue
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

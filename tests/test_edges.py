@@ -17,8 +17,8 @@ from circuitlib.cli import main
 from circuitlib.convert import to_hooked
 from circuitlib.edges import (EdgeGraph, all_open, edges_among, expected_closed, expected_open, gates_from_edges,
                               graph_for, make_replacement, masked_logits, remove_dead)
-from circuitlib.edges_train import (EdgeCircuit, binarize, check_sparsity, edge_result, edge_result_path, run_edges,
-                                    standalone_model, train_edges)
+from circuitlib.edges_train import (EdgeCircuit, ResultInProgress, binarize, check_sparsity, edge_result,
+                                    edge_result_path, run_edges, standalone_model, train_edges)
 from circuitlib.extract import extract
 from circuitlib.metrics import kl_divergence
 from circuitlib.surgery import prune
@@ -420,6 +420,20 @@ def test_an_edge_result_is_computed_once_then_read(tiny, tmp_path, monkeypatch):
     assert EdgeCircuit.load_json(path).to_dict() == first.to_dict()        # never overwritten
 
 
+def test_a_result_in_training_is_refused_to_a_second_process(tiny, tmp_path):
+    from filelock import FileLock
+
+    model, tokenizer = tiny
+    kw = dict(target_sparsity=0.9, steps=4, n=8, batch_size=4, progress=False)
+    path = edge_result_path(tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")})
+    with FileLock(path.with_suffix(".lock")):         # as a first process holds it while it trains
+        with pytest.raises(ResultInProgress, match="another process is computing .*target0.9.json"):
+            edge_result(tmp_path, model, tokenizer, "ioi", **kw)
+        assert not path.exists() and not path.with_suffix(".ckpt").exists()
+    edge_result(tmp_path, model, tokenizer, "ioi", **kw)  # a lock file left by a killed process does not block
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 @pytest.mark.parametrize("ablation", ["mean", "zero"])
 def test_the_rebuilt_standalone_model_is_the_runs(tiny, tmp_path, ablation):
     model, tokenizer = tiny
@@ -452,6 +466,13 @@ def test_the_edge_runs_script_computes_what_is_missing(tmp_path, capsys):
     assert "0 of 1 results already" in capsys.readouterr().out
     assert script.main(argv) == 0
     assert "1 of 1 results already" in capsys.readouterr().out
+    from filelock import FileLock
+
+    busy = tmp_path / "ioi-mean-seed0-n8-bs4-steps3-target0.95.lock"
+    with FileLock(busy):                  # another edge_runs.py trains 0.95: this one skips it, does 0.98
+        assert script.main(argv[:-3] + ["0.95", "0.98", "--out-dir", str(tmp_path)]) == 0
+    assert "target 0.95: skipped, another process is computing" in capsys.readouterr().out
+    assert not busy.with_suffix(".json").exists() and busy.with_name(busy.name.replace("0.95.lock", "0.98.json")).exists()
     with pytest.raises(SystemExit) as refused:
         script.main(["--targets", "1.5"])
     assert refused.value.code == 2 and "target sparsity must be a number in [0, 1)" in capsys.readouterr().err
