@@ -49,6 +49,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -507,7 +508,8 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
     is there, else computed by `run_edges` on the loaded (`model`, `tokenizer`) and saved there
     (atomically) before it is returned. While it computes, it holds the file lock <name>.lock
     (removed when done): another process asking for the same result meanwhile gets
-    `ResultInProgress` (a ValueError) instead of training it a second time.
+    `ResultInProgress` (a ValueError) instead of training it a second time; a file that appears
+    there during the training anyway (copied from another machine) is kept, with a warning.
 
     The training checkpoints to the same name ending in .ckpt, so a computation cut off (a killed
     process, the end of a session) continues where it stopped when asked again. A stored result
@@ -550,6 +552,10 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
                         node_target_sparsity=node_target_sparsity, weight_decay=weight_decay, lr_warmup=lr_warmup,
                         device=device, progress=progress, loaded=(model, tokenizer),
                         checkpoint_path=path.with_suffix(".ckpt"), checkpoint_every=checkpoint_every)
+        if path.exists():       # arrived meanwhile from elsewhere (another machine's copy): kept, not replaced
+            warnings.warn(f"{path} appeared while this process trained the same settings; the file there is kept "
+                          "and returned, this training's result is dropped", stacklevel=2)
+            return stored()
         run.result.save_json(path)
         return run.result
     finally:

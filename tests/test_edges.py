@@ -434,6 +434,26 @@ def test_a_result_in_training_is_refused_to_a_second_process(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
+def test_a_result_that_arrives_during_training_is_kept(tiny, tmp_path, monkeypatch):
+    """A file copied in from elsewhere (another machine, no shared lock) while this process trains."""
+    import circuitlib.edges_train as edges_train
+
+    model, tokenizer = tiny
+    kw = dict(target_sparsity=0.9, steps=4, n=8, batch_size=4, progress=False)
+    path = edge_result_path(tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")})
+    real = edges_train.run_edges
+
+    def trained_while_a_copy_arrives(*args, **kwargs):
+        run = real(*args, **kwargs)
+        EdgeCircuit.from_dict({**run.result.to_dict(), "threshold": -1.0}).save_json(path)
+        return run
+
+    monkeypatch.setattr(edges_train, "run_edges", trained_while_a_copy_arrives)
+    with pytest.warns(UserWarning, match="appeared while this process trained"):
+        kept = edge_result(tmp_path, model, tokenizer, "ioi", **kw)
+    assert kept.threshold == -1.0 == EdgeCircuit.load_json(path).threshold     # the arrived file, unchanged
+
+
 @pytest.mark.parametrize("ablation", ["mean", "zero"])
 def test_the_rebuilt_standalone_model_is_the_runs(tiny, tmp_path, ablation):
     model, tokenizer = tiny
