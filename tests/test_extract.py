@@ -9,13 +9,12 @@ from circuitlib.ablation import mean_activations
 from circuitlib.extract import Circuit, extract, sweep, traversal
 from circuitlib.metrics import kl_divergence
 from circuitlib.surgery import prune
+from probe_alphas import alphas_between_deltas
 
 
-def alpha_at(model, data, q, **kw):
-    """The q-quantile of the KL increases of an alpha=0 run: an alpha that prunes some, keeps others."""
-    circuit = extract(model, *data, alpha=0.0, progress=False, **kw)
-    d = sorted(abs(d.delta) for d in circuit.decisions)
-    return d[min(int(q * len(d)), len(d) - 1)]
+def alpha_at(model, data, q, *, include_mlps, ablation="mean"):
+    """An alpha at the q-quantile of an alpha = 0 run's KL increases (prunes some, keeps others), never a tie."""
+    return alphas_between_deltas(model, data, include_mlps=include_mlps, ablation=ablation, quantiles=[q])[0]
 
 
 def test_traversal_order():
