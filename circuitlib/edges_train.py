@@ -506,10 +506,11 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
                 lr_warmup: int | None = None, device: str | None = None, progress: bool = True, checkpoint_every: int = 50) -> EdgeCircuit:
     """The Edge Pruning result of these settings, as data: read from `edge_result_path` when it
     is there, else computed by `run_edges` on the loaded (`model`, `tokenizer`) and saved there
-    (atomically) before it is returned. While it computes, it holds the file lock <name>.lock
-    (removed when done): another process asking for the same result meanwhile gets
-    `ResultInProgress` (a ValueError) instead of training it a second time; a file that appears
-    there during the training anyway (copied from another machine) is kept, with a warning.
+    (atomically) before it is returned, with its final gate locations beside it (`gates_path`).
+    While it computes, it holds the file lock <name>.lock (removed when done): another process
+    asking for the same result meanwhile gets `ResultInProgress` (a ValueError) instead of
+    training it a second time; a file that appears there during the training anyway (copied
+    from another machine) is kept, with a warning.
 
     The training checkpoints to the same name ending in .ckpt, so a computation cut off (a killed
     process, the end of a session) continues where it stopped when asked again. A stored result
@@ -556,12 +557,31 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
             warnings.warn(f"{path} appeared while this process trained the same settings; the file there is kept "
                           "and returned, this training's result is dropped", stacklevel=2)
             return stored()
+        save_gates(gates_path(path), run.training)     # before the JSON: a result always has its gates
         run.result.save_json(path)
         return run.result
     finally:
         # unlinked while held: a process that opens the old file after this finds the result there
         Path(lock.lock_file).unlink(missing_ok=True)
         lock.release()
+
+
+def gates_path(result_path: str | os.PathLike) -> Path:
+    """Where `edge_result` keeps a result's trained gate locations: <name>.gates.pt beside <name>.json."""
+    return Path(result_path).with_suffix(".gates.pt")
+
+
+def save_gates(path: str | os.PathLike, training: EdgeTraining) -> Path:
+    """The final gate locations (log_alpha [n_edges], node_log_alpha [n_nodes] or None), atomically.
+    A few hundred kB for the stand-in (123,211 float32): what the binary circuit was cut from."""
+    state = {"log_alpha": training.log_alpha.detach().cpu().float(),
+             "node_log_alpha": None if training.node_log_alpha is None else training.node_log_alpha.detach().cpu().float()}
+    return atomic_write(Path(path), lambda p: torch.save(state, p))
+
+
+def load_gates(path: str | os.PathLike) -> dict:
+    """`save_gates`' file: {"log_alpha": [n_edges], "node_log_alpha": [n_nodes] or None}."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def standalone_model(result: EdgeCircuit, model: Transformer, tokenizer) -> Transformer:

@@ -18,7 +18,8 @@ from circuitlib.convert import to_hooked
 from circuitlib.edges import (EdgeGraph, all_open, edges_among, expected_closed, expected_open, gates_from_edges,
                               graph_for, make_replacement, masked_logits, remove_dead)
 from circuitlib.edges_train import (EdgeCircuit, ResultInProgress, binarize, check_sparsity, edge_result,
-                                    edge_result_path, run_edges, standalone_model, train_edges)
+                                    edge_result_path, gates_path, load_gates, run_edges, standalone_model,
+                                    train_edges)
 from circuitlib.extract import extract
 from circuitlib.metrics import kl_divergence
 from circuitlib.surgery import prune
@@ -408,7 +409,13 @@ def test_an_edge_result_is_computed_once_then_read(tiny, tmp_path, monkeypatch):
     path = tmp_path / "ioi-mean-seed0-n8-bs4-steps4-target0.9.json"
     assert edge_result_path(tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")}) \
         == path
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]       # no checkpoint, no temporary left
+    gates = gates_path(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, gates.name])  # no checkpoint, no temporary
+    # the stored gate locations are the ones the binary circuit was cut from
+    log_alpha = load_gates(gates)["log_alpha"]
+    edges, nodes, threshold = binarize(graph_for(model), log_alpha, kw["target_sparsity"])
+    assert [graph_for(model).edge_name(e) for e in edges] == first.edges and nodes == first.nodes
+    assert threshold == first.threshold
 
     def no_training(*args, **kwargs):
         raise AssertionError("a stored result was computed again")
@@ -431,7 +438,7 @@ def test_a_result_in_training_is_refused_to_a_second_process(tiny, tmp_path):
             edge_result(tmp_path, model, tokenizer, "ioi", **kw)
         assert not path.exists() and not path.with_suffix(".ckpt").exists()
     edge_result(tmp_path, model, tokenizer, "ioi", **kw)  # a lock file left by a killed process does not block
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, gates_path(path).name])
 
 
 def test_a_result_that_arrives_during_training_is_kept(tiny, tmp_path, monkeypatch):
@@ -482,7 +489,8 @@ def test_the_edge_runs_script_computes_what_is_missing(tmp_path, capsys):
     argv = ["--model", "tiny-gpt2", "--n", "8", "--steps", "3", "--batch-size", "4", "--targets", "0.9",
             "--out-dir", str(tmp_path)]
     assert script.main(argv) == 0
-    assert [p.name for p in tmp_path.iterdir()] == ["ioi-mean-seed0-n8-bs4-steps3-target0.9.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ioi-mean-seed0-n8-bs4-steps3-target0.9.gates.pt",
+                                                          "ioi-mean-seed0-n8-bs4-steps3-target0.9.json"]
     assert "0 of 1 results already" in capsys.readouterr().out
     assert script.main(argv) == 0
     assert "1 of 1 results already" in capsys.readouterr().out
