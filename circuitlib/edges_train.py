@@ -380,12 +380,14 @@ class EdgeRun:
     training: EdgeTraining
 
     def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
-        """Write `edges.json`, the pruned model and the tokenizer into `out_dir`, atomically."""
+        """Write `edges.json`, its gate locations (`edges.gates.pt`), the pruned model and the
+        tokenizer into `out_dir`, atomically."""
         from .experiment import write_folder
 
         def fill(tmp: Path) -> None:
             self.pruned.save(tmp)
             self.tokenizer.save_pretrained(tmp)
+            save_gates(gates_path(tmp / RESULT_FILE), self.training)
             self.result.save_json(tmp / RESULT_FILE)
 
         return write_folder(out_dir, force, fill)
@@ -543,8 +545,8 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
     try:
         lock.acquire()
     except Timeout:
-        raise ResultInProgress(f"another process is computing {path} (it holds {lock.lock_file}); wait for it, or ask "
-                         "for other settings (scripts/edge_runs.py: other --targets)") from None
+        raise ResultInProgress(f"another process is computing {path} (it holds {lock.lock_file}); wait for it, "
+                               "or ask for other settings (scripts/edge_runs.py: other --targets)") from None
     try:
         if path.exists():       # finished by the process that held the lock a moment ago
             return stored()

@@ -266,11 +266,12 @@ def test_cli_writes_a_complete_run_folder(run_dir):
     assert len(record["curve"]["kl"]) == 8
     for name in ("full", "edge_circuit", "pruned_model"):
         assert set(record["metrics"][name]) == {"validation", "test"}
-    for name in ("model.safetensors", "model.json", "tokenizer.json"):
+    for name in ("model.safetensors", "model.json", "tokenizer.json", "edges.gates.pt"):
         assert (run_dir / name).is_file()
     assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")]   # no temporary left
     result = EdgeCircuit.load_json(run_dir / "edges.json")
     assert result.edges == record["edges"] and result.nodes == record["nodes"]
+    assert load_gates(run_dir / "edges.gates.pt")["log_alpha"].shape == (record["n_edges_total"],)
 
 
 def graph_for_tiny_gpt2_edges():
