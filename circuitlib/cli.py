@@ -111,8 +111,11 @@ def _study(args) -> int:
         left = status["seconds_left_estimate"]
         print(f"study {status['study']} ({status['store']}): {status['done']} done, {status['running']} running, "
               f"{status['failed']} failed, {status['pending']} pending of {status['units']} units; "
-              f"{status['seconds_spent'] / 3600:.2f} h spent; about "
-              + (f"{left / 3600:.2f} h left with {status['workers_assumed']} workers" if left is not None
+              f"{status['seconds_spent'] / 3600:.2f} h spent"
+              + (f" ({status['cpu_seconds_spent'] / 3600:.2f} CPU-hours in the {status['units_with_cpu_seconds']} "
+                 "units that record it)" if status["units_with_cpu_seconds"] else "")
+              + "; about "
+              + (f"{left / 3600:.2f} h left with {status['workers_assumed']} workers, a core each" if left is not None
                  else "? h left (no unit finished yet)"))
         for u in status["unit_states"]:
             extra = u.get("error") or (f"{u['progress']} candidates, updated {u['updated_s_ago']} s ago"

@@ -106,7 +106,7 @@ def run_unit(planned: PlannedUnit, store_root: str, *, study: str, device: str =
              progress: bool = False, prov: dict | None = None) -> dict:
     """Compute one unit and write its rows; a failure is recorded, not raised. Returns a short summary."""
     store, unit, key = Store(store_root), planned.unit, planned.key
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     torch.set_num_threads(threads)
     last_report = [0.0]
 
@@ -119,12 +119,17 @@ def run_unit(planned: PlannedUnit, store_root: str, *, study: str, device: str =
     try:
         store.write_running(key, {"unit": unit.label, "done": 0, "total": None, "pid": os.getpid(),
                                   "host": platform.node()})
-        saved = store.read_partial(key)              # the sweep time of an earlier, cut-off run of this unit
-        earlier = float(saved["seconds"]) if saved else 0.0
-        rows = _compute(unit, key, planned.digest, study, device, threads, progress, on_step, store, saved)
+        saved = store.read_partial(key)              # the snapshot of an earlier, cut-off run of this unit
+        rows, resumed = _compute(unit, key, planned.digest, study, device, threads, progress, on_step, store, saved)
+        earlier = float(saved["seconds"]) if resumed else 0.0
+        # CPU time counts the work whatever else shares the cores; unknown (NaN) when the unit resumed
+        # from a snapshot saved before snapshots recorded it
+        earlier_cpu = saved.get("cpu_seconds") if resumed else 0.0
         unit_seconds = earlier + time.perf_counter() - started
+        unit_cpu = float("nan") if earlier_cpu is None else float(earlier_cpu) + time.process_time() - cpu_started
         info = {**(prov or provenance(device, threads)), "torch_threads": threads, "device": device,
-                "unit_seconds": unit_seconds, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "unit_seconds": unit_seconds, "unit_cpu_seconds": unit_cpu,
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         store.write_unit(key, [{**r, **info} for r in rows])
         return {"key": key, "label": unit.label, "status": "done", "seconds": unit_seconds}
     except Exception as e:   # noqa: BLE001 - recorded with its traceback and retried by the next run
@@ -138,7 +143,8 @@ def run_unit(planned: PlannedUnit, store_root: str, *, study: str, device: str =
 
 @torch.inference_mode()
 def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads: int, progress: bool,
-             on_step, store: Store, saved: dict | None) -> list[dict]:
+             on_step, store: Store, saved: dict | None) -> tuple[list[dict], bool]:
+    """The unit's rows, and whether its sweep went on from `saved` (the snapshot of a cut-off run)."""
     from .ablation import mean_activations
     from .experiment import full_reference, prompts_digest
     from .extract import ResumeError, sweep
@@ -159,20 +165,25 @@ def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads
     full = {s: {"correct": task.correct(getattr(data, s), full_logits[s]).cpu().tolist()} for s in full_logits}
     # `saved`: the store's partial record of this unit, if an earlier run was cut off: go on from it
     before = float(saved["seconds"]) if saved else 0.0
-    started = time.perf_counter()
+    before_cpu = (saved or {}).get("cpu_seconds", None if saved else 0.0)
+    started, cpu_started = time.perf_counter(), time.process_time()
 
     def on_layer(snapshot: dict) -> None:
-        store.write_partial(key, {"snapshot": snapshot, "seconds": before + time.perf_counter() - started})
+        cpu = None if before_cpu is None else float(before_cpu) + time.process_time() - cpu_started
+        store.write_partial(key, {"snapshot": snapshot, "seconds": before + time.perf_counter() - started,
+                                  "cpu_seconds": cpu})
 
     def run(resume):
         return sweep(model, data.patching.tokens, data.validation.tokens, list(unit.alphas), ablation=unit.ablation,
                      include_mlps=unit.include_mlps, order=unit.order, progress=progress, means=means,
                      on_step=on_step, on_layer=on_layer, resume=resume)
 
+    resumed = saved is not None
     try:
         circuits = run(saved["snapshot"] if saved else None)
     except ResumeError:                                      # a snapshot of other settings: start afresh
-        before, started = 0.0, time.perf_counter()
+        before, before_cpu, started, cpu_started = 0.0, 0.0, time.perf_counter(), time.process_time()
+        resumed = False
         circuits = run(None)
     sweep_seconds = before + time.perf_counter() - started
     S = data.validation.tokens.shape[1]
@@ -207,7 +218,7 @@ def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads
             "flops": m["flops"], "full_flops": full_flops, "flop_ratio": m["flops"] / full_flops,
             "sweep_seconds": sweep_seconds,
         })
-    return rows
+    return rows, resumed
 
 
 def _mean(values: list) -> float:
@@ -316,19 +327,28 @@ def _run_on_dask(spec, store, pending, common, workers, scheduler, threads, prog
 def study_status(spec: Spec, workers: int | None = None) -> dict:
     """Done, pending, failed and running units of `spec`, time spent and an estimate of the time left.
 
-    The estimate: the mean unit time of finished units of the same task and configuration (else
-    of all finished units) for each pending unit, less the sweep time a unit cut off part-way has
-    already saved (`partial/`), divided by `workers` (default: one per core).
+    A unit's cost is its CPU time (`unit_cpu_seconds`: the work itself, whatever else shared the
+    cores) where recorded, else its wall time (`unit_seconds`, longer on a shared machine; units
+    that resumed from snapshots older than the CPU-time records have only this). The estimate: for
+    each unit not done, the mean cost of finished units of the same task and configuration (else
+    of all finished units), less what a unit cut off part-way has already saved (`partial/`),
+    divided by `workers` (default: one per core) as if each worker had a core to itself.
     """
+    import pandas as pd
+
     store = Store(spec.store)
     planned = plan(spec)
     keys = {p.key for p in planned}
     done, failures = store.done(), store.failures()
     running = {k: v for k, v in store.running().items() if _alive(v)}
     table = store.read(keys & done)
-    unit_seconds = (table.groupby("key")[["task", "ablation", "include_mlps", "unit_seconds"]].first()
-                    if len(table) else None)
-    spent = float(unit_seconds["unit_seconds"].sum()) if unit_seconds is not None else 0.0
+    costs = None
+    if len(table):
+        costs = table.groupby("key").first()[["task", "ablation", "include_mlps", "unit_seconds"]]
+        cpu = table.groupby("key").first()["unit_cpu_seconds"] if "unit_cpu_seconds" in table else None
+        costs["cpu"] = pd.to_numeric(cpu, errors="coerce") if cpu is not None else float("nan")
+    spent = float(costs["unit_seconds"].sum()) if costs is not None else 0.0
+    cpu_spent = float(costs["cpu"].sum()) if costs is not None else 0.0
     left, units = 0.0, []
     for p in planned:
         state = ("done" if p.key in done else "running" if p.key in running
@@ -341,17 +361,23 @@ def study_status(spec: Spec, workers: int | None = None) -> dict:
                          if state == "running" else {}),
                       **({"saved": f"{len(saved['snapshot']['states'][0]['decisions'])} candidates, "
                                    f"{float(saved['seconds']) / 3600:.2f} h"} if saved else {})})
-        if state != "done" and unit_seconds is not None:
-            same = unit_seconds[(unit_seconds.task == _task_name(p.unit.task))
-                                & (unit_seconds.ablation == p.unit.ablation)
-                                & (unit_seconds.include_mlps == p.unit.include_mlps)]
-            expected = float((same if len(same) else unit_seconds)["unit_seconds"].mean())
-            left += max(0.0, expected - (float(saved["seconds"]) if saved else 0.0))
+        if state != "done" and costs is not None:
+            same = costs[(costs.task == _task_name(p.unit.task)) & (costs.ablation == p.unit.ablation)
+                         & (costs.include_mlps == p.unit.include_mlps)]
+            same = same if len(same) else costs
+            if same["cpu"].notna().any():
+                expected, saved_part = float(same["cpu"].mean()), (saved or {}).get("cpu_seconds")
+            else:
+                expected, saved_part = float(same["unit_seconds"].mean()), None
+            if saved_part is None and saved:
+                saved_part = saved["seconds"]
+            left += max(0.0, expected - float(saved_part or 0.0))
     counts = {s: sum(u["state"] == s for u in units) for s in ("done", "running", "failed", "pending")}
     n_workers = workers or os.cpu_count() or 1
     return {"study": spec.name, "store": str(spec.store), "units": len(units), **counts,
-            "other_units_in_store": len(done - keys), "seconds_spent": spent,
-            "seconds_left_estimate": left / n_workers if unit_seconds is not None else None,
+            "other_units_in_store": len(done - keys), "seconds_spent": spent, "cpu_seconds_spent": cpu_spent,
+            "units_with_cpu_seconds": int(costs["cpu"].notna().sum()) if costs is not None else 0,
+            "seconds_left_estimate": left / n_workers if costs is not None else None,
             "workers_assumed": n_workers, "unit_states": units}
 
 

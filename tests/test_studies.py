@@ -16,7 +16,7 @@ from circuitlib.spec import SpecError, load_spec, parse_spec
 from circuitlib.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMING = ("unit_seconds", "sweep_seconds", "finished_at", "host")
+TIMING = ("unit_seconds", "unit_cpu_seconds", "sweep_seconds", "finished_at", "host")
 
 SMALL = {"model": "tiny-gpt2", "tasks": ["ioi", "greater-than"], "ablations": ["mean", "zero"],
          "include_mlps": [False, True], "alphas": {"from": 1.0e-3, "to": 1, "points": 3}, "seeds": 2,
@@ -262,7 +262,7 @@ def test_a_unit_cut_off_resumes_from_its_last_layer(tmp_path, monkeypatch):
         run_study(spec, workers=0, progress=False)
     [key] = [p.key for p in plan(spec)]
     saved = Store(spec.store).read_partial(key)
-    assert saved and saved["snapshot"]["next_layer"] >= 0 and saved["seconds"] > 0
+    assert saved and saved["snapshot"]["next_layer"] >= 0 and saved["seconds"] > 0 and saved["cpu_seconds"] > 0
     assert any(u.get("saved") for u in study_status(spec)["unit_states"])
     resumed_from = []
 
@@ -276,15 +276,52 @@ def test_a_unit_cut_off_resumes_from_its_last_layer(tmp_path, monkeypatch):
     assert Store(spec.store).read_partial(key) is None
     assert comparable(study_table(spec).drop(columns="study")).equals(
         comparable(study_table(whole_spec).drop(columns="study")))
+    assert (study_table(spec)["unit_cpu_seconds"] > saved["cpu_seconds"]).all()   # the saved part is counted
+
+
+def test_a_unit_records_its_cpu_time_unless_it_resumed_without_one(tmp_path, monkeypatch):
+    """Rows carry the unit's CPU time (the work, whatever shares the cores); a unit resumed from a
+    snapshot that predates CPU-time records gets none rather than a wrong one."""
+    import circuitlib.extract as extract_module
+
+    small = dict(tasks=["ioi"], ablations=["mean"], include_mlps=[False], seeds=2, n=4, n_test=4)
+    spec = load_spec(write_spec(tmp_path, **small))
+    first, second = [p.key for p in plan(spec)]
+    assert run_study(spec, workers=0, max_units=1, progress=False)["failed"] == []
+    rows = study_table(spec)
+    assert (rows["unit_cpu_seconds"] > 0).all()
+    assert (rows["unit_cpu_seconds"] <= rows["unit_seconds"] * rows["torch_threads"] + 1.0).all()
+    real = extract_module.sweep
+
+    def cut_after_one_layer(*args, on_layer=None, **kw):
+        def stop(snapshot):
+            on_layer(snapshot)
+            raise KeyboardInterrupt
+        return real(*args, on_layer=stop, **kw)
+
+    monkeypatch.setattr(extract_module, "sweep", cut_after_one_layer)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(spec, workers=0, progress=False)
+    store = Store(spec.store)
+    old_style = {k: v for k, v in store.read_partial(second).items() if k != "cpu_seconds"}
+    store.write_partial(second, old_style)
+    monkeypatch.setattr(extract_module, "sweep", real)
+    assert run_study(spec, workers=0, progress=False)["failed"] == []
+    rows = study_table(spec).set_index("key")
+    assert rows.loc[first, "unit_cpu_seconds"].notna().all() and rows.loc[second, "unit_cpu_seconds"].isna().all()
+    status = study_status(spec, workers=1)
+    assert status["units_with_cpu_seconds"] == 1
+    assert status["cpu_seconds_spent"] == pytest.approx(float(rows.loc[first, "unit_cpu_seconds"].iloc[0]))
 
 
 def test_the_estimate_of_time_left_counts_saved_progress(tmp_path):
     spec = load_spec(write_spec(tmp_path, tasks=["ioi"], ablations=["mean"], include_mlps=[True], seeds=2))
     run_study(spec, workers=0, max_units=1, progress=False)
-    spent = study_status(spec, workers=1)["seconds_spent"]
-    assert study_status(spec, workers=1)["seconds_left_estimate"] == pytest.approx(spent)
+    spent = study_status(spec, workers=1)["cpu_seconds_spent"]      # the estimate counts CPU time
+    assert 0 < spent and study_status(spec, workers=1)["seconds_left_estimate"] == pytest.approx(spent)
     pending = [u for u in study_status(spec)["unit_states"] if u["state"] == "pending"][0]["key"]
-    Store(spec.store).write_partial(pending, {"snapshot": {"states": [{"decisions": [[], []]}]}, "seconds": spent / 4})
+    Store(spec.store).write_partial(pending, {"snapshot": {"states": [{"decisions": [[], []]}]},
+                                              "seconds": spent, "cpu_seconds": spent / 4})
     status = study_status(spec, workers=1)
     assert status["seconds_left_estimate"] == pytest.approx(spent * 3 / 4)
     assert [u["saved"] for u in status["unit_states"] if u["key"] == pending][0].startswith("2 candidates, ")
