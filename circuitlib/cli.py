@@ -230,7 +230,8 @@ def _edges(args) -> int:
           f"{' '.join(r.nodes)}")
     print(f"pruned model: {m['n_params']['pruned']['parameters']:,} parameters "
           f"({m['parameter_reduction']:.2%} fewer), {m['edges_among_kept_nodes']:,} edges among its nodes; "
-          f"training took {m['training_seconds']:.1f} s ({m['seconds_per_step']:.3f} s/step)")
+          f"training took {m['training_seconds']:.1f} s ({m['seconds_per_step']:.3f} s/step"
+          + (f", {m['training_cpu_seconds']:.1f} s of CPU)" if m.get("training_cpu_seconds") is not None else ")"))
     print(f"saved to {out}")
     return 0
 

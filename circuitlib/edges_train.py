@@ -98,7 +98,9 @@ class EdgeTraining:
     log_alpha: torch.Tensor                   # [n_edges]
     node_log_alpha: torch.Tensor | None       # [n_nodes] or None (no node gates)
     curve: dict = field(default_factory=dict)  # step, loss, kl, edge_sparsity, target, lambda1, lambda2, ...
-    seconds: float = 0.0
+    seconds: float = 0.0                      # wall clock, checkpointed runs included
+    cpu_seconds: float | None = None          # CPU time of the training; None if it resumed from a checkpoint
+                                              # that predates CPU-time records
 
 
 def _digest(tokens: torch.Tensor) -> str:
@@ -182,7 +184,7 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
     curve = {k: [] for k in ("step", "loss", "kl", "edge_sparsity", "target", "lambda1", "lambda2", "lr")}
     if node_target is not None:
         curve |= {"node_sparsity": [], "node_target": []}
-    first_step, seconds_before = 0, 0.0
+    first_step, seconds_before, cpu_before = 0, 0.0, 0.0
     if checkpoint_path is not None:
         checkpoint_path = Path(checkpoint_path)
         settings = {"model": model.cfg.name, "replacement": repl.kind, "device": dev.type, "target_sparsity": target,
@@ -202,14 +204,18 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
             gen.set_state(saved["gen"])
             batch_gen.set_state(saved["batch_gen"])
             curve, first_step, seconds_before = saved["curve"], saved["step"], saved["seconds"]
-    started = time.perf_counter()
+            cpu_before = saved.get("cpu_seconds")
+    started, cpu_started = time.perf_counter(), time.process_time()
+
+    def cpu_so_far() -> float | None:
+        return None if cpu_before is None else cpu_before + time.process_time() - cpu_started
 
     def save_checkpoint(steps_done: int) -> None:
         state = {"settings": settings, "step": steps_done, "log_alpha": log_alpha.detach().cpu(),
                  "node_log_alpha": None if node_log_alpha is None else node_log_alpha.detach().cpu(),
                  "lambdas": lambdas.detach().cpu(), "opt": opt.state_dict(), "reg_opt": reg_opt.state_dict(),
                  "gen": gen.get_state(), "batch_gen": batch_gen.get_state(), "curve": curve,
-                 "seconds": seconds_before + time.perf_counter() - started}
+                 "seconds": seconds_before + time.perf_counter() - started, "cpu_seconds": cpu_so_far()}
         checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
 
@@ -260,7 +266,7 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
     if checkpoint_path is not None:
         checkpoint_path.unlink(missing_ok=True)
     return EdgeTraining(log_alpha.detach(), None if node_log_alpha is None else node_log_alpha.detach(), curve,
-                        seconds_before + time.perf_counter() - started)
+                        seconds_before + time.perf_counter() - started, cpu_so_far())
 
 
 def binarize(graph: EdgeGraph, log_alpha: torch.Tensor, target_sparsity: float,
@@ -463,6 +469,7 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
         "edges_among_kept_nodes": len(edges_among(graph, nodes)),
         "training_seconds": training.seconds,
         "seconds_per_step": training.seconds / steps,
+        "training_cpu_seconds": training.cpu_seconds,     # None when unknown (see EdgeTraining)
         "torch_threads": torch.get_num_threads(),         # of the process that finished the training
         "readout_seconds": time.perf_counter() - started,
     }

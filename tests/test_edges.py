@@ -356,7 +356,7 @@ def tiny():
     return load_model("tiny-gpt2")
 
 
-TIMES = ("training_seconds", "seconds_per_step", "readout_seconds")
+TIMES = ("training_seconds", "seconds_per_step", "training_cpu_seconds", "readout_seconds")
 
 
 def without_times(result):
@@ -379,6 +379,24 @@ def test_a_cut_off_training_resumes_to_the_uninterrupted_result(tiny, tmp_path, 
     assert resumed.training.curve == whole.training.curve and len(resumed.training.curve["step"]) == 9
     assert without_times(resumed.result) == without_times(whole.result)
     assert not checkpoint.exists()                              # deleted once the training is done
+    assert resumed.result.metrics["training_cpu_seconds"] > 0 and whole.result.metrics["training_cpu_seconds"] > 0
+
+
+def test_a_training_resumed_from_a_checkpoint_without_cpu_time_reports_none(tiny, tmp_path):
+    """Checkpoints made before CPU time was recorded resume, with the CPU time unknown (not wrong)."""
+    model, tokenizer = tiny
+    data = get_task("ioi").generate(tokenizer, n=8, seed=0)
+    r = make_replacement(model, "zero")
+    checkpoint = tmp_path / "run.ckpt"
+    kw = dict(target_sparsity=0.9, steps=6, batch_size=4, progress=False, checkpoint_path=checkpoint,
+              checkpoint_every=2)
+    with cut_at_step(4), pytest.raises(Cut):
+        train_edges(model, data.validation.tokens, r, **kw)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["cpu_seconds"] > 0
+    torch.save({k: v for k, v in saved.items() if k != "cpu_seconds"}, checkpoint)
+    resumed = train_edges(model, data.validation.tokens, r, **kw)
+    assert resumed.cpu_seconds is None and resumed.seconds > saved["seconds"]
 
 
 def test_a_checkpoint_of_other_settings_is_refused(tiny, tmp_path):
