@@ -382,16 +382,22 @@ def test_a_cut_off_training_resumes_to_the_uninterrupted_result(tiny, tmp_path, 
     assert resumed.result.metrics["training_cpu_seconds"] > 0 and whole.result.metrics["training_cpu_seconds"] > 0
 
 
-def test_a_training_resumed_from_a_checkpoint_without_cpu_time_reports_none(tiny, tmp_path):
-    """Checkpoints made before CPU time was recorded resume, with the CPU time unknown (not wrong)."""
+def cut_training(tiny, checkpoint):
+    """A 6-step training on the tiny model cut off after step 3 (checkpoint after step 2): its arguments."""
     model, tokenizer = tiny
     data = get_task("ioi").generate(tokenizer, n=8, seed=0)
     r = make_replacement(model, "zero")
-    checkpoint = tmp_path / "run.ckpt"
     kw = dict(target_sparsity=0.9, steps=6, batch_size=4, progress=False, checkpoint_path=checkpoint,
               checkpoint_every=2)
     with cut_at_step(4), pytest.raises(Cut):
         train_edges(model, data.validation.tokens, r, **kw)
+    return model, data, r, kw
+
+
+def test_a_training_resumed_from_a_checkpoint_without_cpu_time_reports_none(tiny, tmp_path):
+    """Checkpoints made before CPU time was recorded resume, with the CPU time unknown (not wrong)."""
+    checkpoint = tmp_path / "run.ckpt"
+    model, data, r, kw = cut_training(tiny, checkpoint)
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["cpu_seconds"] > 0
     torch.save({k: v for k, v in saved.items() if k != "cpu_seconds"}, checkpoint)
@@ -400,14 +406,8 @@ def test_a_training_resumed_from_a_checkpoint_without_cpu_time_reports_none(tiny
 
 
 def test_a_checkpoint_of_other_settings_is_refused(tiny, tmp_path):
-    model, tokenizer = tiny
-    data = get_task("ioi").generate(tokenizer, n=8, seed=0)
-    r = make_replacement(model, "zero")
     checkpoint = tmp_path / "run.ckpt"
-    kw = dict(target_sparsity=0.9, steps=6, batch_size=4, progress=False, checkpoint_path=checkpoint,
-              checkpoint_every=2)
-    with cut_at_step(4), pytest.raises(Cut):
-        train_edges(model, data.validation.tokens, r, **kw)
+    model, data, r, kw = cut_training(tiny, checkpoint)
     with pytest.raises(ValueError, match=r"run.ckpt belongs to another training: lr 0.8 \(checkpoint\) vs 0.5"):
         train_edges(model, data.validation.tokens, r, **{**kw, "lr": 0.5})
     with pytest.raises(ValueError, match="tokens"):                # other prompts
