@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .model import ModelConfig, Transformer, full_plan
+from .resumable import load_checkpoint, result_lock, save_checkpoint, tensor_digest
 
 
 def _layer_parameters(cfg: ModelConfig) -> int:
@@ -124,7 +126,8 @@ class DistillHistory:
     eval_steps: list[int] = field(default_factory=list)       # 0 = before training
     val_accuracy: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0                                      # wall clock, checkpointed runs included
+    cpu_seconds: float = 0.0                                  # CPU time, likewise
     stopped: str = ""                                         # why training ended
 
     @property
@@ -156,7 +159,8 @@ def l2_logit_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
 def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, val_split, task, *,
             steps: int, lr: float = 1e-3, seed: int = 0, batch_size: int | None = None,
             eval_every: int | None = None, patience: int | None = None, min_improvement: float = 1e-3,
-            progress: bool = True) -> DistillHistory:
+            progress: bool = True, checkpoint_path: str | os.PathLike | None = None,
+            checkpoint_every: int = 100) -> DistillHistory:
     """Train `student` (in place) to match `teacher`'s last-position logits on `tokens`.
 
     tokens:     [n, S] training prompts (the paper uses the task's prompts; we use the patching split)
@@ -168,6 +172,11 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
     patience:   stop when the validation loss has plateaued: `patience` evaluations in a row
                 without lowering the best loss so far by more than `min_improvement` (relative);
                 None trains all `steps` (then `steps` is a budget, not a target)
+    checkpoint_path: a file for the training's state (student, optimiser, minibatch order, curve),
+                written atomically every `checkpoint_every` steps; if it exists at the start, the
+                training continues from it to exactly the uninterrupted result (its settings must
+                be these, or a ValueError names the difference); deleted at the end. A student
+                of the stand-in takes hours, so `distill_baseline` and `baseline` always use one.
     `history.stopped` says which ended the training.
     """
     if steps < 0:
@@ -176,6 +185,8 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
         raise ValueError(f"patience must be a number of evaluations >= 1, or None; got {patience!r}")
     if student.cfg.d_vocab != teacher.cfg.d_vocab:
         raise ValueError("student and teacher must share the vocabulary")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int; got {checkpoint_every!r}")
     device = teacher.W_E.device
     tokens, val_tokens = tokens.to(device), val_split.tokens.to(device)
     with torch.inference_mode():
@@ -199,11 +210,27 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
         history.eval_steps.append(step)
         student.train()
 
-    started = time.perf_counter()
-    evaluate(0)
-    bar = tqdm(range(1, steps + 1), desc=f"distill {student.cfg.n_layers}-layer student", disable=not progress)
-    order = torch.randperm(n, generator=g)
-    cursor = 0
+    settings = {"teacher": teacher.cfg.name, "student": student.cfg.name, "steps": steps, "lr": lr, "seed": seed,
+                "batch_size": batch_size, "eval_every": eval_every, "patience": patience,
+                "min_improvement": min_improvement, "device": device.type, "tokens": tensor_digest(tokens),
+                "validation": tensor_digest(val_tokens)}
+    saved = load_checkpoint(checkpoint_path, settings)
+    curve_fields = ("train_loss", "eval_steps", "val_accuracy", "val_loss")
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if saved is None:
+        seconds_before, cpu_before, first_step = 0.0, 0.0, 1
+        evaluate(0)
+        order, cursor = torch.randperm(n, generator=g), 0
+    else:
+        seconds_before, cpu_before, first_step = saved["seconds"], saved["cpu_seconds"], saved["step"] + 1
+        student.load_state_dict(saved["student"])
+        opt.load_state_dict(saved["opt"])
+        g.set_state(saved["generator"])
+        order, cursor = saved["order"], saved["cursor"]
+        for k in curve_fields:
+            setattr(history, k, saved[k])
+    bar = tqdm(range(first_step, steps + 1), initial=first_step - 1, total=steps,
+               desc=f"distill {student.cfg.n_layers}-layer student", disable=not progress)
     for step in bar:
         if batch_size == n:
             rows = slice(None)
@@ -224,9 +251,18 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
                 history.stopped = (f"validation loss plateaued: no improvement over {min_improvement:.0e} "
                                    f"(relative) in {patience} evaluations, at step {step}")
                 break
+        if checkpoint_path is not None and step % checkpoint_every == 0 and step < steps:
+            save_checkpoint(checkpoint_path, settings, {
+                "step": step, "student": student.state_dict(), "opt": opt.state_dict(), "generator": g.get_state(),
+                "order": order, "cursor": cursor, **{k: getattr(history, k) for k in curve_fields},
+                "seconds": seconds_before + time.perf_counter() - started,
+                "cpu_seconds": cpu_before + time.process_time() - cpu_started})
     history.stopped = history.stopped or f"step budget ({steps}) reached"
     bar.close()
-    history.seconds = time.perf_counter() - started
+    history.seconds = seconds_before + time.perf_counter() - started
+    history.cpu_seconds = cpu_before + time.process_time() - cpu_started
+    if checkpoint_path is not None:
+        Path(checkpoint_path).unlink(missing_ok=True)
     student.eval()
     return history
 
@@ -239,7 +275,8 @@ def baseline_path(out_dir, row: Mapping) -> Path:
 
 def distill_baseline(teacher: Transformer, tokenizer, row: Mapping, *, lr: float = 1e-3, max_steps: int = 20000,
                      eval_every: int = 25, patience: int | None = 10, min_improvement: float = 1e-3,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, checkpoint_path: str | os.PathLike | None = None,
+                     checkpoint_every: int = 100) -> dict:
     """The distillation baseline of one row of a study's results store, as a JSON-ready record.
 
     The row (the extracted model the student competes with) gives the task, the seed and sizes of
@@ -248,7 +285,8 @@ def distill_baseline(teacher: Transformer, tokenizer, row: Mapping, *, lr: float
     `eval_every` steps on its validation prompts and stopped when the validation loss plateaus
     (`patience`, `min_improvement`; see `distill`) or after `max_steps` (the paper's 20,000
     epochs). The record holds the settings, the budget, N, the whole curve, the best validation
-    accuracy (the paper's number) and the final test accuracy.
+    accuracy (the paper's number) and the final test accuracy. `checkpoint_path`,
+    `checkpoint_every`: resumable, as in `distill`.
     """
     from .tasks import get_task
 
@@ -261,7 +299,8 @@ def distill_baseline(teacher: Transformer, tokenizer, row: Mapping, *, lr: float
     data = task.generate(tokenizer, n=int(row["n"]), seed=seed, n_test=int(row["n_test"]))
     student = make_student(teacher, n_layers, seed=seed)
     history = distill(teacher, student, data.patching.tokens, data.validation, task, steps=max_steps, lr=lr, seed=seed,
-                      eval_every=eval_every, patience=patience, min_improvement=min_improvement, progress=progress)
+                      eval_every=eval_every, patience=patience, min_improvement=min_improvement, progress=progress,
+                      checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
     with torch.inference_mode():
         test_logits = student(data.test.tokens.to(teacher.W_E.device), last_only=True)
         test_accuracy = task.correct(data.test, test_logits).float().mean().item()
@@ -273,7 +312,7 @@ def distill_baseline(teacher: Transformer, tokenizer, row: Mapping, *, lr: float
             "student_layers": n_layers, "student_parameters": student_parameters(teacher.cfg, n_layers), "lr": lr,
             "max_steps": max_steps, "eval_every": eval_every, "patience": patience,
             "min_improvement": min_improvement, "steps_run": len(history.train_loss), "stopped": history.stopped,
-            "seconds": history.seconds, "best_val_accuracy": history.best_val_accuracy, "best_step": history.best_step,
+            "seconds": history.seconds, "cpu_seconds": history.cpu_seconds, "best_val_accuracy": history.best_val_accuracy, "best_step": history.best_step,
             "test_accuracy": test_accuracy, "train_loss": history.train_loss, "eval_steps": history.eval_steps,
             "val_loss": history.val_loss, "val_accuracy": history.val_accuracy}
 
@@ -282,13 +321,15 @@ BASELINE_SETTINGS = ("lr", "max_steps", "eval_every", "patience", "min_improveme
 
 
 def baseline(out_dir, teacher: Transformer, tokenizer, row: Mapping, *, device: str = "cpu", threads: int = 1,
-             progress: bool = True, replace: bool = False, **settings) -> dict:
+             progress: bool = True, replace: bool = False, checkpoint_every: int = 100, **settings) -> dict:
     """The record at `baseline_path(out_dir, row)` if it was trained with these `settings`, else train it.
 
     settings: any of BASELINE_SETTINGS (defaults as in `distill_baseline`). A record trained with
     other settings is never replaced silently: that raises, naming the file and the differences;
     `replace=True` retrains and replaces it (the old record stays until the new one is written).
-    A new record gets its provenance and is written atomically.
+    A new record gets its provenance and is written atomically. While it trains, the student
+    checkpoints to the record's name ending in .ckpt (a training cut off continues from there when
+    asked again) and holds <name>.lock: a second process asking for it gets `ResultInProgress`.
     """
     import json
 
@@ -299,7 +340,8 @@ def baseline(out_dir, teacher: Transformer, tokenizer, row: Mapping, *, device: 
     if unknown:
         raise TypeError(f"unknown distillation setting(s) {sorted(unknown)}; choose from {BASELINE_SETTINGS}")
     path = baseline_path(out_dir, row)
-    if path.exists() and not replace:
+
+    def stored() -> dict:
         record = json.loads(path.read_text())
         differ = {k: (record.get(k), v) for k, v in settings.items() if record.get(k) != v}
         if record.get("study_key") != row["key"]:
@@ -308,9 +350,15 @@ def baseline(out_dir, teacher: Transformer, tokenizer, row: Mapping, *, device: 
             raise ValueError(f"{path} was trained with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
                              "delete it to retrain, or give another output folder")
         return record
-    record = distill_baseline(teacher, tokenizer, row, progress=progress, **settings)
-    record["provenance"] = {**provenance(str(device), threads),
-                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record)))
-    return record
+
+    if path.exists() and not replace:
+        return stored()
+    with result_lock(path, "wait for it, or train another configuration meanwhile"):
+        if path.exists() and not replace:      # finished by the process that held the lock a moment ago
+            return stored()
+        record = distill_baseline(teacher, tokenizer, row, progress=progress, checkpoint_path=path.with_suffix(".ckpt"),
+                                  checkpoint_every=checkpoint_every, **settings)
+        record["provenance"] = {**provenance(str(device), threads),
+                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record)))
+        return record

@@ -44,7 +44,6 @@ is data: computed once (`scripts/edge_runs.py`, in the background), read afterwa
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -54,7 +53,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -63,6 +61,8 @@ from .edges import (REPLACEMENTS, EdgeGraph, Replacement, check_full, determinis
                     masked_logits, node_circuit, remove_dead, sample_gates)
 from .metrics import accuracy, kl_divergence
 from .model import Transformer, atomic_write
+from .resumable import ResultInProgress, load_checkpoint, result_lock, save_checkpoint, tensor_digest  # noqa: F401
+                                      # (ResultInProgress: edge_result raises it; importable from here)
 
 RESULT_FILE = "edges.json"
 
@@ -101,21 +101,6 @@ class EdgeTraining:
     seconds: float = 0.0                      # wall clock, checkpointed runs included
     cpu_seconds: float | None = None          # CPU time of the training; None if it resumed from a checkpoint
                                               # that predates CPU-time records
-
-
-def _digest(tokens: torch.Tensor) -> str:
-    """A short fingerprint of a token tensor (its shape and values)."""
-    data = tokens.detach().to("cpu", torch.int64).contiguous()
-    return hashlib.sha256(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()[:16]
-
-
-def _check_checkpoint(path: Path, saved: dict, settings: dict) -> None:
-    """One clear error if a checkpoint was made by a training with other settings."""
-    differ = [f"{k} {saved.get(k)!r} (checkpoint) vs {v!r} (this training)" for k, v in settings.items()
-              if saved.get(k) != v]
-    if differ:
-        raise ValueError(f"the checkpoint {path} belongs to another training: {'; '.join(differ)}; "
-                         "delete it to start afresh, or train with its settings")
 
 
 def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, target_sparsity: float,
@@ -185,39 +170,35 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
     if node_target is not None:
         curve |= {"node_sparsity": [], "node_target": []}
     first_step, seconds_before, cpu_before = 0, 0.0, 0.0
-    if checkpoint_path is not None:
-        checkpoint_path = Path(checkpoint_path)
-        settings = {"model": model.cfg.name, "replacement": repl.kind, "device": dev.type, "target_sparsity": target,
-                    "steps": steps, "lr": lr, "reg_lr": reg_lr, "warmup": warmup, "batch_size": batch_size,
-                    "seed": seed, "init": init, "node_target_sparsity": node_target, "n_prompts": n,
-                    "weight_decay": weight_decay, "lr_warmup": lr_warmup, "tokens": _digest(tokens)}
-        if checkpoint_path.exists():
-            saved = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-            _check_checkpoint(checkpoint_path, saved["settings"], settings)
-            with torch.no_grad():
-                log_alpha.copy_(saved["log_alpha"])
-                lambdas.copy_(saved["lambdas"])
-                if node_log_alpha is not None:
-                    node_log_alpha.copy_(saved["node_log_alpha"])
-            opt.load_state_dict(saved["opt"])
-            reg_opt.load_state_dict(saved["reg_opt"])
-            gen.set_state(saved["gen"])
-            batch_gen.set_state(saved["batch_gen"])
-            curve, first_step, seconds_before = saved["curve"], saved["step"], saved["seconds"]
-            cpu_before = saved.get("cpu_seconds")
+    settings = {"model": model.cfg.name, "replacement": repl.kind, "device": dev.type, "target_sparsity": target,
+                "steps": steps, "lr": lr, "reg_lr": reg_lr, "warmup": warmup, "batch_size": batch_size,
+                "seed": seed, "init": init, "node_target_sparsity": node_target, "n_prompts": n,
+                "weight_decay": weight_decay, "lr_warmup": lr_warmup, "tokens": tensor_digest(tokens)}
+    saved = load_checkpoint(checkpoint_path, settings)
+    if saved is not None:
+        with torch.no_grad():
+            log_alpha.copy_(saved["log_alpha"])
+            lambdas.copy_(saved["lambdas"])
+            if node_log_alpha is not None:
+                node_log_alpha.copy_(saved["node_log_alpha"])
+        opt.load_state_dict(saved["opt"])
+        reg_opt.load_state_dict(saved["reg_opt"])
+        gen.set_state(saved["gen"])
+        batch_gen.set_state(saved["batch_gen"])
+        curve, first_step, seconds_before = saved["curve"], saved["step"], saved["seconds"]
+        cpu_before = saved.get("cpu_seconds")
     started, cpu_started = time.perf_counter(), time.process_time()
 
     def cpu_so_far() -> float | None:
         return None if cpu_before is None else cpu_before + time.process_time() - cpu_started
 
-    def save_checkpoint(steps_done: int) -> None:
-        state = {"settings": settings, "step": steps_done, "log_alpha": log_alpha.detach().cpu(),
-                 "node_log_alpha": None if node_log_alpha is None else node_log_alpha.detach().cpu(),
-                 "lambdas": lambdas.detach().cpu(), "opt": opt.state_dict(), "reg_opt": reg_opt.state_dict(),
-                 "gen": gen.get_state(), "batch_gen": batch_gen.get_state(), "curve": curve,
-                 "seconds": seconds_before + time.perf_counter() - started, "cpu_seconds": cpu_so_far()}
-        checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
+    def checkpoint(steps_done: int) -> None:
+        save_checkpoint(checkpoint_path, settings, {
+            "step": steps_done, "log_alpha": log_alpha.detach().cpu(),
+            "node_log_alpha": None if node_log_alpha is None else node_log_alpha.detach().cpu(),
+            "lambdas": lambdas.detach().cpu(), "opt": opt.state_dict(), "reg_opt": reg_opt.state_dict(),
+            "gen": gen.get_state(), "batch_gen": batch_gen.get_state(), "curve": curve,
+            "seconds": seconds_before + time.perf_counter() - started, "cpu_seconds": cpu_so_far()})
 
     bar = tqdm(range(first_step, steps), initial=first_step, total=steps, desc=f"edge pruning (target {target:g})",
                disable=not progress)
@@ -261,10 +242,10 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
                 curve["node_target"].append(ramp * node_target)
             bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}", sparsity=f"{sparsity:.3f}")
             if checkpoint_path is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                save_checkpoint(step + 1)
+                checkpoint(step + 1)
     bar.close()
     if checkpoint_path is not None:
-        checkpoint_path.unlink(missing_ok=True)
+        Path(checkpoint_path).unlink(missing_ok=True)
     return EdgeTraining(log_alpha.detach(), None if node_log_alpha is None else node_log_alpha.detach(), curve,
                         seconds_before + time.perf_counter() - started, cpu_so_far())
 
@@ -488,10 +469,6 @@ RESULT_SETTINGS = ("model", "task", "target_sparsity", "steps", "ablation", "see
                    "batch_size", "node_target_sparsity", "weight_decay", "lr_warmup")
 
 
-class ResultInProgress(ValueError):
-    """The result asked for is being computed by another process (which holds its lock)."""
-
-
 def edge_result_path(out_dir: str | os.PathLike, task_name: str, *, target_sparsity: float, steps: int,
                      ablation: str = "mean", seed: int = 0, n: int | None = None, batch_size: int = 32,
                      node_target_sparsity: float | None = None) -> Path:
@@ -547,14 +524,7 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
     if path.exists():
         return stored()
     # one process per result: a second one (another worker, a second edge_runs.py) is refused, not run twice
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(path.with_suffix(".lock"), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise ResultInProgress(f"another process is computing {path} (it holds {lock.lock_file}); wait for it, "
-                               "or ask for other settings (scripts/edge_runs.py: other --targets)") from None
-    try:
+    with result_lock(path, "wait for it, or ask for other settings (scripts/edge_runs.py: other --targets)"):
         if path.exists():       # finished by the process that held the lock a moment ago
             return stored()
         run = run_edges(model.cfg.name, task.name, target_sparsity=target_sparsity, steps=steps, ablation=ablation,
@@ -569,10 +539,6 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
         save_gates(gates_path(path), run.training)     # before the JSON: a result always has its gates
         run.result.save_json(path)
         return run.result
-    finally:
-        # unlinked while held: a process that opens the old file after this finds the result there
-        Path(lock.lock_file).unlink(missing_ok=True)
-        lock.release()
 
 
 def gates_path(result_path: str | os.PathLike) -> Path:

@@ -168,10 +168,11 @@ def test_the_script_picks_the_chapters_alpha_by_default(tmp_path):
     assert json.loads(written.read_text())["alpha"] == want and written.name.endswith(f"alpha{want:g}.json")
 
 
-def test_baseline_reuses_a_record_of_the_same_settings_and_refuses_another(tmp_path):
+@pytest.fixture
+def study_row(tmp_path):
+    """One row of a tiny study's store (tiny-gpt2, IOI, alpha 0.01, n = 4), the teacher and its tokenizer."""
     import yaml
 
-    from circuitlib.distill import baseline
     from circuitlib.loading import load_model
     from circuitlib.runner import run_study, study_table
     from circuitlib.spec import load_spec
@@ -180,8 +181,13 @@ def test_baseline_reuses_a_record_of_the_same_settings_and_refuses_another(tmp_p
     spec_path.write_text(yaml.safe_dump({"model": "tiny-gpt2", "tasks": ["ioi"], "alphas": [0.01], "n": 4}))
     spec = load_spec(spec_path)
     run_study(spec, workers=0, progress=False)
-    row = study_table(spec).iloc[0]
-    teacher, tokenizer = load_model("tiny-gpt2")
+    return (study_table(spec).iloc[0], *load_model("tiny-gpt2"))
+
+
+def test_baseline_reuses_a_record_of_the_same_settings_and_refuses_another(tmp_path, study_row):
+    from circuitlib.distill import baseline
+
+    row, teacher, tokenizer = study_row
     first = baseline(tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=4, eval_every=2)
     assert first["steps_run"] <= 4 and first["provenance"]["commit"]
     again = baseline(tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=4, eval_every=2)
@@ -191,3 +197,75 @@ def test_baseline_reuses_a_record_of_the_same_settings_and_refuses_another(tmp_p
     replaced = baseline(tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=6, eval_every=2,
                         replace=True)
     assert replaced["max_steps"] == 6
+
+
+class Cut(Exception):
+    """Stands for a killed process (the end of a session)."""
+
+
+def _cut_at_step(step):
+    """The student's training dies at the start of step `step` (1-based): its optimiser step raises."""
+    from unittest import mock
+
+    real, calls = torch.optim.Adam.step, [0]
+
+    def opt_step(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == step:
+            raise Cut(f"cut at step {step}")
+        return real(self, *args, **kwargs)
+
+    return mock.patch.object(torch.optim.Adam, "step", opt_step)
+
+
+@pytest.mark.parametrize("batch_size", [None, 8])
+def test_a_cut_off_distillation_resumes_to_the_uninterrupted_result(models, data, tmp_path, batch_size):
+    teacher = models["gpt2"]
+    train, val = data
+    split, task = _split(teacher, val), get_task("ioi")
+    kw = dict(steps=9, lr=1e-2, seed=3, batch_size=batch_size, eval_every=2, patience=None, progress=False)
+    whole_student = make_student(teacher, 1, seed=0)
+    whole = distill(teacher, whole_student, train, split, task, **kw)
+    checkpoint = tmp_path / "student.ckpt"
+    with _cut_at_step(7), pytest.raises(Cut):          # steps 1-6 done, the last checkpoint after 6
+        distill(teacher, make_student(teacher, 1, seed=0), train, split, task, checkpoint_path=checkpoint,
+                checkpoint_every=3, **kw)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["step"] == 6 and saved["cpu_seconds"] > 0
+    student = make_student(teacher, 1, seed=0)          # a fresh process: only the checkpoint carries over
+    resumed = distill(teacher, student, train, split, task, checkpoint_path=checkpoint, checkpoint_every=3, **kw)
+    assert resumed.train_loss == whole.train_loss and resumed.val_loss == whole.val_loss
+    assert resumed.eval_steps == whole.eval_steps and resumed.val_accuracy == whole.val_accuracy
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), whole_student.state_dict().values()))
+    assert resumed.seconds > saved["seconds"] and not checkpoint.exists()
+    with _cut_at_step(4), pytest.raises(Cut):
+        distill(teacher, make_student(teacher, 1, seed=0), train, split, task, checkpoint_path=checkpoint,
+                checkpoint_every=3, **kw)
+    with pytest.raises(ValueError, match=r"student.ckpt belongs to another training: lr 0.01 \(checkpoint\) vs 0.02"):
+        distill(teacher, make_student(teacher, 1, seed=0), train, split, task, checkpoint_path=checkpoint,
+                **{**kw, "lr": 2e-2})
+    assert checkpoint.exists()                           # a refused checkpoint is left alone
+    with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
+        distill(teacher, make_student(teacher, 1, seed=0), train, split, task, checkpoint_path=checkpoint,
+                checkpoint_every=0, **kw)
+
+
+def test_a_student_in_training_is_locked_and_its_cut_off_run_resumes(tmp_path, study_row):
+    from circuitlib.distill import baseline, baseline_path
+    from circuitlib.resumable import ResultInProgress, result_lock
+
+    row, teacher, tokenizer = study_row
+    out = tmp_path / "out"
+    path = baseline_path(out, row)
+    kw = dict(progress=False, max_steps=6, eval_every=2, patience=None, checkpoint_every=2)
+    with result_lock(path, "(held by this test)"):
+        with pytest.raises(ResultInProgress, match=r"another process is computing .*\.json"):
+            baseline(out, teacher, tokenizer, row, **kw)
+    assert not path.exists()
+    with _cut_at_step(4), pytest.raises(Cut):
+        baseline(out, teacher, tokenizer, row, **kw)
+    assert path.with_suffix(".ckpt").exists() and not path.exists() and not path.with_suffix(".lock").exists()
+    resumed = baseline(out, teacher, tokenizer, row, **kw)
+    whole = baseline(tmp_path / "whole", teacher, tokenizer, row, **kw)
+    assert resumed["train_loss"] == whole["train_loss"] and resumed["test_accuracy"] == whole["test_accuracy"]
+    assert resumed["cpu_seconds"] > 0 and not path.with_suffix(".ckpt").exists()
