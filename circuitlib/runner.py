@@ -344,9 +344,10 @@ def study_status(spec: Spec, workers: int | None = None) -> dict:
     table = store.read(keys & done)
     costs = None
     if len(table):
-        costs = table.groupby("key").first()[["task", "ablation", "include_mlps", "unit_seconds"]]
-        cpu = table.groupby("key").first()["unit_cpu_seconds"] if "unit_cpu_seconds" in table else None
-        costs["cpu"] = pd.to_numeric(cpu, errors="coerce") if cpu is not None else float("nan")
+        columns = [c for c in ("task", "ablation", "include_mlps", "unit_seconds", "unit_cpu_seconds") if c in table]
+        costs = table.groupby("key")[columns].first()
+        costs["cpu"] = (pd.to_numeric(costs["unit_cpu_seconds"], errors="coerce") if "unit_cpu_seconds" in costs
+                        else float("nan"))
     spent = float(costs["unit_seconds"].sum()) if costs is not None else 0.0
     cpu_spent = float(costs["cpu"].sum()) if costs is not None else 0.0
     left, units = 0.0, []
