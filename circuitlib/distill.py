@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .model import ModelConfig, Transformer, full_plan
-from .resumable import load_checkpoint, result_lock, save_checkpoint, tensor_digest
+from .resumable import load_checkpoint, parameters_digest, result_lock, save_checkpoint, tensor_digest
 
 
 def _layer_parameters(cfg: ModelConfig) -> int:
@@ -210,10 +210,10 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
         history.eval_steps.append(step)
         student.train()
 
-    settings = {"teacher": teacher.cfg.name, "student": student.cfg.name, "steps": steps, "lr": lr, "seed": seed,
-                "batch_size": batch_size, "eval_every": eval_every, "patience": patience,
-                "min_improvement": min_improvement, "device": device.type, "tokens": tensor_digest(tokens),
-                "validation": tensor_digest(val_tokens)}
+    settings = {"teacher": teacher.cfg.name, "student": student.cfg.name, "student_init": parameters_digest(student),
+                "steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size, "eval_every": eval_every,
+                "patience": patience, "min_improvement": min_improvement, "device": device.type,
+                "tokens": tensor_digest(tokens), "validation": tensor_digest(val_tokens)}
     saved = load_checkpoint(checkpoint_path, settings)
     curve_fields = ("train_loss", "eval_steps", "val_accuracy", "val_loss")
     started, cpu_started = time.perf_counter(), time.process_time()

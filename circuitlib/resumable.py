@@ -30,6 +30,16 @@ def tensor_digest(tokens: torch.Tensor) -> str:
     return hashlib.sha256(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()[:16]
 
 
+def parameters_digest(module: torch.nn.Module) -> str:
+    """A short fingerprint of a module's parameters: their names, shapes and first 1,000 values each
+    (enough to tell two initialisations apart, cheap for a model of any size)."""
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        h.update(p.detach().flatten()[:1000].to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def load_checkpoint(path: str | os.PathLike | None, settings: dict) -> dict | None:
     """The state saved at `path` by a training with these `settings`; None if there is no checkpoint.
 

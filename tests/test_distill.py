@@ -244,6 +244,8 @@ def test_a_cut_off_distillation_resumes_to_the_uninterrupted_result(models, data
     with pytest.raises(ValueError, match=r"student.ckpt belongs to another training: lr 0.01 \(checkpoint\) vs 0.02"):
         distill(teacher, make_student(teacher, 1, seed=0), train, split, task, checkpoint_path=checkpoint,
                 **{**kw, "lr": 2e-2})
+    with pytest.raises(ValueError, match=r"student_init"):                   # a student initialised otherwise
+        distill(teacher, make_student(teacher, 1, seed=1), train, split, task, checkpoint_path=checkpoint, **kw)
     assert checkpoint.exists()                           # a refused checkpoint is left alone
     with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
         distill(teacher, make_student(teacher, 1, seed=0), train, split, task, checkpoint_path=checkpoint,
