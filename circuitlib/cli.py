@@ -118,8 +118,9 @@ def _study(args) -> int:
               + (f"{left / 3600:.2f} h left with {status['workers_assumed']} workers, a core each" if left is not None
                  else "? h left (no unit finished yet)"))
         for u in status["unit_states"]:
-            extra = u.get("error") or (f"{u['progress']} candidates, updated {u['updated_s_ago']} s ago"
-                                       if u["state"] == "running" else "")
+            extra = u.get("error") or ((f"{u['progress']} candidates" if u["progress"]
+                                        else "starting (no candidate evaluated by this run yet)")
+                                       + f", updated {u['updated_s_ago']} s ago" if u["state"] == "running" else "")
             if u.get("saved"):
                 extra += (f" ({u['saved']} saved)" if u["state"] == "running"
                           else f" (resumes after {u['saved']}, saved by an earlier run)")

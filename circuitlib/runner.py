@@ -357,7 +357,8 @@ def study_status(spec: Spec, workers: int | None = None) -> dict:
         saved = store.read_partial(p.key) if state != "done" else None
         units.append({"key": p.key, "unit": p.unit.label, "state": state,
                       **({"error": failures[p.key].get("error")} if state == "failed" else {}),
-                      **({"progress": f"{running[p.key].get('done')}/{running[p.key].get('total')}",
+                      **({"progress": (f"{running[p.key].get('done')}/{running[p.key]['total']}"
+                                       if running[p.key].get("total") else None),   # None: still starting
                           "updated_s_ago": round(time.time() - running[p.key].get("updated", time.time()))}
                          if state == "running" else {}),
                       **({"saved": f"{len(saved['snapshot']['states'][0]['decisions'])} candidates, "

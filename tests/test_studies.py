@@ -119,10 +119,14 @@ def test_serial_and_two_worker_dask_runs_make_equal_stores(tmp_path):
     # a marker left by a process that no longer runs (a killed worker) does not count as running
     more = load_spec(write_spec(tmp_path, "more", store=str(serial.store), seeds=3, **small))
     pending = plan(more)[-1]
-    for pid, running in ((2 ** 22 + 12345, 0), (os.getpid(), 1)):
-        Store(serial.store).write_running(pending.key, {"unit": "x", "pid": pid, "host": os.uname().nodename})
+    for pid, running, total in ((2 ** 22 + 12345, 0, 10), (os.getpid(), 1, None), (os.getpid(), 1, 10)):
+        Store(serial.store).write_running(pending.key, {"unit": "x", "pid": pid, "host": os.uname().nodename,
+                                                        "done": 3 if total else 0, "total": total})
         status = study_status(more)
         assert (status["done"], status["running"], status["pending"]) == (4, running, 2 - running)
+        if running:   # a unit still loading its model has no candidate count yet
+            shown = next(u for u in status["unit_states"] if u["key"] == pending.key)
+            assert shown["progress"] == ("3/10" if total else None)
     summary = summary_table(a)
     assert len(summary) == 2 * 3 and set(summary["seeds"]) == {2}
 
