@@ -35,9 +35,8 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
+from decimal import Decimal, localcontext
 from pathlib import Path
-
-import numpy as np
 
 from .ablation import SCHEMES
 from .extract import ORDERS, check_alpha
@@ -45,6 +44,31 @@ from .extract import ORDERS, check_alpha
 FIELDS = ("name", "model", "tasks", "ablations", "include_mlps", "alphas", "seeds", "n", "n_test", "order",
           "device", "store")
 REQUIRED = ("model", "tasks", "alphas", "n")
+
+
+def log_spaced(start: float, stop: float, points: int) -> list[float]:
+    """`points` values from `start` to `stop`, evenly spaced in log10 (as `numpy.logspace`), the same
+    bits on every machine.
+
+    An alpha is part of a unit's key, so a grid must not depend on the CPU: numpy's vectorized
+    `power` differs in the last bit between CPUs (with and without AVX-512), which turned every
+    unit of a study into a new one on another machine. The exponents are spaced as
+    `numpy.linspace` spaces them (plain float arithmetic, exact everywhere) and each power of ten is
+    computed in 40-digit decimal arithmetic and rounded once to the nearest float; the ends are
+    `start` and `stop` themselves.
+    """
+    if points < 1:
+        raise ValueError(f"points must be >= 1; got {points}")
+    if not 0 < start <= stop or not math.isfinite(stop):
+        raise ValueError(f"a log-spaced grid needs 0 < start <= stop; got start={start!r}, stop={stop!r}")
+    with localcontext() as ctx:
+        ctx.prec = 40
+        lo, hi = (float(Decimal(v).log10()) for v in (start, stop))
+        if points == 1:
+            return [float(start)]
+        step = (hi - lo) / (points - 1)
+        inner = [float(Decimal(10) ** Decimal(i * step + lo)) for i in range(1, points - 1)]
+    return [float(start), *inner, float(stop)]
 
 
 class SpecError(ValueError):
@@ -212,7 +236,7 @@ def _alphas(value, fail) -> tuple[float, ...]:
             fail("alphas", f"range needs 0 < from <= to (log-spaced), got from={lo!r} to={hi!r}")
         if not isinstance(points, int) or isinstance(points, bool) or points < 1:
             fail("alphas", f"range needs points >= 1, got {points!r}")
-        value = [float(a) for a in np.logspace(np.log10(lo), np.log10(hi), points)]
+        value = log_spaced(lo, hi, points)
     if not isinstance(value, list) or not value:
         fail("alphas", f"must be a list of numbers or a range {{from, to, points}}, got {value!r}")
     out = []

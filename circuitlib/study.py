@@ -33,6 +33,7 @@ from .experiment import full_reference, measure
 from .extract import Circuit, _FastPath, sweep
 from .metrics import time_forward, tpr_fpr
 from .model import Transformer
+from .spec import log_spaced
 from .surgery import prune
 from .tasks import TaskData
 
@@ -47,7 +48,7 @@ def paper_alphas(task_name: str, n_points: int = 30) -> list[float]:
     if n_points < 1:
         raise ValueError(f"n_points must be >= 1; got {n_points}")
     top = 10.0 if task_name == "greater-than" else 1.0
-    return [float(a) for a in np.logspace(-5, np.log10(top), n_points)]
+    return log_spaced(1e-5, top, n_points)
 
 
 def evaluate_kept(model: Transformer, task, data: TaskData, kept: Iterable[str], ablation: str,

