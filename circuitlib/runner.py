@@ -294,6 +294,7 @@ def _run_on_dask(spec, store, pending, common, workers, scheduler, threads, prog
         futures = [client.submit(run_unit, p, str(store.root), key=f"unit-{p.key}", priority=-i, pure=False,
                                  **common) for i, p in enumerate(pending)]
         labels = {f.key: p for f, p in zip(futures, pending)}
+        pending_keys = {p.key for p in pending}
         bar = tqdm(total=len(futures), desc=f"study {spec.name}", unit="unit", disable=not progress)
         remaining = set(futures)
         while remaining:
@@ -311,9 +312,9 @@ def _run_on_dask(spec, store, pending, common, workers, scheduler, threads, prog
                     r = {"key": p.key, "label": p.unit.label, "status": "failed", "error": str(e)}
                 results[r["status"]].append(r)
                 bar.update(1)
-            running = store.running()
+            running = store.running()    # this run's units only: a killed run's markers may remain
             bar.set_postfix_str(" | ".join(f"{v.get('unit', '?')} {v.get('done', 0)}/{v.get('total') or '?'}"
-                                           for v in running.values()))
+                                           for k, v in running.items() if k in pending_keys))
         bar.close()
     finally:
         client.close()

@@ -126,12 +126,16 @@ def test_every_committed_unit_is_a_unit_of_its_spec():
 # running
 
 
-def test_serial_and_two_worker_dask_runs_make_equal_stores(tmp_path):
+def test_serial_and_two_worker_dask_runs_make_equal_stores(tmp_path, capsys):
     small = dict(tasks=["ioi"], include_mlps=[True])
     serial = load_spec(write_spec(tmp_path, "serial", **small))
     dask = load_spec(write_spec(tmp_path, "dask", **small))
     assert run_study(serial, workers=0, progress=False)["failed"] == []
-    assert run_study(dask, workers=2, progress=False)["failed"] == []
+    Store(dask.store).check_writable()
+    Store(dask.store).write_running("0" * 16, {"unit": "a unit of a killed run", "pid": 2 ** 22 + 12345,
+                                               "host": os.uname().nodename, "done": 1, "total": 9})
+    assert run_study(dask, workers=2, progress=True)["failed"] == []
+    assert "a unit of a killed run" not in capsys.readouterr().err    # the bar shows this run's units only
     a, b = study_table(serial), study_table(dask)
     assert len(a) == 4 * 3
     assert comparable(a.drop(columns="study")).equals(comparable(b.drop(columns="study")))
