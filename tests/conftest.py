@@ -1,5 +1,7 @@
 """Shared fixtures: small random GPT-2-shaped and Llama-shaped models, built offline in-process."""
 
+import signal
+
 import pytest
 import torch
 
@@ -37,3 +39,17 @@ def data():
     """Disjoint random patching and validation prompts of one length: [24, 8] and [10, 8]."""
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB, (24, 8), generator=g), torch.randint(0, VOCAB, (10, 8), generator=g)
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def interruptible():
+    """`subprocess.Popen` keyword arguments for a child that a test interrupts with SIGINT, as Ctrl-C does.
+
+    A shell without job control starts a background command with SIGINT ignored, CI may run the tests
+    that way, and a Python started with SIGINT ignored never raises KeyboardInterrupt: the child gets
+    the default disposition back before it starts."""
+    return {"preexec_fn": _default_sigint}

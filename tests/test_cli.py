@@ -235,12 +235,12 @@ def test_ctrl_c_while_saving_leaves_no_half_written_folder(tmp_path, capsys, mon
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_in_a_real_process_exits_130_without_a_traceback(tmp_path):
+def test_ctrl_c_in_a_real_process_exits_130_without_a_traceback(tmp_path, interruptible):
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "-m", "circuitlib", "extract", "--model", "tiny-gpt2", "--task",
                                 "ioi", "--alpha", "0.01", "--n", "100", "--include-mlps", "--method", "plain", "--out",
                                 str(out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, **interruptible)
     seen = []
     # read what arrives as it arrives (byte by byte lagged behind a loaded machine: the run could end first)
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stderr.read1(4096), b"")))

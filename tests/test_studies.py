@@ -211,11 +211,11 @@ def _cli(*args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_killing_a_run_midway_and_rerunning_completes_only_the_missing_units(tmp_path):
+def test_killing_a_run_midway_and_rerunning_completes_only_the_missing_units(tmp_path, interruptible):
     # 24 units of about a second each: even a slow, loaded machine signals the run before its end
     spec_path = write_spec(tmp_path, "killed", tasks=["ioi"], ablations=["zero"], include_mlps=[False], seeds=24)
     store = Store(load_spec(spec_path).store)
-    proc = _cli("run", str(spec_path), "--workers", "0")
+    proc = _cli("run", str(spec_path), "--workers", "0", **interruptible)
     deadline = time.time() + 300
     while time.time() < deadline and len(store.done()) < 2:
         time.sleep(0.2)
