@@ -245,7 +245,8 @@ def roc_plot(curves: Mapping[str, tuple[Iterable[float], Iterable[float], float 
     ax.set_xlabel("false positive rate (FPR)")
     ax.set_ylabel("true positive rate (TPR)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    # below the axes: labels with references and AUCs are long, and inside they hid curves and ticks
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, frameon=False)
     return fig
 
 
