@@ -61,11 +61,11 @@ def log_spaced(start: float, stop: float, points: int) -> list[float]:
         raise ValueError(f"points must be >= 1; got {points}")
     if not 0 < start <= stop or not math.isfinite(stop):
         raise ValueError(f"a log-spaced grid needs 0 < start <= stop; got start={start!r}, stop={stop!r}")
+    if points == 1:
+        return [float(start)]
     with localcontext() as ctx:
         ctx.prec = 40
         lo, hi = (float(Decimal(v).log10()) for v in (start, stop))
-        if points == 1:
-            return [float(start)]
         step = (hi - lo) / (points - 1)
         inner = [float(Decimal(10) ** Decimal(i * step + lo)) for i in range(1, points - 1)]
     return [float(start), *inner, float(stop)]
