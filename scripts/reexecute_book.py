@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Re-execute the book's chapters in place, all from one clean commit.
+
+    python scripts/reexecute_book.py [CHAPTER ...] [--dry-run]
+
+Every chapter the table of contents lists (or the named ones: ``02_ioi``, ``ioi``, ``02``) is run
+with papermill at its own committed parameters (kernel ``python3``, working directory
+``notebooks/``, one torch thread unless ``OMP_NUM_THREADS`` says otherwise), its progress bars
+tidied (``scripts/tidy_outputs.py``), and written back over the committed notebook only when it
+ran to the end: the run goes to a hidden file next to it that replaces the chapter atomically, and
+a failed run is kept as ``.<stem>.FAILED.ipynb`` with the chapter untouched. The teachers' page
+tables (``scripts/teaching_page.py``) are regenerated at the end.
+
+Refused before anything runs when the library, the scripts, the specs or the notebooks differ from
+the commit (``git status``): the pages' provenance must name a commit that holds the code that made
+them. Commit first, then re-execute, then commit the re-executed notebooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tidy_outputs import tidy_file  # noqa: E402
+
+# What the pages' numbers depend on: a change in any of these must be committed first.
+SOURCES = ("circuitlib", "scripts", "studies", "notebooks", "benchmarks")
+
+
+def toc_chapters(repo: Path = REPO) -> list[str]:
+    """The stems of the notebooks the book's table of contents lists, in its order."""
+    toc = yaml.safe_load((repo / "_toc.yml").read_text())
+    files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
+    return [f.split("/", 1)[1] for f in files if f.startswith("notebooks/")]
+
+
+def select(chapters: list[str], names: list[str]) -> list[str]:
+    """The chapters ``names`` designate (stem, number or name after the number), in book order."""
+    if not names:
+        return chapters
+    chosen = set()
+    for name in names:
+        hits = [c for c in chapters
+                if name in (c, c.split("_", 1)[0], c.split("_", 1)[1], c.split("_", 1)[1].replace("_", "-"))]
+        if not hits:
+            raise SystemExit(f"error: no chapter {name!r} in _toc.yml; chapters: {', '.join(chapters)}")
+        chosen.update(hits)
+    return [c for c in chapters if c in chosen]
+
+
+def uncommitted(repo: Path = REPO) -> list[str]:
+    """``git status --porcelain`` lines for the sources the pages depend on (empty when clean)."""
+    done = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", *SOURCES],
+                          capture_output=True, text=True, check=True)
+    return [line for line in done.stdout.splitlines() if line.strip()]
+
+
+def reexecute(stem: str, notebooks: Path) -> float:
+    """Run ``notebooks/<stem>.ipynb`` in place (atomically); returns the seconds it took."""
+    chapter = notebooks / f"{stem}.ipynb"
+    running = notebooks / f".{stem}.running.ipynb"
+    failed = notebooks / f".{stem}.FAILED.ipynb"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "papermill", chapter.name, running.name, "-k", "python3"],
+                          cwd=notebooks, env=env)
+    if done.returncode != 0:
+        os.replace(running, failed)
+        raise SystemExit(f"error: {stem} failed (papermill exit {done.returncode}); the chapter is "
+                         f"unchanged, the failed run is {failed}")
+    tidy_file(running)
+    os.replace(running, chapter)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("chapters", nargs="*", help="chapters to run (default: every chapter of _toc.yml)")
+    p.add_argument("--dry-run", action="store_true", help="check and list, run nothing")
+    args = p.parse_args(argv)
+    stems = select(toc_chapters(), args.chapters)
+    dirty = uncommitted()
+    if dirty:
+        raise SystemExit("error: uncommitted changes in what the pages depend on; commit them first "
+                         "so the pages' provenance names the code that made them:\n  " + "\n  ".join(dirty))
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    print(f"re-executing {len(stems)} chapters at commit {commit}: {', '.join(stems)}")
+    if args.dry_run:
+        return 0
+    for stem in stems:
+        seconds = reexecute(stem, REPO / "notebooks")
+        print(f"  {stem}: {seconds / 60:.1f} min", flush=True)
+    subprocess.run([sys.executable, str(REPO / "scripts" / "teaching_page.py")], check=True)
+    print(f"done: commit the re-executed notebooks (made at {commit})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""scripts/reexecute_book.py: chapter selection, the clean-tree check, and atomic in-place runs."""
+
+import importlib.util
+import subprocess
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def rb():
+    spec = importlib.util.spec_from_file_location("reexecute_book", REPO / "scripts" / "reexecute_book.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_toc_chapters_are_the_books_notebooks_in_order(rb):
+    chapters = rb.toc_chapters()
+    assert chapters[0] == "00_background" and "09_performance" in chapters
+    assert chapters == sorted(chapters)
+    assert all((REPO / "notebooks" / f"{c}.ipynb").exists() for c in chapters)
+
+
+def test_select_by_stem_number_or_name(rb):
+    chapters = ["01_acronyms", "02_ioi", "03_greater_than"]
+    assert rb.select(chapters, []) == chapters
+    assert rb.select(chapters, ["greater-than", "01"]) == ["01_acronyms", "03_greater_than"]
+    with pytest.raises(SystemExit, match="no chapter 'roc'"):
+        rb.select(chapters, ["roc"])
+
+
+def test_uncommitted_sees_changes_to_the_sources(rb, tmp_path):
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "circuitlib").mkdir()
+    (tmp_path / "circuitlib" / "a.py").write_text("x = 1\n")
+    (tmp_path / "README.md").write_text("readme\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    assert rb.uncommitted(tmp_path) == []
+    (tmp_path / "README.md").write_text("changed\n")            # not something a page depends on
+    assert rb.uncommitted(tmp_path) == []
+    (tmp_path / "circuitlib" / "a.py").write_text("x = 2\n")
+    assert rb.uncommitted(tmp_path) == [" M circuitlib/a.py"]
+
+
+def _chapter(folder: Path, fail: bool) -> Path:
+    meta = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+            "language_info": {"name": "python"}}
+    nb = nbformat.v4.new_notebook(metadata=meta)
+    nb.cells = [nbformat.v4.new_code_cell(f"fail = {fail}", metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("print('ran')\nassert not fail, 'asked to fail'")]
+    path = folder / "01_tiny.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_reexecute_replaces_the_chapter_with_its_run(rb, tmp_path):
+    path = _chapter(tmp_path, fail=False)
+    rb.reexecute("01_tiny", tmp_path)
+    nb = nbformat.read(path, as_version=4)
+    assert nb.cells[1].outputs[0]["text"] == "ran\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["01_tiny.ipynb"]
+
+
+def test_a_failed_run_leaves_the_chapter_untouched(rb, tmp_path):
+    path = _chapter(tmp_path, fail=True)
+    before = path.read_bytes()
+    with pytest.raises(SystemExit, match="01_tiny failed"):
+        rb.reexecute("01_tiny", tmp_path)
+    assert path.read_bytes() == before
+    assert (tmp_path / ".01_tiny.FAILED.ipynb").exists()
