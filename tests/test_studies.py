@@ -250,6 +250,17 @@ def test_status_and_show_from_the_command_line(tmp_path):
     assert proc.returncode == 2 and err.count("\n") == 1 and "field 'alphas'" in err
 
 
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    """`study status SPEC | head -1`: the reader goes away; no traceback, the shell's SIGPIPE status."""
+    spec_path = write_spec(tmp_path, "pipe", tasks=["ioi"], ablations=["mean"], include_mlps=[False], seeds=1)
+    read_end, write_end = os.pipe()
+    os.close(read_end)                  # a reader that has already gone: every write fails
+    done = subprocess.run([sys.executable, "-m", "circuitlib", "study", "status", str(spec_path)],
+                          stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)
+    os.close(write_end)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
 def test_the_committed_specs_are_valid():
     for path in sorted((ROOT / "studies").glob("*.yml")):
         spec = load_spec(path)
