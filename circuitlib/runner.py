@@ -286,8 +286,10 @@ def _run_on_dask(spec, store, pending, common, workers, scheduler, threads, prog
     if scheduler is None:
         n = workers or os.cpu_count() or 1
         thread_env = {v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        # No dashboard; the scheduler's small HTTP server (health checks) on a free local port, so that
+        # two studies on one machine never compete for Dask's default port 8787.
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                               scheduler_kwargs={"dashboard": False},
+                               scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
                                env=thread_env, silence_logs=40)
     client = Client(cluster if cluster is not None else scheduler)
     try:

@@ -4,9 +4,11 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +136,15 @@ def test_serial_and_two_worker_dask_runs_make_equal_stores(tmp_path, capsys):
     Store(dask.store).check_writable()
     Store(dask.store).write_running("0" * 16, {"unit": "a unit of a killed run", "pid": 2 ** 22 + 12345,
                                                "host": os.uname().nodename, "done": 1, "total": 9})
-    assert run_study(dask, workers=2, progress=True)["failed"] == []
+    with socket.socket() as other, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:                            # another program on Dask's default port: the study must not care
+            other.bind(("127.0.0.1", 8787))
+            other.listen()
+        except OSError:
+            pass                        # something already holds it, which is the same test
+        assert run_study(dask, workers=2, progress=True)["failed"] == []
+    assert not [w for w in caught if "8787" in str(w.message)], [str(w.message) for w in caught]
     assert "a unit of a killed run" not in capsys.readouterr().err    # the bar shows this run's units only
     a, b = study_table(serial), study_table(dask)
     assert len(a) == 4 * 3
