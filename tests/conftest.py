@@ -1,6 +1,8 @@
 """Shared fixtures: small random GPT-2-shaped and Llama-shaped models, built offline in-process."""
 
+import importlib.util
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,3 +55,14 @@ def interruptible():
     that way, and a Python started with SIGINT ignored never raises KeyboardInterrupt: the child gets
     the default disposition back before it starts."""
     return {"preexec_fn": _default_sigint}
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``load_script("run_notebook")``: a script of scripts/ imported as a module (they are not a package)."""
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

@@ -1,6 +1,5 @@
 """scripts/reexecute_book.py: chapter selection, the clean-tree check, and atomic in-place runs."""
 
-import importlib.util
 import subprocess
 from pathlib import Path
 
@@ -11,11 +10,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def rb():
-    spec = importlib.util.spec_from_file_location("reexecute_book", REPO / "scripts" / "reexecute_book.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def rb(load_script):
+    return load_script("reexecute_book")
 
 
 def test_toc_chapters_are_the_books_notebooks_in_order(rb):

@@ -1,6 +1,5 @@
 """scripts/run_notebook.py on a tiny throw-away notebook (not the book's notebooks)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,11 +10,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def rn():
-    spec = importlib.util.spec_from_file_location("run_notebook", REPO / "scripts" / "run_notebook.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def rn(load_script):
+    return load_script("run_notebook")
 
 
 @pytest.fixture
@@ -148,10 +144,8 @@ def test_ci_configuration_errors_write_nothing(tmp_path):
     assert not (tmp_path / "nbval").exists()
 
 
-def test_tidy_keeps_the_final_state_of_progress_bars():
-    spec = importlib.util.spec_from_file_location("tidy_outputs", REPO / "scripts" / "tidy_outputs.py")
-    tidy_outputs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tidy_outputs)
+def test_tidy_keeps_the_final_state_of_progress_bars(load_script):
+    tidy_outputs = load_script("tidy_outputs")
     stream = nbformat.v4.new_output
     cell = nbformat.v4.new_code_cell("work()")
     cell.outputs = [stream("stream", name="stderr", text="\rbar   0%"), stream("stream", name="stderr", text="\rbar  50%"),
