@@ -3,7 +3,8 @@
 
     python scripts/reexecute_book.py [CHAPTER ...] [--dry-run]
 
-Every chapter the table of contents lists (or the named ones: ``02_ioi``, ``ioi``, ``02``) is run
+Every chapter the table of contents lists (or the named ones, as ``make run`` names them: ``02_ioi``,
+``ioi``, ``02``) is run
 with papermill at its own committed parameters (kernel ``python3``, working directory
 ``notebooks/``, one torch thread unless ``OMP_NUM_THREADS`` says otherwise), its progress bars
 tidied (``scripts/tidy_outputs.py``), and written back over the committed notebook only when it
@@ -29,6 +30,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_notebook import UsageError, resolve_notebook  # noqa: E402
 from tidy_outputs import tidy_file  # noqa: E402
 
 # What the pages' numbers depend on: a change in any of these must be committed first.
@@ -42,18 +44,15 @@ def toc_chapters(repo: Path = REPO) -> list[str]:
     return [f.split("/", 1)[1] for f in files if f.startswith("notebooks/")]
 
 
-def select(chapters: list[str], names: list[str]) -> list[str]:
-    """The chapters ``names`` designate (stem, number or name after the number), in book order."""
-    if not names:
-        return chapters
-    chosen = set()
-    for name in names:
-        hits = [c for c in chapters
-                if name in (c, c.split("_", 1)[0], c.split("_", 1)[1], c.split("_", 1)[1].replace("_", "-"))]
-        if not hits:
-            raise SystemExit(f"error: no chapter {name!r} in _toc.yml; chapters: {', '.join(chapters)}")
-        chosen.update(hits)
-    return [c for c in chapters if c in chosen]
+def select(chapters: list[str], names: list[str], notebooks: Path = REPO / "notebooks") -> list[str]:
+    """The chapters ``names`` designate (as ``make run`` reads them: stem, number or name), in book order."""
+    try:
+        chosen = {resolve_notebook(name, notebooks).stem for name in names}
+    except UsageError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not_in_book := chosen - set(chapters):
+        raise SystemExit(f"error: not a chapter of _toc.yml: {', '.join(sorted(not_in_book))}")
+    return [c for c in chapters if c in chosen] if names else chapters
 
 
 def uncommitted(repo: Path = REPO) -> list[str]:

@@ -21,12 +21,16 @@ def test_toc_chapters_are_the_books_notebooks_in_order(rb):
     assert all((REPO / "notebooks" / f"{c}.ipynb").exists() for c in chapters)
 
 
-def test_select_by_stem_number_or_name(rb):
+def test_select_by_stem_number_or_name(rb, tmp_path):
     chapters = ["01_acronyms", "02_ioi", "03_greater_than"]
-    assert rb.select(chapters, []) == chapters
-    assert rb.select(chapters, ["greater-than", "01"]) == ["01_acronyms", "03_greater_than"]
-    with pytest.raises(SystemExit, match="no chapter 'roc'"):
-        rb.select(chapters, ["roc"])
+    for stem in chapters + ["99_draft"]:
+        nbformat.write(nbformat.v4.new_notebook(), tmp_path / f"{stem}.ipynb")
+    assert rb.select(chapters, [], tmp_path) == chapters
+    assert rb.select(chapters, ["greater-than", "01"], tmp_path) == ["01_acronyms", "03_greater_than"]
+    with pytest.raises(SystemExit, match="no notebook matches 'roc'"):
+        rb.select(chapters, ["roc"], tmp_path)
+    with pytest.raises(SystemExit, match="not a chapter of _toc.yml: 99_draft"):
+        rb.select(chapters, ["99"], tmp_path)
 
 
 def test_uncommitted_sees_changes_to_the_sources(rb, tmp_path):
