@@ -3,13 +3,13 @@
 
     python scripts/reexecute_book.py [CHAPTER ...] [--dry-run]
 
-Every chapter the table of contents lists (or the named ones, as ``make run`` names them: ``02_ioi``,
-``ioi``, ``02``) is run
-with papermill at its own committed parameters (kernel ``python3``, working directory
-``notebooks/``, one torch thread unless ``OMP_NUM_THREADS`` says otherwise), its progress bars
-tidied (``scripts/tidy_outputs.py``), and written back over the committed notebook only when it
-ran to the end: the run goes to a hidden file next to it that replaces the chapter atomically, and
-a failed run is kept as ``.<stem>.FAILED.ipynb`` with the chapter untouched. The teachers' page
+Every chapter the table of contents lists (or the named ones, as ``make run`` names them:
+``02_ioi``, ``ioi``, ``02``) is run with papermill at its own committed parameters (kernel
+``python3``, working directory ``notebooks/``, one torch thread unless ``OMP_NUM_THREADS`` says
+otherwise), its progress bars tidied (``scripts/tidy_outputs.py``), and written back over the
+committed notebook only when it ran to the end: the run goes to a hidden file next to it that
+replaces the chapter atomically, and a failed run is kept as ``.<stem>.FAILED.ipynb`` (when
+papermill got as far as writing one) with the chapter untouched. The teachers' page
 tables (``scripts/teaching_page.py``) are regenerated at the end.
 
 Refused before anything runs when the library, the scripts, the specs or the notebooks differ from
@@ -72,7 +72,8 @@ def reexecute(stem: str, notebooks: Path) -> float:
     done = subprocess.run([sys.executable, "-m", "papermill", chapter.name, running.name, "-k", "python3"],
                           cwd=notebooks, env=env)
     if done.returncode != 0:
-        os.replace(running, failed)
+        if running.exists():            # papermill writes nothing when it fails before the first cell
+            os.replace(running, failed)
         raise SystemExit(f"error: {stem} failed (papermill exit {done.returncode}); the chapter is "
                          f"unchanged, the failed run is {failed}")
     tidy_file(running)
