@@ -59,6 +59,16 @@ def test_accuracy_counts_correct_argmax():
     assert accuracy(get_task("ioi"), split, logits) == 0.75
 
 
+def test_accuracy_is_the_exact_fraction_of_correct_prompts():
+    # 241 of 250 correct: a float32 mean gives 0.9639999866; stores and rebuilt circuits compare 241 / 250 exactly
+    tok = gpt2_tokenizer()
+    split = make_split(tok, ["Then, Mary and John went"] * 250, [" John"] * 250)
+    logits = torch.zeros(250, 50257)
+    logits[:241, tok.encode(" John")[0]] = 1.0
+    logits[241:, tok.encode(" Mary")[0]] = 1.0
+    assert accuracy(get_task("ioi"), split, logits) == 241 / 250
+
+
 def test_tpr_fpr_by_hand():
     truth = ["9.9", "9.6", "10.0", "10.7"]
     tpr, fpr = tpr_fpr(["9.9", "9.6", "1.1", "2.2", "3.3"], truth, n_heads_total=144)
