@@ -61,9 +61,10 @@ def _chapter(folder: Path, fail: bool) -> Path:
 
 def test_reexecute_replaces_the_chapter_with_its_run(rb, tmp_path):
     path = _chapter(tmp_path, fail=False)
-    rb.reexecute("01_tiny", tmp_path)
+    rb.reexecute("01_tiny", tmp_path, "0123abc")
     nb = nbformat.read(path, as_version=4)
     assert nb.cells[1].outputs[0]["text"] == "ran\n"
+    assert rb.made_at(path) == "0123abc"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["01_tiny.ipynb"]
 
 
@@ -71,6 +72,18 @@ def test_a_failed_run_leaves_the_chapter_untouched(rb, tmp_path):
     path = _chapter(tmp_path, fail=True)
     before = path.read_bytes()
     with pytest.raises(SystemExit, match="01_tiny failed"):
-        rb.reexecute("01_tiny", tmp_path)
+        rb.reexecute("01_tiny", tmp_path, "0123abc")
     assert path.read_bytes() == before
     assert (tmp_path / ".01_tiny.FAILED.ipynb").exists()
+
+
+def test_check_one_commit_names_chapters_made_elsewhere_or_unstamped(rb, tmp_path):
+    for stem, commit in (("01_a", "1111111aaaa"), ("02_b", "1111111aaaa"), ("03_c", "2222222bbbb"), ("04_d", None)):
+        nb = nbformat.v4.new_notebook()
+        if commit:
+            nb.metadata["circuitlib"] = {"made_at_commit": commit}
+        nbformat.write(nb, tmp_path / f"{stem}.ipynb")
+    assert rb.check_one_commit(["01_a", "02_b"], tmp_path) == []
+    problems = rb.check_one_commit(["01_a", "02_b", "03_c", "04_d"], tmp_path)
+    assert problems == ["04_d: no commit recorded (not re-executed by this script)", "01_a: made at 1111111",
+                        "02_b: made at 1111111", "03_c: made at 2222222"]
