@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .metrics import accuracy
 from .model import ModelConfig, Transformer, full_plan
 from .resumable import load_checkpoint, parameters_digest, result_lock, save_checkpoint, tensor_digest
 
@@ -206,7 +207,7 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
         with torch.inference_mode():
             logits = student(val_tokens, last_only=True)
             history.val_loss.append(l2_logit_loss(val_target, logits).item())
-            history.val_accuracy.append(task.correct(val_split, logits).float().mean().item())
+            history.val_accuracy.append(accuracy(task, val_split, logits))
         history.eval_steps.append(step)
         student.train()
 
@@ -303,7 +304,7 @@ def distill_baseline(teacher: Transformer, tokenizer, row: Mapping, *, lr: float
                       checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
     with torch.inference_mode():
         test_logits = student(data.test.tokens.to(teacher.W_E.device), last_only=True)
-        test_accuracy = task.correct(data.test, test_logits).float().mean().item()
+        test_accuracy = accuracy(task, data.test, test_logits)
     return {"model": row["model"], "task": task.name, "ablation": row["ablation"],
             "include_mlps": bool(row["include_mlps"]), "seed": seed, "alpha": float(row["alpha"]),
             "n": int(row["n"]), "n_test": int(row["n_test"]), "study": row["study"], "study_key": row["key"],
