@@ -302,6 +302,30 @@ def paper_range(key: str, mlps: bool) -> tuple[float, float]:
     return min(values), max(values)
 
 
+def round_significant(x: float, digits: int = 3) -> float:
+    """`x` rounded to `digits` significant digits (0.12328 -> 0.123), as the paper prints its alphas."""
+    return float(f"{x:.{digits - 1}e}")
+
+
+def threshold_origin(task: str, include_mlps: bool, alpha: float, chosen: Mapping | None = None,
+                     ablation: str = "mean", digits: int = 3) -> str:
+    """Where a Table 1 threshold comes from, for one task and configuration.
+
+    "paper" when `alpha` is GPT-2 Small's threshold in the paper's Table 1 for this task and
+    configuration; "rule" when it is the selection rule's pick for them (`chosen`, as returned by
+    :func:`circuitlib.study.choose_alpha`) rounded to `digits` significant digits; "paper, rule"
+    for both; "" for neither (a threshold that belongs to the other configuration or another list).
+    """
+    close = lambda a, b: abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+    origins = []
+    if any(r["task"] == task and r["mlps"] == include_mlps and close(r["alpha"], alpha) for r in PAPER_TABLE_3):
+        origins.append("paper")
+    pick = (chosen or {}).get((task, ablation, include_mlps))
+    if pick is not None and close(round_significant(pick, digits), alpha):
+        origins.append("rule")
+    return ", ".join(origins)
+
+
 def compare_to_flops(time_ratio: float, flop_ratio: float, tolerance: float = 0.05) -> str:
     """How a time ratio relates to its FLOP ratio (both pruned / full): the words a sentence uses.
 

@@ -93,3 +93,19 @@ def test_important_heads_and_attention_summary(extraction, tiny):
     assert ((table["mean weight"] >= 0) & (table["mean weight"] <= 1)).all()
     assert (table["position"] < tokens.shape[1]).all()
     assert report.attention_summary(extraction.pruned, tokenizer, tokens, []).empty
+
+
+def test_threshold_origin_names_the_paper_and_the_rule():
+    from circuitlib.report import round_significant, threshold_origin
+
+    assert round_significant(0.12328467394420659) == 0.123 and round_significant(0.015199110829) == 0.0152
+    chosen = {("ioi", "mean", False): 0.12328467394420659, ("ioi", "mean", True): 0.01519911082952933,
+              ("greater-than", "mean", True): None}
+    assert threshold_origin("ioi", False, 8.53e-3, chosen) == "paper"             # the paper's heads-only alpha
+    assert threshold_origin("ioi", True, 8.53e-3, chosen) == ""                   # ... not its heads-and-MLPs one
+    assert threshold_origin("ioi", False, 0.123, chosen) == "rule"
+    assert threshold_origin("ioi", True, 0.0152, chosen) == "rule"
+    assert threshold_origin("ioi", True, 0.0152, chosen, ablation="zero") == ""    # the pick of another scheme
+    assert threshold_origin("ioi", True, 0.0152) == ""                            # no rule given
+    assert threshold_origin("greater-than", True, 0.0853, chosen) == "paper"      # no pick: only the paper
+    assert threshold_origin("acronyms", True, 0.035, {("acronyms", "mean", True): 0.0350001}) == "paper, rule"
