@@ -313,7 +313,7 @@ def threshold_origin(task: str, include_mlps: bool, alpha: float, chosen: Mappin
 
     "paper" when `alpha` is GPT-2 Small's threshold in the paper's Table 1 for this task and
     configuration; "rule" when it is the selection rule's pick for them (`chosen`, as returned by
-    :func:`circuitlib.study.choose_alpha`) rounded to `digits` significant digits; "paper, rule"
+    :func:`circuitlib.study.choose_alpha`), exactly or rounded to `digits` significant digits; "paper, rule"
     for both; "" for neither (a threshold that belongs to the other configuration or another list).
     """
     close = lambda a, b: abs(a - b) <= 1e-9 * max(abs(a), abs(b))
@@ -321,7 +321,7 @@ def threshold_origin(task: str, include_mlps: bool, alpha: float, chosen: Mappin
     if any(r["task"] == task and r["mlps"] == include_mlps and close(r["alpha"], alpha) for r in PAPER_TABLE_3):
         origins.append("paper")
     pick = (chosen or {}).get((task, ablation, include_mlps))
-    if pick is not None and close(round_significant(pick, digits), alpha):
+    if pick is not None and (close(pick, alpha) or close(round_significant(pick, digits), alpha)):
         origins.append("rule")
     return ", ".join(origins)
 
