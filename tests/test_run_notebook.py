@@ -127,9 +127,15 @@ def test_ci_configuration_is_injected(tmp_path):
     subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_notebooks.py"), "--out", str(out),
                     "--config", str(REPO / "notebooks" / "ci.yml")], check=True, capture_output=True)
     assert sorted(p.name for p in out.glob("*.ipynb")) == sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb"))
-    nb = nbformat.read(out / "04_hyperparameters.ipynb", as_version=4)
-    injected = [c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert len(injected) == 1 and "n_alphas = 3" in injected[0] and "n = 8" in injected[0]
+    def injected(stem):
+        nb = nbformat.read(out / f"{stem}.ipynb", as_version=4)
+        cells = [c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert len(cells) == 1, stem
+        return cells[0]
+
+    assert "n = 8" in injected("02_ioi")                                    # from "all"
+    assert 'spec = "../studies/ci.yml"' in injected("04_hyperparameters")   # the notebook's own entry
+    assert "n = 8" not in injected("04_hyperparameters")                    # it declares no n
 
 
 def test_ci_configuration_errors_write_nothing(tmp_path):
