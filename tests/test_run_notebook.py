@@ -164,3 +164,40 @@ def test_tidy_keeps_the_final_state_of_progress_bars(load_script):
     assert [(o.output_type, o.get("name"), o.get("text")) for o in outputs] == [
         ("stream", "stderr", "bar 100%\n"), ("stream", "stdout", "kept 4 heads\nsaved\n"),
         ("display_data", None, None), ("stream", "stdout", "after\n")]
+
+
+def test_tidy_stores_opaque_figures_with_a_palette(load_script):
+    """An opaque figure comes back smaller and looks the same; one with transparency is left as it is."""
+    import base64
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    tidy_outputs = load_script("tidy_outputs")
+
+    def figure_png(transparent: bool) -> str:
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.plot(np.linspace(0, 1, 50), np.linspace(0, 1, 50) ** 2)
+        ax.fill_between([0, 1], [0, 0.5], [0.2, 0.9], alpha=0.3)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", transparent=transparent)
+        plt.close(fig)
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    def pixels(encoded: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB"), dtype=int)
+
+    opaque, transparent = figure_png(False), figure_png(True)
+    cell = nbformat.v4.new_code_cell("plot()")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={"image/png": opaque, "text/plain": "<Figure>"}),
+                    nbformat.v4.new_output("display_data", data={"image/png": transparent, "text/plain": "<Figure>"})]
+    compacted, kept = (o.data["image/png"] for o in tidy_outputs.tidy(nbformat.v4.new_notebook(cells=[cell])).cells[0].outputs)
+    assert len(compacted) < 0.7 * len(opaque)
+    assert Image.open(io.BytesIO(base64.b64decode(compacted))).mode == "P"
+    difference = np.abs(pixels(compacted) - pixels(opaque))
+    assert difference.mean() < 1 and difference.max() <= 64   # a palette colour close to every pixel's
+    assert kept == transparent
