@@ -104,8 +104,14 @@ def _per_prompt(task, split, full_log_probs: torch.Tensor, model) -> dict:
 
 def run_unit(planned: PlannedUnit, store_root: str, *, study: str, device: str = "cpu", threads: int = 1,
              progress: bool = False, prov: dict | None = None) -> dict:
-    """Compute one unit and write its rows; a failure is recorded, not raised. Returns a short summary."""
+    """Compute one unit and write its rows; a failure is recorded, not raised. Returns a short summary.
+
+    A unit already in the store is not computed again: Dask recomputes a finished task whose result
+    was held by a worker that died later, and another run may have finished the unit meanwhile.
+    """
     store, unit, key = Store(store_root), planned.unit, planned.key
+    if store.unit_path(key).exists():
+        return {"key": key, "label": unit.label, "status": "done", "seconds": 0.0, "already_stored": True}
     started, cpu_started = time.perf_counter(), time.process_time()
     torch.set_num_threads(threads)
     last_report = [0.0]
@@ -293,12 +299,14 @@ def _run_on_dask(spec, store, pending, common, workers, scheduler, threads, prog
                                env=thread_env, silence_logs=40)
     client = Client(cluster if cluster is not None else scheduler)
     try:
-        futures = [client.submit(run_unit, p, str(store.root), key=f"unit-{p.key}", priority=-i, pure=False,
-                                 **common) for i, p in enumerate(pending)]
-        labels = {f.key: p for f, p in zip(futures, pending)}
+        labels, remaining = {}, set()
+        for i, p in enumerate(pending):
+            future = client.submit(run_unit, p, str(store.root), key=f"unit-{p.key}", priority=-i, pure=False,
+                                   **common)
+            labels[future.key] = p
+            remaining.add(future)
         pending_keys = {p.key for p in pending}
-        bar = tqdm(total=len(futures), desc=f"study {spec.name}", unit="unit", disable=not progress)
-        remaining = set(futures)
+        bar = tqdm(total=len(remaining), desc=f"study {spec.name}", unit="unit", disable=not progress)
         while remaining:
             try:
                 finished, remaining = wait(remaining, timeout=5, return_when="FIRST_COMPLETED")
@@ -312,6 +320,7 @@ def _run_on_dask(spec, store, pending, common, workers, scheduler, threads, prog
                     store.write_failure(p.key, {"unit": p.unit.label, "error": f"{type(e).__name__}: {e}",
                                                 "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
                     r = {"key": p.key, "label": p.unit.label, "status": "failed", "error": str(e)}
+                f.release()   # its rows are in the store: a worker lost later must not make Dask redo it
                 results[r["status"]].append(r)
                 bar.update(1)
             running = store.running()    # this run's units only: a killed run's markers may remain

@@ -208,6 +208,22 @@ def test_a_finished_unit_is_never_overwritten(tmp_path):
     assert store.read()["x"].tolist() == [1]
 
 
+def test_a_unit_already_in_the_store_is_not_computed_again(tmp_path, monkeypatch):
+    """As when Dask redoes a finished unit whose result was on a worker that died, or a second run
+    reaches a unit another one finished meanwhile: the stored rows stand, nothing is recomputed
+    and no failure is recorded."""
+    import circuitlib.runner as runner
+
+    spec = load_spec(write_spec(tmp_path, tasks=["ioi"], ablations=["zero"], include_mlps=[False], seeds=1))
+    run_study(spec, workers=0, progress=False)
+    before = study_table(spec)
+    monkeypatch.setattr(runner, "_compute", _no_computing)
+    result = runner.run_unit(plan(spec)[0], spec.store, study=spec.name)
+    assert result["status"] == "done" and result["already_stored"]
+    assert not Store(spec.store).failures() and not Store(spec.store).running()
+    assert comparable(study_table(spec)).equals(comparable(before))
+
+
 def test_an_unwritable_store_is_refused_before_any_work(tmp_path):
     (tmp_path / "file").write_text("")
     spec = load_spec(write_spec(tmp_path, store="file/results"))
