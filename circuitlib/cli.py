@@ -12,6 +12,7 @@ import sys
 
 from .ablation import SCHEMES
 from .extract import METHODS, ORDERS
+from .store import RunningElsewhere
 
 MODELS = ("gpt2", "smollm2-135m", "tiny-gpt2")
 TASKS = ("acronyms", "ioi", "greater-than")
@@ -102,6 +103,8 @@ def _study(args) -> int:
               f"{status['done']}/{status['units']} done in {spec.store}")
         for r in result["failed"]:
             print(f"  failed: {r['label']}: {r['error']} (retried by the next run)")
+        for r in result["elsewhere"]:
+            print(f"  left to another run that claimed it meanwhile: {r['label']} ({r['by']})")
         return 1 if result["failed"] else 0
     if args.study_command == "status":
         status = study_status(spec, args.workers)
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{report['model']} · {report['task']} · {report['split']} split ({report['n']} prompts): "
                       f"accuracy {report['accuracy']:.3f}, KL {report['kl']:.4f}, "
                       f"{report['n_params']['parameters']:,} parameters, kept heads {' '.join(report['kept_heads'])}")
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError, RunningElsewhere) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ import platform
 import subprocess
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .spec import Spec, Unit
-from .store import Store
+from .store import RunningElsewhere, Store
 
 _LOADED: dict = {}          # (model, device) -> (model, tokenizer), one per worker process
 
@@ -103,15 +104,22 @@ def _per_prompt(task, split, full_log_probs: torch.Tensor, model) -> dict:
 
 
 def run_unit(planned: PlannedUnit, store_root: str, *, study: str, device: str = "cpu", threads: int = 1,
-             progress: bool = False, prov: dict | None = None) -> dict:
+             progress: bool = False, prov: dict | None = None, run_id: str | None = None) -> dict:
     """Compute one unit and write its rows; a failure is recorded, not raised. Returns a short summary.
 
     A unit already in the store is not computed again: Dask recomputes a finished task whose result
     was held by a worker that died later, and another run may have finished the unit meanwhile.
+    Nor is a unit that another live run (another `run_id`) has claimed: status "elsewhere".
     """
     store, unit, key = Store(store_root), planned.unit, planned.key
+    run_id = run_id or uuid.uuid4().hex
     if store.unit_path(key).exists():
         return {"key": key, "label": unit.label, "status": "done", "seconds": 0.0, "already_stored": True}
+    marker = {"unit": unit.label, "run": run_id, "pid": os.getpid(), "host": platform.node()}
+    other = store.claim(key, {**marker, "done": 0, "total": None},
+                        owned_elsewhere=lambda m: m.get("run") != run_id and _alive(m))
+    if other is not None:
+        return {"key": key, "label": unit.label, "status": "elsewhere", "by": _holder(other)}
     started, cpu_started = time.perf_counter(), time.process_time()
     torch.set_num_threads(threads)
     last_report = [0.0]
@@ -119,12 +127,9 @@ def run_unit(planned: PlannedUnit, store_root: str, *, study: str, device: str =
     def on_step(done: int, total: int, states: int) -> None:
         if time.perf_counter() - last_report[0] > 5 or done == total:
             last_report[0] = time.perf_counter()
-            store.write_running(key, {"unit": unit.label, "done": done, "total": total, "states": states,
-                                      "pid": os.getpid(), "host": platform.node()})
+            store.write_running(key, {**marker, "done": done, "total": total, "states": states})
 
     try:
-        store.write_running(key, {"unit": unit.label, "done": 0, "total": None, "pid": os.getpid(),
-                                  "host": platform.node()})
         saved = store.read_partial(key)              # the snapshot of an earlier, cut-off run of this unit
         rows, resumed = _compute(unit, key, planned.digest, study, device, threads, progress, on_step, store, saved)
         earlier = float(saved["seconds"]) if resumed else 0.0
@@ -245,7 +250,11 @@ def run_study(spec: Spec, *, workers: int | None = None, scheduler: str | None =
     tasks:     run only the units of these tasks of the spec (the others stay pending)
     ablations, include_mlps: likewise, only the units of these ablation schemes / MLP settings
                (e.g. the units one chapter needs first)
-    Returns {"done": [...], "failed": [...]} summaries of the units this call ran.
+    Returns {"done": [...], "failed": [...], "elsewhere": [...]} summaries of the units this call
+    ran ("elsewhere": units another run claimed after this one started, left to it).
+
+    Refused before any work when another live run is computing one of the units this call would
+    run (its `running/` marker): wait for it, or limit this call to other units.
     """
     from .loading import check_device
 
@@ -269,12 +278,24 @@ def run_study(spec: Spec, *, workers: int | None = None, scheduler: str | None =
     finished = store.done()
     pending = [p for p in planned if p.key not in finished and (not tasks or p.unit.task in tasks)
                and (not ablations or p.unit.ablation in ablations)
-               and (not include_mlps or p.unit.include_mlps in include_mlps)][:max_units]
+               and (not include_mlps or p.unit.include_mlps in include_mlps)]
+    live = {k: v for k, v in store.running().items() if _alive(v)}
+    busy = [p for p in pending if p.key in live]
+    if busy:
+        raise RunningElsewhere(
+            f"{len(busy)} unit(s) of study {spec.name} are being computed by another run now: "
+            + "; ".join(f"{p.unit.label} ({_holder(live[p.key])})" for p in busy[:3])
+            + ("; ..." if len(busy) > 3 else "")
+            + f". Wait for it to finish (python -m circuitlib study status {spec.source or spec.name} shows it), "
+            "or limit this run to other units (--task, --ablation, --include-mlps on the command line; "
+            "tasks=, ablations=, include_mlps= in Python)")
+    pending = pending[:max_units]
     prov = provenance(device, threads)
-    results = {"done": [], "failed": []}
+    results = {"done": [], "failed": [], "elsewhere": []}
     if not pending:
         return results
-    common = dict(study=spec.name, device=device, threads=threads, prov=prov)
+    run_id = uuid.uuid4().hex      # this run's claims on units (store.claim); another run's are left alone
+    common = dict(study=spec.name, device=device, threads=threads, prov=prov, run_id=run_id)
     if scheduler is None and workers == 0:
         bar = tqdm(pending, desc=f"study {spec.name}", unit="unit", disable=not progress)
         for p in bar:
@@ -331,8 +352,9 @@ def _run_on_dask(spec, store, pending, common, workers, scheduler, threads, prog
         client.close()
         if cluster is not None:
             cluster.close()
-        for p in pending:    # units cut off by Ctrl-C or a crash are pending again, not "running"
-            store.clear_running(p.key)
+        for key, marker in store.running().items():   # units this run cut off by Ctrl-C or a crash
+            if marker.get("run") == common["run_id"]:   # are pending again, not "running"
+                store.clear_running(key)
     return results
 
 
@@ -395,10 +417,18 @@ def study_status(spec: Spec, workers: int | None = None) -> dict:
             "workers_assumed": n_workers, "unit_states": units}
 
 
+STALE_AFTER_S = 15 * 60   # a marker of another host not updated for this long is a dead run's
+
+
+def _holder(marker: dict) -> str:
+    return f"pid {marker.get('pid', '?')} on {marker.get('host', '?')}"
+
+
 def _alive(marker: dict) -> bool:
-    """Whether a `running/` marker's process still runs (markers of other hosts are trusted)."""
+    """Whether a `running/` marker's process still runs: on this host, whether its pid exists; a
+    marker of another host counts while it was updated in the last STALE_AFTER_S seconds."""
     if marker.get("host") != platform.node() or not isinstance(marker.get("pid"), int):
-        return True
+        return time.time() - float(marker.get("updated", 0)) < STALE_AFTER_S
     try:
         os.kill(marker["pid"], 0)
     except ProcessLookupError:

@@ -2,7 +2,8 @@
 
     <store>/units/<key>.parquet     the rows of one finished unit (one row per circuit)
     <store>/failed/<key>.json       the error of a unit's last failed attempt (retried next run)
-    <store>/running/<key>.json      progress of a unit in flight (a hint for `study status`)
+    <store>/running/<key>.json      the unit's claim while in flight, and its progress: one run
+                                    computes a unit, others skip it (see `claim`)
     <store>/partial/<key>.json      the sweep of an unfinished unit after its last complete layer:
                                     a unit cut off (by a session's end, say) resumes from it
     <store>/effects/<key>.json      results derived from the units, computed once and read by every
@@ -26,6 +27,10 @@ import time
 from pathlib import Path
 
 from .model import atomic_write
+
+
+class RunningElsewhere(RuntimeError):
+    """Another live run is computing a unit that this run was asked to compute."""
 
 
 class Store:
@@ -77,6 +82,29 @@ class Store:
     def write_failure(self, key: str, record: dict) -> None:
         atomic_write(self.root / "failed" / f"{key}.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
         self.clear_running(key)
+
+    def claim(self, key: str, record: dict, owned_elsewhere) -> dict | None:
+        """Mark unit `key` as in flight with `record` (its run's "run" id among its fields), unless
+        another run holds it: returns that run's marker if `owned_elsewhere(marker)` says it is live
+        and not ours, else None (claimed; a dead run's marker is taken over). The marker appears
+        whole or not at all: written aside, then linked into place, which fails if one exists."""
+        path = self.root / "running" / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({**record, "updated": time.time()}, f)
+            try:
+                os.link(tmp, path)
+                return None
+            except FileExistsError:
+                other = _read_json(path)
+                if other and owned_elsewhere(other):
+                    return other
+                os.replace(tmp, path)
+                return None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def write_running(self, key: str, record: dict) -> None:
         atomic_write(self.root / "running" / f"{key}.json",

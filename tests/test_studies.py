@@ -155,7 +155,7 @@ def test_serial_and_two_worker_dask_runs_make_equal_stores(tmp_path, capsys):
     assert row["test_accuracy"] == pytest.approx(sum(row["test_correct"]) / 7)
     # a rerun finds nothing to do and changes nothing
     before = {p: p.stat().st_mtime_ns for p in (serial.store / "units").iterdir()}
-    assert run_study(serial, workers=0, progress=False) == {"done": [], "failed": []}
+    assert run_study(serial, workers=0, progress=False) == {"done": [], "failed": [], "elsewhere": []}
     assert {p: p.stat().st_mtime_ns for p in (serial.store / "units").iterdir()} == before
     status = study_status(serial)
     assert (status["done"], status["pending"], status["failed"]) == (4, 0, 0)
@@ -222,6 +222,57 @@ def test_a_unit_already_in_the_store_is_not_computed_again(tmp_path, monkeypatch
     assert result["status"] == "done" and result["already_stored"]
     assert not Store(spec.store).failures() and not Store(spec.store).running()
     assert comparable(study_table(spec)).equals(comparable(before))
+
+
+@pytest.fixture
+def other_run():
+    """The pid of a live process standing in for another run of the same study (and a dead one's)."""
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    yield live.pid, dead.pid
+    live.kill()
+    live.wait()
+
+
+def test_a_unit_another_live_run_computes_is_left_to_it(tmp_path, other_run, monkeypatch):
+    import platform
+
+    import circuitlib.runner as runner
+
+    live, dead = other_run
+    spec = load_spec(write_spec(tmp_path, tasks=["ioi", "greater-than"], ablations=["zero"], include_mlps=[False],
+                                seeds=1))
+    ioi, greater_than = plan(spec)
+    store = Store(spec.store)
+    store.check_writable()
+    store.write_running(ioi.key, {"unit": ioi.unit.label, "run": "other", "pid": live, "host": platform.node()})
+    # refused before any work, naming the unit, the process and the way out
+    with pytest.raises(runner.RunningElsewhere, match=rf"ioi .*pid {live} .*study status .*limit this run"):
+        run_study(spec, workers=0, progress=False)
+    assert not store.done()
+    cli = _cli("run", str(spec.source), "--workers", "0")
+    _, err = cli.communicate(timeout=120)
+    assert cli.returncode == 2 and "being computed by another run" in err and not store.done()
+    # the other units can run meanwhile; the live run's claim stays
+    assert [r["label"] for r in run_study(spec, workers=0, progress=False, tasks=["greater-than"])["done"]] == [
+        greater_than.unit.label]
+    assert store.running()[ioi.key]["pid"] == live
+    # a run that claims the unit after this one looked leaves it alone too, its marker intact
+    monkeypatch.setattr(runner, "_compute", _no_computing)
+    result = runner.run_unit(ioi, spec.store, study=spec.name, run_id="mine")
+    assert result["status"] == "elsewhere" and f"pid {live}" in result["by"]
+    assert store.running()[ioi.key]["run"] == "other" and not store.failures()
+    monkeypatch.undo()
+    # a dead run's marker (its pid gone, or another host's marker not updated for long) is taken over
+    for stale in ({"pid": dead, "host": platform.node()}, {"pid": 1, "host": "elsewhere"}):
+        store.write_running(ioi.key, {"unit": ioi.unit.label, "run": "other", **stale})
+        if stale["host"] == "elsewhere":
+            marker = store.root / "running" / f"{ioi.key}.json"
+            marker.write_text(json.dumps({**json.loads(marker.read_text()), "updated": time.time() - 3600}))
+        assert runner._alive(store.running()[ioi.key]) is False
+    assert [r["label"] for r in run_study(spec, workers=0, progress=False)["done"]] == [ioi.unit.label]
+    assert store.done() == {ioi.key, greater_than.key} and not store.running()
 
 
 def test_an_unwritable_store_is_refused_before_any_work(tmp_path):
