@@ -8,8 +8,8 @@ A text progress bar (tqdm without ipywidgets) redraws its line with carriage ret
 records every redraw as an output of its own: hundreds of lines on a page of the book. Here the
 consecutive stream outputs of a cell that go to the same stream are merged, and every line keeps
 only the text after its last carriage return. An opaque PNG figure (matplotlib's are) is stored
-with a palette of 256 colours when that is smaller: a line plot uses far fewer, so it looks the
-same at about a third of the bytes (a data chapter's nine figures otherwise make up most of its
+with a palette of 256 colours when that is smaller: a line plot uses far fewer, so it looks all but
+the same at about a third of the bytes (a data chapter's nine figures otherwise make up most of its
 notebook). Each notebook is rewritten atomically.
 `scripts/run_notebook.py` applies the same to every run.
 """
@@ -34,8 +34,8 @@ def final_lines(text: str) -> str:
 
 def compact_png(encoded: str) -> str:
     """A base64 PNG -> the same picture with a 256-colour palette, if it is opaque and that is smaller."""
-    image = Image.open(io.BytesIO(base64.b64decode(encoded)))
-    if image.mode == "RGBA" and image.getextrema()[3][0] < 255:   # some transparency: leave it be
+    image = Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGBA")   # any mode, transparency kept
+    if image.getextrema()[3][0] < 255:                                           # some transparency: leave it be
         return encoded
     buffer = io.BytesIO()
     image.convert("RGB").quantize(256).save(buffer, format="PNG", optimize=True)
