@@ -79,9 +79,10 @@ def _value(value) -> str:
 def chapters_block() -> str:
     rows = ["| chapter | settings that set the work | device | executed in | its longest cell |",
             "| --- | --- | --- | --- | --- |"]
-    devices = set()
+    devices, made_at = set(), {}
     for path in chapters():
         nb = nbformat.read(path, as_version=4)
+        made_at[path.stem] = nb.metadata.get("circuitlib", {}).get("made_at_commit")
         values = parameters(nb)
         work = ", ".join(f"`{k}={_value(values[k])}`" for k in WORK if k in values) or "none"
         device = values.get("device")
@@ -96,7 +97,15 @@ def chapters_block() -> str:
                     f"{_duration(longest)} |")
     note = ("Every executed chapter with a `device` parameter ran with `device=cpu`." if devices == {"cpu"} else
             f"The executed chapters ran with `device` set to: {', '.join(sorted(devices))}.")
-    return "\n".join(rows) + "\n\n" + note + "\n"
+    commits = set(made_at.values())
+    if len(commits) == 1 and None not in commits:
+        made = (f"Every chapter was executed at commit `{commits.pop()[:7]}` "
+                "(`scripts/reexecute_book.py`; its `--check` confirms it).")
+    else:
+        made = ("The chapters were not all executed at one commit: "
+                + ", ".join(f"{stem} at `{c[:7]}`" if c else f"{stem} at no recorded commit" for stem, c in made_at.items())
+                + ".")
+    return "\n".join(rows) + "\n\n" + note + " " + made + "\n"
 
 
 def exercises_block() -> str:

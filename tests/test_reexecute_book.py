@@ -1,6 +1,7 @@
 """scripts/reexecute_book.py: chapter selection, the clean-tree check, and atomic in-place runs."""
 
 import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -87,3 +88,16 @@ def test_check_one_commit_names_chapters_made_elsewhere_or_unstamped(rb, tmp_pat
     problems = rb.check_one_commit(["01_a", "02_b", "03_c", "04_d"], tmp_path)
     assert problems == ["04_d: no commit recorded (not re-executed by this script)", "01_a: made at 1111111",
                         "02_b: made at 1111111", "03_c: made at 2222222"]
+
+
+def test_the_committed_book_was_made_at_one_commit_of_this_history(rb):
+    """Every chapter of the book carries the same made-at commit, and it is one of this repository's."""
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "reexecute_book.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    commit = rb.made_at(REPO / "notebooks" / f"{rb.toc_chapters()[0]}.ipynb")
+    shallow = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--is-shallow-repository"],
+                             capture_output=True, text=True).stdout.strip()
+    if (REPO / ".git").exists() and shallow == "false":     # a shallow clone lacks the history to check
+        ancestor = subprocess.run(["git", "-C", str(REPO), "merge-base", "--is-ancestor", commit, "HEAD"])
+        assert ancestor.returncode == 0, f"the book was made at {commit[:7]}, which is not in this branch's history"

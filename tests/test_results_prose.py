@@ -189,6 +189,7 @@ def _prose(markdown: str) -> str:
     text = re.sub(r"\$\$.*?\$\$|\$[^$]+\$", " ", text, flags=re.S)  # math
     text = re.sub(r"`[^`]*`", " ", text)                          # inline code
     text = re.sub(r"\]\([^)]*\)", "]", text)                      # link targets
+    text = re.sub(r"\b95 % (?=bootstrap|confidence|interval|CI)", " ", text)  # the intervals' level: a setting
     return text
 
 
