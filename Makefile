@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(PY) scripts/prepare_notebooks.py --out .nbval --config notebooks/ci.yml
 	$(PY) -m pytest -q tests .nbval --nbval-lax --sanitize-with notebooks/nbval_sanitize.cfg
 
-# A single extraction on the offline stand-in (the README's worked example).
+# A single extraction on the offline stand-in (the README's worked example, book/command-line.md).
 demo: $(STAMP)
 	$(PY) -m circuitlib extract --model smollm2-135m --task ioi --alpha 0.01 --ablation mean \
 		--out runs/demo-ioi-$$(date -u +%Y%m%d-%H%M%S)

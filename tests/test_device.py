@@ -1,6 +1,6 @@
 """Device plumbing: loading, extraction (fast path and sweep), pruning, measuring, studies and Edge Pruning on
 every device torch sees here. On a machine without a GPU the CUDA cases are skipped; run this file
-on a GPU machine to check them (the README's GPU section)."""
+on a GPU machine to check them (book/studies.md, section GPU)."""
 
 import copy
 
