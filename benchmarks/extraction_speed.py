@@ -31,17 +31,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import acronym_batch, gpt2_shaped_model, timed, write_result  # noqa: E402
 
-from circuitlib.ablation import hooked_last_logits, mean_activations  # noqa: E402
-from circuitlib.convert import to_hooked  # noqa: E402
-from circuitlib.extract import extract, sweep, traversal  # noqa: E402
-from circuitlib.loading import check_device  # noqa: E402
-from circuitlib.metrics import kl_divergence  # noqa: E402
+from circuitlib.core.ablation import hooked_last_logits, mean_activations  # noqa: E402
+from circuitlib.core.convert import to_hooked  # noqa: E402
+from circuitlib.discovery.greedy import extract, sweep, traversal  # noqa: E402
+from circuitlib.models.loading import check_device  # noqa: E402
+from circuitlib.core.metrics import kl_divergence  # noqa: E402
 
 PEAK_MEMORY_SCRIPT = """
 import gc, sys
 sys.path.insert(0, {bench!r})
 from common import acronym_batch, gpt2_shaped_model, peak_rss_gib, reset_peak_rss
-from circuitlib.extract import extract
+from circuitlib.discovery.greedy import extract
 model = gpt2_shaped_model()
 patching, validation = acronym_batch({n})
 gc.collect()

@@ -10,7 +10,7 @@ On a GPT-2-shaped model (random weights, GPT-2 Small's exact shape) and the acro
 Each is timed against the full model at batch 1 and at the task's batch (250), with warm-up,
 inference mode, synchronisation on a GPU and the median of many runs, the same batch for both,
 both computing the last position's logits only. Next to torch, the same models exported to ONNX
-(`circuitlib.export`) are timed in onnxruntime on the CPU with as many threads as torch uses, so
+(`circuitlib.pipeline.export`) are timed in onnxruntime on the CPU with as many threads as torch uses, so
 that the saving can be checked where deployed models run (`--no-onnx` skips it). Printed and
 written to benchmarks/results/pruned_inference[-cuda].json.
 """
@@ -28,10 +28,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import acronym_batch, gpt2_shaped_model, write_result  # noqa: E402
 
-from circuitlib.ablation import mean_activations  # noqa: E402
-from circuitlib.export import ort_session, write_onnx  # noqa: E402
-from circuitlib.metrics import time_forward  # noqa: E402
-from circuitlib.surgery import prune  # noqa: E402
+from circuitlib.core.ablation import mean_activations  # noqa: E402
+from circuitlib.pipeline.export import ort_session, write_onnx  # noqa: E402
+from circuitlib.core.metrics import time_forward  # noqa: E402
+from circuitlib.core.surgery import prune  # noqa: E402
 from circuitlib.tasks import get_task  # noqa: E402
 
 ALL_HEADS = [f"{l}.{h}" for l in range(12) for h in range(12)]

@@ -46,8 +46,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import acronym_batch, gpt2_shaped_model, write_result  # noqa: E402
 
-from circuitlib.ablation import mean_activations  # noqa: E402
-from circuitlib.surgery import prune  # noqa: E402
+from circuitlib.core.ablation import mean_activations  # noqa: E402
+from circuitlib.core.surgery import prune  # noqa: E402
 from circuitlib.tasks import get_task  # noqa: E402
 
 ALL_MLPS = [f"MLP {layer}" for layer in range(12)]

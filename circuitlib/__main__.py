@@ -1,7 +1,7 @@
 import os
 import sys
 
-from .cli import main
+from circuitlib.cli import main
 
 try:
     status = main()

@@ -10,9 +10,9 @@ import argparse
 import json
 import sys
 
-from .ablation import SCHEMES
-from .extract import METHODS, ORDERS
-from .store import RunningElsewhere
+from circuitlib.core.ablation import SCHEMES
+from circuitlib.discovery.greedy import METHODS, ORDERS
+from circuitlib.studies.store import RunningElsewhere
 
 MODELS = ("gpt2", "smollm2-135m", "tiny-gpt2")
 TASKS = ("acronyms", "ioi", "greater-than")
@@ -86,8 +86,8 @@ def _add_study_parser(sub) -> None:
 
 
 def _study(args) -> int:
-    from .runner import run_study, study_status, study_table, summary_table
-    from .spec import load_spec
+    from circuitlib.studies.runner import run_study, study_status, study_table, summary_table
+    from circuitlib.studies.spec import load_spec
 
     spec = load_spec(args.spec)
     if args.study_command == "run":
@@ -192,8 +192,8 @@ def _edges(args) -> int:
 
     import torch
 
-    from .edges_train import check_sparsity, run_edges
-    from .experiment import check_out_dir
+    from circuitlib.discovery.edges.train import check_sparsity, run_edges
+    from circuitlib.core.io import check_out_dir
 
     target = check_sparsity(args.target_sparsity, "--target-sparsity")
     node_target = None if args.node_target_sparsity is None else check_sparsity(args.node_target_sparsity,
@@ -250,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "extract":
             from pathlib import Path
 
-            from .experiment import check_out_dir, run_extraction
-            from .extract import check_alpha
+            from circuitlib.core.io import check_out_dir
+            from circuitlib.pipeline.extraction import run_extraction
+            from circuitlib.discovery.greedy import check_alpha
 
             alpha = check_alpha(args.alpha)
             check_out_dir(Path(args.out), args.force)
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(_summary(result))
                 print(f"saved to {out}")
         elif args.command == "export":
-            from .export import export_onnx
+            from circuitlib.pipeline.export import export_onnx
 
             report = export_onnx(args.run_dir, args.out, force=args.force)
             print(f"wrote {report['path']} ({report['bytes'] / 2**20:.1f} MiB, opset {report['opset']}, batch dynamic, "
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"max abs logit difference {report['max_abs_diff']:.2e}, same argmax on "
                   f"{report['argmax_agreement']:.1%}")
         else:
-            from .experiment import evaluate_saved
+            from circuitlib.pipeline.extraction import evaluate_saved
 
             report = evaluate_saved(args.run_dir, args.split)
             if args.json:

@@ -11,7 +11,7 @@ prompts, and stopped when the validation loss has plateaued (`--patience` evalua
 relative improvement of `--min-improvement`) or after `--max-steps` (the paper's 20,000 epochs).
 `--alpha auto` (the default) takes the chapters' rule: the largest alpha of the study whose
 circuits keep the validation accuracy within 5 points of the full model's
-(`circuitlib.study.choose_alpha`). The record (`circuitlib.distill.baseline`: settings, budget,
+(`circuitlib.studies.analysis.choose_alpha`). The record (`circuitlib.studies.distill.distilled_student`: settings, budget,
 N, the whole training curve, best validation and final test accuracy, why it stopped) and its
 provenance are written atomically to results/distill/<task>-<ablation>-<heads|heads+mlps>-
 seed<S>-alpha<A>.json; an existing result is never replaced without --force.
@@ -36,12 +36,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from circuitlib.distill import baseline, baseline_path  # noqa: E402
-from circuitlib.resumable import ResultInProgress  # noqa: E402
-from circuitlib.loading import check_device, load_model  # noqa: E402
-from circuitlib.runner import study_table  # noqa: E402
-from circuitlib.spec import load_spec  # noqa: E402
-from circuitlib.study import choose_alpha  # noqa: E402
+from circuitlib.studies.distill import baseline_path, distilled_student  # noqa: E402
+from circuitlib.core.resumable import ResultInProgress  # noqa: E402
+from circuitlib.models.loading import check_device, load_model  # noqa: E402
+from circuitlib.studies.runner import study_table  # noqa: E402
+from circuitlib.studies.spec import load_spec  # noqa: E402
+from circuitlib.studies.analysis import choose_alpha  # noqa: E402
 from circuitlib.tasks import get_task  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     teacher, tokenizer = load_model(spec.model, device=device)
     try:
-        record = baseline(args.out_dir, teacher, tokenizer, row, device=str(device), threads=args.threads,
+        record = distilled_student(args.out_dir, teacher, tokenizer, row, device=str(device), threads=args.threads,
                           replace=args.force, checkpoint_every=args.checkpoint_every, lr=args.lr,
                           max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience,
                           min_improvement=args.min_improvement)

@@ -33,7 +33,7 @@ export PYTHONUNBUFFERED=1
 [ -d .git ] || export CIRCUITLIB_COMMIT=${CIRCUITLIB_COMMIT:-$(cat .gpu/COMMIT 2>/dev/null)}
 nvidia-smi --query-gpu=name,memory.total --format=csv
 $PY -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'; print(torch.__version__, torch.cuda.get_device_name())"
-$PY -m pytest -q -p no:cacheprovider tests/test_device.py tests/test_batched_candidates.py 2>&1 | tail -3
+$PY -m pytest -q -p no:cacheprovider tests/library/test_device.py tests/library/test_batched_candidates.py 2>&1 | tail -3
 PLAIN=24; $PY -c "import transformer_lens" 2>/dev/null || PLAIN=0
 $PY benchmarks/extraction_speed.py --device cuda --plain-steps $PLAIN 2>&1 | tail -9
 $PY benchmarks/pruned_inference.py --device cuda --no-onnx 2>&1 | tail -8

@@ -111,7 +111,7 @@ def chapters_block() -> str:
 def exercises_block() -> str:
     make = _load("make_exercises")
     executed = nbformat.read(make.CHAPTER, as_version=4)
-    from circuitlib.exercises import read_summary
+    from booklib.exercises import read_summary
 
     table = read_summary(executed)
     machine = read_machine(executed)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuitlib.convert import from_hf
-from circuitlib.loading import random_hf_model
+from circuitlib.core.convert import from_hf
+from circuitlib.models.loading import random_hf_model
 
 VOCAB = 101
 

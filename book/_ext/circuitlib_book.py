@@ -6,7 +6,7 @@
   buttons and works offline. This extension takes both out.
 * **The CircuitsVis bundle, once.** The attention figures need CircuitsVis' JavaScript
   (1.3 MB). The notebooks do not carry it: their set-up cell references
-  ``_static/circuitsvis-<version>.js`` (see ``circuitlib.plots.load_circuitsvis``), and this
+  ``_static/circuitsvis-<version>.js`` (see ``booklib.attention.load_circuitsvis``), and this
   extension writes that file, from the installed circuitsvis package, into the site's
   ``_static`` folder. The pages still work opened from disk, with no network.
 * **Author-year labels.** The text cites "García-Carrasco et al., 2025"
@@ -15,7 +15,7 @@
   (``[GarciaCMateT24]``).
 * **Readable tables.** ``circuitlib.css`` (book/_static) gives output tables padding and a
   smaller font, and header cells may break after an underscore (``val_<wbr>accuracy``), so that
-  wide tables fit the text column at a 1280-pixel window (tests/test_book.py checks it).
+  wide tables fit the text column at a 1280-pixel window (tests/book/test_book.py checks it).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _page(app, pagename, templatename, context, doctree):
 def _write_bundle(app, exception):
     if exception is not None or app.builder.format != "html":
         return
-    from circuitlib.plots import write_circuitsvis_bundle
+    from booklib.attention import write_circuitsvis_bundle
 
     write_circuitsvis_bundle(Path(app.outdir) / "_static")
 

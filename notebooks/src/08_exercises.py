@@ -57,8 +57,8 @@ import torch
 import torch.nn.functional as F
 from IPython.display import Markdown, display
 
-from circuitlib import exercises as ex
-from circuitlib import report
+from circuitlib import get_task, load_model, run_extraction
+from booklib import exercises as ex, report
 
 settings = {"model": model, "task": task, "alpha": alpha, "ablation": ablation,
             "include_mlps": include_mlps, "n": n, "seed": seed}
@@ -215,7 +215,7 @@ ex.check_mean_ablation(lambda m, t, l, h: my_mean_z(m, t, l, h).mean(0, keepdim=
 # %% [markdown] solution-only
 # Pruning a head under mean ablation then costs nothing at inference time beyond adding a
 # constant: its mean `hook_z` times its slice of $W_O$ is a fixed `[S, d_model]` bias added to the
-# residual stream (`circuitlib.surgery`).
+# residual stream (`circuitlib.core.surgery`).
 
 # %% [markdown]
 # ## Exercise 4: Algorithm 1
@@ -230,7 +230,7 @@ ex.check_mean_ablation(lambda m, t, l, h: my_mean_z(m, t, l, h).mean(0, keepdim=
 # **Task.** Write `my_greedy(components, kl_of, alpha)` returning the list of pruned components,
 # in visiting order. The checker runs it on two tiny random models (a GPT-2-shaped and a
 # Llama-shaped one) with both ablation schemes, where `kl_of` physically prunes the model, and
-# compares your list with `circuitlib.extract.extract`.
+# compares your list with `circuitlib.discovery.greedy.extract`.
 #
 # HINT
 # Your `my_prune_decision` from exercise 1 takes the KL before and after; what is "before" when
@@ -286,7 +286,7 @@ ex.check_greedy_extraction(lambda comps, kl_of, a: [c for c in comps if kl_of([c
 #
 # **Task.** Write `my_head_parameters(cfg, removed)` returning the number of parameters removed
 # from **one full layer** when the query heads in `removed` (a list of head indices) are pruned.
-# `cfg` is a `circuitlib.model.ModelConfig` with `arch` (`"gpt2"` has biases, `"llama"` has
+# `cfg` is a `circuitlib.core.model.ModelConfig` with `arch` (`"gpt2"` has biases, `"llama"` has
 # none), `d_model`, `d_head`, `n_heads` and `n_kv_heads`.
 #
 # HINT
@@ -472,9 +472,6 @@ ex.check_timer(fastest_call, record=False);
 # ratio the authors' way of timing gives? Why might they differ on your machine?
 
 # %%
-from circuitlib.experiment import run_extraction
-from circuitlib.loading import load_model
-from circuitlib.tasks import get_task
 
 
 def mean_of_5(forward):
