@@ -14,6 +14,10 @@ validation and the held-out test split, and its size).
     random_kept, random_components         a random circuit of the same size (a baseline)
     time_pair                              honest inference times of a full and a pruned model
     choose_alpha                           the largest alpha within a tolerance of the full accuracy
+    spread_over_batches                    per alpha: mean, sd, min, max of sizes and scores across batches
+    kept_overlap, jaccard                  how alike the circuits of different batches are (kept heads)
+    interval_over_batches, intervals       intervals that name what they resample: batches or prompts
+    compare_orders                         the same units run with two head orders, side by side
     plot_vs_alpha, plot_accuracy_vs_size   the paper's RQ1 figures from an `alpha_study` table
     machine, cpu_name                      which CPU/GPU and how many threads made a timing
 """
@@ -37,7 +41,8 @@ from .spec import log_spaced
 from .surgery import prune
 from .tasks import TaskData
 
-__all__ = ["bootstrap_interval", "with_intervals", "paper_alphas", "evaluate_kept", "evaluate_circuits", "alpha_study", "tpr_fpr_by_alpha",
+__all__ = ["bootstrap_interval", "with_intervals", "spread_over_batches", "jaccard", "kept_overlap",
+           "interval_over_batches", "intervals", "compare_orders", "paper_alphas", "evaluate_kept", "evaluate_circuits", "alpha_study", "tpr_fpr_by_alpha",
            "single_head_effects", "top_heads", "random_kept", "random_components", "time_pair", "choose_alpha", "full_reference", "plot_vs_alpha",
            "plot_accuracy_vs_size", "config_label", "machine", "cpu_name"]
 
@@ -281,6 +286,158 @@ def choose_alpha(table, tolerance: float = 0.05) -> dict[tuple, float | None]:
         ok = acc[acc >= full_val - tolerance]
         chosen[(task, ablation, bool(mlps))] = float(ok.index.max()) if len(ok) else None
     return chosen
+
+
+# ------------------------------------------------------------------------------------------
+# uncertainty over batches: what varies from one batch of prompts (seed) to the next
+
+STUDY_GROUP = ("task", "ablation", "include_mlps", "alpha")
+
+
+def spread_over_batches(table, columns: Sequence[str], by: Sequence[str] = STUDY_GROUP):
+    """Per group of `by` (one row per batch in each), the spread of each column across the batches.
+
+    Returns a DataFrame with `by`, "batches" and, for each column c, c_mean, c_sd (sample
+    standard deviation, NaN for one batch), c_min and c_max. A group holding two rows of one
+    seed (two units of the same batch: another order, say) is refused: split the table first.
+    """
+    import pandas as pd
+
+    _one_row_per_batch(table, by)
+    rows = []
+    for key, g in table.groupby(list(by), sort=True):
+        row = {**dict(zip(by, key if isinstance(key, tuple) else (key,))), "batches": len(g)}
+        for c in columns:
+            values = g[c].astype(float)
+            row |= {f"{c}_mean": values.mean(), f"{c}_sd": values.std(ddof=1) if len(g) > 1 else float("nan"),
+                    f"{c}_min": values.min(), f"{c}_max": values.max()}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def jaccard(a: Iterable[str], b: Iterable[str]) -> float:
+    """|a ∩ b| / |a ∪ b| of two sets of components; 1.0 when both are empty (the same circuit)."""
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def kept_overlap(table, by: Sequence[str] = STUDY_GROUP, components: str = "heads"):
+    """Per group of `by`, how alike the circuits of different batches are: Jaccard of what they keep.
+
+    components: "heads" (kept_heads) or "all" (kept heads and MLPs). Returns a DataFrame with
+    `by`, batches, pairs, jaccard_mean (the mean over every pair of batches), jaccard_min; with
+    one batch there is no pair (NaN).
+    """
+    import pandas as pd
+
+    if components not in ("heads", "all"):
+        raise ValueError(f"components must be 'heads' or 'all'; got {components!r}")
+    _one_row_per_batch(table, by)
+    rows = []
+    for key, g in table.groupby(list(by), sort=True):
+        kept = [_kept(r, components) for _, r in g.iterrows()]
+        pairs = [jaccard(a, b) for i, a in enumerate(kept) for b in kept[i + 1:]]
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "batches": len(g),
+                     "pairs": len(pairs), "jaccard_mean": float(np.mean(pairs)) if pairs else float("nan"),
+                     "jaccard_min": float(min(pairs)) if pairs else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def interval_over_batches(values: Sequence[float], level: float = 0.95) -> dict:
+    """The mean of one value per batch with a Student-t interval: what another batch of prompts could give.
+
+    Returns {"mean", "low", "high", "batches", "resamples": "batches"}; the interval is NaN with
+    one batch. With few batches (3) it is wide, as it should be: it is the uncertainty of a mean
+    over that many independently drawn batches.
+    """
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError("give one value per batch")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    mean = float(x.mean())
+    if len(x) == 1:
+        return {"mean": mean, "low": float("nan"), "high": float("nan"), "batches": 1, "resamples": "batches"}
+    half = float(stats.t.ppf((1 + level) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "batches": len(x), "resamples": "batches"}
+
+
+def intervals(table, column: str, by: Sequence[str] = STUDY_GROUP, *, over: str, level: float = 0.95, **kw):
+    """Per group of `by`, the mean of `column` with an interval, and a "resamples" column saying over what.
+
+    over="batches": `column` holds one value per row (batch); `interval_over_batches`.
+    over="prompts": `column` holds each row's per-prompt values (e.g. "test_correct");
+                    `bootstrap_interval`, which resamples prompts within each batch and holds the
+                    batches fixed (`kw`: its n_boot and seed).
+    """
+    import pandas as pd
+
+    if over not in ("batches", "prompts"):
+        raise ValueError(f"over must be 'batches' or 'prompts'; got {over!r}")
+    _one_row_per_batch(table, by)
+    rows = []
+    for key, g in table.groupby(list(by), sort=True):
+        if over == "batches":
+            found = interval_over_batches(list(g[column]), level)
+        else:
+            mean, low, high = bootstrap_interval(list(g[column]), level=level, **kw)
+            found = {"mean": mean, "low": low, "high": high, "batches": len(g), "resamples": "prompts within batches"}
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), **found})
+    return pd.DataFrame(rows)
+
+
+def compare_orders(first, second, columns: Sequence[str] = ("heads", "test_accuracy"),
+                   by: Sequence[str] = STUDY_GROUP):
+    """The same units searched in two head orders, side by side per group of `by`.
+
+    first, second: study tables (`runner.study_table`) of one order each (column "order"), for
+    the same batches. Rows are paired by batch (seed) within each group, so that a difference is
+    the order's alone. Returns a DataFrame with `by`, batches (paired), for each column c
+    c_<first order> and c_<second order> (means over the paired batches), and jaccard_mean: the
+    mean over batches of the Jaccard overlap of the heads the two orders keep.
+    """
+    import pandas as pd
+
+    names = []
+    for t in (first, second):
+        orders = set(t["order"]) if len(t) else set()
+        if len(orders) != 1:
+            raise ValueError(f"each table must hold the units of one order; got orders {sorted(orders)}")
+        names.append(orders.pop())
+    if names[0] == names[1]:
+        raise ValueError(f"both tables hold units of the order {names[0]!r}; give one table per order")
+    keys = [*by, "seed"]
+    for t in (first, second):
+        _one_row_per_batch(t, by)
+    paired = first.merge(second, on=keys, suffixes=("@1", "@2"))
+    if not len(paired):
+        raise ValueError("the two tables share no (task, configuration, alpha, seed): run the same units in both orders")
+    rows = []
+    for key, g in paired.groupby(list(by), sort=True):
+        row = {**dict(zip(by, key if isinstance(key, tuple) else (key,))), "batches": len(g)}
+        for c in columns:
+            row |= {f"{c}_{names[0]}": g[f"{c}@1"].astype(float).mean(), f"{c}_{names[1]}": g[f"{c}@2"].astype(float).mean()}
+        row["jaccard_mean"] = float(np.mean([jaccard(a, b) for a, b in zip(g["kept_heads@1"], g["kept_heads@2"])]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _one_row_per_batch(table, by: Sequence[str]) -> None:
+    missing = [c for c in [*by, "seed"] if c not in table]
+    if missing:
+        raise ValueError(f"the table lacks the columns {missing}; give a study table (runner.study_table)")
+    repeated = table.duplicated([*by, "seed"])
+    if repeated.any():
+        r = table[repeated].iloc[0]
+        raise ValueError(f"the table holds two rows of seed {r['seed']} for {dict((c, r[c]) for c in by)} (units of "
+                         f"another order or study?); keep one row per batch in each group")
+
+
+def _kept(row, components: str) -> set[str]:
+    heads = set(row["kept_heads"])
+    return heads if components == "heads" else heads | {mlp_name(int(l)) for l in row["kept_mlps"]}
 
 
 # ------------------------------------------------------------------------------------------
