@@ -582,3 +582,17 @@ def test_standard_metrics_rebuild_every_circuit_and_are_stored_once(tmp_path, mo
         derived.circuit_metrics(spec, tampered)
     with pytest.raises(ValueError, match="exactly one unit"):
         derived.circuit_metrics(spec, table)
+
+
+def test_order_spec_is_book_specs_mean_heads_only_units_in_the_other_order():
+    import dataclasses
+
+    order, book = load_spec(ROOT / "studies" / "order.yml"), load_spec(ROOT / "studies" / "book.yml")
+    assert order.order == "heads-descending" and book.order == "heads-ascending"
+    twins = {(u.task, u.seed): u for u in book.units() if u.ablation == "mean" and not u.include_mlps}
+    units = order.units()
+    assert len(units) == 9 and {(u.task, u.seed) for u in units} == set(twins)
+    for u in units:
+        twin = twins[(u.task, u.seed)]
+        assert dataclasses.replace(u, order=twin.order) == twin                  # only the order differs
+        assert u.key("same prompts") != twin.key("same prompts")                 # and it makes another unit
