@@ -324,7 +324,8 @@ def constant_answer_metric(task, tokenizer, split: TaskSplit, token: int) -> flo
     """
     if task.name in LOGIT_METRICS:
         return None
-    known = [split.tokens.max(), split.answers.max()] + ([split.candidates.max()] if split.candidates is not None else [])
+    known = [split.tokens.max(), split.answers.max()]
+    known += [split.candidates.max()] if split.candidates is not None else []
     logits = torch.full((len(split), int(max(token, *known)) + 1), float("-inf"))      # [n, V]
     logits[:, token] = 0.0
     return float(standard_metric(task, tokenizer, split, logits).mean())

@@ -18,6 +18,10 @@ validation and the held-out test split, and its size).
     kept_overlap, jaccard                  how alike the circuits of different batches are (kept heads)
     interval_over_batches, intervals       intervals that name what they resample: batches or prompts
     compare_orders                         the same units run with two head orders, side by side
+    prompt_flips                           prompts a circuit gets right that the full model gets wrong (and
+                                           back), and which removed component, put back alone, undoes each gain
+    attention_targets, attention_mass      where heads look from the last position: the first token, the
+                                           current token, and the task's named positions (names, years, letters)
     plot_vs_alpha, plot_accuracy_vs_size   the paper's RQ1 figures from an `alpha_study` table
     machine, cpu_name                      which CPU/GPU and how many threads made a timing
 """
@@ -32,17 +36,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .ablation import Means, check_scheme, head_name, mean_activations, mlp_name
+from .ablation import Means, check_scheme, head_name, mean_activations, mlp_name, parse_component
 from .experiment import full_reference, measure
 from .extract import Circuit, _FastPath, sweep
 from .metrics import time_forward, tpr_fpr
 from .model import Transformer
 from .spec import log_spaced
-from .surgery import prune
-from .tasks import TaskData
+from .surgery import prune, prune_layer
+from .tasks import TaskData, TaskSplit, ioi_subject_tokens
 
 __all__ = ["bootstrap_interval", "with_intervals", "spread_over_batches", "jaccard", "kept_overlap",
-           "interval_over_batches", "intervals", "compare_orders", "paper_alphas", "evaluate_kept", "evaluate_circuits", "alpha_study", "tpr_fpr_by_alpha",
+           "interval_over_batches", "intervals", "compare_orders", "prompt_flips", "attention_targets",
+           "attention_mass", "paper_alphas", "evaluate_kept", "evaluate_circuits", "alpha_study", "tpr_fpr_by_alpha",
            "single_head_effects", "top_heads", "random_kept", "random_components", "time_pair", "choose_alpha", "full_reference", "plot_vs_alpha",
            "plot_accuracy_vs_size", "config_label", "machine", "cpu_name"]
 
@@ -413,14 +418,130 @@ def compare_orders(first, second, columns: Sequence[str] = ("heads", "test_accur
         _one_row_per_batch(t, by)
     paired = first.merge(second, on=keys, suffixes=("@1", "@2"))
     if not len(paired):
-        raise ValueError("the two tables share no (task, configuration, alpha, seed): run the same units in both orders")
+        raise ValueError("the two tables share no (task, configuration, alpha, seed): run the same units in both "
+                         "orders")
     rows = []
     for key, g in paired.groupby(list(by), sort=True):
         row = {**dict(zip(by, key if isinstance(key, tuple) else (key,))), "batches": len(g)}
         for c in columns:
-            row |= {f"{c}_{names[0]}": g[f"{c}@1"].astype(float).mean(), f"{c}_{names[1]}": g[f"{c}@2"].astype(float).mean()}
+            for name, suffix in zip(names, ("@1", "@2")):
+                row[f"{c}_{name}"] = g[f"{c}{suffix}"].astype(float).mean()
         row["jaccard_mean"] = float(np.mean([jaccard(a, b) for a, b in zip(g["kept_heads@1"], g["kept_heads@2"])]))
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------
+# why a circuit can beat the full model, and what heads attend to
+
+
+@torch.inference_mode()
+def prompt_flips(model: Transformer, task, split: TaskSplit, kept: Iterable[str], ablation: str,
+                 means: Means | None = None) -> dict:
+    """Which prompts the circuit `kept` answers differently from the full model, and what undoes each gain.
+
+    Returns {"full_accuracy", "circuit_accuracy", "gained": prompts (indices into `split`) the
+    full model gets wrong and the circuit right, "lost": the reverse, "undone_by": {component:
+    the gained prompts it makes wrong again}}. "undone_by" puts each removed component (head or
+    MLP) back into the circuit alone (circuit + c, pruned for real layer by layer, exactly
+    `surgery.prune(model, kept + [c])`) and lists the gained prompts that are then wrong again:
+    the components whose removal the gains come from. Components that undo none are left out.
+    """
+    scheme = check_scheme(ablation)
+    kept = list(kept)
+    if scheme == "mean" and means is None:
+        raise ValueError("mean ablation needs the patching-set means (ablation.mean_activations)")
+    tokens = split.tokens.to(model.device)
+    full_correct = task.correct(split, model(tokens, last_only=True)).cpu()            # [n]
+    pruned = prune(model, kept, scheme, means)
+    circuit_correct = task.correct(split, pruned(tokens, last_only=True)).cpu()        # [n]
+    gained = torch.nonzero(circuit_correct & ~full_correct).flatten()
+    lost = torch.nonzero(full_correct & ~circuit_correct).flatten()
+    undone = {}
+    if len(gained):
+        cfg, sub = model.cfg, _rows(split, gained)
+        everything = [head_name(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)] + \
+                     [mlp_name(l) for l in range(cfg.n_layers)]
+        kept_set = {parse_component(k) for k in kept}
+        for c in [c for c in everything if parse_component(c) not in kept_set]:
+            layer = parse_component(c)[0]
+            original = pruned.layers[layer]
+            pruned.layers[layer] = prune_layer(model, layer, kept + [c], scheme, means)
+            try:
+                still = task.correct(sub, pruned(sub.tokens.to(model.device), last_only=True)).cpu()
+            finally:
+                pruned.layers[layer] = original
+            if not still.all():
+                undone[c] = gained[~still].tolist()
+    return {"full_accuracy": float(full_correct.double().mean()),
+            "circuit_accuracy": float(circuit_correct.double().mean()),
+            "gained": gained.tolist(), "lost": lost.tolist(),
+            "undone_by": dict(sorted(undone.items(), key=lambda kv: (-len(kv[1]), kv[0])))}
+
+
+def _rows(split: TaskSplit, rows: torch.Tensor) -> TaskSplit:
+    """The prompts `rows` (indices) of `split`, as a split of their own."""
+    index = rows.tolist()
+    return TaskSplit([split.prompts[i] for i in index], split.tokens[rows], split.answers[rows], split.candidates,
+                     None if split.accepted is None else split.accepted[rows])
+
+
+def attention_targets(task, tokenizer, split: TaskSplit) -> dict[str, torch.Tensor]:
+    """The positions of each prompt that a task's heads may look at: {name: BoolTensor [n, S]}.
+
+    Every task: "first token" (position 0) and "current token" (the last position, which the
+    prediction is made from). IOI: "indirect object" and "subject" (both its mentions).
+    Greater-than: "start year" (the tokens of its last two digits, before " to"). Acronyms:
+    "capital letters" (the words' initials " X" and the acronym's letters so far).
+    """
+    n, S = split.tokens.shape
+    positions = torch.arange(S)
+    out = {"first token": (positions == 0).expand(n, S), "current token": (positions == S - 1).expand(n, S)}
+    tokens = split.tokens
+    if task.name == "ioi":
+        out["indirect object"] = tokens == split.answers[:, None]
+        out["subject"] = tokens == ioi_subject_tokens(tokenizer, split)[:, None]
+    elif task.name == "greater-than":
+        to = tokens == tokenizer.encode(" to", add_special_tokens=False)[0]
+        if not bool((to.sum(1) == 1).all()):
+            raise ValueError("greater-than prompts must hold ' to' once (\"... from the year 1739 to 17\")")
+        width = 1 if len(split.candidates) == 100 else 2          # "39" is one token, or the digits "3", "9"
+        to_at = to.int().argmax(1)[:, None]                                          # [n, 1]
+        out["start year"] = (positions[None, :] >= to_at - width) & (positions[None, :] < to_at)
+    elif task.name == "acronyms":
+        out["capital letters"] = torch.isin(tokens, _capital_letter_tokens(tokenizer))
+    return out
+
+
+def _capital_letter_tokens(tokenizer) -> torch.Tensor:
+    """The tokens "X" and " X" of every capital letter that is one token either way (initials, acronym letters)."""
+    import string
+
+    texts = list(string.ascii_uppercase) + [" " + x for x in string.ascii_uppercase]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return torch.tensor([x[0] for x in ids if len(x) == 1], dtype=torch.long)
+
+
+@torch.inference_mode()
+def attention_mass(model: Transformer, tokens: torch.Tensor, heads: Sequence[str],
+                   targets: dict[str, torch.Tensor]):
+    """For each head, its mean attention from the last position to each group of `targets`, a DataFrame.
+
+    tokens: [n, S]; targets: {name: BoolTensor [n, S]} (e.g. `attention_targets`). One row per
+    head: "head" and, per target, the attention weight on those positions summed per prompt
+    and averaged over the prompts (groups may overlap; each row of weights sums to 1).
+    """
+    import pandas as pd
+
+    for name, mask in targets.items():
+        if tuple(mask.shape) != tuple(tokens.shape):
+            raise ValueError(f"target {name!r} must be a [n, S] mask like the tokens {list(tokens.shape)}; "
+                             f"got {list(mask.shape)}")
+    pattern = model.attention_patterns(tokens.to(model.device), list(heads))[:, :, -1].cpu().double()  # [n, k, S]
+    rows = []
+    for i, head in enumerate(heads):
+        rows.append({"head": head, **{name: float((pattern[:, i] * mask.double()).sum(-1).mean())
+                                      for name, mask in targets.items()}})
     return pd.DataFrame(rows)
 
 

@@ -246,3 +246,70 @@ def test_compare_orders_pairs_the_same_batches():
     assert got["jaccard_mean"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
     with pytest.raises(ValueError, match="one table per order"):
         compare_orders(_table(), _table())
+
+
+# ---------------------------------------------------------------------------------------------
+# why a circuit beats the full model; what heads attend to
+
+
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_prompt_flips_are_exactly_the_pruned_models(models, data, arch, ablation):
+    from circuitlib.study import prompt_flips
+
+    model, (patching, validation) = models[arch], data
+    means = mean_activations(model, patching) if ablation == "mean" else None
+    kept = ["0.1", "2.0", "MLP 1"]
+    circuit = prune(model, kept, ablation, means)
+    with torch.inference_mode():
+        answers = circuit(validation, last_only=True).argmax(-1)          # the circuit is right on every prompt
+        full = model(validation, last_only=True).argmax(-1)
+    split = TaskSplit([str(i) for i in range(len(validation))], validation, answers)
+    task = get_task("ioi")                                                 # only its argmax rule is used
+    flips = prompt_flips(model, task, split, kept, ablation, means)
+    assert flips["circuit_accuracy"] == 1.0 and flips["lost"] == []
+    assert flips["gained"] == torch.nonzero(full != answers).flatten().tolist() and flips["gained"]
+    assert flips["full_accuracy"] == (len(validation) - len(flips["gained"])) / len(validation)
+    cfg = model.cfg
+    removed = [f"{l}.{h}" for l in range(cfg.n_layers) for h in range(cfg.n_heads)] + \
+              [f"MLP {l}" for l in range(cfg.n_layers)]
+    brute = {}
+    for c in [c for c in removed if c not in kept]:
+        with torch.inference_mode():
+            right = prune(model, kept + [c], ablation, means)(validation, last_only=True).argmax(-1) == answers
+        wrong_again = [i for i in flips["gained"] if not right[i]]
+        if wrong_again:
+            brute[c] = wrong_again
+    assert flips["undone_by"] == brute
+
+
+def test_attention_targets_find_the_tasks_positions():
+    from circuitlib.loading import gpt2_tokenizer
+    from circuitlib.study import attention_targets
+
+    tok = gpt2_tokenizer()
+    for name, target, want in [("ioi", "indirect object", lambda p: [" " + p.split()[3]]),
+                               ("ioi", "subject", lambda p: [" " + p.split()[1].rstrip(",")] * 2),
+                               ("greater-than", "start year", lambda p: [p.split()[-3][2:]]),
+                               ("acronyms", "capital letters", lambda p: [" " + w[0] for w in p.split()[1:4]]
+                                + list(p.split("(")[1]))]:
+        split = get_task(name).generate(tok, 4, seed=0).test
+        masks = attention_targets(get_task(name), tok, split)
+        assert masks["first token"][:, 0].all() and masks["current token"][:, -1].all()
+        for prompt, row, mask in zip(split.prompts, split.tokens, masks[target]):
+            assert [tok.decode([t]) for t in row[mask].tolist()] == want(prompt), (name, target, prompt)
+
+
+def test_attention_mass_sums_the_pattern_from_the_last_position(models, data):
+    from circuitlib.study import attention_mass
+
+    model, tokens = models["gpt2"], data[1]
+    n, S = tokens.shape
+    targets = {"first token": torch.zeros(n, S, dtype=torch.bool), "everything": torch.ones(n, S, dtype=torch.bool)}
+    targets["first token"][:, 0] = True
+    table = attention_mass(model, tokens, ["0.0", "2.3"], targets)
+    pattern = model.attention_patterns(tokens, ["0.0", "2.3"])                    # [n, 2, S, S]
+    assert table["head"].tolist() == ["0.0", "2.3"]
+    assert table["first token"].tolist() == pytest.approx(pattern[:, :, -1, 0].double().mean(0).tolist(), rel=1e-12)
+    assert table["everything"].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    with pytest.raises(ValueError, match="mask like the tokens"):
+        attention_mass(model, tokens, ["0.0"], {"bad": torch.ones(n, S + 1, dtype=torch.bool)})
