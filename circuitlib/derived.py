@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 
 import torch
@@ -278,7 +279,8 @@ def faithfulness_area_table(table):
     table: `standard_metrics_table`. The curve of a unit is its circuits (size, faithfulness),
     the full model at (1, 1) and the search's smallest circuit at size 0: the empty circuit
     (faithfulness 0) when MLPs were candidates, else the circuit without heads (its measured
-    faithfulness). Circuits of the same size at several alphas all enter the curve.
+    faithfulness). Circuits of the same size at several alphas all enter the curve. A unit whose
+    full model and empty circuit measure the same has no faithfulness, and NaN areas.
     """
     import pandas as pd
 
@@ -289,7 +291,9 @@ def faithfulness_area_table(table):
         first = unit.iloc[0]
         floor = (0.0 if first["include_mlps"] else
                  normalised_faithfulness(first["no_heads_value"], first["full_value"], first["empty_value"]))
-        areas = faithfulness_areas([0.0, *unit["size"], 1.0], [floor, *unit["faithfulness"], 1.0])
+        ys = [floor, *unit["faithfulness"], 1.0]
+        areas = (faithfulness_areas([0.0, *unit["size"], 1.0], ys) if not any(math.isnan(y) for y in ys)
+                 else {"cpr": float("nan"), "cmd": float("nan")})      # full == empty: no faithfulness
         out.append({"key": key, "task": first["task"], "ablation": first["ablation"],
                     "include_mlps": bool(first["include_mlps"]), "seed": int(first["seed"]), "metric": first["metric"],
                     "circuits": len(unit), **areas})

@@ -596,3 +596,21 @@ def test_order_spec_is_book_specs_mean_heads_only_units_in_the_other_order():
         twin = twins[(u.task, u.seed)]
         assert dataclasses.replace(u, order=twin.order) == twin                  # only the order differs
         assert u.key("same prompts") != twin.key("same prompts")                 # and it makes another unit
+
+
+def test_faithfulness_areas_per_unit_start_from_the_searchs_smallest_circuit():
+    import pandas as pd
+
+    from circuitlib.derived import faithfulness_area_table
+
+    base = {"task": "ioi", "ablation": "mean", "seed": 0, "metric": "m", "full_value": 3.0, "empty_value": 1.0}
+    table = pd.DataFrame([
+        {**base, "key": "heads", "include_mlps": False, "no_heads_value": 2.0, "size": 0.5, "faithfulness": 1.0},
+        {**base, "key": "all", "include_mlps": True, "no_heads_value": 2.0, "size": 0.5, "faithfulness": 1.0},
+        {**base, "key": "flat", "include_mlps": True, "no_heads_value": 2.0, "size": 0.5, "faithfulness": float("nan"),
+         "full_value": 1.0}])
+    areas = faithfulness_area_table(table).set_index("key")
+    # heads only: the curve starts at the circuit without heads, faithfulness (2 - 1) / (3 - 1) = 0.5
+    assert (areas.loc["heads", "cpr"], areas.loc["heads", "cmd"]) == (0.5 * 0.75 + 0.5, 0.5 * 0.25)
+    assert (areas.loc["all", "cpr"], areas.loc["all", "cmd"]) == (0.75, 0.25)           # from the empty circuit
+    assert np.isnan(areas.loc["flat", "cpr"]) and np.isnan(areas.loc["flat", "cmd"])
