@@ -614,3 +614,14 @@ def test_faithfulness_areas_per_unit_start_from_the_searchs_smallest_circuit():
     assert (areas.loc["heads", "cpr"], areas.loc["heads", "cmd"]) == (0.5 * 0.75 + 0.5, 0.5 * 0.25)
     assert (areas.loc["all", "cpr"], areas.loc["all", "cmd"]) == (0.75, 0.25)           # from the empty circuit
     assert np.isnan(areas.loc["flat", "cpr"]) and np.isnan(areas.loc["flat", "cmd"])
+
+
+def test_standard_metrics_script_refuses_bad_input_in_one_line(tmp_path, capsys, load_script):
+    script = load_script("standard_metrics")
+    assert script.main([str(tmp_path / "missing.yml")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    spec = write_spec(tmp_path)
+    assert script.main([str(spec), "--csv", str(tmp_path / "no-such-folder" / "out.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the folder of --csv") and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()                                   # nothing computed or written
