@@ -1,7 +1,14 @@
 """Numbers the paper reports: KL divergence, accuracy, TPR/FPR against ground-truth heads, ROC AUC,
-and an honest forward-pass timer.
+and an honest forward-pass timer; and the field's measures of a circuit:
 
-Heads are strings "layer.head" (e.g. "9.9"), as in `circuitlib.tasks`.
+    logit_difference               logit(right) - logit(other) per prompt (IOI: indirect object - subject)
+    probability_difference         sum P(correct years) - sum P(other years) per prompt (greater-than)
+    normalised_faithfulness        (m(circuit) - m(empty)) / (m(full) - m(empty))
+    faithfulness_areas             the area under the faithfulness curve over circuit sizes (MIB's CPR)
+                                   and between it and 1 (MIB's CMD)
+
+Heads are strings "layer.head" (e.g. "9.9"), as in `circuitlib.core.components`. Each task's own
+measure, and the best constant answer, are in `circuitlib.tasks.measures`.
 """
 
 from __future__ import annotations
@@ -142,3 +149,111 @@ def time_forward(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20
     p10, median, p90 = torch.tensor(times, dtype=torch.float64).quantile(
         torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
     return {"median_s": median, "p10_s": p10, "p90_s": p90, "repeats": repeats, "times_s": times}
+
+
+# ------------------------------------------------------------------------------------------
+# the field's measures of a circuit
+
+
+def logit_difference(last_logits: torch.Tensor, right: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """[n] float64: logit of token right[i] minus logit of token other[i] at the last position.
+
+    last_logits: [n, V]; right, other: LongTensor [n]. With right = the indirect object and other =
+    the subject this is IOI's logit difference (Wang et al. 2022). It is shift-invariant, so the
+    logits need not be normalised.
+    """
+    _check_rows(last_logits, right, "right")
+    _check_rows(last_logits, other, "other")
+    rows = torch.arange(len(last_logits), device=last_logits.device)
+    logits = last_logits.to(torch.float64)
+    return logits[rows, right.to(logits.device)] - logits[rows, other.to(logits.device)]
+
+
+def best_other_logit_difference(last_logits: torch.Tensor, right: torch.Tensor, options: torch.Tensor) -> torch.Tensor:
+    """[n] float64: logit of right[i] minus the largest logit of the other tokens in `options` [k].
+
+    Positive exactly when the right token beats every other option (the acronyms task: the
+    right letter against the best wrong capital letter).
+    """
+    _check_rows(last_logits, right, "right")
+    logits = last_logits.to(torch.float64)
+    options = options.to(logits.device)
+    right = right.to(logits.device)
+    if not bool((options[None, :] == right[:, None]).any(-1).all()):
+        raise ValueError("every right token must be one of the options (e.g. the acronym's letter among the letters)")
+    option_logits = logits[:, options]                                           # [n, k]
+    is_right = options[None, :] == right[:, None]                                # [n, k]
+    best_other = option_logits.masked_fill(is_right, float("-inf")).amax(-1)     # [n]
+    return logits[torch.arange(len(logits), device=logits.device), right] - best_other
+
+
+def probability_difference(last_logits: torch.Tensor, candidates: torch.Tensor, accepted: torch.Tensor) -> torch.Tensor:
+    """[n] float64: sum of P(candidates accepted for the prompt) - sum of P(the other candidates).
+
+    last_logits: [n, V]; candidates: LongTensor [k]; accepted: BoolTensor [n, k]. Probabilities
+    are the softmax over the whole vocabulary. For greater-than, candidates are the year endings
+    and accepted[i, j] says ending j is later than prompt i's start: Hanna et al.'s (2023)
+    probability difference, in [-1, 1]. In the digit port (tokenizers that split numbers,
+    `tasks.GreaterThan`) the candidates are the ten digit tokens of the end year's tens digit,
+    so it is sum P(d > start's tens digit) - sum P(d <= it) over those ten tokens.
+    """
+    if accepted.ndim != 2 or tuple(accepted.shape) != (len(last_logits), len(candidates)):
+        raise ValueError(f"accepted must be [n prompts, k candidates] = [{len(last_logits)}, {len(candidates)}]; "
+                         f"got {list(accepted.shape)}")
+    probs = log_probs(last_logits).exp()[:, candidates.to(last_logits.device)]  # [n, k]
+    sign = accepted.to(probs.device).to(torch.float64) * 2 - 1                 # +1 accepted, -1 not
+    return (probs * sign).sum(-1)
+
+
+def normalised_faithfulness(circuit: float, full: float, empty: float) -> float:
+    """(circuit - empty) / (full - empty): 0 for the empty circuit, 1 for the full model.
+
+    The measures are means over the same prompts (the ratio of means, as MIB computes it). NaN
+    where full == empty: then no circuit can be placed between them.
+    """
+    span = float(full) - float(empty)
+    return (float(circuit) - float(empty)) / span if span != 0 else float("nan")
+
+
+def faithfulness_curve(sizes: Iterable[float], faithfulness: Iterable[float]) -> tuple[list[float], list[float]]:
+    """The points (circuit size, faithfulness) sorted by size, as (sizes, faithfulness).
+
+    sizes: the fraction of the candidate components each circuit keeps, in [0, 1]. Give the
+    measured end points too (the empty circuit at 0, the full model at 1): they are not assumed.
+    """
+    xs, ys = [float(x) for x in sizes], [float(y) for y in faithfulness]
+    if len(xs) != len(ys):
+        raise ValueError(f"sizes and faithfulness must have the same length; got {len(xs)} and {len(ys)}")
+    if any(not 0 <= x <= 1 for x in xs):
+        raise ValueError("sizes must be fractions of the candidate components kept, in [0, 1]")
+    if any(y != y for y in ys):
+        raise ValueError("a faithfulness is NaN (the full and the empty circuit measure the same); no curve")
+    points = sorted(zip(xs, ys))
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def faithfulness_areas(sizes: Iterable[float], faithfulness: Iterable[float]) -> dict[str, float]:
+    """MIB's two areas of the faithfulness curve (`faithfulness_curve`), by the trapezoid rule over size.
+
+    cpr: the area under the curve, integral of f (higher is better; above 1 when circuits
+         overshoot the full model)
+    cmd: the area between the curve and 1, integral of |1 - f| (0 is best)
+    As MIB's circuit track computes them (`evaluate_area_under_curve` in MIB_circuit_track/
+    evaluation.py: trapezoids over the fraction kept, linear axis), whose sizes are fractions of
+    *edges* from 0.001 to 1; here they are fractions of the candidate components (heads, or
+    heads and MLPs) at the sizes the circuits have, so the numbers are not comparable one to one.
+    Each trapezoid of |1 - f| uses |1 - f| at its two ends, as MIB does (a segment that crosses 1
+    is not split).
+    """
+    xs, ys = faithfulness_curve(sizes, faithfulness)
+    if len(xs) < 2:
+        raise ValueError("a faithfulness curve needs at least two points (give the empty circuit and the full model)")
+    cpr = sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]))
+    cmd = sum((x1 - x0) * (abs(1 - y0) + abs(1 - y1)) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]))
+    return {"cpr": cpr, "cmd": cmd}
+
+
+def _check_rows(last_logits: torch.Tensor, tokens: torch.Tensor, what: str) -> None:
+    if last_logits.ndim != 2 or tokens.ndim != 1 or len(tokens) != len(last_logits):
+        raise ValueError(f"need [n, vocab] logits and one {what} token per prompt; got {list(last_logits.shape)} "
+                         f"and {list(tokens.shape)}")

@@ -14,6 +14,14 @@ validation and the held-out test split, and its size).
     random_kept, random_components         a random circuit of the same size (a baseline)
     time_pair                              honest inference times of a full and a pruned model
     choose_alpha                           the largest alpha within a tolerance of the full accuracy
+    spread_over_batches                    per alpha: mean, sd, min, max of sizes and scores across batches
+    kept_overlap, jaccard                  how alike the circuits of different batches are (kept heads)
+    interval_over_batches, intervals       intervals that name what they resample: batches or prompts
+    compare_orders                         the same units run with two head orders, side by side
+    prompt_flips                           prompts a circuit gets right that the full model gets wrong (and
+                                           back), and which removed component, put back alone, undoes each gain
+    attention_targets, attention_mass      where heads look from the last position: the first token, the
+                                           current token, and the task's named positions (names, years, letters)
 """
 
 from __future__ import annotations
@@ -27,17 +35,20 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitlib.core.ablation import Means, check_scheme, mean_activations
-from circuitlib.core.components import head_name, mlp_name
-from circuitlib.pipeline.extraction import full_reference, measure
-from circuitlib.discovery.greedy import Circuit, FastPath, sweep
+from circuitlib.core.components import head_name, mlp_name, parse_component
 from circuitlib.core.metrics import time_forward, tpr_fpr
 from circuitlib.core.model import Transformer
+from circuitlib.core.surgery import prune, prune_layer
+from circuitlib.discovery.greedy import Circuit, FastPath, sweep
+from circuitlib.pipeline.extraction import full_reference, measure
 from circuitlib.studies.spec import log_spaced
-from circuitlib.core.surgery import prune
-from circuitlib.tasks import TaskData
+from circuitlib.tasks import TaskData, TaskSplit, ioi_subject_tokens
 
-__all__ = ["bootstrap_interval", "with_intervals", "paper_alphas", "evaluate_kept", "evaluate_circuits", "alpha_study", "tpr_fpr_by_alpha",
-           "single_head_effects", "top_heads", "random_kept", "random_components", "time_pair", "choose_alpha", "full_reference", "config_label"]
+__all__ = ["bootstrap_interval", "with_intervals", "spread_over_batches", "jaccard", "kept_overlap",
+           "interval_over_batches", "intervals", "compare_orders", "prompt_flips", "attention_targets",
+           "attention_mass", "paper_alphas", "evaluate_kept", "evaluate_circuits", "alpha_study", "tpr_fpr_by_alpha",
+           "single_head_effects", "top_heads", "random_kept", "random_components", "time_pair", "choose_alpha",
+           "full_reference", "config_label"]
 
 
 def paper_alphas(task_name: str, n_points: int = 30) -> list[float]:
@@ -279,6 +290,274 @@ def choose_alpha(table, tolerance: float = 0.05) -> dict[tuple, float | None]:
         ok = acc[acc >= full_val - tolerance]
         chosen[(task, ablation, bool(mlps))] = float(ok.index.max()) if len(ok) else None
     return chosen
+
+
+# ------------------------------------------------------------------------------------------
+# uncertainty over batches: what varies from one batch of prompts (seed) to the next
+
+STUDY_GROUP = ("task", "ablation", "include_mlps", "alpha")
+
+
+def spread_over_batches(table, columns: Sequence[str], by: Sequence[str] = STUDY_GROUP):
+    """Per group of `by` (one row per batch in each), the spread of each column across the batches.
+
+    Returns a DataFrame with `by`, "batches" and, for each column c, c_mean, c_sd (sample
+    standard deviation, NaN for one batch), c_min and c_max. A group holding two rows of one
+    seed (two units of the same batch: another order, say) is refused: split the table first.
+    """
+    import pandas as pd
+
+    _one_row_per_batch(table, by)
+    rows = []
+    for key, g in table.groupby(list(by), sort=True):
+        row = {**dict(zip(by, key if isinstance(key, tuple) else (key,))), "batches": len(g)}
+        for c in columns:
+            values = g[c].astype(float)
+            row |= {f"{c}_mean": values.mean(), f"{c}_sd": values.std(ddof=1) if len(g) > 1 else float("nan"),
+                    f"{c}_min": values.min(), f"{c}_max": values.max()}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def jaccard(a: Iterable[str], b: Iterable[str]) -> float:
+    """|a ∩ b| / |a ∪ b| of two sets of components; 1.0 when both are empty (the same circuit)."""
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def kept_overlap(table, by: Sequence[str] = STUDY_GROUP, components: str = "heads"):
+    """Per group of `by`, how alike the circuits of different batches are: Jaccard of what they keep.
+
+    components: "heads" (kept_heads) or "all" (kept heads and MLPs). Returns a DataFrame with
+    `by`, batches, pairs, jaccard_mean (the mean over every pair of batches), jaccard_min; with
+    one batch there is no pair (NaN).
+    """
+    import pandas as pd
+
+    if components not in ("heads", "all"):
+        raise ValueError(f"components must be 'heads' or 'all'; got {components!r}")
+    _one_row_per_batch(table, by)
+    rows = []
+    for key, g in table.groupby(list(by), sort=True):
+        kept = [_kept(r, components) for _, r in g.iterrows()]
+        pairs = [jaccard(a, b) for i, a in enumerate(kept) for b in kept[i + 1:]]
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "batches": len(g),
+                     "pairs": len(pairs), "jaccard_mean": float(np.mean(pairs)) if pairs else float("nan"),
+                     "jaccard_min": float(min(pairs)) if pairs else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def interval_over_batches(values: Sequence[float], level: float = 0.95) -> dict:
+    """The mean of one value per batch with a Student-t interval: what another batch of prompts could give.
+
+    Returns {"mean", "low", "high", "batches", "resamples": "batches"}; the interval is NaN with
+    one batch. With few batches (3) it is wide, as it should be: it is the uncertainty of a mean
+    over that many independently drawn batches.
+    """
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1 or len(x) == 0:
+        raise ValueError("give one value per batch")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    mean = float(x.mean())
+    if len(x) == 1:
+        return {"mean": mean, "low": float("nan"), "high": float("nan"), "batches": 1, "resamples": "batches"}
+    half = float(stats.t.ppf((1 + level) / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "batches": len(x), "resamples": "batches"}
+
+
+def intervals(table, column: str, by: Sequence[str] = STUDY_GROUP, *, over: str, level: float = 0.95, **kw):
+    """Per group of `by`, the mean of `column` with an interval, and a "resamples" column saying over what.
+
+    over="batches": `column` holds one value per row (batch); `interval_over_batches`.
+    over="prompts": `column` holds each row's per-prompt values (e.g. "test_correct");
+                    `bootstrap_interval`, which resamples prompts within each batch and holds the
+                    batches fixed (`kw`: its n_boot and seed).
+    """
+    import pandas as pd
+
+    if over not in ("batches", "prompts"):
+        raise ValueError(f"over must be 'batches' or 'prompts'; got {over!r}")
+    _one_row_per_batch(table, by)
+    rows = []
+    for key, g in table.groupby(list(by), sort=True):
+        if over == "batches":
+            found = interval_over_batches(list(g[column]), level)
+        else:
+            mean, low, high = bootstrap_interval(list(g[column]), level=level, **kw)
+            found = {"mean": mean, "low": low, "high": high, "batches": len(g), "resamples": "prompts within batches"}
+        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), **found})
+    return pd.DataFrame(rows)
+
+
+def compare_orders(first, second, columns: Sequence[str] = ("heads", "test_accuracy"),
+                   by: Sequence[str] = STUDY_GROUP):
+    """The same units searched in two head orders, side by side per group of `by`.
+
+    first, second: study tables (`runner.study_table`) of one order each (column "order"), for
+    the same batches. Rows are paired by batch (seed) within each group, so that a difference is
+    the order's alone. Returns a DataFrame with `by`, batches (paired), for each column c
+    c_<first order> and c_<second order> (means over the paired batches), and jaccard_mean: the
+    mean over batches of the Jaccard overlap of the heads the two orders keep.
+    """
+    import pandas as pd
+
+    names = []
+    for t in (first, second):
+        orders = set(t["order"]) if len(t) else set()
+        if len(orders) != 1:
+            raise ValueError(f"each table must hold the units of one order; got orders {sorted(orders)}")
+        names.append(orders.pop())
+    if names[0] == names[1]:
+        raise ValueError(f"both tables hold units of the order {names[0]!r}; give one table per order")
+    keys = [*by, "seed"]
+    for t in (first, second):
+        _one_row_per_batch(t, by)
+    paired = first.merge(second, on=keys, suffixes=("@1", "@2"))
+    if not len(paired):
+        raise ValueError("the two tables share no (task, configuration, alpha, seed): run the same units in both "
+                         "orders")
+    rows = []
+    for key, g in paired.groupby(list(by), sort=True):
+        row = {**dict(zip(by, key if isinstance(key, tuple) else (key,))), "batches": len(g)}
+        for c in columns:
+            for name, suffix in zip(names, ("@1", "@2")):
+                row[f"{c}_{name}"] = g[f"{c}{suffix}"].astype(float).mean()
+        row["jaccard_mean"] = float(np.mean([jaccard(a, b) for a, b in zip(g["kept_heads@1"], g["kept_heads@2"])]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------
+# why a circuit can beat the full model, and what heads attend to
+
+
+@torch.inference_mode()
+def prompt_flips(model: Transformer, task, split: TaskSplit, kept: Iterable[str], ablation: str,
+                 means: Means | None = None) -> dict:
+    """Which prompts the circuit `kept` answers differently from the full model, and what undoes each gain.
+
+    Returns {"full_accuracy", "circuit_accuracy", "gained": prompts (indices into `split`) the
+    full model gets wrong and the circuit right, "lost": the reverse, "undone_by": {component:
+    the gained prompts it makes wrong again}}. "undone_by" puts each removed component (head or
+    MLP) back into the circuit alone (circuit + c, pruned for real layer by layer, exactly
+    `surgery.prune(model, kept + [c])`) and lists the gained prompts that are then wrong again:
+    the components whose removal the gains come from. Components that undo none are left out.
+    """
+    scheme = check_scheme(ablation)
+    kept = list(kept)
+    if scheme == "mean" and means is None:
+        raise ValueError("mean ablation needs the patching-set means (ablation.mean_activations)")
+    tokens = split.tokens.to(model.device)
+    full_correct = task.correct(split, model(tokens, last_only=True)).cpu()            # [n]
+    pruned = prune(model, kept, scheme, means)
+    circuit_correct = task.correct(split, pruned(tokens, last_only=True)).cpu()        # [n]
+    gained = torch.nonzero(circuit_correct & ~full_correct).flatten()
+    lost = torch.nonzero(full_correct & ~circuit_correct).flatten()
+    undone = {}
+    if len(gained):
+        cfg, sub = model.cfg, _rows(split, gained)
+        everything = [head_name(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)] + \
+                     [mlp_name(l) for l in range(cfg.n_layers)]
+        kept_set = {parse_component(k) for k in kept}
+        for c in [c for c in everything if parse_component(c) not in kept_set]:
+            layer = parse_component(c)[0]
+            original = pruned.layers[layer]
+            pruned.layers[layer] = prune_layer(model, layer, kept + [c], scheme, means)
+            try:
+                still = task.correct(sub, pruned(sub.tokens.to(model.device), last_only=True)).cpu()
+            finally:
+                pruned.layers[layer] = original
+            if not still.all():
+                undone[c] = gained[~still].tolist()
+    return {"full_accuracy": float(full_correct.double().mean()),
+            "circuit_accuracy": float(circuit_correct.double().mean()),
+            "gained": gained.tolist(), "lost": lost.tolist(),
+            "undone_by": dict(sorted(undone.items(), key=lambda kv: (-len(kv[1]), kv[0])))}
+
+
+def _rows(split: TaskSplit, rows: torch.Tensor) -> TaskSplit:
+    """The prompts `rows` (indices) of `split`, as a split of their own."""
+    index = rows.tolist()
+    return TaskSplit([split.prompts[i] for i in index], split.tokens[rows], split.answers[rows], split.candidates,
+                     None if split.accepted is None else split.accepted[rows])
+
+
+def attention_targets(task, tokenizer, split: TaskSplit) -> dict[str, torch.Tensor]:
+    """The positions of each prompt that a task's heads may look at: {name: BoolTensor [n, S]}.
+
+    Every task: "first token" (position 0) and "current token" (the last position, which the
+    prediction is made from). IOI: "indirect object" and "subject" (both its mentions).
+    Greater-than: "start year" (the tokens of its last two digits, before " to"). Acronyms:
+    "capital letters" (the words' initials " X" and the acronym's letters so far).
+    """
+    n, S = split.tokens.shape
+    positions = torch.arange(S)
+    out = {"first token": (positions == 0).expand(n, S), "current token": (positions == S - 1).expand(n, S)}
+    tokens = split.tokens
+    if task.name == "ioi":
+        out["indirect object"] = tokens == split.answers[:, None]
+        out["subject"] = tokens == ioi_subject_tokens(tokenizer, split)[:, None]
+    elif task.name == "greater-than":
+        to = tokens == tokenizer.encode(" to", add_special_tokens=False)[0]
+        if not bool((to.sum(1) == 1).all()):
+            raise ValueError("greater-than prompts must hold ' to' once (\"... from the year 1739 to 17\")")
+        width = 1 if len(split.candidates) == 100 else 2          # "39" is one token, or the digits "3", "9"
+        to_at = to.int().argmax(1)[:, None]                                          # [n, 1]
+        out["start year"] = (positions[None, :] >= to_at - width) & (positions[None, :] < to_at)
+    elif task.name == "acronyms":
+        out["capital letters"] = torch.isin(tokens, _capital_letter_tokens(tokenizer))
+    return out
+
+
+def _capital_letter_tokens(tokenizer) -> torch.Tensor:
+    """The tokens "X" and " X" of every capital letter that is one token either way (initials, acronym letters)."""
+    import string
+
+    texts = list(string.ascii_uppercase) + [" " + x for x in string.ascii_uppercase]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return torch.tensor([x[0] for x in ids if len(x) == 1], dtype=torch.long)
+
+
+@torch.inference_mode()
+def attention_mass(model: Transformer, tokens: torch.Tensor, heads: Sequence[str],
+                   targets: dict[str, torch.Tensor]):
+    """For each head, its mean attention from the last position to each group of `targets`, a DataFrame.
+
+    tokens: [n, S]; targets: {name: BoolTensor [n, S]} (e.g. `attention_targets`). One row per
+    head: "head" and, per target, the attention weight on those positions summed per prompt
+    and averaged over the prompts (groups may overlap; each row of weights sums to 1).
+    """
+    import pandas as pd
+
+    for name, mask in targets.items():
+        if tuple(mask.shape) != tuple(tokens.shape):
+            raise ValueError(f"target {name!r} must be a [n, S] mask like the tokens {list(tokens.shape)}; "
+                             f"got {list(mask.shape)}")
+    pattern = model.attention_patterns(tokens.to(model.device), list(heads))[:, :, -1].cpu().double()  # [n, k, S]
+    rows = []
+    for i, head in enumerate(heads):
+        rows.append({"head": head, **{name: float((pattern[:, i] * mask.double()).sum(-1).mean())
+                                      for name, mask in targets.items()}})
+    return pd.DataFrame(rows)
+
+
+def _one_row_per_batch(table, by: Sequence[str]) -> None:
+    missing = [c for c in [*by, "seed"] if c not in table]
+    if missing:
+        raise ValueError(f"the table lacks the columns {missing}; give a study table (runner.study_table)")
+    repeated = table.duplicated([*by, "seed"])
+    if repeated.any():
+        r = table[repeated].iloc[0]
+        raise ValueError(f"the table holds two rows of seed {r['seed']} for {dict((c, r[c]) for c in by)} (units of "
+                         f"another order or study?); keep one row per batch in each group")
+
+
+def _kept(row, components: str) -> set[str]:
+    heads = set(row["kept_heads"])
+    return heads if components == "heads" else heads | {mlp_name(int(l)) for l in row["kept_mlps"]}
 
 
 def config_label(ablation: str, include_mlps: bool) -> str:

@@ -4,6 +4,15 @@
                                               on one batch (the ROC chapter's proxy reference)
     random_baselines(spec, task, row, k)      the extracted circuit of one store row, rebuilt and checked
                                               against the row, and k random circuits of the same size
+    reference_metrics(spec, task, seed, abl)  the task's standard measure (`metrics.standard_metric`) of the
+                                              full model, the empty circuit (every head and MLP ablated), the
+                                              circuit without heads (every MLP kept) and the best constant
+                                              answer, on the held-out test split
+    circuit_metrics(spec, rows)               every circuit of one unit rebuilt from its kept heads and MLPs,
+                                              checked against its rows and measured the same way
+    standard_metrics_table(spec)              both, for every finished unit, one row per circuit with its
+                                              normalised faithfulness; `faithfulness_area_table` turns it
+                                              into MIB's CPR and CMD per unit
 
 A chapter that needs such a result calls these functions: the first call computes it (minutes on
 the stand-in), every later one reads `<store>/<kind>/<key>.json`, so re-executing the chapter
@@ -16,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 
 import torch
@@ -102,6 +112,8 @@ def _batch(spec: Spec, task: str, seed: int):
     from circuitlib.models.loading import load_tokenizer
     from circuitlib.tasks import get_task
 
+    if task not in spec.tasks:     # a task file's rows name it by its name, the spec by its path
+        task = next((t for t in spec.tasks if get_task(t).name == task), task)
     if task not in spec.tasks:
         raise ValueError(f"task {task!r} is not in the spec {spec.name} (its tasks: {', '.join(spec.tasks)})")
     the_task = get_task(task)
@@ -136,3 +148,187 @@ def _cached(spec: Spec, kind: str, settings: dict, compute, device: str | None):
     store.write_record(kind, key, {"settings": settings, "result": result, "seconds": time.perf_counter() - started,
                                    **provenance(device, torch.get_num_threads())})
     return result
+
+
+def reference_metrics(spec: Spec, task: str, seed: int, ablation: str, *, split: str = "test",
+                      device: str | None = None) -> dict:
+    """The baselines of one batch and ablation scheme, measured on `split` with the task's standard measure.
+
+    Returns {"metric": its name, "n_layers", "n_heads", "split", and for each of "full" (the
+    full model), "empty" (every head and MLP ablated: the zero of normalised faithfulness) and
+    "no_heads" (every head ablated, every MLP kept: the smallest circuit of a heads-only search)
+    a dict {"metric" (mean over prompts), "metric_per_prompt", "accuracy", "kl" (to the full
+    model)}, and "constant": the best constant answer {"token", "answer" (its text), "accuracy",
+    "metric" (`metrics.constant_answer_metric`: None for a measure in logits)}}.
+    """
+    from circuitlib.core.ablation import check_scheme, mean_activations
+    from circuitlib.core.components import mlp_name
+    from circuitlib.models.loading import load_tokenizer
+    from circuitlib.tasks.measures import best_constant_answer, constant_answer_metric, standard_metric_name
+
+    check_scheme(ablation)
+    seed = _check_seed(spec, seed)
+    the_task, data = _batch(spec, task, seed)
+    prompts = _split(data, split)
+    tokenizer = load_tokenizer(spec.model)
+    settings = {"model": spec.model, "task": the_task.name, "ablation": ablation, "seed": seed, "split": split,
+                "metric": standard_metric_name(the_task), "prompts": prompts_digest(data, ("patching", split))}
+
+    def compute(model):
+        cfg = model.cfg
+        means = mean_activations(model, data.patching.tokens.to(model.device)) if ablation == "mean" else None
+        full_logits = model(prompts.tokens.to(model.device), last_only=True)
+        out = {"metric": settings["metric"], "split": split, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads}
+        for name, kept in (("full", None), ("empty", []), ("no_heads", [mlp_name(l) for l in range(cfg.n_layers)])):
+            out[name] = _measure_kept(model, the_task, tokenizer, prompts, kept, ablation, means, full_logits)
+        constant = best_constant_answer(prompts)
+        out["constant"] = {**constant, "answer": tokenizer.decode([constant["token"]]),
+                           "metric": constant_answer_metric(the_task, tokenizer, prompts, constant["token"])}
+        return out
+
+    return _cached(spec, "reference-metrics", settings, compute, device)
+
+
+def circuit_metrics(spec: Spec, rows, *, split: str = "test", device: str | None = None) -> list[dict]:
+    """Every circuit of one unit rebuilt from its kept heads and MLPs and measured on `split`.
+
+    rows: the rows of one unit in `runner.study_table(spec)` (one per alpha, the same "key").
+    Each circuit is pruned with the unit's batch and ablation (`surgery.prune`) and must
+    reproduce its row's accuracy on `split` (else RuntimeError). Returns one dict per row, in
+    alpha order: alpha, heads, mlps, metric, metric_per_prompt, accuracy, kl.
+    """
+    from circuitlib.core.ablation import mean_activations
+    from circuitlib.core.components import mlp_name
+    from circuitlib.models.loading import load_tokenizer
+    from circuitlib.tasks.measures import standard_metric_name
+
+    rows = _unit_rows(rows)
+    first = rows[0]
+    task, seed, ablation = str(first["task"]), _check_seed(spec, int(first["seed"])), str(first["ablation"])
+    the_task, data = _batch(spec, task, seed)
+    if prompts_digest(data) != first["prompts_digest"]:
+        raise ValueError(f"unit {first['key']} was made from other prompts than {task!r} seed {seed} of the spec "
+                         f"{spec.name} generates now: give rows of this spec's own table (runner.study_table)")
+    prompts = _split(data, split)
+    stored_accuracy = {"test": "test_accuracy", "validation": "val_accuracy"}[split]
+    tokenizer = load_tokenizer(spec.model)
+    kept = [list(r["kept_heads"]) + [mlp_name(int(l)) for l in r["kept_mlps"]] for r in rows]
+    settings = {"unit": str(first["key"]), "split": split, "metric": standard_metric_name(the_task),
+                "alphas": [float(r["alpha"]) for r in rows], "kept": kept}
+
+    def compute(model):
+        means = mean_activations(model, data.patching.tokens.to(model.device)) if ablation == "mean" else None
+        full_logits = model(prompts.tokens.to(model.device), last_only=True)
+        measured: dict[tuple, dict] = {}
+        out = []
+        for r, components in zip(rows, kept):
+            if tuple(components) not in measured:
+                measured[tuple(components)] = _measure_kept(model, the_task, tokenizer, prompts, components, ablation,
+                                                            means, full_logits)
+            m = measured[tuple(components)]
+            if abs(m["accuracy"] - float(r[stored_accuracy])) > 1e-12:
+                raise RuntimeError(f"the circuit of unit {r['key']} at alpha {r['alpha']} rebuilt here reaches "
+                                   f"{split} accuracy {m['accuracy']}, the store says {r[stored_accuracy]}")
+            out.append({"alpha": float(r["alpha"]), "heads": int(r["heads"]), "mlps": int(r["mlps"]), **m})
+        return out
+
+    return _cached(spec, "circuit-metrics", settings, compute, device)
+
+
+def standard_metrics_table(spec: Spec, *, split: str = "test", device: str | None = None, progress: bool = False,
+                           table=None):
+    """The standard measure of every stored circuit of `spec`, beside its baselines: a DataFrame.
+
+    One row per circuit (unit x alpha): key, task, ablation, include_mlps, seed, alpha, heads,
+    mlps, size (the fraction of the search's candidates kept: heads, or heads and MLPs), metric
+    (its name), value (the circuit's mean), faithfulness (normalised: empty circuit 0, full model
+    1), accuracy, kl, and the baselines full_value, empty_value, no_heads_value, full_accuracy,
+    empty_accuracy, constant_answer, constant_accuracy, constant_value (None for measures in
+    logits), and value_per_prompt. `table`: the spec's study table, if already read.
+    Computes what is not yet in the store (`circuit_metrics`, `reference_metrics`), reads the rest.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from circuitlib.core.metrics import normalised_faithfulness
+    from circuitlib.studies.runner import study_table
+
+    table = study_table(spec) if table is None else table
+    out = []
+    groups = list(table.groupby("key", sort=True)) if len(table) else []
+    for key, unit in tqdm(groups, desc="standard metrics", unit="unit", disable=not progress):
+        first = unit.iloc[0]
+        ref = reference_metrics(spec, str(first["task"]), int(first["seed"]), str(first["ablation"]), split=split,
+                                device=device)
+        mlps = bool(first["include_mlps"])
+        candidates = ref["n_layers"] * ref["n_heads"] + (ref["n_layers"] if mlps else 0)
+        for c in circuit_metrics(spec, unit, split=split, device=device):
+            out.append({"key": key, "task": first["task"], "ablation": first["ablation"], "include_mlps": mlps,
+                        "seed": int(first["seed"]), "alpha": c["alpha"], "heads": c["heads"], "mlps": c["mlps"],
+                        "size": (c["heads"] + (c["mlps"] if mlps else 0)) / candidates, "metric": ref["metric"],
+                        "value": c["metric"],
+                        "faithfulness": normalised_faithfulness(c["metric"], ref["full"]["metric"],
+                                                                ref["empty"]["metric"]),
+                        "accuracy": c["accuracy"], "kl": c["kl"], "full_value": ref["full"]["metric"],
+                        "empty_value": ref["empty"]["metric"], "no_heads_value": ref["no_heads"]["metric"],
+                        "full_accuracy": ref["full"]["accuracy"], "empty_accuracy": ref["empty"]["accuracy"],
+                        "constant_answer": ref["constant"]["answer"], "constant_accuracy": ref["constant"]["accuracy"],
+                        "constant_value": ref["constant"]["metric"], "value_per_prompt": c["metric_per_prompt"]})
+    return pd.DataFrame(out)
+
+
+def faithfulness_area_table(table):
+    """MIB's CPR and CMD of each unit's faithfulness curve (`metrics.faithfulness_areas`), a DataFrame.
+
+    table: `standard_metrics_table`. The curve of a unit is its circuits (size, faithfulness),
+    the full model at (1, 1) and the search's smallest circuit at size 0: the empty circuit
+    (faithfulness 0) when MLPs were candidates, else the circuit without heads (its measured
+    faithfulness). Circuits of the same size at several alphas all enter the curve. A unit whose
+    full model and empty circuit measure the same has no faithfulness, and NaN areas.
+    """
+    import pandas as pd
+
+    from circuitlib.core.metrics import faithfulness_areas, normalised_faithfulness
+
+    out = []
+    for key, unit in table.groupby("key", sort=True):
+        first = unit.iloc[0]
+        floor = (0.0 if first["include_mlps"] else
+                 normalised_faithfulness(first["no_heads_value"], first["full_value"], first["empty_value"]))
+        ys = [floor, *unit["faithfulness"], 1.0]
+        areas = (faithfulness_areas([0.0, *unit["size"], 1.0], ys) if not any(math.isnan(y) for y in ys)
+                 else {"cpr": float("nan"), "cmd": float("nan")})      # full == empty: no faithfulness
+        out.append({"key": key, "task": first["task"], "ablation": first["ablation"],
+                    "include_mlps": bool(first["include_mlps"]), "seed": int(first["seed"]), "metric": first["metric"],
+                    "circuits": len(unit), **areas})
+    return pd.DataFrame(out)
+
+
+@torch.inference_mode()
+def _measure_kept(model, task, tokenizer, prompts, kept, ablation: str, means, full_logits) -> dict:
+    """The standard measure, accuracy and KL to the full model of `model` pruned to `kept` (None: the full model)."""
+    from circuitlib.core.metrics import accuracy, kl_divergence
+    from circuitlib.tasks.measures import standard_metric
+    from circuitlib.core.surgery import prune
+
+    pruned = model if kept is None else prune(model, list(kept), ablation, means)
+    logits = pruned(prompts.tokens.to(model.device), last_only=True)
+    values = standard_metric(task, tokenizer, prompts, logits)
+    return {"metric": float(values.mean()), "metric_per_prompt": values.cpu().tolist(),
+            "accuracy": accuracy(task, prompts, logits), "kl": kl_divergence(full_logits, logits)}
+
+
+def _split(data, split: str):
+    if split not in ("validation", "test"):
+        raise ValueError(f"split must be 'validation' or 'test' (the patching split gives the means); got {split!r}")
+    return getattr(data, split)
+
+
+def _unit_rows(rows) -> list:
+    """The rows of one unit as a list of row mappings in alpha order; one clear error for anything else."""
+    records = rows.sort_values("alpha").to_dict("records") if hasattr(rows, "to_dict") else list(rows)
+    keys = {r.get("key") for r in records}
+    if not records or len(keys) != 1:
+        raise ValueError(f"give the rows of exactly one unit (one 'key' of runner.study_table); got keys "
+                         f"{sorted(map(str, keys))[:3]}")
+    return records

@@ -7,7 +7,9 @@
     <store>/partial/<key>.json      the sweep of an unfinished unit after its last complete layer:
                                     a unit cut off (by a session's end, say) resumes from it
     <store>/effects/<key>.json      results derived from the units, computed once and read by every
-    <store>/baselines/<key>.json    later run (`circuitlib.studies.derived`): single-head effects, random circuits
+    <store>/baselines/<key>.json    later run (`circuitlib.studies.derived`): single-head effects, random circuits,
+    <store>/circuit-metrics/...     each circuit's standard measure and its baselines (full model, empty
+    <store>/reference-metrics/...   circuit, best constant answer)
 
 Why Parquet files, one per unit (pyarrow), rather than one database file (DuckDB): a unit is
 written once and never changed, so a file per unit makes every write atomic (a temporary file

@@ -9,16 +9,17 @@ from __future__ import annotations
 import os
 
 from circuitlib.tasks.builtin import (ACRONYM_WORDS, GREATER_THAN_NOUNS, IOI, IOI_NAMES, IOI_OBJECTS, IOI_PLACES, SPLITS,
-                                     Acronyms, GreaterThan, Task, TaskData, TaskSplit, is_gpt2_tokenizer,
-                                     letter_plus_one_token_words, make_split, one_token_words, split_acronyms,
-                                     split_letter_pairs)
+                                     Acronyms, GreaterThan, Task, TaskData, TaskSplit, ioi_subject_tokens,
+                                     is_gpt2_tokenizer, letter_plus_one_token_words, letter_tokens, make_split,
+                                     one_token_words, split_acronyms, split_letter_pairs)
 from circuitlib.tasks.files import SUFFIXES, FileTask, load_task_file
 
 __all__ = ["SPLITS", "Task", "TaskSplit", "TaskData", "make_split", "FileTask", "load_task_file", "get_task",
            "register_task", "TASKS", "TASK_NAMES", "Acronyms", "IOI", "GreaterThan",
            # the word lists and the tokenizer filters the built-in tasks apply (the chapters show them)
            "ACRONYM_WORDS", "GREATER_THAN_NOUNS", "IOI_NAMES", "IOI_OBJECTS", "IOI_PLACES", "is_gpt2_tokenizer",
-           "letter_plus_one_token_words", "one_token_words", "split_acronyms", "split_letter_pairs"]
+           "letter_plus_one_token_words", "one_token_words", "split_acronyms", "split_letter_pairs",
+           "ioi_subject_tokens", "letter_tokens"]
 
 TASKS: dict[str, Task] = {}
 

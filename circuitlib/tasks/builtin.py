@@ -429,6 +429,30 @@ class IOI(Task):
         return make_split(tokenizer, prompts, answers)
 
 
+def ioi_subject_tokens(tokenizer, split: TaskSplit) -> torch.Tensor:
+    """LongTensor [n]: the subject's name token of each IOI prompt (the name that is not the answer).
+
+    Read off the prompt's tokens, whatever the template: of the name tokens in the prompt
+    (IOI_NAMES after a space), the one that is not the indirect object. A prompt with other than
+    exactly one such name is refused.
+    """
+    names = set(_single_tokens(tokenizer, [" " + w for w in one_token_words(tokenizer, IOI_NAMES)], "names"))
+    subjects = []
+    for i, (row, answer) in enumerate(zip(split.tokens.tolist(), split.answers.tolist())):
+        others = {t for t in row if t in names and t != answer}
+        if len(others) != 1 or answer not in row:
+            raise ValueError(f"IOI prompt {i} ({split.prompts[i]!r}) does not name its indirect object and exactly "
+                             f"one other name; the subject token is defined only for IOI prompts")
+        subjects.append(others.pop())
+    return torch.tensor(subjects, dtype=torch.long)
+
+
+def letter_tokens(tokenizer) -> torch.Tensor:
+    """LongTensor [k]: the capital letters "A".."Z" that are one token each (the acronyms task's answers)."""
+    ids = tokenizer(list(string.ascii_uppercase), add_special_tokens=False)["input_ids"]
+    return torch.tensor([x[0] for x in ids if len(x) == 1], dtype=torch.long)
+
+
 class GreaterThan(Task):
     """"The [noun] lasted from the year XXYY to XX" -> a year ending greater than YY.
 
@@ -439,6 +463,18 @@ class GreaterThan(Task):
     that splits digits it is the tens digit, after start years ending in 9 ("4".."9" for YY = 39;
     see the module docstring).
     `answers` holds the smallest correct value.
+
+    What accuracy cannot show: the largest year ending ("99" with GPT-2, "9" in the digit port)
+    is later than every start year the task asks about, so a model that always answers it is
+    right on every prompt of any prompt set; a start year with no later ending would have no
+    correct answer at all, so no choice of start years changes this. The same constant answer
+    also has the largest probability difference (1 on every prompt; Hanna et al.'s measure,
+    `metrics.probability_difference`). What a constant answer cannot match is the full model:
+    the measures relative to it, the normalised faithfulness of the probability difference
+    (`metrics.normalised_faithfulness`, with the empty circuit as zero: a constant answer lands
+    far from 1, above it when the full model is less sure) and the KL to the full model, tell a
+    circuit that keeps the model's computation from one that outputs a late year. Report an
+    accuracy beside the best constant answer's (`metrics.best_constant_answer`).
     """
 
     name = "greater-than"

@@ -158,3 +158,120 @@ def test_decisions_do_not_depend_on_the_thread_count(models, data):
     finally:
         torch.set_num_threads(before)
     assert [c.kept for c in runs[0]] == [c.kept for c in runs[1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# the field's measures: logit and probability differences, faithfulness, its areas, constant answers
+
+
+def test_logit_difference_and_best_other_letter_on_hand_made_logits():
+    from circuitlib.core.metrics import best_other_logit_difference, logit_difference
+
+    logits = torch.tensor([[1.0, 2.0, 3.0, 9.0], [0.0, 5.0, -1.0, 9.0]])
+    assert logit_difference(logits, torch.tensor([2, 1]), torch.tensor([0, 2])).tolist() == [2.0, 6.0]
+    assert logit_difference(logits + 4.0, torch.tensor([2, 1]), torch.tensor([0, 2])).tolist() == [2.0, 6.0]
+    options = torch.tensor([0, 1, 2])                         # token 3 is no option: its 9.0 does not count
+    assert best_other_logit_difference(logits, torch.tensor([2, 0]), options).tolist() == [1.0, -5.0]
+    with pytest.raises(ValueError, match="one of the options"):
+        best_other_logit_difference(logits, torch.tensor([3, 0]), options)
+    with pytest.raises(ValueError, match="one right token per prompt"):
+        logit_difference(logits, torch.tensor([2]), torch.tensor([0, 2]))
+
+
+def test_probability_difference_on_hand_made_logits():
+    from circuitlib.core.metrics import probability_difference
+
+    logits = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]]).log()
+    candidates = torch.tensor([1, 2, 3])
+    accepted = torch.tensor([[False, True, True], [False, False, True]])
+    got = probability_difference(logits, candidates, accepted)
+    assert got.dtype == torch.float64
+    assert got.tolist() == pytest.approx([-0.2 + 0.3 + 0.4, -0.3 - 0.2 + 0.1], abs=1e-6)
+    with pytest.raises(ValueError, match="accepted must be"):
+        probability_difference(logits, candidates, accepted[:, :2])
+
+
+def test_standard_metrics_of_the_three_tasks_read_the_right_tokens():
+    from circuitlib.tasks.measures import standard_metric, standard_metric_name
+
+    tok = gpt2_tokenizer()
+    ioi = get_task("ioi").generate(tok, 6, seed=0).test
+    logits = torch.zeros(len(ioi), len(tok))
+    subjects = [tok.encode(" " + p.split(",")[1].split()[0]) for p in ioi.prompts]     # "Then, B and A ..."
+    for i, (io, (s,)) in enumerate(zip(ioi.answers.tolist(), subjects)):
+        logits[i, io], logits[i, s] = 3.0, 1.0 + i
+    assert standard_metric(get_task("ioi"), tok, ioi, logits).tolist() == [2.0 - i for i in range(len(ioi))]
+
+    gt = get_task("greater-than").generate(tok, 6, seed=0).test
+    logits = torch.full((len(gt), len(tok)), -1e4)
+    logits[:, tok.encode("99")[0]] = 0.0                       # certain of "99": right on every prompt
+    assert standard_metric(get_task("greater-than"), tok, gt, logits).tolist() == pytest.approx([1.0] * len(gt))
+    logits[:, tok.encode("00")[0]] = 0.0                       # half on "00", never later than a start year
+    assert standard_metric(get_task("greater-than"), tok, gt, logits).tolist() == pytest.approx([0.0] * len(gt))
+
+    acro = get_task("acronyms").generate(tok, 6, seed=0).test
+    logits = torch.zeros(len(acro), len(tok))
+    logits[:, tok.encode("Q")[0]] = 2.0                        # the best wrong letter, unless Q is right
+    logits[:, tok.encode(" Z")[0]] = 50.0                      # not a letter token of the answer: ignored
+    logits[torch.arange(len(acro)), acro.answers] = 5.0
+    want = [5.0 if tok.decode(int(a)) == "Q" else 3.0 for a in acro.answers]
+    assert standard_metric(get_task("acronyms"), tok, acro, logits).tolist() == want
+    assert standard_metric_name(get_task("ioi")).startswith("logit difference")
+
+
+def test_standard_metric_of_a_task_file_is_accuracy(tmp_path):
+    from circuitlib.tasks.measures import standard_metric, standard_metric_name
+    from circuitlib.tasks.files import load_task_file
+
+    tok = gpt2_tokenizer()
+    path = tmp_path / "colours.csv"
+    path.write_text("prompt,answer\n" + "".join(f"Item {i} is,{c}\n" for i, c in enumerate([" red", " blue"] * 3)))
+    task = load_task_file(path)
+    split = task.generate(tok, 2, seed=0).test
+    logits = torch.zeros(len(split), len(tok))
+    logits[0, split.answers[0]] = 1.0
+    assert standard_metric(task, tok, split, logits).tolist() == [1.0, 0.0]
+    assert standard_metric_name(task) == "accuracy"
+
+
+def test_normalised_faithfulness_and_its_areas():
+    from circuitlib.core.metrics import faithfulness_areas, faithfulness_curve, normalised_faithfulness
+
+    assert normalised_faithfulness(3.0, full=5.0, empty=1.0) == 0.5
+    assert normalised_faithfulness(1.0, full=5.0, empty=1.0) == 0.0 and normalised_faithfulness(5, 5, 1) == 1.0
+    assert math.isnan(normalised_faithfulness(2.0, full=1.0, empty=1.0))
+    assert faithfulness_curve([1, 0, 0.5], [1, 0, 0.9]) == ([0.0, 0.5, 1.0], [0.0, 0.9, 1.0])
+    assert faithfulness_areas([0, 0.5, 1], [0, 1, 1]) == {"cpr": 0.75, "cmd": 0.25}
+    assert faithfulness_areas([0, 0.5, 1], [0, 1.5, 1]) == {"cpr": 1.0, "cmd": 0.5}   # overshooting costs CMD
+    assert faithfulness_areas([1, 0], [1, 0]) == {"cpr": 0.5, "cmd": 0.5}            # the straight line
+    with pytest.raises(ValueError, match="at least two points"):
+        faithfulness_areas([0.5], [1.0])
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        faithfulness_curve([0, 2], [0, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        faithfulness_curve([0, 1], [float("nan"), 1])
+
+
+def test_best_constant_answer_on_hand_made_splits():
+    from circuitlib.tasks.measures import best_constant_answer, constant_answer_metric
+    from circuitlib.tasks import TaskSplit
+
+    tokens = torch.zeros(3, 4, dtype=torch.long)
+    plain = TaskSplit(["a", "b", "c"], tokens, torch.tensor([7, 5, 7]))
+    assert best_constant_answer(plain) == {"token": 7, "accuracy": 2 / 3}
+    several = TaskSplit(["a", "b", "c"], tokens, torch.tensor([11, 12, 10]), torch.tensor([10, 11, 12]),
+                        torch.tensor([[False, True, True], [False, False, True], [True, True, True]]))
+    assert best_constant_answer(several) == {"token": 12, "accuracy": 1.0}
+    assert constant_answer_metric(get_task("greater-than"), None, several, 12) == 1.0
+    assert constant_answer_metric(get_task("greater-than"), None, several, 10) == pytest.approx(2 * 1 / 3 - 1)
+    assert constant_answer_metric(get_task("ioi"), None, plain, 7) is None      # a logit difference: infinite
+
+
+def test_the_largest_year_ending_is_right_on_every_greater_than_prompt():
+    """Why greater-than accuracy cannot fail a constant answer (see `tasks.GreaterThan`)."""
+    from circuitlib.tasks.measures import best_constant_answer
+
+    tok = gpt2_tokenizer()
+    for seed in (0, 1):
+        test = get_task("greater-than").generate(tok, 50, seed=seed).test
+        assert best_constant_answer(test) == {"token": tok.encode("99")[0], "accuracy": 1.0}

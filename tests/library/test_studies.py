@@ -533,3 +533,96 @@ def test_random_baselines_rebuild_the_row_and_are_stored_once(tmp_path, monkeypa
         random_baselines(other, "ioi", row, 3)
     with pytest.raises(ValueError, match="n_random"):
         random_baselines(spec, "ioi", row, -1)
+
+
+def test_standard_metrics_rebuild_every_circuit_and_are_stored_once(tmp_path, monkeypatch):
+    import circuitlib.studies.derived as derived
+    from circuitlib.core.ablation import mean_activations
+    from circuitlib.models.loading import load_model
+    from circuitlib.core.metrics import normalised_faithfulness
+    from circuitlib.tasks.measures import standard_metric
+    from circuitlib.studies.analysis import evaluate_kept
+    from circuitlib.core.surgery import prune
+    from circuitlib.tasks import get_task
+
+    spec = load_spec(write_spec(tmp_path, ablations=["mean"], seeds=1, alphas=[4.0e-6, 1.0e-3]))
+    run_study(spec, workers=0, progress=False)
+    table = study_table(spec)
+    metrics = derived.standard_metrics_table(spec, table=table)
+    assert len(metrics) == len(table) and set(metrics["task"]) == {"ioi", "greater-than"}
+    model, tokenizer = load_model(spec.model)
+    for _, r in metrics.iterrows():
+        stored = table[(table.key == r["key"]) & (table.alpha == r["alpha"])].iloc[0]
+        assert r["accuracy"] == stored["test_accuracy"] and r["full_accuracy"] == stored["full_test_accuracy"]
+        task = get_task(r["task"])
+        data = task.generate(tokenizer, n=spec.n[r["task"]], seed=0, n_test=spec.n_test[r["task"]])
+        means = mean_activations(model, data.patching.tokens)
+        kept = list(stored["kept_heads"]) + [f"MLP {l}" for l in stored["kept_mlps"]]
+        logits = prune(model, kept, "mean", means)(data.test.tokens, last_only=True)
+        assert r["value_per_prompt"] == standard_metric(task, tokenizer, data.test, logits).tolist()
+        assert r["value"] == pytest.approx(np.mean(r["value_per_prompt"]), rel=1e-12)
+        assert r["faithfulness"] == normalised_faithfulness(r["value"], r["full_value"], r["empty_value"])
+        empty = evaluate_kept(model, task, data, [], "mean", means)           # the existing evaluate path
+        assert r["empty_accuracy"] == empty["test"]["accuracy"]
+        assert r["size"] == (r["heads"] + r["mlps"] * r["include_mlps"]) / (16 + 4 * r["include_mlps"])
+    gt = metrics[metrics.task == "greater-than"].iloc[0]
+    assert gt["constant_accuracy"] == 1.0 and gt["constant_value"] == 1.0 and gt["constant_answer"] == "99"
+    assert metrics[metrics.task == "ioi"]["constant_value"].isna().all()        # a logit difference: none
+
+    areas = derived.faithfulness_area_table(metrics)
+    assert len(areas) == table["key"].nunique() and areas[["cpr", "cmd"]].notna().all().all()
+
+    monkeypatch.setattr(derived, "_measure_kept", _no_computing)
+    again = derived.standard_metrics_table(spec, table=table)                     # read back, not recomputed
+    assert again.drop(columns="value_per_prompt").equals(metrics.drop(columns="value_per_prompt"))
+    tampered = table[table.key == table.key.iloc[0]].copy()
+    tampered["test_accuracy"] = tampered["test_accuracy"] + 0.5
+    monkeypatch.undo()
+    monkeypatch.setattr(derived, "_cached", lambda spec, kind, settings, compute, device: compute(model))
+    with pytest.raises(RuntimeError, match="rebuilt here reaches"):                # its stored record bypassed
+        derived.circuit_metrics(spec, tampered)
+    with pytest.raises(ValueError, match="exactly one unit"):
+        derived.circuit_metrics(spec, table)
+
+
+def test_order_spec_is_book_specs_mean_heads_only_units_in_the_other_order():
+    import dataclasses
+
+    order, book = load_spec(ROOT / "studies" / "order.yml"), load_spec(ROOT / "studies" / "book.yml")
+    assert order.order == "heads-descending" and book.order == "heads-ascending"
+    twins = {(u.task, u.seed): u for u in book.units() if u.ablation == "mean" and not u.include_mlps}
+    units = order.units()
+    assert len(units) == 9 and {(u.task, u.seed) for u in units} == set(twins)
+    for u in units:
+        twin = twins[(u.task, u.seed)]
+        assert dataclasses.replace(u, order=twin.order) == twin                  # only the order differs
+        assert u.key("same prompts") != twin.key("same prompts")                 # and it makes another unit
+
+
+def test_faithfulness_areas_per_unit_start_from_the_searchs_smallest_circuit():
+    import pandas as pd
+
+    from circuitlib.studies.derived import faithfulness_area_table
+
+    base = {"task": "ioi", "ablation": "mean", "seed": 0, "metric": "m", "full_value": 3.0, "empty_value": 1.0}
+    table = pd.DataFrame([
+        {**base, "key": "heads", "include_mlps": False, "no_heads_value": 2.0, "size": 0.5, "faithfulness": 1.0},
+        {**base, "key": "all", "include_mlps": True, "no_heads_value": 2.0, "size": 0.5, "faithfulness": 1.0},
+        {**base, "key": "flat", "include_mlps": True, "no_heads_value": 2.0, "size": 0.5, "faithfulness": float("nan"),
+         "full_value": 1.0}])
+    areas = faithfulness_area_table(table).set_index("key")
+    # heads only: the curve starts at the circuit without heads, faithfulness (2 - 1) / (3 - 1) = 0.5
+    assert (areas.loc["heads", "cpr"], areas.loc["heads", "cmd"]) == (0.5 * 0.75 + 0.5, 0.5 * 0.25)
+    assert (areas.loc["all", "cpr"], areas.loc["all", "cmd"]) == (0.75, 0.25)           # from the empty circuit
+    assert np.isnan(areas.loc["flat", "cpr"]) and np.isnan(areas.loc["flat", "cmd"])
+
+
+def test_standard_metrics_script_refuses_bad_input_in_one_line(tmp_path, capsys, load_script):
+    script = load_script("standard_metrics")
+    assert script.main([str(tmp_path / "missing.yml")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    spec = write_spec(tmp_path)
+    assert script.main([str(spec), "--csv", str(tmp_path / "no-such-folder" / "out.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the folder of --csv") and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()                                   # nothing computed or written

@@ -183,3 +183,133 @@ def test_choose_alpha_takes_the_largest_alpha_within_the_tolerance():
     chosen = choose_alpha(pd.DataFrame(rows))
     assert chosen == {("ioi", "mean", False): 0.01, ("ioi", "zero", True): None}
     assert choose_alpha(pd.DataFrame(rows), tolerance=0.01) == {("ioi", "mean", False): 0.001, ("ioi", "zero", True): None}
+
+
+# ---------------------------------------------------------------------------------------------
+# uncertainty over batches and the head order, on hand-made study tables
+
+
+def _table(order="heads-ascending", kept=None):
+    import pandas as pd
+
+    kept = kept or {0: ["0.0", "0.1"], 1: ["0.0"], 2: []}
+    return pd.DataFrame([{"task": "ioi", "ablation": "mean", "include_mlps": False, "alpha": 0.1, "seed": s,
+                          "order": order, "heads": len(h), "test_accuracy": [0.5, 0.7, 0.9][s], "kept_heads": h,
+                          "kept_mlps": [0, 1][:s], "test_correct": [[1, 0], [1, 1], [0, 0, 0, 1]][s]}
+                         for s, h in kept.items()])
+
+
+def test_spread_over_batches_and_kept_overlap():
+    from circuitlib.studies.analysis import jaccard, kept_overlap, spread_over_batches
+
+    spread = spread_over_batches(_table(), ["heads", "test_accuracy"]).iloc[0]
+    assert spread["batches"] == 3 and spread["heads_mean"] == 1.0 and spread["heads_sd"] == 1.0
+    assert (spread["heads_min"], spread["heads_max"]) == (0, 2)
+    assert spread["test_accuracy_mean"] == pytest.approx(0.7) and spread["test_accuracy_sd"] == pytest.approx(0.2)
+    assert jaccard(["0.0", "0.1"], ["0.0"]) == 0.5 and jaccard([], []) == 1.0 and jaccard(["1.1"], []) == 0.0
+    overlap = kept_overlap(_table()).iloc[0]
+    assert overlap["pairs"] == 3 and overlap["jaccard_mean"] == pytest.approx((0.5 + 0.0 + 0.0) / 3)
+    assert overlap["jaccard_min"] == 0.0
+    with_mlps = kept_overlap(_table(), components="all").iloc[0]             # {0.0, 0.1}, {0.0, MLP 0}, {MLP 0, MLP 1}
+    assert with_mlps["jaccard_mean"] == pytest.approx((1 / 3 + 0 + 1 / 3) / 3)
+    import pandas as pd
+    with pytest.raises(ValueError, match="two rows of seed 0"):
+        spread_over_batches(pd.concat([_table(), _table("heads-descending")]), ["heads"])
+
+
+def test_intervals_say_what_they_resample():
+    from scipy import stats
+
+    from circuitlib.studies.analysis import interval_over_batches, intervals
+
+    found = interval_over_batches([0.5, 0.7, 0.9])
+    half = stats.t.ppf(0.975, 2) * 0.2 / math.sqrt(3)
+    assert found["mean"] == pytest.approx(0.7) and found["resamples"] == "batches"
+    assert (found["low"], found["high"]) == (pytest.approx(0.7 - half), pytest.approx(0.7 + half))
+    assert math.isnan(interval_over_batches([0.4])["low"])
+    by_batches = intervals(_table(), "test_accuracy", over="batches").iloc[0]
+    assert by_batches["resamples"] == "batches" and by_batches["high"] == pytest.approx(0.7 + half)
+    by_prompts = intervals(_table(), "test_correct", over="prompts", n_boot=200).iloc[0]
+    assert by_prompts["resamples"] == "prompts within batches"
+    assert by_prompts["mean"] == pytest.approx((0.5 + 1.0 + 0.25) / 3)
+    assert by_prompts["low"] <= by_prompts["mean"] <= by_prompts["high"]
+    with pytest.raises(ValueError, match="over must be"):
+        intervals(_table(), "test_accuracy", over="seeds")
+
+
+def test_compare_orders_pairs_the_same_batches():
+    from circuitlib.studies.analysis import compare_orders
+
+    descending = _table("heads-descending", kept={0: ["0.1"], 1: ["0.0"], 2: ["3.3"]})
+    got = compare_orders(_table(), descending).iloc[0]
+    assert got["batches"] == 3 and got["heads_heads-ascending"] == 1.0 and got["heads_heads-descending"] == 1.0
+    assert got["jaccard_mean"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    with pytest.raises(ValueError, match="one table per order"):
+        compare_orders(_table(), _table())
+
+
+# ---------------------------------------------------------------------------------------------
+# why a circuit beats the full model; what heads attend to
+
+
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_prompt_flips_are_exactly_the_pruned_models(models, data, arch, ablation):
+    from circuitlib.studies.analysis import prompt_flips
+
+    model, (patching, validation) = models[arch], data
+    means = mean_activations(model, patching) if ablation == "mean" else None
+    kept = ["0.1", "2.0", "MLP 1"]
+    circuit = prune(model, kept, ablation, means)
+    with torch.inference_mode():
+        answers = circuit(validation, last_only=True).argmax(-1)          # the circuit is right on every prompt
+        full = model(validation, last_only=True).argmax(-1)
+    split = TaskSplit([str(i) for i in range(len(validation))], validation, answers)
+    task = get_task("ioi")                                                 # only its argmax rule is used
+    flips = prompt_flips(model, task, split, kept, ablation, means)
+    assert flips["circuit_accuracy"] == 1.0 and flips["lost"] == []
+    assert flips["gained"] == torch.nonzero(full != answers).flatten().tolist() and flips["gained"]
+    assert flips["full_accuracy"] == (len(validation) - len(flips["gained"])) / len(validation)
+    cfg = model.cfg
+    removed = [f"{l}.{h}" for l in range(cfg.n_layers) for h in range(cfg.n_heads)] + \
+              [f"MLP {l}" for l in range(cfg.n_layers)]
+    brute = {}
+    for c in [c for c in removed if c not in kept]:
+        with torch.inference_mode():
+            right = prune(model, kept + [c], ablation, means)(validation, last_only=True).argmax(-1) == answers
+        wrong_again = [i for i in flips["gained"] if not right[i]]
+        if wrong_again:
+            brute[c] = wrong_again
+    assert flips["undone_by"] == brute
+
+
+def test_attention_targets_find_the_tasks_positions():
+    from circuitlib.models.loading import gpt2_tokenizer
+    from circuitlib.studies.analysis import attention_targets
+
+    tok = gpt2_tokenizer()
+    for name, target, want in [("ioi", "indirect object", lambda p: [" " + p.split()[3]]),
+                               ("ioi", "subject", lambda p: [" " + p.split()[1].rstrip(",")] * 2),
+                               ("greater-than", "start year", lambda p: [p.split()[-3][2:]]),
+                               ("acronyms", "capital letters", lambda p: [" " + w[0] for w in p.split()[1:4]]
+                                + list(p.split("(")[1]))]:
+        split = get_task(name).generate(tok, 4, seed=0).test
+        masks = attention_targets(get_task(name), tok, split)
+        assert masks["first token"][:, 0].all() and masks["current token"][:, -1].all()
+        for prompt, row, mask in zip(split.prompts, split.tokens, masks[target]):
+            assert [tok.decode([t]) for t in row[mask].tolist()] == want(prompt), (name, target, prompt)
+
+
+def test_attention_mass_sums_the_pattern_from_the_last_position(models, data):
+    from circuitlib.studies.analysis import attention_mass
+
+    model, tokens = models["gpt2"], data[1]
+    n, S = tokens.shape
+    targets = {"first token": torch.zeros(n, S, dtype=torch.bool), "everything": torch.ones(n, S, dtype=torch.bool)}
+    targets["first token"][:, 0] = True
+    table = attention_mass(model, tokens, ["0.0", "2.3"], targets)
+    pattern = model.attention_patterns(tokens, ["0.0", "2.3"])                    # [n, 2, S, S]
+    assert table["head"].tolist() == ["0.0", "2.3"]
+    assert table["first token"].tolist() == pytest.approx(pattern[:, :, -1, 0].double().mean(0).tolist(), rel=1e-12)
+    assert table["everything"].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    with pytest.raises(ValueError, match="mask like the tokens"):
+        attention_mass(model, tokens, ["0.0"], {"bad": torch.ones(n, S + 1, dtype=torch.bool)})
