@@ -523,10 +523,18 @@ def register_task(task: Task) -> Task:
 
 
 def get_task(name: str | os.PathLike) -> Task:
-    """The registered task called `name`, or the task in a .jsonl or .csv file (`circuitlib.filetask`)."""
+    """The registered task called `name`, or the task in a .jsonl or .csv file (`circuitlib.filetask`).
+
+    "tracr-<program>" gives the input space of a compiled program (`circuitlib.compiled.tasks.CompiledTask`,
+    inputs grouped by length; it is not a text task and has no tokenizer).
+    """
     name = os.fspath(name)
     if name in TASKS:
         return TASKS[name]
+    if name.startswith("tracr-"):  # a compiled program's input space (imported here: no JAX otherwise)
+        from .compiled.tasks import get_compiled_task
+
+        return get_compiled_task(name)
     from .filetask import SUFFIXES, load_task_file
 
     if name.endswith(SUFFIXES) or os.path.isfile(name):

@@ -1,0 +1,197 @@
+"""Tracr-compiled models: conversion equal to Tracr's own forward pass, cache, ground truth, pruning.
+
+Each built-in program is compiled once per session (a cold JAX start-up, then seconds per program).
+Tracr is a pinned dependency: without it these tests fail, they are not skipped.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from circuitlib.ablation import ablation_hooks, mean_activations
+from circuitlib.compiled import truth
+from circuitlib.compiled.compile import compile_program, load
+from circuitlib.compiled.programs import BUILTIN
+from circuitlib.compiled.tasks import CompiledTask, accuracy
+from circuitlib.convert import to_hooked
+from circuitlib.surgery import prune
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def compiled():
+    return {name: compile_program(program) for name, program in BUILTIN.items()}
+
+
+def all_inputs(c):
+    return CompiledTask(c).inputs()
+
+
+@pytest.mark.parametrize("name", list(BUILTIN))
+def test_conversion_equals_tracr_on_every_input(compiled, name):
+    import jax.numpy as jnp
+
+    c = compiled[name]
+    n = 0
+    for tokens in all_inputs(c):
+        out = c.tracr_model.forward(c.tracr_model.params, jnp.asarray(tokens.numpy()))
+        theirs = out.transformer_output
+        x = c.model.embed(tokens)
+        for l, layer in enumerate(c.model.layers):  # every residual: after attention, after the MLP
+            x = x + layer.attn_out(x)
+            np.testing.assert_allclose(x.detach().numpy(), np.asarray(theirs.residuals[2 * l]), atol=1e-5, rtol=1e-5)
+            x = x + layer.mlp_out(x)
+            np.testing.assert_allclose(x.detach().numpy(), np.asarray(theirs.residuals[2 * l + 1]), atol=1e-5,
+                                       rtol=1e-5)
+        ours = c.model(tokens).detach()
+        if c.info.categorical:
+            assert torch.equal(ours.argmax(-1), torch.tensor(np.asarray(out.unembedded_output)))
+        else:
+            np.testing.assert_allclose(ours[..., 0].numpy(), np.asarray(out.unembedded_output), atol=1e-5)
+        n += len(tokens)
+    first = all_inputs(c)[-1][0]
+    decoded = c.tracr_model.apply(["BOS"] + [dict((i, t) for t, i in c.info.token_ids)[int(t)] for t in first[1:]]).decoded
+    logits = c.model(first[None])[0].detach()
+    mine = [c.info.output_values[int(i)] for i in logits.argmax(-1)] if c.info.categorical else logits[:, 0].tolist()
+    assert mine[1:] == pytest.approx(decoded[1:], abs=1e-5) if not c.info.categorical else mine[1:] == decoded[1:]
+    assert n == sum(1 for L in range(1, c.info.max_seq_len + 1) for _ in CompiledTask(c).inputs([L])[0])
+
+
+def test_models_have_the_architecture_the_issue_asks_for(compiled):
+    cfgs = {name: c.model.cfg for name, c in compiled.items()}
+    assert all(not c.causal and not c.normalization and c.activation == "relu" for c in cfgs.values())
+    assert any(c.n_heads > 1 for c in cfgs.values())
+    kinds = {c.info.categorical for c in compiled.values()}
+    assert kinds == {True, False}
+    assert len({c.info.bos_id for c in compiled.values()}) > 1 or len({c.cfg.d_vocab for c in cfgs.values()}) > 1
+
+
+def test_cache_round_trip_without_jax(compiled, tmp_path):
+    c = load("reverse", cache_dir=tmp_path)
+    assert (tmp_path / "tracr").is_dir() and not list((tmp_path / "tracr").glob(".*"))  # no temp folder left
+    fresh = compiled["reverse"].model.state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in c.model.state_dict().items())
+    code = ("import sys; from circuitlib.loading import load_model; "
+            f"m, info = load_model('tracr-reverse', cache_dir={str(tmp_path)!r}); "
+            "assert 'jax' not in sys.modules and 'tracr' not in sys.modules; print(m.cfg.name, info.bos_id)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["tracr-reverse", str(c.info.bos_id)]
+
+
+def test_import_circuitlib_does_not_import_jax():
+    code = ("import sys, circuitlib, circuitlib.compiled, circuitlib.tasks, circuitlib.cli; "
+            "assert 'jax' not in sys.modules and 'tracr' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+# ---- the ground truth --------------------------------------------------------------------------
+
+# Published component ground truths (ACDC acdc/tracr_task/utils.py, Edge Pruning's Tracr runs).
+PUBLISHED_COMPONENTS = {"reverse": {"0.0", "3.0", "MLP 0", "MLP 1", "MLP 2"}, "xproportion": {"MLP 0", "1.0"}}
+# ACDC's edge lists (get_tracr_reverse_edges, get_tracr_proportion_edges), in circuitlib's names:
+# hook_embed -> "embed", hook_pos_embed -> "pos", blocks.L.hook_resid_post -> "logits".
+ACDC_EDGES = {
+    "reverse": {"embed -> 0.0.v", "0.0 -> MLP 0", "embed -> MLP 0", "MLP 0 -> MLP 1", "embed -> MLP 1",
+                "pos -> MLP 1", "MLP 1 -> MLP 2", "MLP 2 -> 3.0.q", "pos -> 3.0.k", "embed -> 3.0.v",
+                "3.0 -> logits"},
+    "xproportion": {"embed -> MLP 0", "MLP 0 -> 1.0.v", "embed -> 1.0.q", "pos -> 1.0.q", "embed -> 1.0.k",
+                    "pos -> 1.0.k", "1.0 -> logits"},
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_COMPONENTS))
+def test_truth_components_match_the_published_lists(compiled, name):
+    assert set(truth.truth_components(compiled[name].info)) == PUBLISHED_COMPONENTS[name]
+
+
+@pytest.mark.parametrize("name", list(BUILTIN))
+def test_truth_components_are_exactly_the_nonzero_ones(compiled, name):
+    c = compiled[name]
+    nonzero = []
+    for l, layer in enumerate(c.model.layers):
+        for h in range(c.model.cfg.n_heads):
+            if any(W[h].abs().sum() > 0 for W in (layer.W_Q, layer.W_K, layer.W_V, layer.W_O)):
+                nonzero.append(f"{l}.{h}")
+        if layer.W_in.abs().sum() > 0:
+            nonzero.append(f"MLP {l}")
+    assert set(truth.truth_components(c.info)) == set(nonzero)
+
+
+@pytest.mark.parametrize("name", list(BUILTIN))
+def test_structural_edges_lie_in_the_declared_subspaces(compiled, name):
+    c = compiled[name]
+    comps = c.info.structure["components"]
+    for reader, seen in truth.reader_directions(c.info, c.model).items():
+        if reader == "logits":
+            assert seen == set(c.info.structure["output"])
+        elif reader.startswith("MLP"):
+            assert seen <= set(comps[reader]["reads"]["in"])
+        else:
+            node, kind = reader.rsplit(".", 1)
+            assert seen <= set(comps[node]["reads"][kind])
+
+
+def test_xproportion_structural_edges_equal_acdc_and_bos_plumbing_is_what_differs(compiled):
+    c = compiled["xproportion"]
+    with_bos = set(truth.structural_edges(c.info, c.model))
+    without = set(truth.structural_edges(c.info, c.model, bos_plumbing=False))
+    assert with_bos == ACDC_EDGES["xproportion"]
+    assert with_bos - without == {"embed -> 1.0.q", "embed -> 1.0.k"}
+    functional = set(truth.functional_edges(c.info, c.model, all_inputs(c)))
+    assert functional == without   # the BOS-only edges change no output when removed alone
+
+
+def test_reverse_functional_edges_equal_acdc(compiled):
+    c = compiled["reverse"]
+    functional = set(truth.functional_edges(c.info, c.model, all_inputs(c)))
+    assert functional == ACDC_EDGES["reverse"]
+    structural = set(truth.structural_edges(c.info, c.model))
+    assert structural - functional == {"embed -> 0.0.q", "embed -> 0.0.k", "embed -> 3.0.q", "embed -> 3.0.k"}
+
+
+@pytest.mark.parametrize("name", ["reverse", "shuffle_dyck2"])
+def test_edge_forward_is_the_model_and_node_removal_is_zero_ablation(compiled, name):
+    c = compiled[name]
+    tokens = all_inputs(c)[-1][:64]
+    assert torch.allclose(truth.edge_forward(c.model, tokens), c.model(tokens), atol=1e-5)
+    comps = truth.truth_components(c.info)
+    for node in comps:
+        removed = {e for e in truth.all_edges(c.model) if e.split(" -> ")[0] == node}
+        kept = [x for x in comps if x != node]
+        assert torch.allclose(truth.edge_forward(c.model, tokens, removed), prune(c.model, kept, "zero")(tokens),
+                              atol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["zero", "mean"])
+def test_pruned_compiled_model_equals_hook_ablation(compiled, scheme):
+    c = compiled["reverse"]
+    tokens = all_inputs(c)[-1]
+    means = mean_activations(c.model, tokens) if scheme == "mean" else None
+    hooked = to_hooked(c.model)
+    assert torch.allclose(hooked(tokens), c.model(tokens), atol=1e-5)
+    for kept in (["0.0", "MLP 0", "MLP 1", "MLP 2", "3.0"], ["3.0", "MLP 2"], ["0.0", "MLP 1"]):
+        ablated = [x for x in ["0.0", "1.0", "2.0", "3.0", "MLP 0", "MLP 1", "MLP 2", "MLP 3"] if x not in kept]
+        with torch.no_grad():
+            want = hooked.run_with_hooks(tokens, fwd_hooks=ablation_hooks(ablated, scheme, means))
+            got = prune(c.model, kept, scheme, means)(tokens)
+        assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_model_and_task_resolve_by_name(compiled):
+    from circuitlib.loading import load_model
+    from circuitlib.tasks import get_task
+
+    model, info = load_model("tracr-xproportion")
+    assert model.cfg.name == "tracr-xproportion" and not info.categorical
+    task = get_task("tracr-xproportion")
+    inputs = task.inputs(cap=10)
+    assert [t.shape for t in inputs] == [(4, 2), (10, 3), (10, 4), (10, 5), (10, 6)]
+    assert accuracy(task.compiled, model(inputs[2]), model(inputs[2])) == 1.0
