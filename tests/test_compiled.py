@@ -35,12 +35,13 @@ def all_inputs(c):
 
 @pytest.mark.parametrize("name", list(BUILTIN))
 def test_conversion_equals_tracr_on_every_input(compiled, name):
+    import jax
     import jax.numpy as jnp
 
     c = compiled[name]
-    n = 0
+    n, forward = 0, jax.jit(c.tracr_model.forward)   # Tracr's own forward pass, compiled by JAX
     for tokens in all_inputs(c):
-        out = c.tracr_model.forward(c.tracr_model.params, jnp.asarray(tokens.numpy()))
+        out = forward(c.tracr_model.params, jnp.asarray(tokens.numpy()))
         theirs = out.transformer_output
         x = c.model.embed(tokens)
         for l, layer in enumerate(c.model.layers):  # every residual: after attention, after the MLP
@@ -160,7 +161,7 @@ def test_reverse_functional_edges_equal_acdc(compiled):
 @pytest.mark.parametrize("name", ["reverse", "shuffle_dyck2"])
 def test_edge_forward_is_the_model_and_node_removal_is_zero_ablation(compiled, name):
     c = compiled[name]
-    tokens = all_inputs(c)[-1][:64]
+    tokens = all_inputs(c)[-1][:16]
     assert torch.allclose(truth.edge_forward(c.model, tokens), c.model(tokens), atol=1e-5)
     comps = truth.truth_components(c.info)
     for node in comps:
@@ -195,3 +196,42 @@ def test_model_and_task_resolve_by_name(compiled):
     inputs = task.inputs(cap=10)
     assert [t.shape for t in inputs] == [(4, 2), (10, 3), (10, 4), (10, 5), (10, 6)]
     assert accuracy(task.compiled, model(inputs[2]), model(inputs[2])) == 1.0
+
+
+# ---- Algorithm 1 on compiled models --------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(BUILTIN))
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_greedy_recovers_the_true_components_on_mixed_lengths(compiled, name, ablation):
+    from circuitlib.compiled import scoring
+
+    c = compiled[name]
+    inputs = CompiledTask(c).inputs(cap=40 if name == "shuffle_dyck2" else 100)
+    circuits = [scoring.greedy(c, inputs, inputs, a, ablation=ablation) for a in (0.0, 1e-3, 10.0)]
+    scores = scoring.roc(c, circuits)
+    assert 1e-3 in scores["exact_alphas"]
+    assert scores["tpr"][0] == 1.0 and scores["tpr"][-1] == 0.0 and scores["fpr"][-1] == 0.0
+    assert scores["auc"] == pytest.approx(1.0)
+
+
+def test_one_length_data_hides_reverse_length_computation(compiled):
+    from circuitlib.compiled import scoring
+
+    found = scoring.failure_modes(compiled["reverse"])
+    hidden = {"0.0", "MLP 0", "MLP 1", "MLP 2"}
+    assert {c for c, v in found["mean, full length only"].items() if v == 0} == hidden
+    assert {c for c, v in found["zero, full length only"].items() if v == 0} == {"0.0"}   # max length decoded
+    assert all(v > 0.01 for key in ("mean, mixed lengths", "zero, mixed lengths") for v in found[key].values())
+
+
+def test_pooled_means_equal_per_length_means_weighted(compiled):
+    from circuitlib.compiled import scoring
+
+    c = compiled["reverse"]
+    inputs = CompiledTask(c).inputs()
+    pooled = scoring.pooled_means(c.model, inputs)
+    last = mean_activations(c.model, inputs[-1])
+    assert torch.allclose(pooled.z[..., -1, :], last.z[..., -1, :], atol=1e-6)   # only the longest reach it
+    counts = torch.tensor([len(t) for t in inputs], dtype=torch.float64)
+    want = sum(mean_activations(c.model, t).mlp[:, 0].double() * n for t, n in zip(inputs, counts)) / counts.sum()
+    assert torch.allclose(pooled.mlp[:, 0].double(), want, atol=1e-5)
