@@ -235,3 +235,51 @@ def test_pooled_means_equal_per_length_means_weighted(compiled):
     counts = torch.tensor([len(t) for t in inputs], dtype=torch.float64)
     want = sum(mean_activations(c.model, t).mlp[:, 0].double() * n for t, n in zip(inputs, counts)) / counts.sum()
     assert torch.allclose(pooled.mlp[:, 0].double(), want, atol=1e-5)
+
+
+# ---- the command line --------------------------------------------------------------------------
+
+def test_cli_groundtruth_json(compiled, capsys):
+    from circuitlib.cli import main
+
+    assert main(["groundtruth", "xproportion", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["truth_components"] == ["MLP 0", "1.0"] and set(report["found_components"]) == {"MLP 0", "1.0"}
+    assert report["exact"] is True and report["accuracy"] == 1.0
+    assert set(report["truth_edges"]) == ACDC_EDGES["xproportion"] - {"embed -> 1.0.q", "embed -> 1.0.k"}
+    assert set(report["found_edges"]) == set(report["truth_edges"])
+
+
+def test_cli_groundtruth_user_program_file(tmp_path, capsys):
+    from circuitlib.cli import main
+
+    path = tmp_path / "double.py"
+    path.write_text("from tracr.rasp import rasp\nprogram = rasp.numerical(rasp.Map(lambda x: 2 * x, rasp.tokens))\n"
+                    "vocab = {1, 2, 3}\nmax_seq_len = 3\n")
+    assert main(["groundtruth", str(path), "--json", "--alpha", "1e-6"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["truth_components"] == ["MLP 0"] and report["exact"] is True
+
+
+@pytest.mark.parametrize("text, message", [
+    ("x = 1\n", "does not define program, vocab, max_seq_len"),
+    ("raise RuntimeError('boom')\n", "failed to run: RuntimeError: boom"),
+    ("from tracr.rasp import rasp\nprogram = rasp.Aggregate(rasp.Select(rasp.tokens, rasp.tokens, "
+     "rasp.Comparison.EQ), rasp.numerical(rasp.tokens))\nvocab = {1, 2}\nmax_seq_len = 3\n", "Tracr cannot compile"),
+])
+def test_cli_groundtruth_bad_program_file(tmp_path, capsys, text, message):
+    from circuitlib.cli import main
+
+    path = tmp_path / "bad.py"
+    path.write_text(text)
+    assert main(["groundtruth", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not list((tmp_path).glob("tracr*"))
+
+
+def test_cli_groundtruth_unknown_program(capsys):
+    from circuitlib.cli import main
+
+    assert main(["groundtruth", "nope"]) == 2
+    assert "unknown Tracr program 'nope'" in capsys.readouterr().err
