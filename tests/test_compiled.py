@@ -250,9 +250,10 @@ def test_cli_groundtruth_json(compiled, capsys):
     assert set(report["found_edges"]) == set(report["truth_edges"])
 
 
-def test_cli_groundtruth_user_program_file(tmp_path, capsys):
+def test_cli_groundtruth_user_program_file(tmp_path, capsys, monkeypatch):
     from circuitlib.cli import main
 
+    monkeypatch.setenv("CIRCUITLIB_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "double.py"
     path.write_text("from tracr.rasp import rasp\nprogram = rasp.numerical(rasp.Map(lambda x: 2 * x, rasp.tokens))\n"
                     "vocab = {1, 2, 3}\nmax_seq_len = 3\n")
@@ -267,15 +268,16 @@ def test_cli_groundtruth_user_program_file(tmp_path, capsys):
     ("from tracr.rasp import rasp\nprogram = rasp.Aggregate(rasp.Select(rasp.tokens, rasp.tokens, "
      "rasp.Comparison.EQ), rasp.numerical(rasp.tokens))\nvocab = {1, 2}\nmax_seq_len = 3\n", "Tracr cannot compile"),
 ])
-def test_cli_groundtruth_bad_program_file(tmp_path, capsys, text, message):
+def test_cli_groundtruth_bad_program_file(tmp_path, capsys, monkeypatch, text, message):
     from circuitlib.cli import main
 
+    monkeypatch.setenv("CIRCUITLIB_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "bad.py"
     path.write_text(text)
     assert main(["groundtruth", str(path)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
-    assert not list((tmp_path).glob("tracr*"))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.json"))
 
 
 def test_cli_groundtruth_unknown_program(capsys):
@@ -283,3 +285,28 @@ def test_cli_groundtruth_unknown_program(capsys):
 
     assert main(["groundtruth", "nope"]) == 2
     assert "unknown Tracr program 'nope'" in capsys.readouterr().err
+
+
+# ---- distractors -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pair", [("reverse", "hist"), ("xproportion", "shuffle_dyck2")])
+def test_distractor_model_computes_both_programs_and_greedy_prunes_the_distractor(compiled, pair):
+    from circuitlib.compiled import scoring
+    from circuitlib.compiled.distractors import side_by_side
+
+    target, other = compiled[pair[0]], compiled[pair[1]]
+    both, distractor, to_other = side_by_side(target, other)
+    inputs = CompiledTask(both).inputs(cap=60)
+    for tokens in inputs:     # the target's output is unchanged, and the distractor's block computes its program
+        assert torch.allclose(both.model(tokens), target.model(tokens), atol=1e-5)
+        theirs = other.model.residual(torch.tensor(to_other)[tokens])
+        assert torch.allclose(both.model.residual(tokens)[..., target.model.cfg.d_model:], theirs, atol=1e-5)
+    busy_heads = [c for c in distractor if not c.startswith("MLP")]
+    target_layers = {int(c.split(".")[0]) for c in target.info.structure["components"] if not c.startswith("MLP")}
+    assert {int(c.split(".")[0]) for c in busy_heads} & target_layers   # both programs' heads in one layer
+    circuit = scoring.greedy(both, inputs, inputs, 1e-3, ablation="mean")
+    truth = set(target.info.structure["components"])
+    shared_mlps = {c for c in distractor if c.startswith("MLP") and c in truth}
+    assert set(circuit.kept) == truth, (circuit.kept, truth, shared_mlps)
+    assert not set(circuit.kept) & (set(distractor) - shared_mlps)
+
