@@ -70,7 +70,16 @@ def test_models_have_the_architecture_the_issue_asks_for(compiled):
     assert any(c.n_heads > 1 for c in cfgs.values())
     kinds = {c.info.categorical for c in compiled.values()}
     assert kinds == {True, False}
-    assert len({c.info.bos_id for c in compiled.values()}) > 1 or len({c.cfg.d_vocab for c in cfgs.values()}) > 1
+    bos = {name: dict(c.info.token_ids)["BOS"] for name, c in compiled.items()}
+    assert bos == {name: c.info.bos_id for name, c in compiled.items()} and len(set(bos.values())) > 1
+    assert {name: c.model.cfg.d_vocab_out for name, c in compiled.items()} == \
+        {name: len(c.info.output_values) for name, c in compiled.items()}
+
+
+def test_input_space_respects_the_programs_domain(compiled):
+    sizes = [len(t) for t in CompiledTask(compiled["sort_unique"]).inputs()]
+    assert sizes == [5, 20, 60, 120]      # distinct tokens only: 5, 5*4, 5*4*3, 5*4*3*2
+    assert [len(t) for t in CompiledTask(compiled["reverse"]).inputs()] == [3, 9, 27, 81, 243]
 
 
 def test_cache_round_trip_without_jax(compiled, tmp_path):
@@ -310,3 +319,52 @@ def test_distractor_model_computes_both_programs_and_greedy_prunes_the_distracto
     assert set(circuit.kept) == truth, (circuit.kept, truth, shared_mlps)
     assert not set(circuit.kept) & (set(distractor) - shared_mlps)
 
+
+
+def test_divergence_metrics():
+    from circuitlib.compiled.scoring import divergence
+
+    torch.manual_seed(0)
+    full, other = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
+    assert torch.allclose(divergence(True, full, full), torch.zeros(3, dtype=torch.float64))
+    p, q = full.double().log_softmax(-1), other.double().log_softmax(-1)
+    kl = (p.exp() * (p - q)).sum(-1)                                     # [3, 4]
+    assert torch.allclose(divergence(True, full, other), kl[:, 1:].mean(-1))      # BOS left out
+    assert torch.allclose(divergence(True, full, other, "last"), kl[:, -1])
+    a, b = full[..., :1], other[..., :1]
+    assert torch.allclose(divergence(False, a, b), (b - a).double().pow(2)[:, 1:, 0].mean(-1))
+    with pytest.raises(ValueError, match="unknown position"):
+        divergence(True, full, other, "first")
+
+
+def test_extract_fast_path_equals_plain_on_a_bidirectional_model(compiled):
+    from circuitlib.extract import extract
+
+    c = compiled["reverse"]
+    tokens = CompiledTask(c).inputs([5])[0]        # one length, BOS shared by every input
+    for ablation in ("mean", "zero"):
+        fast = extract(c.model, tokens, tokens, alpha=1e-3, ablation=ablation, include_mlps=True, progress=False)
+        plain = extract(c.model, tokens, tokens, alpha=1e-3, ablation=ablation, include_mlps=True, method="plain",
+                        progress=False)
+        assert [d.pruned for d in fast.decisions] == [d.pruned for d in plain.decisions]
+        assert [d.kl_after for d in fast.decisions] == pytest.approx([d.kl_after for d in plain.decisions], abs=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_extract_fast_path_equals_plain_with_a_shared_start(causal):
+    """A bidirectional model's shared first token is not the same in g as in f: the fast path must recompute it."""
+    from circuitlib.extract import extract
+    from circuitlib.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(name="random-bidirectional", arch="gpt2", n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32,
+                      d_vocab=11, n_ctx=8, causal=causal)
+    model = Transformer(cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if p.dim() == 1 and p.shape[0] == 16 else 0.0))
+    tokens = torch.randint(0, 10, (24, 6), generator=gen)
+    tokens[:, :2] = 10                       # two leading positions shared by every prompt
+    fast = extract(model, tokens[:12], tokens[12:], alpha=1e-3, include_mlps=True, progress=False)
+    plain = extract(model, tokens[:12], tokens[12:], alpha=1e-3, include_mlps=True, method="plain", progress=False)
+    assert [d.kl_after for d in fast.decisions] == pytest.approx([d.kl_after for d in plain.decisions], abs=1e-5)

@@ -14,6 +14,10 @@ Built-in programs (`BUILTIN`):
 - shuffle_dyck2: `make_shuffle_dyck2()`: 1 if the brackets "()" and "{}" balance (shuffled Dyck-2);
                  two pair balances side by side, so more than one head in a layer. max_seq_len 4.
 
+The metric that fits each output (`scoring.divergence`): reverse, hist, sort_unique and
+shuffle_dyck2 have categorical outputs (KL over the output values); xproportion has a numerical
+one (squared error). Every position but BOS counts (the last-position variant is an option).
+
 A user's file is plain Python that defines `program`, `vocab` and `max_seq_len` (see `load_file`).
 Nothing here imports Tracr until a program is built.
 """

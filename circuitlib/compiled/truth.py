@@ -94,8 +94,7 @@ def read_structure(graph, sources, craft_model, sink) -> dict:
                     {"q": labels(head.w_qk.left_space), "k": labels(head.w_qk.right_space),
                      "v": labels(head.w_ov.input_space)})
     return {"components": dict(sorted(components.items(), key=lambda kv: _rank(kv[0]))),
-            "output": labels(__import__("tracr.craft.bases", fromlist=["bases"]).VectorSpaceWithBasis(
-                sink[nodes.OUTPUT_BASIS]))}
+            "output": sorted(direction_label(d) for d in sink[nodes.OUTPUT_BASIS])}
 
 
 def _rank(name: str) -> tuple:
