@@ -319,7 +319,7 @@ def _groundtruth(args) -> int:
           f"seed {report['seed']})")
     print(f"truth:  {' '.join(report['truth_components'])}")
     print(f"found:  {' '.join(report['found_components']) or '(nothing)'}")
-    print(f"exact: {report['exact']}; TPR {report['tpr']:.2f}, FPR {report['fpr']:.2f}; missed: {' '.join(missed) or '-'}; "
-          f"extra: {' '.join(extra) or '-'}; accuracy of the circuit over the input space {report['accuracy']:.3f}")
+    print(f"exact: {report['exact']}; TPR {report['tpr']:.2f}, FPR {report['fpr']:.2f}; "
+          f"missed: {' '.join(missed) or '-'}; extra: {' '.join(extra) or '-'}; accuracy of the circuit over the input space {report['accuracy']:.3f}")
     print(f"true edges ({len(report['truth_edges'])}): {', '.join(report['truth_edges'])}")
     return 0

@@ -363,7 +363,8 @@ def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, 
         batch_candidates = model.device.type == "cuda"
     # A shared start is left alone only where attention is causal (later tokens cannot change it).
     shared = scheme == "mean" and model.cfg.causal
-    fast = _FastPath(model, validation, scheme, means, prefix=shared_prefix_length(patching, validation) if shared else 0)
+    fast = _FastPath(model, validation, scheme, means,
+                     prefix=shared_prefix_length(patching, validation) if shared else 0)
     states, start = [_State(list(range(len(alphas))), [], 0.0, [])], cfg.n_layers - 1
     if resume is not None:
         states, start = _resumed_states(resume, alphas, names, fast)

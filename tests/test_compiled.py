@@ -57,7 +57,8 @@ def test_conversion_equals_tracr_on_every_input(compiled, name):
             np.testing.assert_allclose(ours[..., 0].numpy(), np.asarray(out.unembedded_output), atol=1e-5)
         n += len(tokens)
     first = all_inputs(c)[-1][0]
-    decoded = c.tracr_model.apply(["BOS"] + [dict((i, t) for t, i in c.info.token_ids)[int(t)] for t in first[1:]]).decoded
+    token_of = {i: t for t, i in c.info.token_ids}
+    decoded = c.tracr_model.apply(["BOS"] + [token_of[int(t)] for t in first[1:]]).decoded
     logits = c.model(first[None])[0].detach()
     mine = [c.info.output_values[int(i)] for i in logits.argmax(-1)] if c.info.categorical else logits[:, 0].tolist()
     assert mine[1:] == pytest.approx(decoded[1:], abs=1e-5) if not c.info.categorical else mine[1:] == decoded[1:]
@@ -221,6 +222,17 @@ def test_greedy_recovers_the_true_components_on_mixed_lengths(compiled, name, ab
     assert 1e-3 in scores["exact_alphas"]
     assert scores["tpr"][0] == 1.0 and scores["tpr"][-1] == 0.0 and scores["fpr"][-1] == 0.0
     assert scores["auc"] == pytest.approx(1.0)
+
+
+def test_greedy_head_order_and_last_position_variant(compiled):
+    from circuitlib.compiled import scoring
+
+    c = compiled["shuffle_dyck2"]             # four heads in layer 1: the head order matters here if anywhere
+    inputs = CompiledTask(c).inputs(cap=40)
+    truth_set = set(c.info.structure["components"])
+    for order in ("heads-ascending", "heads-descending"):
+        circuit = scoring.greedy(c, inputs, inputs, 1e-3, order=order, position="last")
+        assert set(circuit.kept) == truth_set and circuit.order == order
 
 
 def test_one_length_data_hides_reverse_length_computation(compiled):

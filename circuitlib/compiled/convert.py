@@ -35,7 +35,8 @@ def from_tracr(assembled, output_columns: list[int], name: str, max_seq_len: int
                       d_vocab=V, n_ctx=max_seq_len + 1, causal=bool(c.causal), normalization=False,
                       activation="relu", d_vocab_out=len(output_columns))
     if c.layer_norm:
-        raise ValueError("this Tracr model uses layer norm; circuitlib converts Tracr's compiled models, which have none")
+        raise ValueError("this Tracr model uses layer norm; circuitlib converts Tracr's compiled models, "
+                         "which have none")
     W_U = np.zeros((D, len(output_columns)), dtype=np.float32)
     W_U[output_columns, np.arange(len(output_columns))] = 1.0
     state = {"W_E": W_E, "W_pos": params["pos_embed"]["embeddings"], "W_U": W_U}

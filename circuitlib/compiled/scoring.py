@@ -199,19 +199,21 @@ def groundtruth_report(program: str, method: str = "greedy", seed: int = 0, alph
     inputs = task.inputs(cap=INPUTS_PER_LENGTH, seed=seed)
     circuit = greedy(compiled, inputs, inputs, alpha, ablation=ablation)
     model, info = compiled.model, compiled.info
-    truth_components = truth.truth_components(info)
+    true_components = truth.truth_components(info)
     structural = truth.structural_edges(info, model)
     found = set(circuit.kept)
-    found_edges = [e for e in truth.structural_edges(info, model, bos_plumbing=False) if all(end in ("embed", "pos", "logits") or end in found
-                                                for end in (e.split(" -> ")[0], truth._node(e.split(" -> ")[1])))]
+    ends = ("embed", "pos", "logits")     # always there: a node method keeps or removes heads and MLPs only
+    found_edges = [e for e in truth.structural_edges(info, model, bos_plumbing=False)
+                   if all(end in ends or end in found
+                          for end in (e.split(" -> ")[0], truth.node_of(e.split(" -> ")[1])))]
     truth_edges = truth.functional_edges(info, model, task.inputs(), bos_plumbing=False)
     every = task.inputs()
     means = pooled_means(model, every) if ablation == "mean" else None
     pruned = prune(model, circuit.kept, ablation, means)
     acc = sum(accuracy(compiled, model(t), pruned(t)) * len(t) for t in every) / sum(len(t) for t in every)
-    tpr, fpr = rates(circuit.kept, truth_components, components_of(model))
+    tpr, fpr = rates(circuit.kept, true_components, components_of(model))
     return {"program": compiled.name, "method": method, "seed": seed, "alpha": alpha, "ablation": ablation,
-            "truth_components": truth_components, "found_components": circuit.kept,
+            "truth_components": true_components, "found_components": circuit.kept,
             "truth_edges": truth_edges, "found_edges": found_edges, "structural_edges": structural,
-            "exact": set(circuit.kept) == set(truth_components), "tpr": tpr, "fpr": fpr,
+            "exact": set(circuit.kept) == set(true_components), "tpr": tpr, "fpr": fpr,
             "accuracy": acc}

@@ -107,14 +107,14 @@ def _rank(name: str) -> tuple:
     return (layer, 0 if head is not None else 1, head or 0)
 
 
-def _node(reader: str) -> str:
+def node_of(reader: str) -> str:
     """The node a reader belongs to: "L.H" for "L.H.q/k/v", else the reader itself."""
     return reader if reader == LOGITS or reader.startswith("MLP") else reader.rsplit(".", 1)[0]
 
 
 def precedes(writer: str, reader: str) -> bool:
     """Is `writer` computed before `reader` reads the residual stream? (heads of one layer read together)"""
-    return _rank(writer)[:2] < _rank(_node(reader))[:2]
+    return _rank(writer)[:2] < _rank(node_of(reader))[:2]
 
 
 # ---- the truth (no Tracr needed) -------------------------------------------------------------------
@@ -162,7 +162,7 @@ def structural_edges(info, model: Transformer, bos_plumbing: bool = True) -> lis
     plumbing = bos_directions(info)
     edges = []
     for reader, seen in reads.items():
-        kind = reader.rsplit(".", 1)[1] if _node(reader) != reader else None
+        kind = reader.rsplit(".", 1)[1] if node_of(reader) != reader else None
         for writer, written in writes.items():
             shared = written & seen if precedes(writer, reader) else set()
             if not bos_plumbing and writer == EMBED and kind in plumbing:
@@ -174,7 +174,7 @@ def structural_edges(info, model: Transformer, bos_plumbing: bool = True) -> lis
 
 def _edge_order(edge: str) -> tuple:
     writer, reader = edge.split(" -> ")
-    return _rank(_node(reader)), reader, _rank(writer)
+    return _rank(node_of(reader)), reader, _rank(writer)
 
 
 def merge_embeddings(edges: list[str]) -> list[str]:
