@@ -269,6 +269,16 @@ def test_cli_groundtruth_json(compiled, capsys):
     assert report["exact"] is True and report["accuracy"] == 1.0
     assert set(report["truth_edges"]) == ACDC_EDGES["xproportion"] - {"embed -> 1.0.q", "embed -> 1.0.k"}
     assert set(report["found_edges"]) == set(report["truth_edges"])
+    assert report["edge_scores"] == {"precision": 1.0, "recall": 1.0, "exact": True}
+
+
+def test_edge_scores():
+    from circuitlib.compiled.scoring import edge_scores
+
+    truth_edges = ["embed -> MLP 0", "MLP 0 -> 1.0.v", "1.0 -> logits"]
+    found = ["embed -> MLP 0", "1.0 -> logits", "pos -> 1.0.q", "embed -> 1.0.q"]
+    assert edge_scores(found, truth_edges) == {"precision": 0.5, "recall": 2 / 3, "exact": False}
+    assert edge_scores(truth_edges[::-1], truth_edges)["exact"] is True
 
 
 def test_cli_groundtruth_user_program_file(tmp_path, capsys, monkeypatch):

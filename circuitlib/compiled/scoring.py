@@ -134,6 +134,14 @@ def rates(kept: list[str], truth: list[str], universe: list[str]) -> tuple[float
     return tpr, fpr
 
 
+def edge_scores(found: list[str], truth: list[str]) -> dict:
+    """Precision, recall and exact match of a found edge set against the true one ("WRITER -> READER" names)."""
+    found, truth = set(found), set(truth)
+    hits = len(found & truth)
+    return {"precision": hits / len(found) if found else 1.0, "recall": hits / len(truth) if truth else 1.0,
+            "exact": found == truth}
+
+
 def roc(compiled: Compiled, circuits: list[Circuit], truth: list[str] | None = None) -> dict:
     """TPR/FPR per alpha, the ROC curve's AUC (trapezoids through (0, 0) and (1, 1)), and the exact alphas."""
     truth = truth_components(compiled.info) if truth is None else truth
@@ -216,4 +224,4 @@ def groundtruth_report(program: str, method: str = "greedy", seed: int = 0, alph
             "truth_components": true_components, "found_components": circuit.kept,
             "truth_edges": truth_edges, "found_edges": found_edges, "structural_edges": structural,
             "exact": set(circuit.kept) == set(true_components), "tpr": tpr, "fpr": fpr,
-            "accuracy": acc}
+            "edge_scores": edge_scores(found_edges, truth_edges), "accuracy": acc}
