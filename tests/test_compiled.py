@@ -196,6 +196,20 @@ def test_pruned_compiled_model_equals_hook_ablation(compiled, scheme):
         assert torch.allclose(got, want, atol=1e-4)
 
 
+def test_pruned_equals_hook_ablation_with_means_pooled_over_lengths(compiled):
+    from circuitlib.compiled.scoring import pooled_means
+
+    c = compiled["sort_unique"]
+    inputs = all_inputs(c)
+    means = pooled_means(c.model, inputs)
+    hooked = to_hooked(c.model)
+    pruned = prune(c.model, ["1.0", "MLP 1"], "mean", means)
+    with torch.no_grad():
+        for tokens in inputs:                     # every length reads the first S rows of the pooled means
+            want = hooked.run_with_hooks(tokens, fwd_hooks=ablation_hooks(["0.0", "MLP 0"], "mean", means))
+            assert torch.allclose(pruned(tokens), want, atol=1e-4)
+
+
 def test_model_and_task_resolve_by_name(compiled):
     from circuitlib.loading import load_model
     from circuitlib.tasks import get_task
@@ -390,3 +404,13 @@ def test_extract_fast_path_equals_plain_with_a_shared_start(causal):
     fast = extract(model, tokens[:12], tokens[12:], alpha=1e-3, include_mlps=True, progress=False)
     plain = extract(model, tokens[:12], tokens[12:], alpha=1e-3, include_mlps=True, method="plain", progress=False)
     assert [d.kl_after for d in fast.decisions] == pytest.approx([d.kl_after for d in plain.decisions], abs=1e-5)
+
+
+def test_the_text_task_pipeline_refuses_compiled_programs_in_one_line(capsys, tmp_path):
+    from circuitlib.cli import main
+
+    for model, task in (("tracr-reverse", "tracr-reverse"), ("tracr-reverse", "ioi"), ("tiny-gpt2", "tracr-hist")):
+        assert main(["extract", "--model", model, "--task", task, "--alpha", "0.01", "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert "python -m circuitlib groundtruth PROGRAM" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
