@@ -3,7 +3,8 @@
 **Metrics** (`divergence`), at every position but BOS (`position="all"`) or at the last one only
 (`"last"`, the variant of the paper's language tasks), averaged over inputs of every length:
 - categorical output: KL(f || g) over the output values, from softmax of the output columns
-  (Edge Pruning's loss for reverse);
+  (Edge Pruning's loss for reverse is the same KL at positions 1.., summed over positions where
+  this averages them: a constant factor, S - 1, on inputs of one length);
 - numerical output: the squared error (g - f)^2 of the output value (MSE).
 
 **Means pooled per position.** Inputs of different lengths never share a batch (no padding), but
