@@ -46,6 +46,10 @@ _API = {
     "TaskSplit": "tasks", "TaskData": "tasks", "make_split": "tasks", "TASK_NAMES": "tasks",
     "standard_metric": "tasks.measures", "standard_metric_name": "tasks.measures",
     "best_constant_answer": "tasks.measures", "constant_answer_metric": "tasks.measures",
+    # compiled programs: a known circuit
+    "load_compiled": "models.compiled.compile", "truth_components": "models.compiled.truth",
+    "structural_edges": "models.compiled.truth", "functional_edges": "models.compiled.truth",
+    "side_by_side": "models.compiled.distractors",
     # discovery
     "extract": "discovery.greedy", "sweep": "discovery.greedy", "traversal": "discovery.greedy",
     "Circuit": "discovery.greedy", "Decision": "discovery.greedy",
@@ -61,6 +65,7 @@ _API = {
     "run_extraction": "pipeline.extraction", "load_run": "pipeline.extraction",
     "evaluate_saved": "pipeline.extraction", "full_reference": "pipeline.extraction",
     "measure": "pipeline.extraction", "export_onnx": "pipeline.export",
+    "groundtruth_report": "pipeline.groundtruth", "failure_modes": "pipeline.groundtruth",
     # studies
     "load_spec": "studies.spec", "parse_spec": "studies.spec", "run_study": "studies.runner",
     "study_table": "studies.runner", "study_status": "studies.runner",

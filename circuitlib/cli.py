@@ -1,4 +1,4 @@
-"""Command line: `python -m circuitlib extract ...` and `python -m circuitlib evaluate DIR`.
+"""Command line: `python -m circuitlib extract ...`, `python -m circuitlib evaluate DIR`, `... groundtruth PROGRAM`.
 
 Errors in the input (a bad alpha, an unknown model, an occupied output folder, ...) end with one
 line on stderr naming the problem and the fix, exit status 2, and nothing written.
@@ -56,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_edges_parser(sub)
 
     _add_study_parser(sub)
+    gt = sub.add_parser("groundtruth", help="find the circuit of a Tracr-compiled RASP program and score it "
+                                            "against the compiler's ground truth")
+    gt.add_argument("program", help="a built-in program (reverse, xproportion, hist, sort_unique, shuffle_dyck2) "
+                                    "or a .py file defining program, vocab and max_seq_len")
+    gt.add_argument("--method", default="greedy", choices=("greedy", "edges"))
+    gt.add_argument("--seed", type=int, default=0, help="seed of the inputs drawn per length")
+    gt.add_argument("--alpha", type=str, default="0.001", help="greedy threshold (KL or squared error), default 0.001")
+    gt.add_argument("--ablation", default="mean", choices=SCHEMES)
+    gt.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -247,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             return _edges(args)
         if args.command == "study":
             return _study(args)
+        if args.command == "groundtruth":
+            return _groundtruth(args)
         if args.command == "extract":
             from pathlib import Path
 
@@ -292,4 +303,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was left behind (finished results are kept)", file=sys.stderr)
         return 130
+    return 0
+
+
+def _groundtruth(args) -> int:
+    from circuitlib.pipeline.groundtruth import groundtruth_report
+    from circuitlib.discovery.greedy import check_alpha
+
+    report = groundtruth_report(args.program, args.method, args.seed, check_alpha(args.alpha), args.ablation)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    missed = [c for c in report["truth_components"] if c not in report["found_components"]]
+    extra = [c for c in report["found_components"] if c not in report["truth_components"]]
+    print(f"{report['program']} · {report['method']} ({report['ablation']} ablation, alpha {report['alpha']:g}, "
+          f"seed {report['seed']})")
+    print(f"truth:  {' '.join(report['truth_components'])}")
+    print(f"found:  {' '.join(report['found_components']) or '(nothing)'}")
+    print(f"exact: {report['exact']}; TPR {report['tpr']:.2f}, FPR {report['fpr']:.2f}; "
+          f"missed: {' '.join(missed) or '-'}; extra: {' '.join(extra) or '-'}; accuracy of the circuit over the input space {report['accuracy']:.3f}")
+    print(f"true edges ({len(report['truth_edges'])}): {', '.join(report['truth_edges'])}")
     return 0

@@ -90,9 +90,11 @@ def hooked_config(cfg: ModelConfig, device: str = "cpu"):
     n_ctx = cfg.n_ctx if cfg.arch == "gpt2" else min(cfg.n_ctx, HOOKED_ROTARY_CTX)
     common = dict(n_layers=cfg.n_layers, d_model=cfg.d_model, n_heads=cfg.n_heads, d_head=cfg.d_head,
                   d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, n_ctx=n_ctx, eps=cfg.norm_eps,
-                  default_prepend_bos=False, dtype=torch.float32, device=str(device))
+                  default_prepend_bos=False, dtype=torch.float32, device=str(device),
+                  d_vocab_out=cfg.d_vocab_out or -1, attention_dir="causal" if cfg.causal else "bidirectional")
     if cfg.arch == "gpt2":
-        return HookedTransformerConfig(**common, act_fn="gelu_new", normalization_type="LN",
+        return HookedTransformerConfig(**common, act_fn="relu" if cfg.activation == "relu" else "gelu_new",
+                                       normalization_type="LN" if cfg.normalization else None,
                                        positional_embedding_type="standard", original_architecture="GPT2LMHeadModel")
     return HookedTransformerConfig(**common, act_fn="silu", normalization_type="RMS", final_rms=True,
                                    positional_embedding_type="rotary", rotary_dim=cfg.d_head,
@@ -114,7 +116,7 @@ def to_hooked(model: Transformer):
         tl_name = _tl_name(name, model.cfg)
         if tl_name is not None:
             state[tl_name] = value
-    state["unembed.W_U"] = model.W_E.detach().T.contiguous()
+    state["unembed.W_U"] = (model.W_E.detach().T if model.W_U is None else model.W_U.detach()).contiguous()
     for name, value in target.items():  # biases absent in llama, and TransformerLens's own buffers
         state.setdefault(name, torch.zeros_like(value) if name.split(".")[-1].lstrip("_").startswith("b_") else value)
     hooked.load_state_dict(state, strict=True)
@@ -152,6 +154,8 @@ def _tl_name(name: str, cfg: ModelConfig) -> str | None:
         return "pos_embed.W_pos"
     if name.startswith("ln_final."):
         return name
+    if name == "W_U":
+        return None  # set by to_hooked, which also writes the tied unembedding
     layer, rest = name.split(".", 2)[1], name.split(".", 2)[2]
     grouped = cfg.n_kv_heads != cfg.n_heads
     if rest in ("W_Q", "W_O", "b_Q", "b_O"):

@@ -1,4 +1,4 @@
-"""Atomic writes: a file or a folder appears complete under its name, or not at all.
+"""Atomic writes (a file or a folder appears complete under its name, or not at all), and the cache folder.
 
 Everything circuitlib saves goes through these: the content is written under a temporary name in
 the same folder and renamed into place, so a killed process leaves no half-written result. An
@@ -68,3 +68,14 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
     except OSError as e:
         raise ValueError(f"cannot write the run folder {out_dir}: {parent} is not writable ({e.strerror}); "
                          "choose another --out") from None
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """circuitlib's cache folder: ``cache_dir``, else ``$CIRCUITLIB_CACHE``, else
+    ``$XDG_CACHE_HOME/circuitlib``, else ``~/.cache/circuitlib``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("CIRCUITLIB_CACHE"):
+        return Path(os.environ["CIRCUITLIB_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "circuitlib"

@@ -7,6 +7,10 @@ so every tensor here lines up with a TransformerLens hook point of the same name
 Two architecture families are supported:
 - "gpt2":  LayerNorm, learned position embeddings, GELU (tanh) MLP, biases everywhere;
 - "llama": RMSNorm, rotary positions, gated SiLU MLP, grouped K/V heads, no biases.
+Four config fields widen the "gpt2" family to the transformers Tracr compiles (`circuitlib.models.compiled`):
+bidirectional attention (`causal=False`), no normalisation (`normalization=False`), ReLU MLPs
+(`activation="relu"`) and an unembedding of its own with its own output size (`d_vocab_out`). Their
+defaults leave every other model exactly as it was.
 
 A `Layer` holds only the heads it keeps (`heads`: their original indices) and may hold no MLP at all.
 What the removed parts wrote to the residual stream under mean ablation is added back as a
@@ -53,10 +57,19 @@ class ModelConfig:
     n_kv_heads: int = 0  # 0 means "same as n_heads" (no grouping)
     norm_eps: float = 1e-5
     rotary_base: float = 10000.0
+    causal: bool = True         # False: every position attends to every position
+    normalization: bool = True  # False: no LayerNorm / RMSNorm anywhere (the norms are the identity)
+    activation: str = ""        # MLP activation: "" = the family's own (GELU-tanh, gated SiLU); "relu" (gpt2 only)
+    d_vocab_out: int = 0        # 0: unembedding tied to W_E; > 0: an own unembedding W_U [d_model, d_vocab_out]
 
     def __post_init__(self):
         if self.arch not in ("gpt2", "llama"):
             raise ValueError(f"unknown architecture {self.arch!r}; use 'gpt2' or 'llama'")
+        if self.activation not in ("", "relu") or (self.activation and self.arch != "gpt2"):
+            raise ValueError(f"activation {self.activation!r} is not available for arch {self.arch!r}; "
+                             "use '' (the family's own) or 'relu' with arch 'gpt2'")
+        if self.d_vocab_out < 0:
+            raise ValueError(f"d_vocab_out must be >= 0 (0 ties the unembedding to W_E), got {self.d_vocab_out}")
         if self.n_kv_heads == 0:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.n_heads % self.n_kv_heads:
@@ -88,16 +101,22 @@ def full_plan(cfg: ModelConfig) -> list[LayerPlan]:
 
 
 class Norm(nn.Module):
-    """LayerNorm (gpt2) or RMSNorm (llama), with TransformerLens's parameter names w and b."""
+    """LayerNorm (gpt2) or RMSNorm (llama), with TransformerLens's parameter names w and b.
+
+    Without normalisation (`cfg.normalization=False`) it is the identity and holds no parameters.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.enabled = cfg.normalization
         self.rms = cfg.arch == "llama"
         self.eps = cfg.norm_eps
-        self.w = nn.Parameter(torch.ones(cfg.d_model))
-        self.b = None if self.rms else nn.Parameter(torch.zeros(cfg.d_model))
+        self.w = nn.Parameter(torch.ones(cfg.d_model)) if self.enabled else None
+        self.b = None if self.rms or not self.enabled else nn.Parameter(torch.zeros(cfg.d_model))
 
     def forward(self, x):  # [..., D] -> [..., D]
+        if not self.enabled:
+            return x
         if self.rms:
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.w
         return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
@@ -179,8 +198,8 @@ class Layer(nn.Module):
         k, v = k[:, self.kv_of_head], v[:, self.kv_of_head]  # [B, H, S, E]: each query head's K/V
         if last_only:    # the last query sees every key: no mask
             z = F.scaled_dot_product_attention(q, k, v)
-        elif p == 0:
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif p == 0 or not self.cfg.causal:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=self.cfg.causal)
         else:            # query i is position p + i and sees keys 0..p + i
             seen = torch.arange(S, device=x.device)[None, :] <= torch.arange(p, S, device=x.device)[:, None]
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
@@ -207,6 +226,8 @@ class Layer(nn.Module):
         if self.cfg.arch == "llama":
             q, k = rotate(q, self.cfg.rotary_base), rotate(k, self.cfg.rotary_base)
         scores = q @ k.transpose(-1, -2) / E ** 0.5                               # [B, H, S, S]
+        if not self.cfg.causal:
+            return scores.softmax(-1)
         causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
         return scores.masked_fill(~causal, float("-inf")).softmax(-1)
 
@@ -240,7 +261,9 @@ class Layer(nn.Module):
         out = torch.zeros_like(x)
         if self.plan.has_mlp:
             h = self.ln2(x)
-            if self.W_gate is None:
+            if self.cfg.activation == "relu":
+                out = F.relu(h @ self.W_in + self.b_in) @ self.W_out + self.b_out
+            elif self.W_gate is None:
                 out = F.gelu(h @ self.W_in + self.b_in, approximate="tanh") @ self.W_out + self.b_out
             else:
                 out = (F.silu(h @ self.W_gate) * (h @ self.W_in)) @ self.W_out
@@ -284,7 +307,8 @@ class Transformer(nn.Module):
         self.W_pos = nn.Parameter(torch.zeros(cfg.n_ctx, cfg.d_model)) if cfg.arch == "gpt2" else None
         self.layers = nn.ModuleList(Layer(cfg, p) for p in self.plan)
         self.ln_final = Norm(cfg)
-        # The unembedding is tied to W_E (GPT-2 and SmolLM2 both tie them).
+        # The unembedding is tied to W_E (GPT-2 and SmolLM2 both tie them) unless d_vocab_out gives it its own.
+        self.W_U = nn.Parameter(torch.zeros(cfg.d_model, cfg.d_vocab_out)) if cfg.d_vocab_out else None
 
     @property
     def device(self) -> torch.device:
@@ -309,8 +333,8 @@ class Transformer(nn.Module):
         return x
 
     def unembed(self, x):
-        """x: [..., D] final residual stream -> logits [..., V]."""
-        return self.ln_final(x) @ self.W_E.T
+        """x: [..., D] final residual stream -> logits [..., V] (V = d_vocab_out if the unembedding is untied)."""
+        return self.ln_final(x) @ (self.W_E.T if self.W_U is None else self.W_U)
 
     def residual(self, tokens, last_only: bool = False):
         """tokens: [B, S] -> final residual stream [B, S, D], or [B, D] at the last position."""
@@ -352,12 +376,12 @@ class Transformer(nn.Module):
         return [l for l, p in enumerate(self.plan) if p.has_mlp]
 
     def count_parameters(self) -> dict:
-        """Parameters without the token/position embeddings and the (tied) unembedding.
+        """Parameters without the token/position embeddings and the (tied or own) unembedding.
 
         Full GPT-2 Small gives 85,056,000. `ablation_bias` counts the elements of the
         mean-ablation bias buffers separately (the paper's authors did not count them).
         """
-        skip = {"W_E", "W_pos"}
+        skip = {"W_E", "W_pos", "W_U"}
         params = sum(p.numel() for n, p in self.named_parameters() if n not in skip)
         biases = sum(b.numel() for n, b in self.named_buffers() if n.endswith("_ablation"))
         return {"parameters": params, "ablation_bias": biases, "total": params + biases}
@@ -376,11 +400,12 @@ class Transformer(nn.Module):
             Sq = 1 if last else S                                          # query positions computed
             H, K = len(layer.heads), len(layer.plan.kv_heads(cfg))
             total += 2 * D * E * (H * Sq + 2 * K * S)                         # W_Q on queries, W_K and W_V
-            total += 2 * 2 * H * E * (S if last else S * (S + 1) // 2)        # scores and mixing (causal)
+            seen = S * (S + 1) // 2 if cfg.causal else S * S                 # (query, key) pairs
+            total += 2 * 2 * H * E * (S if last else seen)                    # scores and mixing
             total += 2 * H * E * D * Sq                                       # W_O
             if layer.plan.has_mlp:
                 total += 2 * D * cfg.d_mlp * Sq * (2 if layer.W_gate is None else 3)
-        return total + 2 * D * cfg.d_vocab * (1 if last_only else S)
+        return total + 2 * D * (cfg.d_vocab_out or cfg.d_vocab) * (1 if last_only else S)
 
     # ---- saving and loading ------------------------------------------------------------------
 

@@ -67,6 +67,8 @@ def prune(model: Transformer, kept: Iterable[str], scheme: str, means: Means | N
     if model.W_pos is not None:
         pruned.W_pos.copy_(model.W_pos)
     pruned.ln_final.load_state_dict(model.ln_final.state_dict())
+    if model.W_U is not None:
+        pruned.W_U.copy_(model.W_U)
     for l, (new, old) in enumerate(zip(pruned.layers, model.layers)):
         _copy_layer(new, old, l, means)
     return pruned.eval()

@@ -367,8 +367,10 @@ def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, 
         means = mean_activations(model, patching)
     if batch_candidates is None:
         batch_candidates = model.device.type == "cuda"
+    # A shared start is left alone only where attention is causal (later tokens cannot change it).
+    shared = scheme == "mean" and model.cfg.causal
     fast = FastPath(model, validation, scheme, means,
-                     prefix=shared_prefix_length(patching, validation) if scheme == "mean" else 0)
+                     prefix=shared_prefix_length(patching, validation) if shared else 0)
     states, start = [_State(list(range(len(alphas))), [], 0.0, [])], cfg.n_layers - 1
     if resume is not None:
         states, start = _resumed_states(resume, alphas, names, fast)

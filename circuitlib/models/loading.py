@@ -10,6 +10,7 @@ Three names are known (``MODEL_NAMES``); any existing directory of Hugging Face 
   checked against ``SMOLLM2_GGUF_SHA256``, dequantized once to float32 and cached as a Hugging Face
   directory (``<cache>/smollm2-135m``, see ``resolve_cache_dir``); later loads read the cache.
 - ``"tiny-gpt2"``: a small random GPT-2-shaped model built in-process, for tests and quick demos.
+- ``"tracr-<program>"`` (``load_model`` only): a RASP program compiled with Tracr (``circuitlib.models.compiled``).
 
 Every loader returns a float32 model in eval mode and its tokenizer. Models that cannot be found
 raise ``ModelNotFoundError``; weights that are there but unreadable raise ``CorruptModelError``.
@@ -44,6 +45,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from circuitlib.core.io import resolve_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -98,17 +101,6 @@ def gpt2_tokenizer() -> GPT2TokenizerFast:
         merges_file=str(GPT2_TOKENIZER_DIR / "merges.txt"),
         model_max_length=1024,
     )
-
-
-def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """circuitlib's cache folder: ``cache_dir``, else ``$CIRCUITLIB_CACHE``, else
-    ``$XDG_CACHE_HOME/circuitlib``, else ``~/.cache/circuitlib``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("CIRCUITLIB_CACHE"):
-        return Path(os.environ["CIRCUITLIB_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "circuitlib"
 
 
 def model_label(name_or_dir: str | os.PathLike) -> str:
@@ -227,10 +219,18 @@ def load_model(name_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike |
     Returns ``(circuitlib.core.model.Transformer, tokenizer)``; the Transformer's ``cfg.name`` is
     ``model_label(name_or_dir)``, except that a local folder holding a model of GPT-2 Small's exact
     shape is named "gpt2", so that the offline copy of the paper's model finds its ground-truth heads.
+
+    ``"tracr-<program>"`` (``circuitlib.models.compiled``: a RASP program compiled with Tracr, cached) returns
+    ``(Transformer, CompiledInfo)``: the program has token ids of its own, not a tokenizer.
     """
     from circuitlib.core.convert import from_hf
 
     device = check_device(device)
+    if str(name_or_dir).startswith("tracr-") and not Path(str(name_or_dir)).expanduser().is_dir():
+        from circuitlib.models.compiled.compile import load_compiled
+
+        compiled = load_compiled(str(name_or_dir), cache_dir=cache_dir)
+        return compiled.model.to(device), compiled.info
     hf_model, tokenizer = load_hf(name_or_dir, cache_dir=cache_dir)
     c = hf_model.config
     gpt2_small = c.model_type == "gpt2" and (c.n_layer, c.n_head, c.n_embd, c.vocab_size) == (12, 12, 768, 50257)

@@ -150,6 +150,10 @@ def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: s
 
     alpha = check_alpha(alpha)
     device = check_device(device)
+    if str(model_name).startswith("tracr-") or str(task_name).startswith("tracr-"):
+        raise ValueError("Tracr-compiled programs have inputs of several lengths and outputs at every position, "
+                         "which this text-task pipeline does not take; use `python -m circuitlib groundtruth PROGRAM` "
+                         "(or circuitlib.pipeline.groundtruth in code)")
     task = get_task(task_name)
     n = task.default_n if n is None else n
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:

@@ -35,10 +35,19 @@ def register_task(task: Task) -> Task:
 
 
 def get_task(name: str | os.PathLike) -> Task:
-    """The registered task called `name`, or the task in a .jsonl or .csv file (`circuitlib.tasks.files`)."""
+    """The registered task called `name`, the input space of a compiled program ("tracr-<program>"), or the
+    task in a .jsonl or .csv file (`circuitlib.tasks.files`).
+
+    A compiled program's task (`circuitlib.tasks.compiled.CompiledTask`) gives its inputs grouped by length;
+    it is not a text task and has no tokenizer.
+    """
     name = os.fspath(name)
     if name in TASKS:
         return TASKS[name]
+    if name.startswith("tracr-"):  # imported here: no JAX or Tracr for the text tasks
+        from circuitlib.tasks.compiled import get_compiled_task
+
+        return get_compiled_task(name)
     if name.endswith(SUFFIXES) or os.path.isfile(name):
         return load_task_file(name)
     raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}, or give a task file "
