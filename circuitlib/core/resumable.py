@@ -24,10 +24,13 @@ from filelock import FileLock, Timeout
 from circuitlib.core.io import atomic_write
 
 
-def tensor_digest(tokens: torch.Tensor) -> str:
-    """A short fingerprint of a token tensor (its shape and values): checkpoints record their prompts by it."""
-    data = tokens.detach().to("cpu", torch.int64).contiguous()
-    return hashlib.sha256(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()[:16]
+def tokens_digest(tokens: torch.Tensor) -> str:
+    """A short fingerprint of a token tensor: the first 16 hex digits of the SHA-256 of its int64 ids.
+
+    The one fingerprint of prompts in circuitlib: study units are keyed by it (so it must not change:
+    every committed unit's key depends on it), saved runs and checkpoints record their prompts by it.
+    """
+    return hashlib.sha256(tokens.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def parameters_digest(module: torch.nn.Module) -> str:

@@ -15,7 +15,6 @@ folder that a pruned model can be evaluated from on its own (no TransformerLens,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,12 +32,8 @@ from circuitlib.core.model import Transformer
 from circuitlib.core.surgery import prune
 from circuitlib.tasks.files import FileTask, load_task_file
 from circuitlib.core.io import write_folder
+from circuitlib.core.resumable import tokens_digest
 from circuitlib.tasks import SPLITS, TaskData, TaskSplit, get_task
-
-def tokens_digest(tokens: torch.Tensor) -> str:
-    """A short fingerprint of a token tensor, to check that regenerated prompts are the same."""
-    return hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest()[:16]
-
 
 def prompts_digest(data: TaskData, splits=("patching", "validation", "test")) -> str:
     """The fingerprints of some splits of a task's data, joined: "<patching>-<validation>-<test>" by default."""

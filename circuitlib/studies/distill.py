@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from circuitlib.core.metrics import accuracy
 from circuitlib.core.model import ModelConfig, Transformer, full_plan
-from circuitlib.core.resumable import load_checkpoint, parameters_digest, result_lock, save_checkpoint, tensor_digest
+from circuitlib.core.resumable import load_checkpoint, parameters_digest, result_lock, save_checkpoint, tokens_digest
 
 
 def _layer_parameters(cfg: ModelConfig) -> int:
@@ -214,7 +214,7 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
     settings = {"teacher": teacher.cfg.name, "student": student.cfg.name, "student_init": parameters_digest(student),
                 "steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size, "eval_every": eval_every,
                 "patience": patience, "min_improvement": min_improvement, "device": device.type,
-                "tokens": tensor_digest(tokens), "validation": tensor_digest(val_tokens)}
+                "tokens": tokens_digest(tokens), "validation": tokens_digest(val_tokens)}
     saved = load_checkpoint(checkpoint_path, settings)
     curve_fields = ("train_loss", "eval_steps", "val_accuracy", "val_loss")
     started, cpu_started = time.perf_counter(), time.process_time()

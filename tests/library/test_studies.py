@@ -626,3 +626,14 @@ def test_standard_metrics_script_refuses_bad_input_in_one_line(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith("error: the folder of --csv") and err.count("\n") == 1
     assert not (tmp_path / "results").exists()                                   # nothing computed or written
+
+
+def test_every_committed_unit_still_resolves():
+    """The committed stores' units are found by the keys the specs plan today: the prompts' one fingerprint
+    (`core.resumable.tokens_digest`) and the key's recipe have not moved under them."""
+    from circuitlib.studies.runner import plan
+
+    for name in ("book", "table1"):
+        keys = {p.key for p in plan(load_spec(ROOT / "studies" / f"{name}.yml"))}
+        stored = {f.stem for f in (ROOT / "results" / name / "units").glob("*.parquet")}
+        assert keys == stored, (name, sorted(keys ^ stored))

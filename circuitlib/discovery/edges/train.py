@@ -62,7 +62,7 @@ from circuitlib.discovery.edges.graph import (REPLACEMENTS, EdgeGraph, Replaceme
 from circuitlib.core.metrics import accuracy, kl_divergence
 from circuitlib.core.io import atomic_write
 from circuitlib.core.model import Transformer
-from circuitlib.core.resumable import ResultInProgress, load_checkpoint, result_lock, save_checkpoint, tensor_digest  # noqa: F401
+from circuitlib.core.resumable import ResultInProgress, load_checkpoint, result_lock, save_checkpoint, tokens_digest  # noqa: F401
                                       # (ResultInProgress: edge_result raises it; importable from here)
 
 RESULT_FILE = "edges.json"
@@ -174,7 +174,7 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
     settings = {"model": model.cfg.name, "replacement": repl.kind, "device": dev.type, "target_sparsity": target,
                 "steps": steps, "lr": lr, "reg_lr": reg_lr, "warmup": warmup, "batch_size": batch_size,
                 "seed": seed, "init": init, "node_target_sparsity": node_target, "n_prompts": n,
-                "weight_decay": weight_decay, "lr_warmup": lr_warmup, "tokens": tensor_digest(tokens)}
+                "weight_decay": weight_decay, "lr_warmup": lr_warmup, "tokens": tokens_digest(tokens)}
     saved = load_checkpoint(checkpoint_path, settings)
     if saved is not None:
         with torch.no_grad():
