@@ -15,7 +15,7 @@ from .extract import METHODS, ORDERS
 from .store import RunningElsewhere
 
 MODELS = ("gpt2", "smollm2-135m", "tiny-gpt2")
-TASKS = ("acronyms", "ioi", "greater-than")
+TASKS = ("acronyms", "ioi", "greater-than", "ioi-mixed")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -166,7 +166,8 @@ def _add_edges_parser(sub) -> None:
     ed = sub.add_parser("edges", help="find an edge circuit by Edge Pruning, prune the model to its nodes, save both")
     ed.add_argument("--model", required=True,
                     help=f"one of {', '.join(MODELS)}, or a local Hugging Face model folder")
-    ed.add_argument("--task", required=True, choices=TASKS)
+    ed.add_argument("--task", required=True,
+                    help=f"one of {', '.join(TASKS)}, or a task file (.jsonl or .csv, as for extract)")
     ed.add_argument("--target-sparsity", required=True, type=str,
                     help="fraction of edges to remove, in [0, 1) (e.g. 0.95)")
     ed.add_argument("--steps", required=True, type=int, help="training steps (the authors: 3000)")
@@ -195,6 +196,9 @@ def _edges(args) -> int:
     from .edges_train import check_sparsity, run_edges
     from .experiment import check_out_dir
 
+    from .tasks import get_task
+
+    get_task(args.task)                                   # an unknown name or a bad task file: refused first
     target = check_sparsity(args.target_sparsity, "--target-sparsity")
     node_target = None if args.node_target_sparsity is None else check_sparsity(args.node_target_sparsity,
                                                                                 "--node-target-sparsity")

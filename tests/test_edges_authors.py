@@ -291,3 +291,70 @@ def test_gradients_are_clipped_to_norm_one_over_gates_and_multipliers(models, da
         assert torch.allclose(c, r / (norm + 1e-6), rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="clip_grad_norm must be a number > 0"):
         train_edges(model, validation, zero_repl, clip_grad_norm=0, **kw)
+
+
+# ---- IOI as the authors train on it ---------------------------------------------------------------
+
+def test_ioi_mixed_has_both_orders_many_templates_and_counterfactuals():
+    from circuitlib.loading import gpt2_tokenizer
+    from circuitlib.tasks import IOI_TEMPLATES, get_task
+
+    tok = gpt2_tokenizer()
+    task = get_task("ioi-mixed")
+    templates = task.templates(tok)
+    assert len(templates) == 6 and set(templates) < set(IOI_TEMPLATES)    # the 15-token ones
+    data = task.generate(tok, n=100, seed=0)
+    split = data.validation
+    assert split.corrupted.shape == split.tokens.shape == (100, 15)
+    orders = {"abba": 0, "baba": 0}
+    for prompt, answer, corrupted in zip(split.prompts, split.answers, split.corrupted):
+        words, other = prompt.split(), tok.decode(corrupted).split()
+        a = tok.decode(answer).strip()
+        names = [i for i, w in enumerate(words) if w != other[i]]          # the corrupted sentence differs in names only
+        assert len(words) == len(other) and len(names) == 3
+        first, second, third = (words[i].rstrip(",.") for i in names)
+        assert a in (first, second) and third == ({first, second} - {a}).pop()          # A and B, then B again
+        new = [other[i].rstrip(",.") for i in names]
+        assert len(set(new)) == 3 and not set(new) & {first, second}      # three other names, none repeated
+        orders["abba" if first == a else "baba"] += 1
+    assert min(orders.values()) > 30                                       # both orders
+    assert data.test[:5].corrupted.shape == (5, 15)                        # slicing keeps the pairs
+
+
+def test_edge_pruning_uses_the_tasks_counterfactuals(models):
+    from circuitlib.edges_train import corrupt
+    from circuitlib.loading import gpt2_tokenizer
+    from circuitlib.tasks import get_task
+
+    split = get_task("ioi-mixed").generate(gpt2_tokenizer(), n=8, seed=0).validation
+    assert corrupt(split) is split.corrupted
+    ioi = get_task("ioi").generate(gpt2_tokenizer(), n=8, seed=0).validation
+    assert torch.equal(corrupt(ioi), ioi.tokens.roll(1, 0))                # no counterfactuals: another prompt
+
+
+def test_cli_edges_takes_a_task_file(tmp_path, capsys):
+    from pathlib import Path
+
+    from circuitlib.cli import main
+
+    task = Path(__file__).resolve().parent.parent / "examples" / "capitals.jsonl"
+    out = tmp_path / "run"
+    assert main(["edges", "--model", "tiny-gpt2", "--task", str(task), "--target-sparsity", "1.05", "--steps", "2",
+                 "--n", "4", "--out", str(out)]) == 0
+    assert (out / "edges.json").is_file()
+    capsys.readouterr()
+    assert main(["edges", "--model", "tiny-gpt2", "--task", "no-such-task", "--target-sparsity", "0.9", "--steps",
+                 "2", "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown task 'no-such-task'" in err and err.count("\n") == 1 and not (tmp_path / "other").exists()
+
+
+def test_the_greedy_method_runs_on_ioi_mixed():
+    from circuitlib.extract import extract
+    from circuitlib.loading import load_model
+    from circuitlib.tasks import get_task
+
+    model, tok = load_model("tiny-gpt2")
+    data = get_task("ioi-mixed").generate(tok, n=6, seed=0)
+    circuit = extract(model, data.patching.tokens, data.validation.tokens, alpha=1e-3, progress=False)
+    assert set(circuit.kept) <= set(graph_for(model).nodes)
