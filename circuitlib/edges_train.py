@@ -309,6 +309,44 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
                         seconds_before + time.perf_counter() - started, cpu_so_far())
 
 
+def step_flops(model: Transformer, graph: EdgeGraph, batch: int, seq: int) -> dict:
+    """Matrix-product FLOPs (2 per multiply-add) of one `train_edges` step on `batch` prompts of
+    `seq` tokens: {"forward", "backward", "total", "parts": {op: (forward, backward)}}. Elementwise
+    work (norms, softmax, gates) is not counted; the full model's logits and the replacements are
+    computed once before the steps, not per step. Per op (B batch, S seq, D d_model, E d_head,
+    H heads, K key/value readers per layer, W_l writers before layer l, F d_mlp, V vocabulary):
+
+    masked sums  2 (H + 2K) W_l BSD + 2 (W_l + H) BSD per layer, 2 n_writers BD for the logits;
+                 backward twice (the gates' gradient and the writers')
+    q, k, v      2 BSDE (H + 2K) per layer (K = H: every query head its own K/V projection);
+                 backward once (the weights are frozen: the inputs' gradient only)
+    attention    4 BHS^2 E per layer (scores and weighted values, the causal half included, as
+                 the kernels compute it); backward 8 BHS^2 E (the gradients of q, k and v)
+    out proj.    2 BHSED per layer (each head separately); backward once
+    MLP          2 BSDF per weight matrix (2 in GPT-2, 3 in Llama) per layer; backward once
+    unembedding  2 BDV at the last position; backward once
+    """
+    cfg = model.cfg
+    B, S, D, E, H, K = batch, seq, cfg.d_model, cfg.d_head, cfg.n_heads, graph.n_kv_readers
+    n_mlp = 2 if model.layers[0].W_gate is None else 3
+    N = B * S * D
+    parts = {"masked sums": 0, "q k v": 0, "attention": 0, "out projection": 0, "mlp": 0}
+    for l in range(cfg.n_layers):
+        W = graph._attn[l][1]
+        parts["masked sums"] += 2 * (H + 2 * K) * W * N + 2 * (W + H) * N
+        parts["q k v"] += 2 * N * E * (H + 2 * K)
+        parts["attention"] += 4 * B * H * S * S * E
+        parts["out projection"] += 2 * B * H * S * E * D
+        parts["mlp"] += n_mlp * 2 * N * cfg.d_mlp
+    parts["masked sums"] += 2 * len(graph.writers) * B * D
+    parts["unembedding"] = 2 * B * D * cfg.d_vocab
+    backward = {"masked sums": 2, "attention": 2}
+    parts = {k: (v, v * backward.get(k, 1)) for k, v in parts.items()}
+    forward = sum(f for f, _ in parts.values())
+    back = sum(b for _, b in parts.values())
+    return {"forward": forward, "backward": back, "total": forward + back, "parts": parts}
+
+
 READOUTS = ("authors", "forced-count")
 
 

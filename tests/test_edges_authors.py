@@ -310,7 +310,7 @@ def test_ioi_mixed_has_both_orders_many_templates_and_counterfactuals():
     for prompt, answer, corrupted in zip(split.prompts, split.answers, split.corrupted):
         words, other = prompt.split(), tok.decode(corrupted).split()
         a = tok.decode(answer).strip()
-        names = [i for i, w in enumerate(words) if w != other[i]]          # the corrupted sentence differs in names only
+        names = [i for i, w in enumerate(words) if w != other[i]]  # the counterfactual differs in names only
         assert len(words) == len(other) and len(names) == 3
         first, second, third = (words[i].rstrip(",.") for i in names)
         assert a in (first, second) and third == ({first, second} - {a}).pop()          # A and B, then B again
@@ -358,3 +358,29 @@ def test_the_greedy_method_runs_on_ioi_mixed():
     data = get_task("ioi-mixed").generate(tok, n=6, seed=0)
     circuit = extract(model, data.patching.tokens, data.validation.tokens, alpha=1e-3, progress=False)
     assert set(circuit.kept) <= set(graph_for(model).nodes)
+
+
+@pytest.mark.parametrize("arch, kv_readers", [("gpt2", "per-kv-head"), ("llama", "per-kv-head"),
+                                              ("llama", "per-query-head")])
+def test_step_flops_are_counted_exactly(models, data, arch, kv_readers):
+    """`step_flops` against torch's FLOP counter over one training step (attention by its math
+    kernel, which the counter sees as matrix products)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from circuitlib.edges_train import step_flops
+
+    from circuitlib.edges_train import _frozen
+
+    model, (_, validation) = models[arch], data
+    g = graph_for(model, kv_readers)
+    r = make_replacement(model, "zero", graph=g)
+    with torch.no_grad():
+        full = model(validation[:4], last_only=True)                       # once per training, not per step
+    counter = FlopCounterMode(display=False)
+    with _frozen(model), sdpa_kernel(SDPBackend.MATH), counter:           # as train_edges: the weights frozen
+        gates = torch.full((g.n_edges,), 0.7, requires_grad=True)
+        logits = masked_logits(model, validation[:4], gates, r, graph=g)
+        torch.nn.functional.kl_div(logits.log_softmax(-1), full.log_softmax(-1), log_target=True,
+                                   reduction="batchmean").backward()
+    assert counter.get_total_flops() == step_flops(model, g, 4, validation.shape[1])["total"]
