@@ -51,8 +51,9 @@ positions are the same in every prompt).
 **Memory (the writer tensor).** What each writer adds over its replacement is kept in one
 buffer of `n_writers = 1 + L (H + 1)` slices (one more with split embeddings) of shape
 [B, S, D]; a reader block is one matrix product over its prefix (`_MaskedSum`, whose backward
-reads the same buffer instead of saving copies). The replacements add `n_writers x S x D` floats (mean), `n_writers` rows (zero), or
-`n_writers x n x S x D` (corrupted: one per prompt). Every layer forms its `H + 2 K + 1` reader
+reads the same buffer instead of saving copies, and sums the writers' gradients in one more such
+buffer, `_GradientSum`). The replacements add `n_writers x S x D` floats (mean), `n_writers`
+rows (zero), or `n_writers x n x S x D` (corrupted: one per prompt). Every layer forms its `H + 2 K + 1` reader
 inputs [B, S, D] (K key readers: H, or the K/V head count); training keeps them, and their
 normalised copies, for the backward pass. In all, training holds about
 `(n_writers + 2 L (H + 2 K + 1)) B S D` floats; for GPT-2 Small (L = H = K = 12, D = 768, split
@@ -362,6 +363,7 @@ def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor,
     # One buffer, filled writer by writer; a reader block is then one matrix product over its prefix.
     deltas = torch.empty(len(g.writers), B, S, D, device=model.W_E.device, dtype=model.W_E.dtype)
     chunks = []   # the same deltas as autograd tensors, in order, so gradients reach the writers
+    grads = _GradientSum(deltas)
 
     def put(w: int, delta: torch.Tensor) -> None:
         with torch.no_grad():
@@ -377,7 +379,7 @@ def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor,
                 break
             used.append(c)
             k += c.shape[0]
-        return base + _MaskedSum.apply(block, deltas, W, last, *used)
+        return base + _MaskedSum.apply(block, deltas, W, last, grads.claim(len(used), k), *used)
 
     def node(i0: int, k: int) -> torch.Tensor | None:
         return None if node_gates is None else node_gates[i0:i0 + k].view(k, 1, 1, 1)
@@ -410,19 +412,55 @@ def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor,
     return model.unembed(resid[:, -1])
 
 
+class _GradientSum:
+    """The gradient of every writer's delta, summed over its readers in one buffer like `deltas`.
+
+    In the backward pass the reader blocks come in reverse order; each adds its part
+    (block^T @ grad) to the buffer in place, and the *first* reader of a chunk of writers (the last
+    block to run backward, all later readers having added theirs) hands the chunk's rows on to
+    autograd. One buffer and in-place sums instead of a gradient per block and chunk that autograd
+    then adds up: the same sums, less memory traffic. The last block (the logits') runs first in
+    every backward pass and starts the sums afresh, so that a second pass (retain_graph) is right.
+    """
+
+    def __init__(self, deltas: torch.Tensor):
+        self.deltas, self.buffer, self.claimed, self.n_blocks = deltas, None, 0, 0
+
+    def claim(self, n_chunks: int, covered: int) -> tuple["_GradientSum", int, int]:
+        """A new reader block reads chunks 0..n_chunks-1 (covering writers 0..covered-1): the
+        chunks from `first` on, which no earlier block read, are its to hand on.
+        -> (self, first, covered, the block's index)"""
+        first, self.claimed = self.claimed, max(self.claimed, n_chunks)
+        self.n_blocks += 1
+        return self, first, covered, self.n_blocks - 1
+
+    def add(self, block: torch.Tensor, g: torch.Tensor, last: bool) -> None:
+        """Add block^T @ g [W, B * s * D] to the first W writers' rows (s = 1: the last position only)."""
+        if self.buffer is None:
+            self.buffer = torch.zeros_like(self.deltas)
+        W = block.shape[1]
+        if last:
+            _, B, _, D = self.deltas.shape
+            self.buffer[:W, :, -1:] += (block.T @ g).view(W, B, 1, D)
+        else:
+            self.buffer[:W].view(W, -1).addmm_(block.T, g)
+
+
 class _MaskedSum(torch.autograd.Function):
     """sum_w block[r, w] * deltas[w] for the first W writers, as one matrix product.
 
     `deltas` is the buffer the writers' deltas are copied into as they are computed; rows below W
     never change afterwards, so the backward pass reads them from it instead of saving copies.
     The autograd tensors of the same deltas (`chunks`, in writer order, covering 0..W-1) are passed
-    only to route their gradients.
+    only to route their gradients: summed in a `_GradientSum`, each chunk's gradient is returned
+    by its first reader (`claim`: the sum, the first chunk this block hands on, the writers covered).
     """
 
     @staticmethod
-    def forward(ctx, block, deltas, W, last, *chunks):
+    def forward(ctx, block, deltas, W, last, claim, *chunks):
         ctx.save_for_backward(block)
-        ctx.deltas, ctx.W, ctx.last, ctx.sizes = deltas, W, last, [c.shape[0] for c in chunks]
+        ctx.deltas, ctx.W, ctx.last, ctx.claim = deltas, W, last, claim
+        ctx.sizes = [c.shape[0] for c in chunks]
         flat = _prefix(deltas, W, last)                              # [W, B * s * D]
         out = block @ flat
         return out.view(block.shape[0], deltas.shape[1], 1 if last else deltas.shape[2], deltas.shape[3])
@@ -432,15 +470,19 @@ class _MaskedSum(torch.autograd.Function):
         (block,) = ctx.saved_tensors
         g = grad.reshape(grad.shape[0], -1)                          # [r, B * s * D]
         grad_block = g @ _prefix(ctx.deltas, ctx.W, ctx.last).T if ctx.needs_input_grad[0] else None
-        grad_flat = (block.T @ g).view(ctx.W, *grad.shape[1:])
-        parts = list(torch.split(grad_flat, ctx.sizes))
-        covered = sum(ctx.sizes)
-        if covered > ctx.W:                                          # the last chunk reaches past W
-            parts[-1] = torch.cat([parts[-1], grad_flat.new_zeros(covered - ctx.W, *grad.shape[1:])])
-        if ctx.last:                                                 # only the last position was read
-            parts = [torch.cat([p.new_zeros(p.shape[0], p.shape[1], ctx.deltas.shape[2] - 1, p.shape[3]), p], 2)
-                     for p in parts]
-        return (grad_block, None, None, None, *parts)
+        parts = [None] * len(ctx.sizes)
+        grads, first, covered, index = ctx.claim
+        if index == grads.n_blocks - 1:                              # the logits' block: a backward pass begins
+            grads.buffer = None
+        if any(ctx.needs_input_grad[5:]):
+            grads.add(block, g, ctx.last)
+            if covered > ctx.W and first < len(ctx.sizes):
+                raise RuntimeError("a chunk of writers is first read by a block that covers only part of it")
+            start = sum(ctx.sizes[:first])
+            for i in range(first, len(ctx.sizes)):                   # this block is these chunks' first reader
+                parts[i] = grads.buffer[start:start + ctx.sizes[i]]
+                start += ctx.sizes[i]
+        return (grad_block, None, None, None, None, *parts)
 
 
 def _prefix(deltas: torch.Tensor, W: int, last: bool) -> torch.Tensor:

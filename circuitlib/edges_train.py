@@ -317,7 +317,8 @@ def step_flops(model: Transformer, graph: EdgeGraph, batch: int, seq: int) -> di
     H heads, K key/value readers per layer, W_l writers before layer l, F d_mlp, V vocabulary):
 
     masked sums  2 (H + 2K) W_l BSD + 2 (W_l + H) BSD per layer, 2 n_writers BD for the logits;
-                 backward twice (the gates' gradient and the writers')
+                 backward twice (the gates' gradient and the writers'), but once for layer 0's
+                 attention readers (they read only the embeddings, which take no gradient)
     q, k, v      2 BSDE (H + 2K) per layer (K = H: every query head its own K/V projection);
                  backward once (the weights are frozen: the inputs' gradient only)
     attention    4 BHS^2 E per layer (scores and weighted values, the causal half included, as
@@ -342,6 +343,8 @@ def step_flops(model: Transformer, graph: EdgeGraph, batch: int, seq: int) -> di
     parts["unembedding"] = 2 * B * D * cfg.d_vocab
     backward = {"masked sums": 2, "attention": 2}
     parts = {k: (v, v * backward.get(k, 1)) for k, v in parts.items()}
+    first = 2 * (H + 2 * K) * graph._attn[0][1] * N                   # layer 0's attention readers: no writer gradient
+    parts["masked sums"] = (parts["masked sums"][0], parts["masked sums"][1] - first)
     forward = sum(f for f, _ in parts.values())
     back = sum(b for _, b in parts.values())
     return {"forward": forward, "backward": back, "total": forward + back, "parts": parts}

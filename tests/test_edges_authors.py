@@ -364,7 +364,7 @@ def test_the_greedy_method_runs_on_ioi_mixed():
                                               ("llama", "per-query-head")])
 def test_step_flops_are_counted_exactly(models, data, arch, kv_readers):
     """`step_flops` against torch's FLOP counter over one training step (attention by its math
-    kernel, which the counter sees as matrix products)."""
+    kernel, which the counter sees as matrix products; in-place addmm_ counted as addmm)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -377,7 +377,10 @@ def test_step_flops_are_counted_exactly(models, data, arch, kv_readers):
     r = make_replacement(model, "zero", graph=g)
     with torch.no_grad():
         full = model(validation[:4], last_only=True)                       # once per training, not per step
-    counter = FlopCounterMode(display=False)
+    def addmm_(out, a, b, out_shape=None, **kwargs):                      # [m, n] += [m, k] @ [k, n]
+        return 2 * a[0] * a[1] * b[1]
+
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_})
     with _frozen(model), sdpa_kernel(SDPBackend.MATH), counter:           # as train_edges: the weights frozen
         gates = torch.full((g.n_edges,), 0.7, requires_grad=True)
         logits = masked_logits(model, validation[:4], gates, r, graph=g)
