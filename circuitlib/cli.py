@@ -236,6 +236,9 @@ def _edges(args) -> int:
         print(f"{name:14}{v['accuracy']:>11.3f}/{t['accuracy']:<10.3f}{v['kl']:>11.4f}/{t['kl']:<10.4f}")
     print(f"edges kept {len(r.edges):,} of {r.n_edges_total:,} (sparsity {r.sparsity:.4f}); nodes kept {len(r.nodes)}: "
           f"{' '.join(r.nodes)}")
+    if m.get("training_edge_sparsity") is not None:                    # the authors' read-off: the training's size
+        print(f"the training chose sparsity {m['training_edge_sparsity']:.4f}: {m['n_edges_thresholded']:,} edges "
+              f"thresholded, {len(r.edges):,} after dead nodes are dropped")
     print(f"pruned model: {m['n_params']['pruned']['parameters']:,} parameters "
           f"({m['parameter_reduction']:.2%} fewer), {m['edges_among_kept_nodes']:,} edges among its nodes; "
           f"training took {m['training_seconds']:.1f} s ({m['seconds_per_step']:.3f} s/step"

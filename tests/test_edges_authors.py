@@ -342,7 +342,7 @@ def test_cli_edges_takes_a_task_file(tmp_path, capsys):
     assert main(["edges", "--model", "tiny-gpt2", "--task", str(task), "--target-sparsity", "1.05", "--steps", "2",
                  "--n", "4", "--out", str(out)]) == 0
     assert (out / "edges.json").is_file()
-    capsys.readouterr()
+    assert "the training chose sparsity" in capsys.readouterr().out     # the size the read-off took
     assert main(["edges", "--model", "tiny-gpt2", "--task", "no-such-task", "--target-sparsity", "0.9", "--steps",
                  "2", "--out", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err
