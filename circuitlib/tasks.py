@@ -494,7 +494,9 @@ class IOIMixed(Task):
     shorter), so 6 of the 15 with GPT-2's and with SmolLM2's tokenizer (15 tokens). Corrupted
     (`TaskSplit.corrupted`): the same sentence with its three names replaced by three other
     distinct names, as Wang et al.'s ABC distribution ("[C] and [D] went ... [E] gave ... to"):
-    no name is repeated, so nothing tells the indirect object. Names, places and objects are
+    no name is repeated, so nothing tells the indirect object (Edge Pruning's own
+    `corr_ioi_sentences` come in its data.zip, which the public snapshot read here does not hold,
+    so that their corruption is this one is not checked). Names, places and objects are
     single tokens after a space (those of `ioi`); A != B. No BOS.
     Correct: the argmax is the indirect object " [A]".
     """
