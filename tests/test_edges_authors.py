@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from circuitlib.ablation import mean_activations
-from circuitlib.edges import (EdgeGraph, all_open, deterministic_mask, expected_closed, gates_from_edges, graph_for,
+from circuitlib.edges import (EdgeGraph, all_open, deterministic_mask, expected_closed, graph_for,
                               make_replacement, masked_logits, sample_gates)
 from circuitlib.edges_train import EdgeCircuit, binarize, check_sparsity, train_edges
 from circuitlib.surgery import prune
