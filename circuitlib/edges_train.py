@@ -42,6 +42,9 @@ the default:
   (`ReadOff.n_thresholded`, and the circuit's edges).
 - Their node gates are trained in every run, by the KL alone when the node loss is off (their
   IOI default), which keeps them open; circuitlib gates nodes only with `node_target_sparsity`.
+  With the node loss off, their node loss is still added at multipliers that stay 0 (no
+  optimizer), so it moves nothing, but its multipliers' gradients count in the clipped norm;
+  circuitlib's clipped norm covers the edge gates and their two multipliers only.
 - Their GPT-2 embedding nodes carry gates of their own; circuitlib's embedding writers have
   edge gates only.
 - They evaluate the KL over the answer's tokens of a padded batch; circuitlib's prompts of a
