@@ -60,7 +60,8 @@ _API = {
     "EdgeCircuit": "discovery.edges.train", "edge_logits": "discovery.edges.train",
     "edge_result": "discovery.edges.train", "edge_result_path": "discovery.edges.train",
     "gates_path": "discovery.edges.train", "load_gates": "discovery.edges.train",
-    "standalone_model": "discovery.edges.train",
+    "standalone_model": "discovery.edges.train", "binarize": "discovery.edges.train", "reread": "discovery.edges.train",
+    "LEGACY_SETTINGS": "discovery.edges.train",
     # pipeline
     "run_extraction": "pipeline.extraction", "load_run": "pipeline.extraction",
     "evaluate_saved": "pipeline.extraction", "full_reference": "pipeline.extraction",

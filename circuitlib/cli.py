@@ -15,7 +15,7 @@ from circuitlib.discovery.greedy import METHODS, ORDERS
 from circuitlib.studies.store import RunningElsewhere
 
 MODELS = ("gpt2", "smollm2-135m", "tiny-gpt2")
-TASKS = ("acronyms", "ioi", "greater-than")
+TASKS = ("acronyms", "ioi", "greater-than", "ioi-mixed")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -175,7 +175,8 @@ def _add_edges_parser(sub) -> None:
     ed = sub.add_parser("edges", help="find an edge circuit by Edge Pruning, prune the model to its nodes, save both")
     ed.add_argument("--model", required=True,
                     help=f"one of {', '.join(MODELS)}, or a local Hugging Face model folder")
-    ed.add_argument("--task", required=True, choices=TASKS)
+    ed.add_argument("--task", required=True,
+                    help=f"one of {', '.join(TASKS)}, or a task file (.jsonl or .csv, as for extract)")
     ed.add_argument("--target-sparsity", required=True, type=str,
                     help="fraction of edges to remove, in [0, 1) (e.g. 0.95)")
     ed.add_argument("--steps", required=True, type=int, help="training steps (the authors: 3000)")
@@ -204,6 +205,9 @@ def _edges(args) -> int:
     from circuitlib.discovery.edges.train import check_sparsity, run_edges
     from circuitlib.core.io import check_out_dir
 
+    from circuitlib.tasks import get_task
+
+    get_task(args.task)                                   # an unknown name or a bad task file: refused first
     target = check_sparsity(args.target_sparsity, "--target-sparsity")
     node_target = None if args.node_target_sparsity is None else check_sparsity(args.node_target_sparsity,
                                                                                 "--node-target-sparsity")
@@ -241,6 +245,9 @@ def _edges(args) -> int:
         print(f"{name:14}{v['accuracy']:>11.3f}/{t['accuracy']:<10.3f}{v['kl']:>11.4f}/{t['kl']:<10.4f}")
     print(f"edges kept {len(r.edges):,} of {r.n_edges_total:,} (sparsity {r.sparsity:.4f}); nodes kept {len(r.nodes)}: "
           f"{' '.join(r.nodes)}")
+    if m.get("training_edge_sparsity") is not None:                    # the authors' read-off: the training's size
+        print(f"the training chose sparsity {m['training_edge_sparsity']:.4f}: {m['n_edges_thresholded']:,} edges "
+              f"thresholded, {len(r.edges):,} after dead nodes are dropped")
     print(f"pruned model: {m['n_params']['pruned']['parameters']:,} parameters "
           f"({m['parameter_reduction']:.2%} fewer), {m['edges_among_kept_nodes']:,} edges among its nodes; "
           f"training took {m['training_seconds']:.1f} s ({m['seconds_per_step']:.3f} s/step"

@@ -2,9 +2,18 @@
 
     python scripts/edge_runs.py [--model smollm2-135m] [--task ioi] [--ablation mean] [--n 32] [--seed 0] \\
         [--steps 3000] [--batch-size 8] [--targets 0.9 0.95 0.98 0.99] [--out-dir results/edges] \\
-        [--device cpu] [--threads 1] [--checkpoint-every 50]
+        [--device cpu] [--threads 1] [--checkpoint-every 50] \\
+        [--sparsity-term sampled] [--clip-grad-norm 1.0] [--readout authors] [--kv-readers per-kv-head] [--legacy]
 
     nohup nice -n 19 python scripts/edge_runs.py > edge_runs.log 2>&1 &   # in the background
+
+    # issue 28's retraining: the authors' sparsity term, clipping, read-off and K/V graph (the defaults),
+    # trained on IOI with both orders, 15 templates and counterfactual corruptions
+    python scripts/edge_runs.py --task ioi-mixed --ablation corrupted --n 64 --batch-size 16 --targets 0.95 1.02
+
+The recipe (--sparsity-term, --clip-grad-norm, --readout, --kv-readers) defaults to the authors'
+(`circuitlib.discovery.edges.train`); --legacy asks for circuitlib's recipe before issue 28, the one the
+chapter's committed results were trained with (`LEGACY_SETTINGS`), so that they resolve.
 
 Two cores, two trainings at once: start one process per core with disjoint --targets (say
 `--targets 0.9 0.98` and `--targets 0.95 0.99`), each with --threads 1. A result another process
@@ -30,7 +39,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from circuitlib.discovery.edges.train import ResultInProgress, check_sparsity, edge_result, edge_result_path  # noqa: E402
+from circuitlib.discovery.edges.graph import KV_READERS  # noqa: E402
+from circuitlib.discovery.edges.train import (LEGACY_SETTINGS, READOUTS, SPARSITY_TERMS, ResultInProgress,  # noqa: E402
+                                    check_sparsity, edge_result, edge_result_path)
 from circuitlib.models.loading import check_device, load_model  # noqa: E402
 from circuitlib.tasks import get_task  # noqa: E402
 
@@ -46,6 +57,18 @@ def sparsity(text: str) -> float:
         return check_sparsity(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def clip_norm(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 or 'none', got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     p.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between saved training states")
+    p.add_argument("--sparsity-term", choices=SPARSITY_TERMS, default="sampled",
+                   help="what the Lagrangian pushes: the sampled gates (the authors') or P(gate closed)")
+    p.add_argument("--clip-grad-norm", type=clip_norm, default=1.0, help="gradient clipping norm, or 'none'")
+    p.add_argument("--readout", choices=READOUTS, default="authors",
+                   help="the training's own sparsity (the authors') or (1 - target) x all edges")
+    p.add_argument("--kv-readers", choices=KV_READERS, default="per-kv-head", help="key/value readers of grouped heads")
+    p.add_argument("--legacy", action="store_true",
+                   help="circuitlib's recipe before issue 28 (the chapter's committed results); "
+                        "overrides the four above")
     args = p.parse_args(argv)
+    recipe = dict(sparsity_term=args.sparsity_term, clip_grad_norm=args.clip_grad_norm, readout=args.readout,
+                  kv_readers=args.kv_readers)
+    if args.legacy:
+        recipe = {k: LEGACY_SETTINGS[k] for k in recipe} | {"split_embedding": LEGACY_SETTINGS["split_embedding"]}
 
     try:
         device = check_device(args.device)
@@ -72,16 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = dict(steps=args.steps, ablation=args.ablation, seed=args.seed, n=args.n, batch_size=args.batch_size)
+    settings = dict(steps=args.steps, ablation=args.ablation, seed=args.seed, n=args.n, batch_size=args.batch_size,
+                    **recipe)
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, device=device)
     missing = [t for t in args.targets
-               if not edge_result_path(args.out_dir, task, target_sparsity=t, **settings).exists()]
+               if not edge_result_path(args.out_dir, task, target_sparsity=t, **settings, model=model).exists()]
     print(f"{len(args.targets) - len(missing)} of {len(args.targets)} results already in {args.out_dir}")
     if not missing:
         return 0
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, device=device)
     for t in args.targets:
-        path = edge_result_path(args.out_dir, task, target_sparsity=t, **settings)
+        path = edge_result_path(args.out_dir, task, target_sparsity=t, **settings, model=model)
         checkpoint = path.with_suffix(".ckpt")
         state = "kept" if path.exists() else "resuming from its checkpoint" if checkpoint.exists() else "training"
         print(f"target {t:g}: {path.name} ({state})", flush=True)
@@ -97,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if state != "kept":
             m = result.metrics
+            cpu = m.get("training_cpu_seconds")
             print(f"target {t:g}: {len(result.edges):,} edges, {len(result.nodes)} nodes, test KL "
                   f"{m['edge_circuit']['test']['kl']:.4f} (standalone model {m['pruned_model']['test']['kl']:.4f}); "
                   f"{(time.perf_counter() - started) / 60:.1f} min here, {m['training_seconds'] / 60:.1f} min of "
-                  f"training in all -> {path}", flush=True)
+                  f"training in all ({'?' if cpu is None else f'{cpu / 60:.1f}'} CPU-min, "
+                  f"{m['torch_threads']} threads) -> {path}", flush=True)
     return 0
 
 

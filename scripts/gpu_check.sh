@@ -41,7 +41,7 @@ if [ "$EDGE_SECONDS" -gt 30 ]; then
   # a checkpoint of a CPU training cannot resume on CUDA (its generator state is the CPU's): set it
   # aside and train that target afresh here; the result file this writes supersedes the CPU run
   for f in results/edges/*.ckpt; do [ -e "$f" ] && mv "$f" "$f.cpu-run"; done
-  timeout --signal=INT "$EDGE_SECONDS" $PY scripts/edge_runs.py --device cuda --threads 4 --checkpoint-every 25
+  timeout --signal=INT "$EDGE_SECONDS" $PY scripts/edge_runs.py --legacy --device cuda --threads 4 --checkpoint-every 25
 fi
 STUDIES=${STUDIES:-studies/book.yml studies/table1.yml studies/paper.yml}
 END=$((SECONDS + STUDY_SECONDS))

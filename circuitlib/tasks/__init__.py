@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 
-from circuitlib.tasks.builtin import (ACRONYM_WORDS, GREATER_THAN_NOUNS, IOI, IOI_NAMES, IOI_OBJECTS, IOI_PLACES, SPLITS,
+from circuitlib.tasks.builtin import (ACRONYM_WORDS, GREATER_THAN_NOUNS, IOI, IOI_NAMES, IOI_TEMPLATES, IOIMixed, IOI_OBJECTS, IOI_PLACES, SPLITS,
                                      Acronyms, GreaterThan, Task, TaskData, TaskSplit, ioi_subject_tokens,
                                      is_gpt2_tokenizer, letter_plus_one_token_words, letter_tokens, make_split,
                                      one_token_words, split_acronyms, split_letter_pairs)
 from circuitlib.tasks.files import SUFFIXES, FileTask, load_task_file
 
 __all__ = ["SPLITS", "Task", "TaskSplit", "TaskData", "make_split", "FileTask", "load_task_file", "get_task",
-           "register_task", "TASKS", "TASK_NAMES", "Acronyms", "IOI", "GreaterThan",
+           "register_task", "TASKS", "TASK_NAMES", "Acronyms", "IOI", "IOIMixed", "GreaterThan", "IOI_TEMPLATES",
            # the word lists and the tokenizer filters the built-in tasks apply (the chapters show them)
            "ACRONYM_WORDS", "GREATER_THAN_NOUNS", "IOI_NAMES", "IOI_OBJECTS", "IOI_PLACES", "is_gpt2_tokenizer",
            "letter_plus_one_token_words", "one_token_words", "split_acronyms", "split_letter_pairs",
@@ -57,4 +57,5 @@ def get_task(name: str | os.PathLike) -> Task:
 register_task(Acronyms())
 register_task(IOI())
 register_task(GreaterThan())
-TASK_NAMES = ("acronyms", "ioi", "greater-than")
+register_task(IOIMixed())
+TASK_NAMES = ("acronyms", "ioi", "greater-than")     # the paper's tasks

@@ -28,6 +28,9 @@ given. Ports to other tokenizers:
 Why the ports are made this way, and what they change on the stand-in (measured), is told in the
 book's page on models (book/models.md).
 
+Beyond the paper: `ioi-mixed`, IOI as Edge Pruning trains on it: both name orders, Wang et al.'s
+templates (those of one token length), and each prompt's counterfactual (`TaskSplit.corrupted`).
+
 To add a task without code, write its prompts and answers into a .jsonl or .csv file and pass
 the file's path wherever a task name goes (`get_task`, `--task`; see `circuitlib.tasks.files`).
 In code: subclass `Task`, give it a `name`, implement `build` (return `count` distinct prompts
@@ -151,6 +154,9 @@ class TaskSplit:
                 the tokens an answer can be
     accepted:   BoolTensor [n, k] or None; accepted[i, j] says whether candidates[j] is correct for
                 prompt i. Without candidates, only `answers` is correct.
+    corrupted:  LongTensor [n, seq] or None: prompt i's counterfactual (the same sentence with other
+                names), for interchange ablation (Edge Pruning's corrupted mode); None: the task
+                has none
     """
 
     prompts: list[str]
@@ -158,13 +164,16 @@ class TaskSplit:
     answers: torch.Tensor
     candidates: torch.Tensor | None = None
     accepted: torch.Tensor | None = None
+    corrupted: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def __getitem__(self, rows: slice) -> TaskSplit:
         accepted = None if self.accepted is None else self.accepted[rows]
-        return TaskSplit(self.prompts[rows], self.tokens[rows], self.answers[rows], self.candidates, accepted)
+        corrupted = None if self.corrupted is None else self.corrupted[rows]
+        return TaskSplit(self.prompts[rows], self.tokens[rows], self.answers[rows], self.candidates, accepted,
+                         corrupted)
 
 
 @dataclass(frozen=True)
@@ -181,13 +190,15 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def make_split(tokenizer, prompts: list[str], answers: list[str], bos: bool = False, *,
-               candidates: list[str] | None = None, accepted: torch.Tensor | None = None) -> TaskSplit:
+               candidates: list[str] | None = None, accepted: torch.Tensor | None = None,
+               corrupted: list[str] | None = None) -> TaskSplit:
     """Tokenise prompts and answers into a `TaskSplit`, checking what the method relies on.
 
     prompts:    n strings that must all have the same token length
     answers:    n strings, each exactly one token (mind the leading space: " Mary")
     bos:        prepend the tokenizer's BOS token
     candidates: k single-token strings, with accepted BoolTensor [n, k] (see `TaskSplit`)
+    corrupted:  n counterfactual prompts, each of its prompt's token length
     """
     if not prompts:
         raise ValueError("prompts is empty; pass at least one prompt")
@@ -215,6 +226,12 @@ def make_split(tokenizer, prompts: list[str], answers: list[str], bos: bool = Fa
                              f"{len(candidates)}]; got {list(accepted.shape)}")
         split.candidates = torch.tensor(_single_tokens(tokenizer, candidates, "candidates"), dtype=torch.long)
         split.accepted = accepted.bool()
+    if corrupted is not None:
+        other = make_split(tokenizer, corrupted, answers, bos)
+        if len(other) != len(prompts) or other.tokens.shape != split.tokens.shape:
+            raise ValueError(f"corrupted prompts must be one per prompt and of the prompts' token length "
+                             f"{split.tokens.shape[1]}; got {len(other)} of length {other.tokens.shape[1]}")
+        split.corrupted = other.tokens
     return split
 
 
@@ -451,6 +468,89 @@ def letter_tokens(tokenizer) -> torch.Tensor:
     """LongTensor [k]: the capital letters "A".."Z" that are one token each (the acronyms task's answers)."""
     ids = tokenizer(list(string.ascii_uppercase), add_special_tokens=False)["input_ids"]
     return torch.tensor([x[0] for x in ids if len(x) == 1], dtype=torch.long)
+
+
+# The IOI templates of Wang et al. (2022) as Edge Pruning trains on them (their `baba_templates`;
+# the ABBA order swaps the first two names). The answer, " {A}", is left off each.
+IOI_TEMPLATES = (
+    "Then, {B} and {A} went to the {PLACE}. {B} gave a {OBJECT} to",
+    "Then, {B} and {A} had a lot of fun at the {PLACE}. {B} gave a {OBJECT} to",
+    "Then, {B} and {A} were working at the {PLACE}. {B} decided to give a {OBJECT} to",
+    "Then, {B} and {A} were thinking about going to the {PLACE}. {B} wanted to give a {OBJECT} to",
+    "Then, {B} and {A} had a long argument, and afterwards {B} said to",
+    "After {B} and {A} went to the {PLACE}, {B} gave a {OBJECT} to",
+    "When {B} and {A} got a {OBJECT} at the {PLACE}, {B} decided to give it to",
+    "When {B} and {A} got a {OBJECT} at the {PLACE}, {B} decided to give the {OBJECT} to",
+    "While {B} and {A} were working at the {PLACE}, {B} gave a {OBJECT} to",
+    "While {B} and {A} were commuting to the {PLACE}, {B} gave a {OBJECT} to",
+    "After the lunch, {B} and {A} went to the {PLACE}. {B} gave a {OBJECT} to",
+    "Afterwards, {B} and {A} went to the {PLACE}. {B} gave a {OBJECT} to",
+    "Then, {B} and {A} had a long argument. Afterwards {B} said to",
+    "The {PLACE} {B} and {A} went to had a {OBJECT}. {B} gave it to",
+    "Friends {B} and {A} found a {OBJECT} at the {PLACE}. {B} gave it to",
+)
+
+
+class IOIMixed(Task):
+    """IOI as Edge Pruning trains on it: both name orders and many templates, each prompt paired
+    with a counterfactual.
+
+    BABA: "Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to" -> " [A]"
+    ABBA: "Then, [A] and [B] went to the [PLACE]. [B] gave a [OBJECT] to" -> " [A]"
+    Templates: those of `IOI_TEMPLATES` (Wang et al.'s 15, in both orders) of the one token
+    length most of them share under the tokenizer (a split must have one length; ties: the
+    shorter), so 6 of the 15 with GPT-2's and with SmolLM2's tokenizer (15 tokens). Corrupted
+    (`TaskSplit.corrupted`): the same sentence with its three names replaced by three other
+    distinct names, as Wang et al.'s ABC distribution ("[C] and [D] went ... [E] gave ... to"):
+    no name is repeated, so nothing tells the indirect object (Edge Pruning's own
+    `corr_ioi_sentences` come in its data.zip, which the public snapshot read here does not hold,
+    so that their corruption is this one is not checked). Names, places and objects are
+    single tokens after a space (those of `ioi`); A != B. No BOS.
+    Correct: the argmax is the indirect object " [A]".
+    """
+
+    name = "ioi-mixed"
+    default_n = 150
+    ground_truths = {"authors": IOI_HEADS_AUTHORS, "wang2022": IOI_HEADS_WANG2022}
+
+    @staticmethod
+    def templates(tokenizer) -> list[str]:
+        """The templates used with this tokenizer, BABA order (the ABBA ones swap the first two names)."""
+        names = one_token_words(tokenizer, IOI_NAMES)
+        fill = dict(A=names[0], B=names[1], PLACE=one_token_words(tokenizer, IOI_PLACES)[0],
+                    OBJECT=one_token_words(tokenizer, IOI_OBJECTS)[0])   # any single-token words: the same lengths
+        length = {t: len(_encode(tokenizer, t.format(**fill))) for t in IOI_TEMPLATES}
+        counts: dict[int, int] = {}
+        for n in length.values():
+            counts[n] = counts.get(n, 0) + 1
+        best = min(counts, key=lambda n: (-counts[n], n))
+        return [t for t in IOI_TEMPLATES if length[t] == best]
+
+    def build(self, tokenizer, count, rng):
+        names = one_token_words(tokenizer, IOI_NAMES)
+        places = one_token_words(tokenizer, IOI_PLACES)
+        objects = one_token_words(tokenizer, IOI_OBJECTS)
+        templates = self.templates(tokenizer)
+        n_possible = 2 * len(templates) * len(names) * (len(names) - 1) * len(places) * len(objects)
+        prompts, answers, corrupted = [], [], []
+        for index in _sample_indices(rng, n_possible, count, self.name):
+            index, obj = divmod(index, len(objects))
+            index, place = divmod(index, len(places))
+            index, pair = divmod(index, len(names) * (len(names) - 1))
+            template, abba = divmod(index, 2)
+            a, b = divmod(pair, len(names) - 1)
+            b += b >= a                                    # B ranges over the names other than A
+            text = templates[template]
+            if abba:
+                text = text.replace("{B} and {A}", "{A} and {B}", 1)
+            where = dict(PLACE=places[place], OBJECT=objects[obj])
+            prompts.append(text.format(A=names[a], B=names[b], **where))
+            answers.append(" " + names[a])
+            c, d, e = rng.sample([x for i, x in enumerate(names) if i not in (a, b)], 3)
+            first, second = ("{A}", "{B}") if abba else ("{B}", "{A}")   # the name slots, in reading order
+            abc = text.replace(first, "{C}", 1).replace(second, "{D}", 1).replace("{B}", "{E}", 1)
+            corrupted.append(abc.format(C=c, D=d, E=e, **where))
+        return make_split(tokenizer, prompts, answers, corrupted=corrupted)
 
 
 class GreaterThan(Task):

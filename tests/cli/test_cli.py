@@ -97,7 +97,7 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, capsys, ar
 def test_unknown_task_or_scheme_is_refused(tmp_path, capsys):
     argv = ["extract", "--model", "tiny-gpt2", "--task", "sums", "--alpha", "0.01", "--out", str(tmp_path / "o")]
     assert main(argv) == 2
-    assert "unknown task 'sums'; choose one of acronyms, ioi, greater-than, or give a task file" in capsys.readouterr().err
+    assert "unknown task 'sums'; choose one of acronyms, ioi, greater-than, ioi-mixed, or give a task file" in capsys.readouterr().err
     argv[argv.index("sums")] = "ioi"
     with pytest.raises(SystemExit) as exit_info:
         main(argv + ["--ablation", "resample"])

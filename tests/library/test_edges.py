@@ -179,7 +179,7 @@ def test_dead_node_removal_changes_no_logit(arch, models, data, means):
         before = masked_logits(model, validation, gates_from_edges(model, kept), r)
         after = masked_logits(model, validation, gates_from_edges(model, survivors), r)
     assert torch.allclose(before, after, atol=1e-5)
-    assert all(g.writers[g.edges[e][0]] in set(nodes) | {"embed"} for e in survivors)
+    assert all(g.writers[g.edges[e][0]] in set(nodes) | set(g.embed_writers) for e in survivors)
 
 
 def test_training_is_reproducible_and_reaches_the_target(arch, models, data, means):
@@ -194,9 +194,9 @@ def test_training_is_reproducible_and_reaches_the_target(arch, models, data, mea
     assert set(a.curve) >= {"loss", "kl", "edge_sparsity", "target", "lambda1"} and len(a.curve["kl"]) == 12
     assert all(p.requires_grad for p in model.parameters())          # the model is left as it was
     g = graph_for(model)
-    edges, nodes, threshold = binarize(g, a.log_alpha, 0.8)
-    assert 0 < len(edges) <= 0.2 * g.n_edges
-    assert remove_dead(g, edges)[0] == edges                           # nothing dead left
+    read = binarize(g, a.log_alpha, 0.8, readout="forced-count")     # circuitlib's read-off before issue 28
+    assert 0 < len(read.edges) <= 0.2 * g.n_edges
+    assert remove_dead(g, read.edges)[0] == read.edges                 # nothing dead left
     # node gates: trained alongside, with their own target
     d = train_edges(model, validation, r, seed=3, node_target_sparsity=0.5, **kw)
     assert d.node_log_alpha.shape == (len(g.nodes),) and "node_sparsity" in d.curve
@@ -234,7 +234,7 @@ def test_the_optimizer_is_the_authors(models, data, means):
 def test_bad_settings_are_refused(models, data):
     model, (patching, validation) = models["gpt2"], data
     r = make_replacement(model, "zero")
-    for bad in (1.0, -0.1, float("nan"), "x"):
+    for bad in (2.0, -0.1, float("nan"), "x"):
         with pytest.raises(ValueError, match="target sparsity must be a number in"):
             train_edges(model, validation, r, target_sparsity=bad, steps=1)
     with pytest.raises(ValueError, match="steps must be a positive int"):
@@ -262,7 +262,9 @@ def test_cli_writes_a_complete_run_folder(run_dir):
     record = json.loads((run_dir / "edges.json").read_text())
     assert record["settings"]["target_sparsity"] == 0.9 and record["settings"]["steps"] == 8
     assert record["n_edges_total"] == graph_for_tiny_gpt2_edges()
-    assert len(record["edges"]) <= 0.1 * record["n_edges_total"] and record["sparsity"] >= 0.9
+    m = record["metrics"]                                # the authors' read-off: the training sets the size
+    assert record["settings"]["readout"] == "authors" and 0 <= m["training_edge_sparsity"] <= 1
+    assert len(record["edges"]) <= m["n_edges_thresholded"]
     assert len(record["curve"]["kl"]) == 8
     for name in ("full", "edge_circuit", "pruned_model"):
         assert set(record["metrics"][name]) == {"validation", "test"}
@@ -275,7 +277,7 @@ def test_cli_writes_a_complete_run_folder(run_dir):
 
 
 def graph_for_tiny_gpt2_edges():
-    return EdgeGraph.build(4, 4).n_edges
+    return EdgeGraph.build(4, 4, split_embedding=True).n_edges       # token and position embeddings: two writers
 
 
 def test_cli_pruned_model_is_the_node_circuit(run_dir):
@@ -294,7 +296,7 @@ def test_cli_pruned_model_is_the_node_circuit(run_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--target-sparsity", "1.5"], "--target-sparsity must be a number in [0, 1)"),
+    (["--target-sparsity", "2.5"], "--target-sparsity must be a number in [0, 2)"),
     (["--steps", "0"], "--steps must be a positive number"),
     (["--n", "0"], "--n must be a positive number"),
     (["--lr", "0"], "--lr must be a number > 0"),
@@ -425,16 +427,16 @@ def test_an_edge_result_is_computed_once_then_read(tiny, tmp_path, monkeypatch):
     model, tokenizer = tiny
     kw = dict(target_sparsity=0.9, steps=4, n=8, batch_size=4, progress=False)
     first = edge_result(tmp_path, model, tokenizer, "ioi", **kw)
-    path = tmp_path / "ioi-mean-seed0-n8-bs4-steps4-target0.9.json"
-    assert edge_result_path(tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")}) \
-        == path
+    path = tmp_path / "ioi-mean-seed0-n8-bs4-steps4-target0.9-sampled-clip1-authors-splitembed.json"
+    assert edge_result_path(tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")},
+                            model=model) == path
     gates = gates_path(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, gates.name])  # no checkpoint, no temporary
     # the stored gate locations are the ones the binary circuit was cut from
     log_alpha = load_gates(gates)["log_alpha"]
-    edges, nodes, threshold = binarize(graph_for(model), log_alpha, kw["target_sparsity"])
-    assert [graph_for(model).edge_name(e) for e in edges] == first.edges and nodes == first.nodes
-    assert threshold == first.threshold
+    read = binarize(graph_for(model), log_alpha)
+    assert [graph_for(model).edge_name(e) for e in read.edges] == first.edges and read.nodes == first.nodes
+    assert read.threshold == first.threshold
 
     def no_training(*args, **kwargs):
         raise AssertionError("a stored result was computed again")
@@ -451,9 +453,10 @@ def test_a_result_in_training_is_refused_to_a_second_process(tiny, tmp_path):
 
     model, tokenizer = tiny
     kw = dict(target_sparsity=0.9, steps=4, n=8, batch_size=4, progress=False)
-    path = edge_result_path(tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")})
+    path = edge_result_path(tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")},
+                            model=model)
     with FileLock(path.with_suffix(".lock")):         # as a first process holds it while it trains
-        with pytest.raises(ResultInProgress, match="another process is computing .*target0.9.json"):
+        with pytest.raises(ResultInProgress, match="another process is computing .*target0.9-.*json"):
             edge_result(tmp_path, model, tokenizer, "ioi", **kw)
         assert not path.exists() and not path.with_suffix(".ckpt").exists()
     edge_result(tmp_path, model, tokenizer, "ioi", **kw)  # a lock file left by a killed process does not block
@@ -466,7 +469,8 @@ def test_a_result_that_arrives_during_training_is_kept(tiny, tmp_path, monkeypat
 
     model, tokenizer = tiny
     kw = dict(target_sparsity=0.9, steps=4, n=8, batch_size=4, progress=False)
-    path = edge_result_path(tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")})
+    path = edge_result_path(tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")},
+                            model=model)
     real = edges_train.run_edges
 
     def trained_while_a_copy_arrives(*args, **kwargs):
@@ -505,8 +509,8 @@ def test_the_edge_runs_script_computes_what_is_missing(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         script.main(["--help"])
     assert done.value.code == 0 and "--targets" in capsys.readouterr().out
-    argv = ["--model", "tiny-gpt2", "--n", "8", "--steps", "3", "--batch-size", "4", "--targets", "0.9",
-            "--out-dir", str(tmp_path)]
+    argv = ["--model", "tiny-gpt2", "--n", "8", "--steps", "3", "--batch-size", "4", "--legacy", "--targets", "0.9",
+            "--out-dir", str(tmp_path)]                       # --legacy: the names of the chapter's committed results
     assert script.main(argv) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ioi-mean-seed0-n8-bs4-steps3-target0.9.gates.pt",
                                                           "ioi-mean-seed0-n8-bs4-steps3-target0.9.json"]
@@ -521,5 +525,13 @@ def test_the_edge_runs_script_computes_what_is_missing(tmp_path, capsys):
     assert "target 0.95: skipped, another process is computing" in capsys.readouterr().out
     assert not busy.with_suffix(".json").exists() and busy.with_name(busy.name.replace("0.95.lock", "0.98.json")).exists()
     with pytest.raises(SystemExit) as refused:
-        script.main(["--targets", "1.5"])
-    assert refused.value.code == 2 and "target sparsity must be a number in [0, 1)" in capsys.readouterr().err
+        script.main(["--targets", "2.5"])
+    assert refused.value.code == 2 and "target sparsity must be a number in [0, 2)" in capsys.readouterr().err
+    authors = tmp_path / "authors"                                 # the default recipe: the authors', named so
+    assert script.main(argv[:-3] + ["1.02", "--out-dir", str(authors)]) == 2     # the forced count keeps no edge
+    assert "forced-count readout" in capsys.readouterr().err and not authors.exists()
+    assert script.main([a for a in argv[:-3] if a != "--legacy"] + ["1.02", "--out-dir", str(authors)]) == 0
+    record = json.loads((authors / "ioi-mean-seed0-n8-bs4-steps3-target1.02-sampled-clip1-authors-splitembed.json")
+                        .read_text())
+    assert {k: record["settings"][k] for k in ("sparsity_term", "clip_grad_norm", "readout", "split_embedding")} == \
+        {"sparsity_term": "sampled", "clip_grad_norm": 1.0, "readout": "authors", "split_embedding": True}

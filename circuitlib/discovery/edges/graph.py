@@ -6,9 +6,10 @@ it, the residual stream is taken apart. In the ordinary model every component re
 everything written before it. Here that sum is kept as a list of separate writer outputs, and
 every reader gets its own masked sum of them:
 
-    writers:  "embed" (token + position embedding), every head "L.H", every MLP "MLP L"
-    readers:  the query, key and value input of every head ("L.H.q", "L.H.k", "L.H.v"),
-              every MLP input ("MLP L") and the logits ("logits")
+    writers:  the embedding(s), every head "L.H", every MLP "MLP L"
+    readers:  the query, key and value input of every head ("L.H.q", "L.H.k", "L.H.v"; grouped
+              K/V heads: "L.kvJ.k", "L.kvJ.v", see below), every MLP input ("MLP L") and the
+              logits ("logits")
 
     input of reader r  =  sum over writers w before r of   g[w->r] * out[w] + (1 - g[w->r]) * repl[w]
                        +  the attention output biases b_O of the layers before r (always present)
@@ -20,37 +21,43 @@ hook_z / hook_mlp_out means of `ablation.py`), **zero**, or the writer's output 
 **corrupted** input (paired prompt by prompt; interchange ablation, the paper's default). The
 gates are computed as `repl + g * (out - repl)`, so the masked sum costs one matrix product per
 reader block. The attention output bias b_O is not a head's output (hook_z ablation keeps it),
-so it is not gated. Edges in GPT-2 Small: 32,491, as the paper counts them.
+so it is not gated.
 
 Nodes can be gated too (`node_gates`): a closed node gate replaces the writer's output by its
 replacement on every outgoing edge at once, which is node ablation.
 
-**Grouped K/V heads (Llama).** Several query heads share one K/V head. We give *every query
-head its own key and value readers*: query head h's keys are `W_K[kv(h)]` applied to h's own
-masked input, so each query head has its own K and V input edges, exactly like a GPT-2 head,
-and the shared weights are applied once per query head instead of once per group (the K/V
-projections cost `group_size` times more; they are a small part of the work). The alternative,
-one pair of readers per K/V group, would tie the key-side edges of all the heads in a group
-together: cutting a writer from one head's keys would cut it from its siblings' too, so a
-circuit could not describe one head without the others. With all edges open, or all of a
-writer's edges closed, both choices compute the same thing (tested against the pruned model).
-When a circuit is turned into a standalone model, a K/V head stays if any of its query heads
-stays (`surgery.prune`).
+**Two graphs for grouped K/V heads (Llama)** (`graph_for(model, kv_readers=...)`). Several query
+heads share one K/V head.
+- "per-kv-head" (default; the authors' `modeling_fllama.py`: `k_read_log_alphas` are
+  [n_writers, num_kv_heads]): one key and one value reader per K/V head, feeding every query head
+  of its group, which is what the model computes (the K/V projection runs once per group). Its
+  edge counts and sparsities are comparable to the authors' (SmolLM2-135M: 70,651 edges). A
+  writer cut from a K/V reader is cut from all the group's heads at once.
+- "per-query-head": every query head its own key and value readers (query head h's keys are
+  `W_K[kv(h)]` applied to h's own masked input), like a GPT-2 head, so that a circuit can
+  describe one head's keys without its siblings'; the K/V projections then run `group_size`
+  times (SmolLM2-135M: 123,211 edges). circuitlib's only graph before issue 28.
+With all edges open, or all of a writer's edges closed, both compute the same thing (tested
+against the pruned model). When a circuit is turned into a standalone model, a K/V head stays if
+any of its query heads stays (`surgery.prune`).
+
+**Embedding writers** (`split_embedding`). For GPT-2 the token and position embeddings are two
+writers by default ("tok_embed", "pos_embed"; the authors' `--with_embedding_nodes`, used in
+all their GPT-2 runs): 32,936 edges in GPT-2 Small. With one "embed" writer it has 32,491, the
+figure in the paper's text. Rotary models (Llama) have no position writer: one "embed". A
+closed position edge passes the position embedding's replacement (under mean ablation, itself:
+positions are the same in every prompt).
 
 **Memory (the writer tensor).** What each writer adds over its replacement is kept in one
-buffer of `n_writers = 1 + L (H + 1)` slices of shape [B, S, D]; a reader block is one matrix
-product over its prefix (`_MaskedSum`, whose backward reads the same buffer instead of saving
-copies). The replacements add `n_writers x S x D` floats (mean), `n_writers` rows (zero), or
-`n_writers x n x S x D` (corrupted: one per prompt). Every layer forms its `3H + 1` reader
-inputs [B, S, D]; training keeps them, and their normalised copies, for the backward pass. In
-all, training holds about `(1 + L (H + 1) + 2 L (3H + 1)) B S D` floats:
-
-- GPT-2 Small (L = H = 12, D = 768): 1,045 B S D floats, 1.4 GiB for 32 prompts of 15 tokens
-  (the writer buffer alone: 157 B S D, 0.22 GiB);
-- SmolLM2-135M (L = 30, H = 9, D = 576): 1,981 B S D floats, 2.0 GiB for 32 prompts of 15 tokens
-  (the writer buffer alone: 301 B S D, 0.31 GiB). Measured on IOI (15 tokens, CPU, one thread,
-  the whole process with the model): peak 2.2, 3.3 and 5.4 GiB at 8, 16 and 32 prompts per
-  step; 4.8, 8.5 and 17.9 CPU-seconds per step.
+buffer of `n_writers = 1 + L (H + 1)` slices (one more with split embeddings) of shape
+[B, S, D]; a reader block is one matrix product over its prefix (`_MaskedSum`, whose backward
+reads the same buffer instead of saving copies, and sums the writers' gradients in one more such
+buffer, `_GradientSum`). The replacements add `n_writers x S x D` floats (mean), `n_writers`
+rows (zero), or `n_writers x n x S x D` (corrupted: one per prompt). Every layer forms its `H + 2 K + 1` reader
+inputs [B, S, D] (K key readers: H, or the K/V head count); training keeps them, and their
+normalised copies, for the backward pass. In all, training holds about
+`(n_writers + 2 L (H + 2 K + 1)) B S D` floats; for GPT-2 Small (L = H = K = 12, D = 768, split
+embeddings) 1,046 B S D floats, 1.4 GiB for 32 prompts of 15 tokens.
 
 Memory and time grow linearly with the batch, so batches are small (`edges_train.train_edges`
 draws 32 prompts per step by default).
@@ -79,49 +86,83 @@ KINDS = ("q", "k", "v")
 
 # ---- the graph -------------------------------------------------------------------------------
 
+KV_READERS = ("per-kv-head", "per-query-head")
+TOKEN_EMBED, POS_EMBED = "tok_embed", "pos_embed"
+
+
 @dataclass
 class EdgeGraph:
     """Writers, readers and edges of one model shape, in computation order.
 
-    writers: "embed", then per layer its heads "L.H" and its MLP "MLP L"
-    readers: per layer "L.H.q" for every head, then every "L.H.k", every "L.H.v", then "MLP L";
-             last "logits"
+    writers: the embedding ("embed", or "tok_embed" and "pos_embed" when split), then per layer
+             its heads "L.H" and its MLP "MLP L"
+    readers: per layer "L.H.q" for every query head, then the key readers, then the value
+             readers, then "MLP L"; last "logits". Key and value readers are one per K/V head
+             ("L.kvJ.k", "L.kvJ.v") when `kv_readers` is "per-kv-head" and the model groups its
+             K/V heads, else one per query head ("L.H.k", "L.H.v")
     edges:   (writer index, reader index) pairs; reader r reads every writer computed before it
              (an MLP also reads the heads of its own layer). Edge e of a gate vector [n_edges]
              is edges[e].
+    reader_nodes: the nodes each reader feeds (one, or every query head sharing a K/V head)
+    groups:  (start, size) slices of the gate vector that the authors keep as one parameter tensor
+             (per layer: the q readers, the k readers, the v readers, the MLP reader; then the
+             logits): their deterministic gates are computed tensor by tensor (`deterministic_mask`)
     """
 
     n_layers: int
     n_heads: int
+    n_kv_heads: int = 0
+    kv_readers: str = "per-kv-head"
+    split_embedding: bool = False
     writers: list[str] = field(default_factory=list)
     readers: list[str] = field(default_factory=list)
     edges: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, n_layers: int, n_heads: int) -> "EdgeGraph":
-        g = cls(n_layers, n_heads)
-        g.writers = [EMBED]
+    def build(cls, n_layers: int, n_heads: int, n_kv_heads: int | None = None, *, kv_readers: str = "per-kv-head",
+              split_embedding: bool = False) -> "EdgeGraph":
+        if kv_readers not in KV_READERS:
+            raise ValueError(f"unknown kv_readers {kv_readers!r}; choose one of {', '.join(KV_READERS)}")
+        n_kv = n_kv_heads or n_heads
+        if n_heads % n_kv:
+            raise ValueError(f"n_heads={n_heads} is not a multiple of n_kv_heads={n_kv}")
+        g = cls(n_layers, n_heads, n_kv, kv_readers, split_embedding)
+        g.embed_writers = [TOKEN_EMBED, POS_EMBED] if split_embedding else [EMBED]
+        g.writers = list(g.embed_writers)
+        g.reader_nodes = []
         g._attn, g._mlp = [], []       # offsets into the gate vector: (start, n_writers read)
+        g.groups = []
+        per_kv = kv_readers == "per-kv-head" and n_kv < n_heads
+        g.n_kv_readers = n_kv if per_kv else n_heads      # key (and value) readers per layer
+        group = n_heads // n_kv
         for l in range(n_layers):
             W = len(g.writers)
             g._attn.append((len(g.edges), W))
             for kind in KINDS:
-                for h in range(n_heads):
-                    g._add_reader(f"{l}.{h}.{kind}", W)
+                g.groups.append((len(g.edges), (n_heads if kind == "q" else g.n_kv_readers) * W))
+                if kind != "q" and per_kv:
+                    for j in range(n_kv):
+                        g._add_reader(f"{l}.kv{j}.{kind}", W, tuple(head_name(l, h) for h in
+                                                                   range(j * group, (j + 1) * group)))
+                else:
+                    for h in range(n_heads):
+                        g._add_reader(f"{l}.{h}.{kind}", W, (head_name(l, h),))
             g.writers += [head_name(l, h) for h in range(n_heads)]
             g._mlp.append((len(g.edges), W + n_heads))
-            g._add_reader(mlp_name(l), W + n_heads)
+            g.groups.append((len(g.edges), W + n_heads))
+            g._add_reader(mlp_name(l), W + n_heads, (mlp_name(l),))
             g.writers.append(mlp_name(l))
         g._out = (len(g.edges), len(g.writers))
-        g._add_reader(LOGITS, len(g.writers))
+        g.groups.append(g._out)
+        g._add_reader(LOGITS, len(g.writers), (LOGITS,))
         g.writer_index = {w: i for i, w in enumerate(g.writers)}
-        g.reader_node = [g._node_of(name) for name in g.readers]
         g.edge_index = {e: i for i, e in enumerate(g.edges)}
         return g
 
-    def _add_reader(self, name: str, n_writers: int) -> None:
+    def _add_reader(self, name: str, n_writers: int, nodes: tuple[str, ...]) -> None:
         r = len(self.readers)
         self.readers.append(name)
+        self.reader_nodes.append(nodes)
         self.edges += [(w, r) for w in range(n_writers)]
 
     @property
@@ -129,9 +170,14 @@ class EdgeGraph:
         return len(self.edges)
 
     @property
+    def n_attn_readers(self) -> int:
+        """Readers per layer's attention: H query, then the key and the value readers."""
+        return self.n_heads + 2 * self.n_kv_readers
+
+    @property
     def nodes(self) -> list[str]:
-        """Gated nodes: the heads and MLPs (every writer but the embedding), in writer order."""
-        return self.writers[1:]
+        """Gated nodes: the heads and MLPs (every writer but the embeddings), in writer order."""
+        return self.writers[len(self.embed_writers):]
 
     def edge_name(self, e: int) -> str:
         w, r = self.edges[e]
@@ -147,9 +193,10 @@ class EdgeGraph:
 
     # Views of a gate vector [n_edges] per reader block.
     def attn_gates(self, gates: torch.Tensor, layer: int) -> torch.Tensor:
-        """[3, H, W] gates of layer `layer`'s q, k and v readers over its W preceding writers."""
+        """[H + 2 K, W] gates of layer `layer`'s q, k and v readers (K = `n_kv_readers`) over its W
+        preceding writers."""
         start, W = self._attn[layer]
-        return gates[start:start + 3 * self.n_heads * W].view(3, self.n_heads, W)
+        return gates[start:start + self.n_attn_readers * W].view(self.n_attn_readers, W)
 
     def mlp_gates(self, gates: torch.Tensor, layer: int) -> torch.Tensor:
         start, W = self._mlp[layer]
@@ -160,21 +207,36 @@ class EdgeGraph:
         return gates[start:start + W]
 
     def node_of_reader(self, r: int) -> str:
-        """The node a reader belongs to: 'L.H' for 'L.H.q/k/v', 'MLP L', or 'logits'."""
-        return self.reader_node[r]
-
-    @staticmethod
-    def _node_of(name: str) -> str:
-        return name if name == LOGITS or name.startswith("MLP") else name.rsplit(".", 1)[0]
-
-
-_GRAPHS: dict[tuple[int, int], EdgeGraph] = {}
+        """The node a reader belongs to: 'L.H' for 'L.H.q/k/v', 'MLP L', or 'logits' (a K/V-head
+        reader feeds several heads: see `reader_nodes`)."""
+        nodes = self.reader_nodes[r]
+        if len(nodes) != 1:
+            raise ValueError(f"reader {self.readers[r]} feeds {len(nodes)} heads {nodes}; use reader_nodes")
+        return nodes[0]
 
 
-def graph_for(model: Transformer) -> EdgeGraph:
-    key = (model.cfg.n_layers, model.cfg.n_heads)
+_GRAPHS: dict[tuple, EdgeGraph] = {}
+
+
+def graph_for(model: Transformer, kv_readers: str = "per-kv-head", split_embedding: bool | None = None) -> EdgeGraph:
+    """The edge graph of `model`'s shape.
+
+    kv_readers:      "per-kv-head" (default, the authors' Llama graph): one key and one value
+                     reader per K/V head, shared by its query heads, as the model computes them;
+                     "per-query-head": every query head its own (see the module docstring)
+    split_embedding: token and position embeddings as two writers (default for models with
+                     learned positions, GPT-2: the authors' `--with_embedding_nodes`, as in their
+                     runs); False: one "embed" writer (rotary models have no position writer)
+    """
+    cfg = model.cfg
+    if split_embedding is None:
+        split_embedding = model.W_pos is not None
+    if split_embedding and model.W_pos is None:
+        raise ValueError(f"{cfg.name} has no position embedding to split off; use split_embedding=False")
+    key = (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, kv_readers, bool(split_embedding))
     if key not in _GRAPHS:
-        _GRAPHS[key] = EdgeGraph.build(*key)
+        _GRAPHS[key] = EdgeGraph.build(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, kv_readers=kv_readers,
+                                       split_embedding=bool(split_embedding))
     return _GRAPHS[key]
 
 
@@ -211,8 +273,9 @@ def check_full(model: Transformer) -> None:
 
 @torch.no_grad()
 def make_replacement(model: Transformer, kind: str, *, patching: torch.Tensor | None = None,
-                     means: Means | None = None, corrupted: torch.Tensor | None = None) -> Replacement:
-    """The replacement of every writer.
+                     means: Means | None = None, corrupted: torch.Tensor | None = None,
+                     graph: EdgeGraph | None = None) -> Replacement:
+    """The replacement of every writer of `graph` (default `graph_for(model)`).
 
     mean:      per-position means over `patching` [n_a, S] (or the given `means` plus `patching`
                for the embedding's mean); the same means Algorithm 1 ablates to
@@ -223,13 +286,14 @@ def make_replacement(model: Transformer, kind: str, *, patching: torch.Tensor | 
         raise ValueError(f"unknown replacement {kind!r}; choose one of {', '.join(REPLACEMENTS)}")
     check_full(model)
     cfg, dev, dtype = model.cfg, model.W_E.device, model.W_E.dtype
-    n_writers = 1 + cfg.n_layers * (cfg.n_heads + 1)
+    graph = graph or graph_for(model)
+    n_writers = len(graph.writers)
     if kind == "zero":
         return Replacement(kind, torch.zeros(n_writers, 1, cfg.d_model, device=dev, dtype=dtype))
     if kind == "corrupted":
         if corrupted is None:
             raise ValueError("corrupted replacement needs corrupted tokens [n, S], paired with the clean prompts")
-        outs = writer_outputs(model, corrupted.to(dev))                       # [n_writers, n, S, D]
+        outs = writer_outputs(model, corrupted.to(dev), graph.split_embedding)   # [n_writers, n, S, D]
         return Replacement(kind, outs)
     if patching is None:
         raise ValueError("mean replacement needs the patching prompts (for the embedding's mean)")
@@ -238,7 +302,10 @@ def make_replacement(model: Transformer, kind: str, *, patching: torch.Tensor | 
         means = mean_activations(model, patching)
     patching = patching.to(dev)
     S = patching.shape[1]
-    values = [model.embed(patching).double().mean(0).to(dtype)]
+    if graph.split_embedding:                                          # token part's mean; positions are constant
+        values = [model.W_E[patching].double().mean(0).to(dtype), model.W_pos[:S]]
+    else:
+        values = [model.embed(patching).double().mean(0).to(dtype)]
     for l, layer in enumerate(model.layers):
         values += list(torch.einsum("hse,hed->hsd", means.z[l].to(dev, dtype), layer.W_O))
         values.append(means.mlp[l].to(dev, dtype))
@@ -249,10 +316,11 @@ def make_replacement(model: Transformer, kind: str, *, patching: torch.Tensor | 
 
 
 @torch.no_grad()
-def writer_outputs(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Every writer's output in the full model: [n_writers, n, S, D]."""
+def writer_outputs(model: Transformer, tokens: torch.Tensor, split_embedding: bool = False) -> torch.Tensor:
+    """Every writer's output in the full model: [n_writers, n, S, D] (the embedding as token and
+    position parts if `split_embedding`)."""
     x = model.embed(tokens)
-    outs = [x]
+    outs = [model.W_E[tokens], model.W_pos[:tokens.shape[1]].expand_as(x)] if split_embedding else [x]
     for layer in model.layers:
         z = layer.z(x)                                                        # [n, S, H, E]
         heads = torch.einsum("bshe,hed->hbsd", z, layer.W_O)
@@ -267,20 +335,25 @@ def writer_outputs(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
 # ---- the masked forward pass -----------------------------------------------------------------
 
 def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor, repl: Replacement,
-                  node_gates: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                  node_gates: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                  graph: EdgeGraph | None = None) -> torch.Tensor:
     """Last-position logits [B, V] of the model in which every edge passes `gates` of its writer.
 
     tokens:     [B, S]
     gates:      [n_edges] in [0, 1] (1 = the writer's output, 0 = its replacement), in
-                `graph_for(model).edges` order
+                `graph.edges` order
     node_gates: [n_nodes] or None (all open), in `graph.nodes` order (heads and MLPs)
     rows:       which prompts of a per-prompt (corrupted) replacement these tokens are
+    graph:      the edge graph (default `graph_for(model)`); `repl` must be made for it
     Differentiable in `gates` and `node_gates`.
     """
-    g, cfg = graph_for(model), model.cfg
+    g, cfg = graph or graph_for(model), model.cfg
     H, S = cfg.n_heads, tokens.shape[1]
     if gates.shape != (g.n_edges,):
         raise ValueError(f"gates must have shape [{g.n_edges}] (the edges of this model); got {list(gates.shape)}")
+    if repl.values.shape[0] != len(g.writers):
+        raise ValueError(f"the replacement has {repl.values.shape[0]} writers, the graph {len(g.writers)}: "
+                         "make it with make_replacement(..., graph=graph)")
     R = repl.rows(rows)                                            # [n_writers, B or 1, S', D]
     if R.shape[2] != 1:                                            # 1: the same for every position (zero)
         if R.shape[2] < S:
@@ -291,6 +364,7 @@ def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor,
     # One buffer, filled writer by writer; a reader block is then one matrix product over its prefix.
     deltas = torch.empty(len(g.writers), B, S, D, device=model.W_E.device, dtype=model.W_E.dtype)
     chunks = []   # the same deltas as autograd tensors, in order, so gradients reach the writers
+    grads = _GradientSum(deltas)
 
     def put(w: int, delta: torch.Tensor) -> None:
         with torch.no_grad():
@@ -306,7 +380,7 @@ def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor,
                 break
             used.append(c)
             k += c.shape[0]
-        return base + _MaskedSum.apply(block, deltas, W, last, *used)
+        return base + _MaskedSum.apply(block, deltas, W, last, grads.claim(len(used), k), *used)
 
     def node(i0: int, k: int) -> torch.Tensor | None:
         return None if node_gates is None else node_gates[i0:i0 + k].view(k, 1, 1, 1)
@@ -315,24 +389,62 @@ def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor,
         return delta if gate is None else delta * gate
 
     x = model.embed(tokens)
-    put(0, (x - R[0])[None].expand(1, B, S, D))
-    base = R[0]                                                      # sum of replacements and biases so far
-    w = 1
+    if g.split_embedding:
+        put(0, (model.W_E[tokens.to(x.device)] - R[0])[None].expand(1, B, S, D))
+        put(1, (model.W_pos[:S] - R[1])[None].expand(1, B, S, D))
+    else:
+        put(0, (x - R[0])[None].expand(1, B, S, D))
+    w = n_embed = len(g.embed_writers)
+    base = R[:w].sum(0)                                              # sum of replacements and biases so far
     for l, layer in enumerate(model.layers):
-        inp = read(g.attn_gates(gates, l).reshape(3 * H, -1), base).view(3, H, B, S, D)
-        heads = _heads(layer, cfg, _norm(layer.ln1, inp))            # [H, B, S, D]
-        put(w, gated(heads - R[w:w + H], node(w - 1, H)))
+        inp = read(g.attn_gates(gates, l), base)                     # [H + 2 K, B, S, D]
+        heads = _heads(layer, cfg, _norm(layer.ln1, inp), g.n_kv_readers)   # [H, B, S, D]
+        put(w, gated(heads - R[w:w + H], node(w - n_embed, H)))
         base = base + R[w:w + H].sum(0)
         if layer.b_O is not None:
             base = base + layer.b_O
         w += H
         m_in = read(g.mlp_gates(gates, l)[None], base)[0]            # [B, S, D]
         m = layer.mlp_out(m_in)
-        put(w, gated((m - R[w])[None], node(w - 1, 1)))
+        put(w, gated((m - R[w])[None], node(w - n_embed, 1)))
         base = base + R[w]
         w += 1
     resid = read(g.out_gates(gates)[None], base[:, -1:], last=True)[0]   # [B, 1, D]
     return model.unembed(resid[:, -1])
+
+
+class _GradientSum:
+    """The gradient of every writer's delta, summed over its readers in one buffer like `deltas`.
+
+    In the backward pass the reader blocks come in reverse order; each adds its part
+    (block^T @ grad) to the buffer in place, and the *first* reader of a chunk of writers (the last
+    block to run backward, all later readers having added theirs) hands the chunk's rows on to
+    autograd. One buffer and in-place sums instead of a gradient per block and chunk that autograd
+    then adds up: the same sums, less memory traffic. The last block (the logits') runs first in
+    every backward pass and starts the sums afresh, so that a second pass (retain_graph) is right.
+    """
+
+    def __init__(self, deltas: torch.Tensor):
+        self.deltas, self.buffer, self.claimed, self.n_blocks = deltas, None, 0, 0
+
+    def claim(self, n_chunks: int, covered: int) -> tuple["_GradientSum", int, int]:
+        """A new reader block reads chunks 0..n_chunks-1 (covering writers 0..covered-1): the
+        chunks from `first` on, which no earlier block read, are its to hand on.
+        -> (self, first, covered, the block's index)"""
+        first, self.claimed = self.claimed, max(self.claimed, n_chunks)
+        self.n_blocks += 1
+        return self, first, covered, self.n_blocks - 1
+
+    def add(self, block: torch.Tensor, g: torch.Tensor, last: bool) -> None:
+        """Add block^T @ g [W, B * s * D] to the first W writers' rows (s = 1: the last position only)."""
+        if self.buffer is None:
+            self.buffer = torch.zeros_like(self.deltas)
+        W = block.shape[1]
+        if last:
+            _, B, _, D = self.deltas.shape
+            self.buffer[:W, :, -1:] += (block.T @ g).view(W, B, 1, D)
+        else:
+            self.buffer[:W].view(W, -1).addmm_(block.T, g)
 
 
 class _MaskedSum(torch.autograd.Function):
@@ -341,13 +453,15 @@ class _MaskedSum(torch.autograd.Function):
     `deltas` is the buffer the writers' deltas are copied into as they are computed; rows below W
     never change afterwards, so the backward pass reads them from it instead of saving copies.
     The autograd tensors of the same deltas (`chunks`, in writer order, covering 0..W-1) are passed
-    only to route their gradients.
+    only to route their gradients: summed in a `_GradientSum`, each chunk's gradient is returned
+    by its first reader (`claim`: the sum, the first chunk this block hands on, the writers covered).
     """
 
     @staticmethod
-    def forward(ctx, block, deltas, W, last, *chunks):
+    def forward(ctx, block, deltas, W, last, claim, *chunks):
         ctx.save_for_backward(block)
-        ctx.deltas, ctx.W, ctx.last, ctx.sizes = deltas, W, last, [c.shape[0] for c in chunks]
+        ctx.deltas, ctx.W, ctx.last, ctx.claim = deltas, W, last, claim
+        ctx.sizes = [c.shape[0] for c in chunks]
         flat = _prefix(deltas, W, last)                              # [W, B * s * D]
         out = block @ flat
         return out.view(block.shape[0], deltas.shape[1], 1 if last else deltas.shape[2], deltas.shape[3])
@@ -357,15 +471,19 @@ class _MaskedSum(torch.autograd.Function):
         (block,) = ctx.saved_tensors
         g = grad.reshape(grad.shape[0], -1)                          # [r, B * s * D]
         grad_block = g @ _prefix(ctx.deltas, ctx.W, ctx.last).T if ctx.needs_input_grad[0] else None
-        grad_flat = (block.T @ g).view(ctx.W, *grad.shape[1:])
-        parts = list(torch.split(grad_flat, ctx.sizes))
-        covered = sum(ctx.sizes)
-        if covered > ctx.W:                                          # the last chunk reaches past W
-            parts[-1] = torch.cat([parts[-1], grad_flat.new_zeros(covered - ctx.W, *grad.shape[1:])])
-        if ctx.last:                                                 # only the last position was read
-            parts = [torch.cat([p.new_zeros(p.shape[0], p.shape[1], ctx.deltas.shape[2] - 1, p.shape[3]), p], 2)
-                     for p in parts]
-        return (grad_block, None, None, None, *parts)
+        parts = [None] * len(ctx.sizes)
+        grads, first, covered, index = ctx.claim
+        if index == grads.n_blocks - 1:                              # the logits' block: a backward pass begins
+            grads.buffer = None
+        if any(ctx.needs_input_grad[5:]):
+            grads.add(block, g, ctx.last)
+            if covered > ctx.W and first < len(ctx.sizes):
+                raise RuntimeError("a chunk of writers is first read by a block that covers only part of it")
+            start = sum(ctx.sizes[:first])
+            for i in range(first, len(ctx.sizes)):                   # this block is these chunks' first reader
+                parts[i] = grads.buffer[start:start + ctx.sizes[i]]
+                start += ctx.sizes[i]
+        return (grad_block, None, None, None, None, *parts)
 
 
 def _prefix(deltas: torch.Tensor, W: int, last: bool) -> torch.Tensor:
@@ -380,12 +498,19 @@ def _norm(norm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], norm.w, norm.b, norm.eps)
 
 
-def _heads(layer, cfg, h: torch.Tensor) -> torch.Tensor:
-    """Head outputs [H, B, S, D] from normalised q, k, v reader inputs h [3, H, B, S, D]."""
+def _heads(layer, cfg, h: torch.Tensor, n_kv_readers: int) -> torch.Tensor:
+    """Head outputs [H, B, S, D] from normalised reader inputs h [H + 2 K, B, S, D]: H query
+    inputs, then K key and K value inputs, K = H (one per query head) or the K/V head count."""
+    H = cfg.n_heads
     kv = layer.kv_of_head                                           # each query head's K/V head
-    q = torch.einsum("hbsd,hde->bhse", h[0], layer.W_Q)
-    k = torch.einsum("hbsd,hde->bhse", h[1], layer.W_K[kv])
-    v = torch.einsum("hbsd,hde->bhse", h[2], layer.W_V[kv])
+    hq, hk, hv = h[:H], h[H:H + n_kv_readers], h[H + n_kv_readers:]
+    q = torch.einsum("hbsd,hde->bhse", hq, layer.W_Q)
+    if n_kv_readers == H:                                           # per query head: its K/V weights on its input
+        k = torch.einsum("hbsd,hde->bhse", hk, layer.W_K[kv])
+        v = torch.einsum("hbsd,hde->bhse", hv, layer.W_V[kv])
+    else:                                                           # per K/V head, shared by its query heads
+        k = torch.einsum("kbsd,kde->bkse", hk, layer.W_K)[:, kv]
+        v = torch.einsum("kbsd,kde->bkse", hv, layer.W_V)[:, kv]
     if layer.b_Q is not None:
         q = q + layer.b_Q[:, None]
         k = k + layer.b_K[kv][:, None]
@@ -404,13 +529,14 @@ def kl_loss(full_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 # ---- binary circuits: edges <-> nodes --------------------------------------------------------
 
-def all_open(model: Transformer) -> torch.Tensor:
-    return torch.ones(graph_for(model).n_edges, device=model.W_E.device)
+def all_open(model: Transformer, graph: EdgeGraph | None = None) -> torch.Tensor:
+    return torch.ones((graph or graph_for(model)).n_edges, device=model.W_E.device)
 
 
-def gates_from_edges(model: Transformer, kept: Iterable[int | str]) -> torch.Tensor:
-    """A 0/1 gate vector opening the edges `kept` (indices or 'W -> R' names)."""
-    g = graph_for(model)
+def gates_from_edges(model: Transformer, kept: Iterable[int | str], graph: EdgeGraph | None = None) -> torch.Tensor:
+    """A 0/1 gate vector opening the edges `kept` (indices or 'W -> R' names) of `graph` (default
+    `graph_for(model)`)."""
+    g = graph or graph_for(model)
     gates = torch.zeros(g.n_edges, device=model.W_E.device)
     idx = [e if isinstance(e, int) else g.parse_edge(e) for e in kept]
     gates[torch.tensor(idx, dtype=torch.long, device=gates.device)] = 1.0
@@ -418,13 +544,14 @@ def gates_from_edges(model: Transformer, kept: Iterable[int | str]) -> torch.Ten
 
 
 def edges_among(graph: EdgeGraph, nodes: Iterable[str]) -> list[int]:
-    """The edges whose writer and reader's node are both in `nodes` (the embedding and the
-    logits always count as kept): the edge circuit of a node circuit."""
-    nodes = set(nodes) | {EMBED, LOGITS}
-    for n in nodes - {EMBED, LOGITS}:
+    """The edges whose writer and (one of) its reader's nodes are in `nodes` (the embeddings and
+    the logits always count as kept): the edge circuit of a node circuit."""
+    always = set(graph.embed_writers) | {LOGITS}
+    nodes = set(nodes) | always
+    for n in nodes - always:
         parse_component(n)
     return [e for e, (w, r) in enumerate(graph.edges)
-            if graph.writers[w] in nodes and graph.node_of_reader(r) in nodes]
+            if graph.writers[w] in nodes and any(n in nodes for n in graph.reader_nodes[r])]
 
 
 def remove_dead(graph: EdgeGraph, kept: Iterable[int], closed_nodes: Iterable[str] = ()) -> tuple[list[int], list[str]]:
@@ -445,17 +572,17 @@ def remove_dead(graph: EdgeGraph, kept: Iterable[int], closed_nodes: Iterable[st
         name = graph.writers[w]
         if name in closed:
             continue
-        if any(graph.node_of_reader(graph.edges[e][1]) in alive for e in out_edges.get(w, [])):
+        if any(n in alive for e in out_edges.get(w, []) for n in graph.reader_nodes[graph.edges[e][1]]):
             alive.add(name)
     edges = sorted(e for e in kept if graph.writers[graph.edges[e][0]] in alive
-                   and graph.node_of_reader(graph.edges[e][1]) in alive)
+                   and any(n in alive for n in graph.reader_nodes[graph.edges[e][1]]))
     nodes = [n for n in graph.nodes if n in alive]
     return edges, nodes
 
 
 def node_circuit(nodes: Iterable[str]) -> list[str]:
     """Component names for `surgery.prune` ('L.H' and 'MLP L'), in writer order as given."""
-    return [n for n in nodes if n not in (EMBED, LOGITS)]
+    return [n for n in nodes if n not in (EMBED, TOKEN_EMBED, POS_EMBED, LOGITS)]
 
 
 def count_edges(graph: EdgeGraph, nodes: Iterable[str]) -> int:
@@ -487,3 +614,28 @@ def sample_gates(log_alpha: torch.Tensor, generator: torch.Generator) -> torch.T
 
 def deterministic_gates(log_alpha: torch.Tensor) -> torch.Tensor:
     return (torch.sigmoid(log_alpha) * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
+
+
+# The authors' deterministic gate (Edge-Pruning src/modeling/l0.py, `deterministic_z_from_log_alpha`).
+SOFT_FACTOR, CDF_EPS = 0.8, 1e-6
+
+
+def deterministic_mask(log_alpha: torch.Tensor, groups: Iterable[tuple[int, int]] | None = None) -> torch.Tensor:
+    """The gates' deterministic values in [0, 1], as the authors evaluate them, per group [n].
+
+    In each group (one of the authors' parameter tensors; `EdgeGraph.groups`; all of `log_alpha`
+    if None) the expected number of closed gates, round(sum of P(gate = 0)), is counted; that many
+    of the group's gates with the smallest `log_alpha` are set to 0, the others to
+    sigmoid(0.8 log_alpha / beta). P(gate = 0) is clipped to [1e-6, 1 - 1e-6] as theirs is.
+    """
+    log_alpha = log_alpha.detach().float()
+    out = torch.empty_like(log_alpha)
+    for start, size in groups if groups is not None else [(0, log_alpha.numel())]:
+        la = log_alpha[start:start + size]
+        closed = expected_closed(la).clamp(CDF_EPS, 1 - CDF_EPS)
+        n_zeros = int(torch.round(size - (1 - closed).sum()).item())
+        soft = torch.sigmoid(la / BETA * SOFT_FACTOR)
+        if n_zeros > 0:
+            soft[torch.topk(soft, k=min(n_zeros, size), largest=False).indices] = 0.0
+        out[start:start + size] = soft
+    return out

@@ -6,30 +6,57 @@ learned location `log_alpha`. Each training step samples the gates, runs the mas
 
     KL(f || masked) + lambda1 (t - s) + lambda2 (t - s)^2
 
-where s is the expected edge sparsity (1 - the mean probability that a gate is open) and t the
-target sparsity, ramped up linearly over the first `warmup` steps. The multipliers lambda1 and
-lambda2 are trained by gradient *ascent* (a Lagrangian), so the sparsity is pushed to the target
-rather than traded off against the KL at a fixed price. With `node_target_sparsity`, node gates
-get their own Lagrangian term and an edge counts as open only if its writer's node is too.
+where s is the edge sparsity and t the target, ramped up linearly over the first `warmup` steps.
+The multipliers lambda1 and lambda2 are trained by gradient *ascent* (a Lagrangian), so the
+sparsity is pushed to the target rather than traded off against the KL at a fixed price (the
+authors write (s - t); with lambda1 free in sign that is the same). With
+`node_target_sparsity`, node gates get their own Lagrangian term.
 
-The optimizer is the authors': AdamW with its default weight decay (0.01) at learning rate 0.8
-for the gates and the multipliers alike, the rate warmed up linearly over the first 1/15 of the
-steps (their 200 of 3000) and decayed linearly to 0 at the last. The weight decay matters: it
-pulls every `log_alpha` back towards 0. Without it (plain Adam at a constant rate, as circuitlib
-trained before), a gate the KL wants open climbs until its samples are always exactly 1 (no KL
-gradient) and 1 - P(open) rounds to 0 in float32 (no sparsity gradient): it is frozen open. On
-the stand-in (123,211 edges), at step 1500 of 3000, 53 % of the gates sat frozen and the expected
-sparsity had stalled at 0.44 while the target ramped past 0.5 (chapter 06b shows that run). The
-sparsity is also computed from P(closed) directly (`edges.expected_closed`), which keeps its
-gradient where 1 - P(open) would round to 0.
+**The authors' recipe** (princeton-nlp/Edge-Pruning: `src/modeling/l0.py`, `modeling_fpt2.py`,
+`modeling_fllama.py`, `src/prune/fpt2_ioi.py`, `src/eval/ioi.py`, `run_scripts/ioi_sweep.sh`),
+the default:
+- sparsity term (`sparsity_term="sampled"`): s = 1 - the mean of this step's *sampled* edge
+  gates, as their `model_edge_sparsity`; "expected" (s = mean P(gate = 0), circuitlib's before
+  issue 28) counts a gate whose deterministic value is 0 as partly open, so it stops short.
+- targets may exceed 1 (their IOI sweep runs 0.94 to 1.1): s cannot reach them, so the
+  multipliers keep pushing.
+- AdamW with its default weight decay (0.01) at learning rate 0.8 for the gates and the
+  multipliers alike, warmed up linearly over 1/15 of the steps (their 200 of 3000) and decayed
+  linearly to 0; the weight decay pulls every `log_alpha` back towards 0, which keeps gates from
+  freezing open (chapter 06b shows a run without it).
+- gradients clipped to norm 1.0 over all trained parameters (gates and multipliers together),
+  as their Hugging Face Trainer does by default (`clip_grad_norm`).
+- read-off (`binarize`, readout="authors"): the gates' deterministic values (`edges.deterministic_mask`)
+  give the training's own sparsity, and a threshold on them is bisected until the binary circuit
+  has it: the training, not the target, sets the circuit's size (`ReadOff.training_sparsity`).
+  readout="forced-count" (circuitlib before issue 28) keeps (1 - target) x all edges instead.
 
-After training, the gates are made deterministic and binary: edges are ranked by `log_alpha`,
-and a search over the number kept picks the largest circuit whose edges, *after dead-node
-removal* (`edges.remove_dead`: nodes that reach the logits by no kept edge are dropped with all
-their edges, which changes no logit), number at most (1 - target) x all edges. The nodes that
-survive are a node circuit; `surgery.prune` turns it into a physically smaller model. That model
-keeps every edge among its nodes, more than the edge circuit, so its KL differs from the edge
-circuit's; the difference is measured and reported (`conversion_kl_change`).
+**Deviations that remain**, and why:
+- Their deterministic gates are computed per parameter tensor, and their tensors also hold
+  entries for writers a reader cannot see (the [n_writers, n_heads] padding). Those take no
+  gradient, weight decay draws them to log_alpha ~ 0, and each then adds ~0.17 to the tensor's
+  expected number of zeros, so a few more low gates are zeroed there. circuitlib has no padding
+  entries; its tensors (`EdgeGraph.groups`) hold the real edges only.
+- Their evaluation counts every thresholded edge; circuitlib then drops edges of nodes that
+  cannot reach the logits (`edges.remove_dead`, which changes no logit) and reports both counts
+  (`ReadOff.n_thresholded`, and the circuit's edges).
+- Their node gates are trained in every run, by the KL alone when the node loss is off (their
+  IOI default), which keeps them open; circuitlib gates nodes only with `node_target_sparsity`.
+  With the node loss off, their node loss is still added at multipliers that stay 0 (no
+  optimizer), so it moves nothing, but its multipliers' gradients count in the clipped norm;
+  circuitlib's clipped norm covers the edge gates and their two multipliers only.
+- Their GPT-2 embedding nodes carry gates of their own; circuitlib's embedding writers have
+  edge gates only.
+- They evaluate the KL over the answer's tokens of a padded batch; circuitlib's prompts of a
+  batch have one length and the KL is taken at the last position (the prediction).
+- Batch size and data follow what this CPU affords (see `scripts/edge_runs.py`); theirs are
+  batch 32 and 200 IOI prompts.
+
+The binary circuit is cleared of dead nodes; the nodes that survive are a node circuit, and
+`surgery.prune` turns it into a physically smaller model. That model keeps every edge among its
+nodes, more than the edge circuit, so its KL differs from the edge circuit's; the difference is
+measured and reported (`conversion_kl_change`). `reread` reads a stored training's gates off
+again with another read-off, without training.
 
 Seeded and reproducible: the gate noise and the initial `log_alpha` come from a generator seeded
 with `seed` on the model's device, the batches from one on the cpu.
@@ -38,7 +65,9 @@ Resumable: with a `checkpoint_path`, the training saves its whole state every `c
 steps (gates, multipliers, both optimizers, both generators, the curve) and a training started
 again with the same settings continues from it, to exactly the result of an uninterrupted run.
 `edge_result` keeps finished runs as JSON files named after their settings, so that a long run
-is data: computed once (`scripts/edge_runs.py`, in the background), read afterwards.
+is data: computed once (`scripts/edge_runs.py`, in the background), read afterwards. Results
+made before issue 28 keep their names and load with the settings they were made with
+(`LEGACY_SETTINGS`).
 """
 
 from __future__ import annotations
@@ -56,7 +85,7 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitlib.version import __version__
-from circuitlib.discovery.edges.graph import (REPLACEMENTS, EdgeGraph, Replacement, check_full, deterministic_gates,
+from circuitlib.discovery.edges.graph import (REPLACEMENTS, EdgeGraph, Replacement, check_full, deterministic_gates, deterministic_mask,
                     edges_among, expected_closed, gates_from_edges, graph_for, kl_loss, make_replacement,
                     masked_logits, node_circuit, remove_dead, sample_gates)
 from circuitlib.core.metrics import accuracy, kl_divergence
@@ -66,17 +95,26 @@ from circuitlib.core.resumable import ResultInProgress, load_checkpoint, result_
                                       # (ResultInProgress: edge_result raises it; importable from here)
 
 RESULT_FILE = "edges.json"
+# (sparsity_term, clip_grad_norm) of every training before issue 28: a checkpoint or result without
+# these settings was made with them
+LEGACY_TRAINING = ("expected", None)
+
+
+MAX_SPARSITY = 2.0       # targets above 1 are the authors' way to push the sparsity (their sweeps reach 1.4)
 
 
 def check_sparsity(value, name: str = "target sparsity") -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}") from None
-    if math.isnan(value) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a number in [0, 1) (the fraction of edges removed), got {value}; "
-                         "try e.g. 0.95")
+        raise ValueError(f"{name} must be a number in [0, {MAX_SPARSITY:g}), got {value!r}") from None
+    if math.isnan(value) or not 0 <= value < MAX_SPARSITY:
+        raise ValueError(f"{name} must be a number in [0, {MAX_SPARSITY:g}) (the fraction of edges removed; the "
+                         f"authors push with targets up to 1.4), got {value}; try e.g. 0.95")
     return value
+
+
+SPARSITY_TERMS = ("sampled", "expected")
 
 
 @contextlib.contextmanager
@@ -107,7 +145,8 @@ class EdgeTraining:
 def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, target_sparsity: float,
                 steps: int, node_target_sparsity: float | None = None, lr: float = 0.8, reg_lr: float = 0.8,
                 warmup: int | None = None, batch_size: int = 32, seed: int = 0, init: float = 10.0,
-                weight_decay: float = 0.01, lr_warmup: int | None = None, progress: bool = True,
+                weight_decay: float = 0.01, lr_warmup: int | None = None, sparsity_term: str = "sampled",
+                clip_grad_norm: float | None = 1.0, graph: EdgeGraph | None = None, progress: bool = True,
                 checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 50) -> EdgeTraining:
     """Learn hard-concrete gates on `tokens` [n, S] (the full model `model` is frozen).
 
@@ -116,6 +155,11 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
     batch_size:       prompts per step (all of them if fewer)
     init:             initial log_alpha (the authors' 10: every gate open, its samples almost always 1)
     weight_decay:     AdamW's decoupled weight decay, for the gates and the multipliers (the authors' 0.01)
+    sparsity_term:    "sampled" (the authors'): s = 1 - the mean of this step's sampled edge gates;
+                      "expected": s = the mean P(edge gate = 0) (circuitlib before issue 28)
+    clip_grad_norm:   the gradients of the gates and the multipliers together are clipped to this
+                      norm before each step (the authors' Hugging Face trainer: 1.0); None: not clipped
+    graph:            the edge graph (default `edges.graph_for(model)`); `repl` must be made for it
     lr_warmup:        steps over which the learning rates rise linearly from 0, after which they fall
                       linearly to 0 at the last step (default: 1/15 of `steps`, as the authors' 200 of 3000)
     checkpoint_path:  a file for the training's state, written (atomically) every `checkpoint_every`
@@ -134,6 +178,11 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
     if not isinstance(lr_warmup, int) or not 0 <= lr_warmup < steps:
         raise ValueError(f"lr_warmup must be a whole number of steps in [0, steps) = [0, {steps}), got {lr_warmup!r}; "
                          f"the default is 1/15 of the steps ({round(steps / 15)})")
+    if sparsity_term not in SPARSITY_TERMS:
+        raise ValueError(f"unknown sparsity_term {sparsity_term!r}; choose one of {', '.join(SPARSITY_TERMS)}")
+    if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
+        raise ValueError(f"clip_grad_norm must be a number > 0 or None (no clipping), got {clip_grad_norm!r}; "
+                         "the authors' is 1.0")
     if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}; the authors' is 0.01")
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
@@ -141,7 +190,7 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
                          f"got {checkpoint_every!r}")
     check_full(model)
     warmup = max(1, round(steps * 5 / 6) if warmup is None else warmup)
-    g, dev = graph_for(model), model.W_E.device
+    g, dev = graph or graph_for(model), model.W_E.device
     tokens = tokens.to(dev)
     n = len(tokens)
     if repl.per_prompt and repl.values.shape[1] != n:
@@ -165,6 +214,17 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
             return step / lr_warmup
         return (steps - step) / max(1, steps - lr_warmup)
 
+    def sparsities(log_alpha, node_log_alpha, gates, node_gates):
+        """(edge sparsity, node sparsity or None) that the Lagrangian pushes to the targets."""
+        if sparsity_term == "sampled":                       # the authors': 1 - mean of the sampled gates
+            return 1 - gates.mean(), None if node_gates is None else 1 - node_gates.mean()
+        q_edge = expected_closed(log_alpha)                  # [n_edges] P(edge gate = 0)
+        if node_log_alpha is None:
+            return q_edge.mean(), None
+        q_node = expected_closed(node_log_alpha)
+        q_writer = torch.cat([torch.zeros(1, device=dev), q_node])[edge_writer]   # the embedding has no gate
+        return (q_edge + q_writer - q_edge * q_writer).mean(), q_node.mean()      # P(edge or writer closed)
+
     with torch.no_grad():
         full = model(tokens, last_only=True)
     curve = {k: [] for k in ("step", "loss", "kl", "edge_sparsity", "target", "lambda1", "lambda2", "lr")}
@@ -175,6 +235,9 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
                 "steps": steps, "lr": lr, "reg_lr": reg_lr, "warmup": warmup, "batch_size": batch_size,
                 "seed": seed, "init": init, "node_target_sparsity": node_target, "n_prompts": n,
                 "weight_decay": weight_decay, "lr_warmup": lr_warmup, "tokens": tokens_digest(tokens)}
+    legacy_graph = graph_for(model, "per-query-head", False)
+    if (sparsity_term, clip_grad_norm) != LEGACY_TRAINING or g is not legacy_graph:   # older checkpoints resume
+        settings |= {"sparsity_term": sparsity_term, "clip_grad_norm": clip_grad_norm, "n_edges": g.n_edges}
     saved = load_checkpoint(checkpoint_path, settings)
     if saved is not None:
         with torch.no_grad():
@@ -212,34 +275,33 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
             ramp = min(1.0, (step + 1) / warmup)
             gates = sample_gates(log_alpha, gen)
             node_gates = None if node_log_alpha is None else sample_gates(node_log_alpha, gen)
-            logits = masked_logits(model, batch, gates, repl, node_gates, rows=rows if repl.per_prompt else None)
+            logits = masked_logits(model, batch, gates, repl, node_gates, rows=rows if repl.per_prompt else None,
+                                   graph=g)
             kl = kl_loss(full if rows is None else full[rows], logits)
-            q_edge = expected_closed(log_alpha)                    # [n_edges] P(edge gate = 0)
-            if node_log_alpha is not None:
-                q_node = torch.cat([torch.zeros(1, device=dev), expected_closed(node_log_alpha)])
-                q_writer = q_node[edge_writer]                     # writer w is node w - 1; the embedding has no gate
-                q_edge = q_edge + q_writer - q_edge * q_writer     # P(edge or writer closed)
-                gap_n = ramp * node_target - expected_closed(node_log_alpha).mean()
-            gap = ramp * target - q_edge.mean()
+            s_edge, s_node = sparsities(log_alpha, node_log_alpha, gates, node_gates)
+            gap = ramp * target - s_edge
             lagrangian = lambdas[0] * gap + lambdas[1] * gap ** 2
             if node_log_alpha is not None:
+                gap_n = ramp * node_target - s_node
                 lagrangian = lagrangian + lambdas[2] * gap_n + lambdas[3] * gap_n ** 2
             loss = kl + lagrangian
             opt.zero_grad()
             reg_opt.zero_grad()
             loss.backward()
+            if clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params + [lambdas], clip_grad_norm)
             for optimizer, base in ((opt, lr), (reg_opt, reg_lr)):
                 for group in optimizer.param_groups:
                     group["lr"] = base * lr_factor(step)
             opt.step()
             reg_opt.step()
-            sparsity = q_edge.mean().item()
+            sparsity = s_edge.item()
             for k, v in (("step", step + 1), ("loss", loss.item()), ("kl", kl.item()), ("edge_sparsity", sparsity),
                          ("target", ramp * target), ("lambda1", lambdas[0].item()), ("lambda2", lambdas[1].item()),
                          ("lr", lr * lr_factor(step))):
                 curve[k].append(v)
             if node_log_alpha is not None:
-                curve["node_sparsity"].append(expected_closed(node_log_alpha).mean().item())
+                curve["node_sparsity"].append(s_node.item())
                 curve["node_target"].append(ramp * node_target)
             bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}", sparsity=f"{sparsity:.3f}")
             if checkpoint_path is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
@@ -251,14 +313,129 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
                         seconds_before + time.perf_counter() - started, cpu_so_far())
 
 
-def binarize(graph: EdgeGraph, log_alpha: torch.Tensor, target_sparsity: float,
-             node_log_alpha: torch.Tensor | None = None) -> tuple[list[int], list[str], float]:
-    """The binary circuit of trained gates: (kept edges, kept nodes, log_alpha threshold).
+def step_flops(model: Transformer, graph: EdgeGraph, batch: int, seq: int) -> dict:
+    """Matrix-product FLOPs (2 per multiply-add) of one `train_edges` step on `batch` prompts of
+    `seq` tokens: {"forward", "backward", "total", "parts": {op: (forward, backward)}}. Elementwise
+    work (norms, softmax, gates) is not counted; the full model's logits and the replacements are
+    computed once before the steps, not per step. Per op (B batch, S seq, D d_model, E d_head,
+    H heads, K key/value readers per layer, W_l writers before layer l, F d_mlp, V vocabulary):
 
-    Nodes whose deterministic gate is below 1/2 are closed. Edges are ranked by log_alpha
-    (ties: by index); the largest k whose top-k edges leave at most (1 - target) x n_edges edges
-    after dead-node removal is found by bisection (the surviving set only grows with k).
+    masked sums  2 (H + 2K) W_l BSD + 2 (W_l + H) BSD per layer, 2 n_writers BD for the logits;
+                 backward twice (the gates' gradient and the writers'), but once for layer 0's
+                 attention readers (they read only the embeddings, which take no gradient)
+    q, k, v      2 BSDE (H + 2K) per layer (K = H: every query head its own K/V projection);
+                 backward once (the weights are frozen: the inputs' gradient only)
+    attention    4 BHS^2 E per layer (scores and weighted values, the causal half included, as
+                 the kernels compute it); backward 8 BHS^2 E (the gradients of q, k and v)
+    out proj.    2 BHSED per layer (each head separately); backward once
+    MLP          2 BSDF per weight matrix (2 in GPT-2, 3 in Llama) per layer; backward once
+    unembedding  2 BDV at the last position; backward once
     """
+    cfg = model.cfg
+    B, S, D, E, H, K = batch, seq, cfg.d_model, cfg.d_head, cfg.n_heads, graph.n_kv_readers
+    n_mlp = 2 if model.layers[0].W_gate is None else 3
+    N = B * S * D
+    parts = {"masked sums": 0, "q k v": 0, "attention": 0, "out projection": 0, "mlp": 0}
+    for l in range(cfg.n_layers):
+        W = graph._attn[l][1]
+        parts["masked sums"] += 2 * (H + 2 * K) * W * N + 2 * (W + H) * N
+        parts["q k v"] += 2 * N * E * (H + 2 * K)
+        parts["attention"] += 4 * B * H * S * S * E
+        parts["out projection"] += 2 * B * H * S * E * D
+        parts["mlp"] += n_mlp * 2 * N * cfg.d_mlp
+    parts["masked sums"] += 2 * len(graph.writers) * B * D
+    parts["unembedding"] = 2 * B * D * cfg.d_vocab
+    backward = {"masked sums": 2, "attention": 2}
+    parts = {k: (v, v * backward.get(k, 1)) for k, v in parts.items()}
+    first = 2 * (H + 2 * K) * graph._attn[0][1] * N                   # layer 0's attention readers: no writer gradient
+    parts["masked sums"] = (parts["masked sums"][0], parts["masked sums"][1] - first)
+    forward = sum(f for f, _ in parts.values())
+    back = sum(b for _, b in parts.values())
+    return {"forward": forward, "backward": back, "total": forward + back, "parts": parts}
+
+
+READOUTS = ("authors", "forced-count")
+
+
+@dataclass
+class ReadOff:
+    """A binary circuit read off trained gates.
+
+    edges, nodes:       the circuit after dead-node removal (what reaches the logits; exact)
+    threshold:          the log_alpha above which an edge was kept (inf: none kept)
+    training_sparsity:  the gates' own deterministic edge sparsity, 1 - mean `deterministic_mask`
+                        (the size the training chose; None for the forced count)
+    n_thresholded:      edges kept by the threshold, before closed writers and dead nodes are
+                        dropped (the authors' count of the circuit's edges)
+    """
+
+    edges: list[int]
+    nodes: list[str]
+    threshold: float
+    training_sparsity: float | None
+    n_thresholded: int
+
+
+def _bisect_threshold(mask: torch.Tensor, sparsity: float) -> float:
+    """The authors' search (Edge-Pruning src/eval/ioi.py): bisect t in [0, 1] to a width of 1e-5 so
+    that 1 - mean(mask > t) meets `sparsity`; the last midpoint tried is the threshold."""
+    lo, hi = 0.0, 1.0
+    t = 0.5
+    while hi - lo > 1e-5:
+        t = (lo + hi) / 2
+        if 1 - (mask > t).float().mean().item() > sparsity:
+            hi = t
+        else:
+            lo = t
+    return t
+
+
+def node_groups(graph: EdgeGraph) -> list[tuple[int, int]]:
+    """The authors' node-gate tensors over `graph.nodes`: per layer its heads, then its MLP."""
+    groups, start = [], 0
+    for _ in range(graph.n_layers):
+        groups += [(start, graph.n_heads), (start + graph.n_heads, 1)]
+        start += graph.n_heads + 1
+    return groups
+
+
+def binarize(graph: EdgeGraph, log_alpha: torch.Tensor, target_sparsity: float | None = None,
+             node_log_alpha: torch.Tensor | None = None, *, readout: str = "authors") -> ReadOff:
+    """The binary circuit of trained gates.
+
+    readout="authors" (default; Edge-Pruning src/eval/ioi.py): the gates' deterministic values
+      (`edges.deterministic_mask`, per parameter tensor) give the training's own edge sparsity
+      s = 1 - their mean; a threshold t on those values is bisected until 1 - mean(mask > t)
+      meets s, and the edges with mask > t are kept. `target_sparsity` is not used: the training
+      sets the size. With node gates, the nodes are read off the same way (their own sparsity,
+      their own threshold) and edges out of a closed node are dropped (their effective sparsity).
+    readout="forced-count" (circuitlib before issue 28): edges ranked by log_alpha; the largest k
+      whose top-k edges leave at most (1 - target) x n_edges edges after dead-node removal
+      (bisection: the surviving set only grows with k); nodes whose deterministic gate
+      (`edges.deterministic_gates`) is below 1/2 are closed.
+    Either way the result is then cleared of dead nodes (`edges.remove_dead`, exact).
+    """
+    check_readout(readout, None if target_sparsity is None else check_sparsity(target_sparsity))
+    if readout == "forced-count":
+        return _forced_count(graph, log_alpha, target_sparsity, node_log_alpha)
+    la = log_alpha.detach().float().cpu()
+    mask = deterministic_mask(la, graph.groups)
+    own = 1 - mask.mean().item()
+    t = _bisect_threshold(mask, own)
+    kept = torch.nonzero(mask > t).flatten()
+    n_thresholded = len(kept)
+    closed = []
+    if node_log_alpha is not None:
+        node_mask = deterministic_mask(node_log_alpha.detach().float().cpu(), node_groups(graph))
+        node_t = _bisect_threshold(node_mask, 1 - node_mask.mean().item())
+        closed = [n for n, m in zip(graph.nodes, node_mask.tolist()) if not m > node_t]
+    edges, nodes = remove_dead(graph, kept.tolist(), closed)
+    threshold = float(la[kept].min()) if len(kept) else float("inf")
+    return ReadOff(edges, nodes, threshold, own, n_thresholded)
+
+
+def _forced_count(graph: EdgeGraph, log_alpha: torch.Tensor, target_sparsity: float | None,
+                  node_log_alpha: torch.Tensor | None) -> ReadOff:
     target = check_sparsity(target_sparsity)
     closed = []
     if node_log_alpha is not None:
@@ -281,7 +458,7 @@ def binarize(graph: EdgeGraph, log_alpha: torch.Tensor, target_sparsity: float,
             hi = mid
     edges, nodes = survivors(lo)
     threshold = float(log_alpha[order[lo - 1]]) if lo > 0 else float("inf")
-    return edges, nodes, threshold
+    return ReadOff(edges, nodes, threshold, None, lo)
 
 
 @dataclass
@@ -318,8 +495,23 @@ class EdgeCircuit:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EdgeCircuit":
+        """A result of any circuitlib version: settings an older file lacks get the value that
+        older version used (`LEGACY_SETTINGS`)."""
+        d = dict(d, settings={**LEGACY_SETTINGS, **d["settings"]})
         return cls(**{k: d[k] for k in ("settings", "n_edges_total", "edges", "nodes", "threshold", "curve",
                                         "metrics")})
+
+    def graph(self, model: Transformer) -> EdgeGraph:
+        """The edge graph this result was computed on (checked against the model)."""
+        st = self.settings
+        if st["model"] != model.cfg.name:
+            raise ValueError(f"this edge result was computed on {st['model']!r}, not on {model.cfg.name!r}; "
+                             "load that model")
+        graph = graph_for(model, st["kv_readers"], st["split_embedding"])
+        if graph.n_edges != self.n_edges_total:
+            raise ValueError(f"this edge result has {self.n_edges_total:,} edges in all, {model.cfg.name!r}'s "
+                             f"graph {graph.n_edges:,}")
+        return graph
 
     def save_json(self, path: str | os.PathLike) -> Path:
         """Write the result as JSON atomically (a temporary file renamed)."""
@@ -333,25 +525,32 @@ class EdgeCircuit:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
     def gates(self, model: Transformer) -> torch.Tensor:
-        return gates_from_edges(model, self.edges)
+        return gates_from_edges(model, self.edges, self.graph(model))
 
 
 @torch.no_grad()
 def edge_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor, repl: Replacement,
-                batch_size: int = 64) -> torch.Tensor:
+                batch_size: int = 64, graph: EdgeGraph | None = None) -> torch.Tensor:
     """Last-position logits [n, V] of the masked model, in batches (rows paired for corrupted)."""
     dev = model.W_E.device
     tokens = tokens.to(dev)
     out = []
     for start in range(0, len(tokens), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(tokens)), device=dev)
-        out.append(masked_logits(model, tokens[rows], gates, repl, rows=rows if repl.per_prompt else None))
+        out.append(masked_logits(model, tokens[rows], gates, repl, rows=rows if repl.per_prompt else None,
+                                 graph=graph))
     return torch.cat(out)
 
 
-def corrupt(tokens: torch.Tensor) -> torch.Tensor:
-    """Corrupted prompts for a task split: prompt i is paired with prompt i - 1 of the same split
-    (another prompt of the same template, with other names, letters or years)."""
+def corrupt(split) -> torch.Tensor:
+    """Corrupted prompts [n, S] for a task split (or its tokens): the task's own counterfactual
+    prompts where it has them (`TaskSplit.corrupted`: the same sentence with other names, as the
+    authors'), else prompt i paired with prompt i - 1 of the same split (another prompt of the
+    same template, with other names, letters or years)."""
+    own = getattr(split, "corrupted", None)
+    if own is not None:
+        return own
+    tokens = split if isinstance(split, torch.Tensor) else split.tokens
     return tokens.roll(1, dims=0)
 
 
@@ -384,71 +583,46 @@ class EdgeRun:
 def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps: int, ablation: str = "mean",
               seed: int = 0, n: int | None = None, lr: float = 0.8, reg_lr: float = 0.8, warmup: int | None = None,
               batch_size: int = 32, node_target_sparsity: float | None = None, weight_decay: float = 0.01,
-              lr_warmup: int | None = None, device: str | None = None,
-              progress: bool = True, loaded=None, checkpoint_path: str | os.PathLike | None = None,
-              checkpoint_every: int = 50) -> EdgeRun:
+              lr_warmup: int | None = None, sparsity_term: str = "sampled", clip_grad_norm: float | None = 1.0,
+              readout: str = "authors", kv_readers: str = "per-kv-head", split_embedding: bool | None = None,
+              device: str | None = None, progress: bool = True, loaded=None,
+              checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 50) -> EdgeRun:
     """Load a model and a task, train edge gates on the validation split (the split Algorithm 1
     decides on), read off the circuit, prune the model to its nodes, and measure both.
 
-    ablation: 'mean' (patching-split means), 'zero', or 'corrupted' (each prompt paired with
-              another of its split, `corrupt`); the standalone model replaces removed nodes by
+    ablation: 'mean' (patching-split means), 'zero', or 'corrupted' (each prompt paired with its
+              corrupted version, `corrupt`); the standalone model replaces removed nodes by
               their means under 'mean' and 'corrupted' (it has no corrupted input), by zero under 'zero'
+    sparsity_term, clip_grad_norm: see `train_edges`; readout: see `binarize`;
+    kv_readers, split_embedding: the graph (`edges.graph_for`)
     `loaded`: an already loaded (model, tokenizer) pair.
     checkpoint_path, checkpoint_every: make the training resumable (see `train_edges`).
     """
-    from circuitlib.core.ablation import mean_activations
-    from circuitlib.tasks import SPLITS
     from circuitlib.models.loading import load_model
-    from circuitlib.core.surgery import prune
     from circuitlib.tasks import get_task
 
     target = check_sparsity(target_sparsity)
     if ablation not in REPLACEMENTS:
         raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(REPLACEMENTS)}")
+    check_readout(readout, target)
     task = get_task(task_name)
     model, tokenizer = loaded if loaded is not None else load_model(model_name)
     if device is not None:
         model = model.to(device)
     dev = model.W_E.device
     n = n or task.default_n
+    graph = graph_for(model, kv_readers, split_embedding)
     data = task.generate(tokenizer, n=n, seed=seed)
-    patching = data.patching.tokens.to(dev)
-    means = mean_activations(model, patching)
-    graph = graph_for(model)
-    repls = {}
-    for split in SPLITS:
-        tokens = getattr(data, split).tokens.to(dev)
-        repls[split] = make_replacement(model, ablation, patching=patching, means=means,
-                                        corrupted=corrupt(tokens) if ablation == "corrupted" else None)
+    repls, means = _replacements(model, data, ablation, graph)
     training = train_edges(model, data.validation.tokens, repls["validation"], target_sparsity=target, steps=steps,
                            node_target_sparsity=node_target_sparsity, lr=lr, reg_lr=reg_lr, warmup=warmup,
                            batch_size=batch_size, seed=seed, weight_decay=weight_decay, lr_warmup=lr_warmup,
-                           progress=progress,
-                           checkpoint_path=checkpoint_path,
-                           checkpoint_every=checkpoint_every)
+                           sparsity_term=sparsity_term, clip_grad_norm=clip_grad_norm, graph=graph,
+                           progress=progress, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
     started = time.perf_counter()
-    kept, nodes, threshold = binarize(graph, training.log_alpha, target, training.node_log_alpha)
-    scheme = "zero" if ablation == "zero" else "mean"
-    pruned = prune(model, node_circuit(nodes), scheme, means)
-    gates = gates_from_edges(model, kept)
-    metrics = {"full": {}, "edge_circuit": {}, "pruned_model": {}, "conversion_kl_change": {}}
-    with torch.no_grad():
-        for split in SPLITS:
-            s = getattr(data, split)
-            tokens = s.tokens.to(dev)
-            full = model(tokens, last_only=True)
-            edge = edge_logits(model, tokens, gates, repls[split])
-            small = pruned(tokens, last_only=True)
-            metrics["full"][split] = {"accuracy": accuracy(task, s, full), "kl": 0.0}
-            metrics["edge_circuit"][split] = {"accuracy": accuracy(task, s, edge), "kl": kl_divergence(full, edge)}
-            metrics["pruned_model"][split] = {"accuracy": accuracy(task, s, small), "kl": kl_divergence(full, small)}
-            metrics["conversion_kl_change"][split] = (metrics["pruned_model"][split]["kl"]
-                                                      - metrics["edge_circuit"][split]["kl"])
-    full_size, pruned_size = model.count_parameters(), pruned.count_parameters()
+    read = binarize(graph, training.log_alpha, target, training.node_log_alpha, readout=readout)
+    pruned, metrics = _measure(model, task, data, graph, read, repls, means, ablation)
     metrics |= {
-        "n_params": {"full": full_size, "pruned": pruned_size},
-        "parameter_reduction": 1 - pruned_size["parameters"] / full_size["parameters"],
-        "edges_among_kept_nodes": len(edges_among(graph, nodes)),
         "training_seconds": training.seconds,
         "seconds_per_step": training.seconds / steps,
         "training_cpu_seconds": training.cpu_seconds,     # None when unknown (see EdgeTraining)
@@ -456,33 +630,139 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
         "readout_seconds": time.perf_counter() - started,
     }
     settings = {"model": model.cfg.name, "task": task.name, "target_sparsity": target, "steps": steps,
-                "ablation": ablation, "standalone_scheme": scheme, "seed": seed, "n": n, "lr": lr, "reg_lr": reg_lr,
-                "warmup": warmup, "batch_size": batch_size, "node_target_sparsity": node_target_sparsity,
-                "weight_decay": weight_decay, "lr_warmup": lr_warmup, "train_split": "validation",
-                "device": str(dev)}
-    result = EdgeCircuit(settings, graph.n_edges, [graph.edge_name(e) for e in kept], nodes, threshold,
-                         training.curve, metrics)
+                "ablation": ablation, "standalone_scheme": "zero" if ablation == "zero" else "mean", "seed": seed,
+                "n": n, "lr": lr, "reg_lr": reg_lr, "warmup": warmup, "batch_size": batch_size,
+                "node_target_sparsity": node_target_sparsity, "weight_decay": weight_decay, "lr_warmup": lr_warmup,
+                "sparsity_term": sparsity_term, "clip_grad_norm": clip_grad_norm, "readout": readout,
+                "kv_readers": kv_readers, "split_embedding": graph.split_embedding,
+                "train_split": "validation", "device": str(dev)}
+    result = EdgeCircuit(settings, graph.n_edges, [graph.edge_name(e) for e in read.edges], read.nodes,
+                         read.threshold, training.curve, metrics)
     return EdgeRun(result, model, pruned, tokenizer, task, data, training)
+
+
+def check_readout(readout: str, target: float | None) -> None:
+    if readout not in READOUTS:
+        raise ValueError(f"unknown readout {readout!r}; choose one of {', '.join(READOUTS)}")
+    if readout == "forced-count" and (target is None or target >= 1):
+        raise ValueError(f"the forced-count readout keeps (1 - target) x all edges: it needs a target below 1, got "
+                         f"{target}; use readout='authors' (the training's own sparsity)")
+
+
+def _replacements(model: Transformer, data, ablation: str, graph: EdgeGraph) -> tuple[dict, object]:
+    """The replacement of each split ({split: Replacement}) and the patching split's means."""
+    from circuitlib.core.ablation import mean_activations
+    from circuitlib.tasks import SPLITS
+
+    dev = model.W_E.device
+    patching = data.patching.tokens.to(dev)
+    means = mean_activations(model, patching)
+    repls = {}
+    for split in SPLITS:
+        s = getattr(data, split)
+        repls[split] = make_replacement(model, ablation, patching=patching, means=means, graph=graph,
+                                        corrupted=corrupt(s).to(dev) if ablation == "corrupted" else None)
+    return repls, means
+
+
+@torch.no_grad()
+def _measure(model: Transformer, task, data, graph: EdgeGraph, read: ReadOff, repls: dict, means,
+             ablation: str) -> tuple[Transformer, dict]:
+    """The standalone model of a read-off circuit and the metrics of the circuit and the model per split."""
+    from circuitlib.tasks import SPLITS
+    from circuitlib.core.surgery import prune
+
+    dev = model.W_E.device
+    pruned = prune(model, node_circuit(read.nodes), "zero" if ablation == "zero" else "mean", means)
+    gates = gates_from_edges(model, read.edges, graph)
+    metrics = {"full": {}, "edge_circuit": {}, "pruned_model": {}, "conversion_kl_change": {}}
+    for split in SPLITS:
+        s = getattr(data, split)
+        tokens = s.tokens.to(dev)
+        full = model(tokens, last_only=True)
+        edge = edge_logits(model, tokens, gates, repls[split], graph=graph)
+        small = pruned(tokens, last_only=True)
+        metrics["full"][split] = {"accuracy": accuracy(task, s, full), "kl": 0.0}
+        metrics["edge_circuit"][split] = {"accuracy": accuracy(task, s, edge), "kl": kl_divergence(full, edge)}
+        metrics["pruned_model"][split] = {"accuracy": accuracy(task, s, small), "kl": kl_divergence(full, small)}
+        metrics["conversion_kl_change"][split] = (metrics["pruned_model"][split]["kl"]
+                                                  - metrics["edge_circuit"][split]["kl"])
+    full_size, pruned_size = model.count_parameters(), pruned.count_parameters()
+    metrics |= {
+        "n_params": {"full": full_size, "pruned": pruned_size},
+        "parameter_reduction": 1 - pruned_size["parameters"] / full_size["parameters"],
+        "edges_among_kept_nodes": len(edges_among(graph, read.nodes)),
+        "training_edge_sparsity": read.training_sparsity,  # the size the training chose (authors' readout)
+        "n_edges_thresholded": read.n_thresholded,         # before closed writers and dead nodes are dropped
+    }
+    return pruned, metrics
+
+
+def reread(result_path: str | os.PathLike, model: Transformer, tokenizer, *, readout: str = "authors") -> EdgeCircuit:
+    """A stored result read off again from its stored gates (`gates_path`) with `readout`, and
+    measured again (validation and test KL and accuracy, of the edge circuit and of its standalone
+    model). No training: the settings, the curve and the training's times are the stored ones;
+    `settings["readout"]` is the new one. `model` must be the full model the result was trained on."""
+    from circuitlib.tasks import get_task
+
+    stored = EdgeCircuit.load_json(result_path)
+    graph = stored.graph(model)
+    st = stored.settings
+    gates = load_gates(gates_path(result_path))
+    task = get_task(st["task"])
+    data = task.generate(tokenizer, n=st["n"], seed=st["seed"])
+    repls, means = _replacements(model, data, st["ablation"], graph)
+    read = binarize(graph, gates["log_alpha"], st["target_sparsity"], gates["node_log_alpha"], readout=readout)
+    _, metrics = _measure(model, task, data, graph, read, repls, means, st["ablation"])
+    kept = {k: v for k, v in stored.metrics.items() if k not in metrics}
+    return EdgeCircuit(st | {"readout": readout}, graph.n_edges, [graph.edge_name(e) for e in read.edges],
+                       read.nodes, read.threshold, stored.curve, kept | metrics)
 
 
 # Settings that make two edge results the same result (the device and the seconds do not).
 RESULT_SETTINGS = ("model", "task", "target_sparsity", "steps", "ablation", "seed", "n", "lr", "reg_lr", "warmup",
-                   "batch_size", "node_target_sparsity", "weight_decay", "lr_warmup")
+                   "batch_size", "node_target_sparsity", "weight_decay", "lr_warmup", "sparsity_term",
+                   "clip_grad_norm", "readout", "kv_readers", "split_embedding")
+# What circuitlib did before these settings existed: a stored result without one was made so.
+LEGACY_SETTINGS = {"sparsity_term": "expected", "clip_grad_norm": None, "readout": "forced-count",
+                   "kv_readers": "per-query-head", "split_embedding": False}
 
 
 def edge_result_path(out_dir: str | os.PathLike, task_name: str, *, target_sparsity: float, steps: int,
                      ablation: str = "mean", seed: int = 0, n: int | None = None, batch_size: int = 32,
-                     node_target_sparsity: float | None = None) -> Path:
+                     node_target_sparsity: float | None = None, sparsity_term: str = "sampled",
+                     clip_grad_norm: float | None = 1.0, readout: str = "authors", kv_readers: str = "per-kv-head",
+                     split_embedding: bool | None = None, model: Transformer | None = None) -> Path:
     """Where `edge_result` keeps a run:
-    <out_dir>/<task>-<ablation>-seed<S>-n<N>-bs<B>-steps<K>-target<T>[-nodes<NT>].json
-    (N: the task's default when None); its training checkpoint is the same name ending in .ckpt."""
+    <out_dir>/<task>-<ablation>-seed<S>-n<N>-bs<B>-steps<K>-target<T>[-nodes<NT>][-<recipe>].json
+    (N: the task's default when None); its training checkpoint is the same name ending in .ckpt.
+    The recipe names each of sparsity_term, clip_grad_norm, readout, kv_readers and
+    split_embedding that differs from `LEGACY_SETTINGS`, so that the names of results made
+    before these settings existed still resolve: e.g. "-sampled-clip1-authors-kv" for the defaults
+    on a grouped-K/V model. Given the `model`, the graph parts follow its shape (no "-kv" where
+    its K/V heads are not grouped, "-splitembed" by default where it has position embeddings);
+    without it, split_embedding=None counts as False."""
     from circuitlib.tasks import get_task
 
+    if model is not None:
+        split_embedding = graph_for(model, kv_readers, split_embedding).split_embedding
+        if model.cfg.n_kv_heads == model.cfg.n_heads:
+            kv_readers = LEGACY_SETTINGS["kv_readers"]           # both graphs are one
     task = get_task(task_name)
     target = check_sparsity(target_sparsity)
     name = f"{task.name}-{ablation}-seed{seed}-n{n or task.default_n}-bs{batch_size}-steps{steps}-target{target:g}"
     if node_target_sparsity is not None:
         name += f"-nodes{check_sparsity(node_target_sparsity, 'node target sparsity'):g}"
+    if sparsity_term != LEGACY_SETTINGS["sparsity_term"]:
+        name += f"-{sparsity_term}"
+    if clip_grad_norm is not None:
+        name += f"-clip{clip_grad_norm:g}"
+    if readout != LEGACY_SETTINGS["readout"]:
+        name += f"-{readout}"
+    if kv_readers != LEGACY_SETTINGS["kv_readers"]:
+        name += "-kv"
+    if split_embedding:
+        name += "-splitembed"
     return Path(out_dir) / f"{name}.json"
 
 
@@ -490,7 +770,9 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
                 target_sparsity: float, steps: int, ablation: str = "mean", seed: int = 0, n: int | None = None,
                 batch_size: int = 32, lr: float = 0.8, reg_lr: float = 0.8, warmup: int | None = None,
                 node_target_sparsity: float | None = None, weight_decay: float = 0.01,
-                lr_warmup: int | None = None, device: str | None = None, progress: bool = True, checkpoint_every: int = 50) -> EdgeCircuit:
+                lr_warmup: int | None = None, sparsity_term: str = "sampled", clip_grad_norm: float | None = 1.0,
+                readout: str = "authors", kv_readers: str = "per-kv-head", split_embedding: bool | None = None,
+                device: str | None = None, progress: bool = True, checkpoint_every: int = 50) -> EdgeCircuit:
     """The Edge Pruning result of these settings, as data: read from `edge_result_path` when it
     is there, else computed by `run_edges` on the loaded (`model`, `tokenizer`) and saved there
     (atomically) before it is returned, with its final gate locations beside it (`gates_path`).
@@ -502,17 +784,25 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
     The training checkpoints to the same name ending in .ckpt, so a computation cut off (a killed
     process, the end of a session) continues where it stopped when asked again. A stored result
     made with other settings (lr, say, which the name leaves out) is never replaced: a ValueError
-    names the differences.
+    names the differences. Results made before issue 28 are asked for with their settings
+    (`LEGACY_SETTINGS`: sparsity_term="expected", clip_grad_norm=None, readout="forced-count",
+    kv_readers="per-query-head", split_embedding=False).
     """
     from circuitlib.tasks import get_task
 
     task = get_task(task_name)
+    check_readout(readout, check_sparsity(target_sparsity))
+    split_embedding = graph_for(model, kv_readers, split_embedding).split_embedding
+    recipe = dict(sparsity_term=sparsity_term, clip_grad_norm=clip_grad_norm, readout=readout,
+                  kv_readers=kv_readers, split_embedding=split_embedding)
     path = edge_result_path(out_dir, task.name, target_sparsity=target_sparsity, steps=steps, ablation=ablation,
-                            seed=seed, n=n, batch_size=batch_size, node_target_sparsity=node_target_sparsity)
+                            seed=seed, n=n, batch_size=batch_size, node_target_sparsity=node_target_sparsity,
+                            **recipe, model=model)
     asked = {"model": model.cfg.name, "task": task.name, "target_sparsity": check_sparsity(target_sparsity),
              "steps": steps, "ablation": ablation, "seed": seed, "n": n or task.default_n, "lr": lr, "reg_lr": reg_lr,
              "warmup": warmup, "batch_size": batch_size, "node_target_sparsity": node_target_sparsity,
-             "weight_decay": weight_decay, "lr_warmup": lr_warmup}
+             "weight_decay": weight_decay, "lr_warmup": lr_warmup, **recipe}
+
     def stored() -> EdgeCircuit:
         result = EdgeCircuit.load_json(path)
         differ = [f"{k} {result.settings.get(k)!r} (stored) vs {asked[k]!r} (asked)" for k in RESULT_SETTINGS
@@ -531,7 +821,7 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
         run = run_edges(model.cfg.name, task.name, target_sparsity=target_sparsity, steps=steps, ablation=ablation,
                         seed=seed, n=n, lr=lr, reg_lr=reg_lr, warmup=warmup, batch_size=batch_size,
                         node_target_sparsity=node_target_sparsity, weight_decay=weight_decay, lr_warmup=lr_warmup,
-                        device=device, progress=progress, loaded=(model, tokenizer),
+                        **recipe, device=device, progress=progress, loaded=(model, tokenizer),
                         checkpoint_path=path.with_suffix(".ckpt"), checkpoint_every=checkpoint_every)
         if path.exists():       # arrived meanwhile from elsewhere (another machine's copy): kept, not replaced
             warnings.warn(f"{path} appeared while this process trained the same settings; the file there is kept "
@@ -569,9 +859,7 @@ def standalone_model(result: EdgeCircuit, model: Transformer, tokenizer) -> Tran
     from circuitlib.tasks import get_task
 
     settings = result.settings
-    if settings["model"] != model.cfg.name or result.n_edges_total != graph_for(model).n_edges:
-        raise ValueError(f"this edge result was computed on {settings['model']!r} ({result.n_edges_total:,} edges), "
-                         f"not on {model.cfg.name!r} ({graph_for(model).n_edges:,} edges); load that model")
+    result.graph(model)                                # the model it was computed on
     data = get_task(settings["task"]).generate(tokenizer, n=settings["n"], seed=settings["seed"])
     means = mean_activations(model, data.patching.tokens.to(model.W_E.device))
     return prune(model, node_circuit(result.nodes), settings["standalone_scheme"], means)
