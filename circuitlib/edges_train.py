@@ -73,9 +73,27 @@ def check_sparsity(value, name: str = "target sparsity") -> float:
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}") from None
     if math.isnan(value) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be a number in [0, 1) (the fraction of edges removed), got {value}; "
+        removed = "nodes" if "node" in name else "edges"     # a node target is a fraction of the nodes
+        raise ValueError(f"{name} must be a number in [0, 1) (the fraction of {removed} removed), got {value}; "
                          "try e.g. 0.95")
     return value
+
+
+def edges_memory(cfg, n: int, batch_size: int, seq_len: int, ablation: str) -> tuple[int, int]:
+    """Bytes an Edge Pruning run needs besides the model (an estimate), as (fixed, per prompt of a split).
+
+    Fixed: a training step's `(1 + L (H + 1) + 2 L (3H + 1)) B S D` floats (see `edges`). Per prompt:
+    the readout's writer buffer and one layer's reader inputs over a whole split ([S, D] x
+    (1 + L (H + 1) + 2 (3H + 1))), a forward pass's attention scores and MLP hidden ([H, S, S] x 2,
+    [S, M] x 3), a few last-position logits ([V] x 6) and, with corrupted inputs, the replacement
+    of two splits ([S, D] x 2 (1 + L (H + 1))). float32 = 4 bytes.
+    """
+    L, S, D, H, M, V = cfg.n_layers, seq_len, cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.d_vocab
+    writers, readers = 1 + L * (H + 1), 3 * H + 1
+    fixed = 4 * (writers + 2 * L * readers) * min(batch_size, n) * S * D
+    per_prompt = 4 * ((writers + 2 * readers + (2 * writers if ablation == "corrupted" else 0)) * S * D
+                      + 2 * H * S * S + 3 * S * M + 6 * V)
+    return fixed, per_prompt
 
 
 @contextlib.contextmanager
@@ -367,13 +385,15 @@ class EdgeRun:
     training: EdgeTraining
 
     def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
-        """Write `edges.json`, its gate locations (`edges.gates.pt`), the pruned model and the
-        tokenizer into `out_dir`, atomically."""
-        from .experiment import write_folder
+        """Write `edges.json`, its gate locations (`edges.gates.pt`), the pruned model, the tokenizer
+        and the full model's reference (`reference.safetensors`, for `evaluate` and `export`) into
+        `out_dir`, atomically."""
+        from .experiment import full_reference, save_reference, write_folder
 
         def fill(tmp: Path) -> None:
             self.pruned.save(tmp)
             self.tokenizer.save_pretrained(tmp)
+            save_reference(tmp, full_reference(self.full, self.data), self.data)
             save_gates(gates_path(tmp / RESULT_FILE), self.training)
             self.result.save_json(tmp / RESULT_FILE)
 
@@ -396,7 +416,7 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
     checkpoint_path, checkpoint_every: make the training resumable (see `train_edges`).
     """
     from .ablation import mean_activations
-    from .experiment import SPLITS
+    from .experiment import SPLITS, check_fits
     from .loading import load_model
     from .surgery import prune
     from .tasks import get_task
@@ -411,6 +431,9 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
     dev = model.W_E.device
     n = n or task.default_n
     data = task.generate(tokenizer, n=n, seed=seed)
+    fixed, per_prompt = edges_memory(model.cfg, n, batch_size, data.validation.tokens.shape[1], ablation)
+    check_fits(dev, per_prompt, fixed, n, f"Edge Pruning ({model.cfg.name}, batch {batch_size})",
+               small_enough="a smaller --batch-size")
     patching = data.patching.tokens.to(dev)
     means = mean_activations(model, patching)
     graph = graph_for(model)

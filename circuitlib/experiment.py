@@ -15,6 +15,7 @@ folder that a pruned model can be evaluated from on its own (no TransformerLens,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -88,17 +89,36 @@ class Extraction:
 
     def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
         """Write the run folder atomically (a temporary sibling renamed at the end)."""
-        from safetensors.torch import save_file
-
         def fill(tmp: Path) -> None:
             self.pruned.save(tmp)
             self.tokenizer.save_pretrained(tmp)
-            save_file({s: r.contiguous() for s, r in self.full_resid.items()}, tmp / "reference.safetensors")
+            save_reference(tmp, self.full_resid, self.data)
             if "task_file" in self.settings:
                 shutil.copyfile(self.task.path, tmp / self.settings["task_file"])
             (tmp / "circuit.json").write_text(json.dumps(self.to_dict(), indent=2))
 
         return write_folder(out_dir, force, fill)
+
+
+def save_reference(folder: Path, full_resid: dict, data: TaskData) -> None:
+    """Write `reference.safetensors`: the full model's final residual streams (`full_reference`), with
+    the fingerprints of the prompts they were made on in its metadata ("tokens_digest.<split>")."""
+    from safetensors.torch import save_file
+
+    save_file({s: r.contiguous().cpu() for s, r in full_resid.items()}, Path(folder) / "reference.safetensors",
+              metadata={f"tokens_digest.{s}": tokens_digest(getattr(data, s).tokens) for s in SPLITS})
+
+
+def _reference_digests(path: Path) -> dict:
+    """The prompt fingerprints `save_reference` put in a reference file's metadata ({} if none)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (OSError, SafetensorError):
+        return {}
+    return {s: meta[f"tokens_digest.{s}"] for s in SPLITS if f"tokens_digest.{s}" in meta}
 
 
 def write_folder(out_dir: str | os.PathLike, force: bool, fill) -> Path:
@@ -143,39 +163,170 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
                          "choose another --out") from None
 
 
+EXTRACTION_OVERHEAD = 2**29   # bytes the work reserves besides its tensors (allocator arenas, libraries loaded late)
+
+
 def extraction_memory(cfg, n: int, seq_len: int, method: str = "fast") -> int:
     """Bytes an extraction on n prompts per split of `seq_len` tokens needs besides the model (an estimate).
 
     Per validation prompt the fast path holds the full model's residual stream before every layer
     ([L, S, D]), one layer's per-head outputs ([H, S, D]) and one forward pass of activations
     (MLP hidden [S, M] x 3, attention scores [H, S, S] x 2, a few [S, D]); per prompt of a split,
-    last-position logits and float64 log-probabilities ([V] x ~5). The plain path also forms
-    logits at every position ([S, V] x 3). float32 = 4 bytes.
+    last-position logits and float64 log-probabilities ([V] x ~6 float64). The plain path also forms
+    logits at every position ([S, V] x 3). float32 = 4 bytes. Plus EXTRACTION_OVERHEAD, whatever n.
     """
     L, S, D, H, M, V = cfg.n_layers, seq_len, cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.d_vocab
-    per_prompt = 4 * (L * S * D + (H + 5) * S * D + 3 * S * M + 2 * H * S * S) + 40 * V
+    per_prompt = 4 * (L * S * D + (H + 5) * S * D + 3 * S * M + 2 * H * S * S) + 48 * V
     if method == "plain":
         per_prompt += 12 * S * V
-    return n * per_prompt
+    return EXTRACTION_OVERHEAD + n * per_prompt
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free for new tensors on `device`: free GPU memory, or the system's available RAM."""
+    """Bytes free for new tensors on `device`: free GPU memory, or `effective_memory_limit()` on the CPU."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    return effective_memory_limit()[0]
+
+
+def effective_memory_limit() -> tuple[int, str]:
+    """Bytes this process can still allocate on the CPU, and which limit that is: the smallest of
+
+        free RAM                      the system's available memory (MemAvailable)
+        the address-space limit       RLIMIT_AS (`ulimit -v`, Slurm, ...) less the process's address space now
+        the cgroup's memory limit     memory.max / memory.high (v2) or memory.limit_in_bytes (v1) of the
+                                      process's cgroup and of every cgroup above it, less its usage now
+                                      (a container's or a job's limit)
+    """
+    import resource
+
     import psutil
 
-    return psutil.virtual_memory().available
+    limits = {"free RAM": psutil.virtual_memory().available}
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        limits["the address-space limit (ulimit -v)"] = max(0, soft - psutil.Process().memory_info().vms)
+    cgroup = cgroup_headroom()
+    if cgroup is not None:
+        limits["the cgroup's memory limit"] = cgroup
+    which = min(limits, key=limits.get)
+    return limits[which], which
 
 
-def check_memory(model: Transformer, n: int, seq_len: int, method: str) -> None:
-    """Refuse, before making the prompts, an n whose extraction would not fit in memory; name the limit."""
-    need, free = extraction_memory(model.cfg, n, seq_len, method), available_memory(model.device)
+_NO_LIMIT = 2**60     # cgroup v1 writes "no limit" as a huge number (9223372036854771712)
+
+
+def cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes left under the memory limits of this process's cgroups (v2 and v1), or None if none applies."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    headroom = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":                                   # v2 (alone, or the unified half of a hybrid)
+            base = root if (root / "cgroup.controllers").exists() else root / "unified"
+            limit_files, usage_file = ("memory.max", "memory.high"), "memory.current"
+        elif "memory" in controllers.split(","):               # v1
+            base, limit_files, usage_file = root / "memory", ("memory.limit_in_bytes",), "memory.usage_in_bytes"
+        else:
+            continue
+        folder = base / path.lstrip("/")
+        while True:                                             # the cgroup and every one above it
+            usage = _read_bytes(folder / usage_file)
+            for name in limit_files:
+                limit = _read_bytes(folder / name)
+                if limit is not None and limit < _NO_LIMIT:
+                    headroom.append(max(0, limit - (usage or 0)))
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return min(headroom) if headroom else None
+
+
+def _read_bytes(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None                # "max": no limit
+
+
+def _memory_name(device: torch.device) -> str:
+    return str(device) if device.type == "cuda" else f"cpu ({effective_memory_limit()[1]})"
+
+
+class OutOfMemory(ValueError):
+    """The work would not fit in memory, or did not: the message names the largest size that fits."""
+
+
+ALLOCATION_ERRORS = ("out of memory", "can't allocate", "cannot allocate", "defaultcpuallocator")
+
+
+def is_allocation_failure(error: BaseException) -> bool:
+    """Whether `error` is an allocator's failure (MemoryError, torch's CPU or CUDA out-of-memory error)."""
+    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError)
+                                              and any(s in str(error).lower() for s in ALLOCATION_ERRORS))
+
+
+def allocation_failure_reason(error: BaseException) -> str:
+    """The allocator's own words, short: "can't allocate memory: you tried to allocate 2147483648 bytes"."""
+    text = (str(error).splitlines() or [type(error).__name__])[0]
+    text = text.split("DefaultCPUAllocator: ", 1)[-1].split(". Error code", 1)[0]
+    return text[:200]
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(device: torch.device, per_item: int, fixed: int, n: int, what: str, knob: str = "--n"):
+    """Turn an allocation failure inside the block into one `OutOfMemory` naming a `knob` that should fit.
+
+    The estimate (`fixed` + `per_item` bytes per unit of `knob`) let `n` through and proved too low,
+    so the suggestion is the smaller of what the estimate allows in the memory free now (after the
+    failed work let go of its tensors) and half of `n`.
+    """
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not is_allocation_failure(e):
+            raise
+        reason = allocation_failure_reason(e)
+        del e
+        free = available_memory(device)
+        fits = min((free - fixed) // per_item, n // 2)
+        fix = (f"lower {knob} to at most {fits}" if fits >= 1 else
+               f"even {knob} 1 does not fit: free memory or raise the limit ({free / 2**30:.1f} GiB free)")
+        raise OutOfMemory(f"ran out of memory during {what} at {knob} {n} ({reason}); nothing was written; "
+                          f"{fix}") from None
+
+
+def check_fits(device: torch.device, per_item: int, fixed: int, n: int, what: str, knob: str = "--n",
+               small_enough: str = "") -> None:
+    """Refuse, before the work, an `n` whose estimate (`fixed` + `per_item` bytes each) exceeds the free
+    memory, naming the largest `knob` that fits (or, when not even one does, `small_enough` settings)."""
+    need, free = fixed + n * per_item, available_memory(device)
     if need > free:
-        limit = free // extraction_memory(model.cfg, 1, seq_len, method)
-        raise ValueError(f"n = {n} prompts per split would need about {need / 2**30:.1f} GiB for this extraction "
-                         f"({model.cfg.name}, {seq_len} tokens per prompt, {method} path) but "
-                         f"{free / 2**30:.1f} GiB are free on {model.device}; lower --n to at most {limit}")
+        fits = (free - fixed) // per_item
+        fix = (f"lower {knob} to at most {fits}" if fits >= 1 else
+               f"not even {knob} 1 fits: " + (f"try {small_enough}, " if small_enough else "")
+               + "free memory or raise the limit")
+        raise OutOfMemory(f"{knob} {n} would need about {need / 2**30:.1f} GiB for {what} but {free / 2**30:.1f} GiB "
+                          f"are free on {_memory_name(device)}; {fix}")
+
+
+def check_memory(model: Transformer, n: int, seq_len: int, method: str, knob: str = "--n") -> None:
+    """Refuse, before making the prompts, an n whose extraction would not fit in memory; name the limit."""
+    fixed = extraction_memory(model.cfg, 0, seq_len, method)
+    check_fits(model.device, extraction_memory(model.cfg, 1, seq_len, method) - fixed, fixed, n,
+               f"this extraction ({model.cfg.name}, {seq_len} tokens per prompt, {method} path)", knob)
+
+
+def extraction_out_of_memory_as_error(model: Transformer, n: int, seq_len: int, method: str, what: str,
+                                      knob: str = "--n"):
+    """`out_of_memory_as_error` with an extraction's estimate (`extraction_memory`)."""
+    fixed = extraction_memory(model.cfg, 0, seq_len, method)
+    return out_of_memory_as_error(model.device, extraction_memory(model.cfg, 1, seq_len, method) - fixed, fixed,
+                                  n, what, knob)
 
 
 def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: str = "mean",
@@ -202,21 +353,22 @@ def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: s
     seq_len = task.check(loaded[1] if loaded is not None else load_tokenizer(model_name), 3 * n)
     model, tokenizer = loaded if loaded is not None else load_model(model_name, device=device)
     check_memory(model, n, seq_len, method)
-    data = task.generate(tokenizer, n=n, seed=seed)
-    means = mean_activations(model, data.patching.tokens) if ablation == "mean" else None
-    started = time.perf_counter()
-    circuit = extract(model, data.patching.tokens, data.validation.tokens, alpha=alpha, ablation=ablation,
-                      include_mlps=include_mlps, order=order, method=method, progress=progress, means=means)
-    seconds = time.perf_counter() - started
-    pruned = prune(model, circuit.kept, ablation, means)
-    full_resid = full_reference(model, data)
-    full_size, pruned_size = model.count_parameters(), pruned.count_parameters()
-    metrics = {
-        "full": {**measure(task, data, full_resid, model), "n_params": full_size},
-        "pruned": {**measure(task, data, full_resid, pruned), "n_params": pruned_size},
-        "parameter_reduction": 1 - pruned_size["parameters"] / full_size["parameters"],
-        "extraction_seconds": seconds,
-    }
+    with extraction_out_of_memory_as_error(model, n, seq_len, method, "the extraction"):
+        data = task.generate(tokenizer, n=n, seed=seed)
+        means = mean_activations(model, data.patching.tokens) if ablation == "mean" else None
+        started = time.perf_counter()
+        circuit = extract(model, data.patching.tokens, data.validation.tokens, alpha=alpha, ablation=ablation,
+                          include_mlps=include_mlps, order=order, method=method, progress=progress, means=means)
+        seconds = time.perf_counter() - started
+        pruned = prune(model, circuit.kept, ablation, means)
+        full_resid = full_reference(model, data)
+        full_size, pruned_size = model.count_parameters(), pruned.count_parameters()
+        metrics = {
+            "full": {**measure(task, data, full_resid, model), "n_params": full_size},
+            "pruned": {**measure(task, data, full_resid, pruned), "n_params": pruned_size},
+            "parameter_reduction": 1 - pruned_size["parameters"] / full_size["parameters"],
+            "extraction_seconds": seconds,
+        }
     settings = {"model": model.cfg.name, "task": task.name, "alpha": alpha, "ablation": ablation,
                 "include_mlps": include_mlps, "seed": seed, "n": n, "order": order, "method": method,
                 "device": str(model.device), "torch_threads": torch.get_num_threads()}
@@ -239,7 +391,8 @@ class SavedRun:
 
 
 def load_run(run_dir: str | os.PathLike, split: str = "validation") -> SavedRun:
-    """Read a run folder written by `Extraction.save` and regenerate the prompts of `split`.
+    """Read a run folder written by `Extraction.save` (or by `edges_train.EdgeRun.save`: its record is
+    edges.json, its prompts' fingerprints are in reference.safetensors) and regenerate the prompts of `split`.
 
     Every way a folder can be damaged ends in one ValueError naming the file and what to do.
     """
@@ -253,13 +406,22 @@ def load_run(run_dir: str | os.PathLike, split: str = "validation") -> SavedRun:
         raise ValueError(f"{run_dir} does not exist or is not a folder; give the folder that "
                          "`python -m circuitlib extract --out` wrote")
     path = run_dir / "circuit.json"
+    edges = not path.is_file() and (run_dir / "edges.json").is_file()      # a folder `edges` wrote
+    if edges:
+        path, redo = run_dir / "edges.json", "re-run Edge Pruning (python -m circuitlib edges ... --out NEW_FOLDER)"
+        if not (run_dir / "reference.safetensors").is_file():
+            raise ValueError(f"{run_dir} has no reference.safetensors (an `edges` run folder of an older circuitlib, "
+                             f"or a damaged one); {redo}")
     if not path.is_file():
-        raise ValueError(f"{run_dir} has no circuit.json: not a run folder written by `python -m circuitlib extract`")
+        raise ValueError(f"{run_dir} has no circuit.json: not a run folder written by `python -m circuitlib extract` "
+                         "(nor edges.json, by `python -m circuitlib edges`)")
     try:
         record = json.loads(path.read_text())
     except (ValueError, OSError) as e:
         raise ValueError(f"{path} cannot be read as JSON ({e}); the run folder is damaged: {redo}") from None
     record = record if isinstance(record, dict) else {}
+    if edges:
+        record = {**record, "tokens_digest": _reference_digests(run_dir / "reference.safetensors")}
     settings, digest = record.get("settings"), record.get("tokens_digest")
     missing = [f"settings.{k}" for k in ("model", "task", "n", "seed")
                if not (isinstance(settings, dict) and k in settings)]

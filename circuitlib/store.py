@@ -6,6 +6,9 @@
                                     computes a unit, others skip it (see `claim`)
     <store>/partial/<key>.json      the sweep of an unfinished unit after its last complete layer:
                                     a unit cut off (by a session's end, say) resumes from it
+    <store>/quarantine/<key>.<time>-<id>.parquet  a unit file that could not be read (truncated, empty,
+    <store>/quarantine/<key>.<time>-<id>.json     foreign bytes), moved aside by `study run`, with the reason;
+                                    its unit is pending again and is computed anew
     <store>/effects/<key>.json      results derived from the units, computed once and read by every
     <store>/baselines/<key>.json    later run (`circuitlib.derived`): single-head effects, random circuits
 
@@ -24,6 +27,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from .model import atomic_write
@@ -45,6 +49,36 @@ class Store:
     def done(self) -> set[str]:
         """Keys of every finished unit in the store (of this spec or of earlier settings)."""
         return {p.stem for p in (self.root / "units").glob("*.parquet")}
+
+    def quarantined(self) -> set[str]:
+        """Keys of the units whose files were moved to quarantine/ as unreadable (see `quarantine`)."""
+        return {p.name.split(".")[0] for p in (self.root / "quarantine").glob("*.parquet")}
+
+    def unreadable(self, keys) -> dict[str, str]:
+        """The finished units among `keys` whose files cannot be read, each with the reason."""
+        damaged = {}
+        for key in sorted(set(keys) & self.done()):
+            try:
+                _read_unit(self.unit_path(key))
+            except UnreadableUnit as e:
+                damaged[key] = str(e)
+        return damaged
+
+    def quarantine(self, key: str, reason: str) -> Path:
+        """Move unit `key`'s unreadable file to quarantine/ beside a JSON file with the reason; the unit
+        is pending again. Returns the file's new path."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+        folder = self.root / "quarantine"
+        target = folder / f"{key}.{stamp}.parquet"
+        record = {"unit": key, "reason": reason, "from": str(self.unit_path(key)), "at": stamp}
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(target.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+            os.replace(self.unit_path(key), target)
+        except OSError as e:
+            raise ValueError(f"unit file {self.unit_path(key)} cannot be read ({reason}) nor moved aside "
+                             f"({e.strerror or e}); delete it by hand to recompute the unit") from None
+        return target
 
     def failures(self) -> dict[str, dict]:
         return {p.stem: _read_json(p) for p in (self.root / "failed").glob("*.json")}
@@ -136,15 +170,41 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
 
-    def read(self, keys=None):
-        """The rows of the finished units (all, or those in `keys`) as one pandas DataFrame."""
+    def read(self, keys=None, *, damaged: dict | None = None):
+        """The rows of the finished units (all, or those in `keys`) as one pandas DataFrame.
+
+        A unit file that cannot be read raises a ValueError naming it, unless `damaged` is a dict:
+        then the unit is left out and `damaged[key]` says why.
+        """
         import pandas as pd
-        import pyarrow.parquet as pq
 
         keys = sorted(self.done() if keys is None else set(keys) & self.done())
-        if not keys:
-            return pd.DataFrame()
-        return pd.concat([pq.read_table(self.unit_path(k)).to_pandas() for k in keys], ignore_index=True)
+        tables = []
+        for k in keys:
+            try:
+                tables.append(_read_unit(self.unit_path(k)).to_pandas())
+            except UnreadableUnit as e:
+                if damaged is None:
+                    raise ValueError(f"{e}; `python -m circuitlib study run SPEC` moves it to quarantine/ and "
+                                     "computes the unit again") from None
+                damaged[k] = str(e)
+        return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+class UnreadableUnit(ValueError):
+    """A unit's Parquet file exists but cannot be read."""
+
+
+def _read_unit(path: Path):
+    """A unit file as a pyarrow Table, or `UnreadableUnit` saying why not."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        size = path.stat().st_size if path.exists() else 0
+        raise UnreadableUnit(f"unit file {path} cannot be read ({size} bytes; {str(e).splitlines()[0]})") from None
 
 
 def _read_json(path: Path) -> dict:

@@ -122,6 +122,23 @@ def test_force_replaces_a_run(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary folder left behind
 
 
+def test_a_csv_task_file_is_kept_as_task_csv(tmp_path, capsys):
+    import csv
+
+    task = tmp_path / "capitals.csv"
+    with task.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "answer"])
+        writer.writerows([row["prompt"], row["answer"]] for row in map(json.loads, CAPITALS.read_text().splitlines()))
+    out = tmp_path / "run"
+    assert main(["extract", "--model", "tiny-gpt2", "--task", str(task), "--alpha", "1e-4", "--n", "4",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "circuit.json").read_text())["settings"]["task_file"] == "task.csv"
+    assert (out / "task.csv").read_bytes() == task.read_bytes() and not (out / "task.jsonl").exists()
+    task.unlink()
+    assert main(["evaluate", str(out)]) == 0
+
+
 def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import json
 import random
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -300,15 +301,46 @@ def test_cli_pruned_model_is_the_node_circuit(run_dir):
     (["--lr", "0"], "--lr must be a number > 0"),
     (["--device", "tpu"], "--device"),
     (["--model", "gpt3"], "unknown model"),
+    (["--batch-size", "9"], "--batch-size 9 is larger than the 8 prompts a step draws from (--n)"),
+    (["--n", None, "--batch-size", "151"], "--batch-size 151 is larger than the 150 prompts"),   # IOI's default n
+    (["--warmup", "3"], "--warmup 3 is longer than the run (--steps 2)"),
+    (["--node-target-sparsity", "1"], "(the fraction of nodes removed)"),
 ])
 def test_cli_refuses_bad_input_and_writes_nothing(tmp_path, capsys, args, message):
     base = {"--model": "tiny-gpt2", "--task": "ioi", "--target-sparsity": "0.9", "--steps": "2", "--n": "8"}
     base.update(dict(zip(args[::2], args[1::2])))
-    argv = ["edges", *[x for kv in base.items() for x in kv], "--out", str(tmp_path / "out")]
+    argv = ["edges", *[x for k, v in base.items() if v is not None for x in (k, v)], "--out", str(tmp_path / "out")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message.lower() in err.lower() and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_and_export_read_an_edges_folder(run_dir, tmp_path, capsys):
+    record = json.loads((run_dir / "edges.json").read_text())
+    for split in ("validation", "test"):
+        assert main(["evaluate", str(run_dir), "--split", split, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        measured = record["metrics"]["pruned_model"][split]
+        assert report["accuracy"] == measured["accuracy"] and report["n"] == 8
+        assert report["kl"] == pytest.approx(measured["kl"], rel=1e-4, abs=1e-7)
+        assert report["kept_heads"] == record["kept_heads"]
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "max abs logit difference" in capsys.readouterr().out and (tmp_path / "m.onnx").is_file()
+    old = tmp_path / "old"                       # a folder of an older circuitlib: no reference.safetensors
+    shutil.copytree(run_dir, old)
+    (old / "reference.safetensors").unlink()
+    assert main(["evaluate", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no reference.safetensors" in err and "re-run Edge Pruning" in err
+
+
+def test_cli_steps_default_to_the_authors_3000():
+    from circuitlib.cli import _parser
+
+    args = _parser().parse_args(["edges", "--model", "tiny-gpt2", "--task", "ioi", "--target-sparsity", "0.9",
+                                 "--out", "x"])
+    assert args.steps == 3000 and args.warmup is None
 
 
 def test_cli_refuses_an_occupied_out_unless_forced(run_dir, tmp_path, capsys):
