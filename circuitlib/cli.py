@@ -20,8 +20,15 @@ MODELS = ("gpt2", "smollm2-135m", "tiny-gpt2")
 TASKS = ("acronyms", "ioi", "greater-than")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (argparse prints the whole usage first); subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m circuitlib", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m circuitlib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("extract", help="extract a task's circuit, prune the model and save both")
@@ -269,6 +276,11 @@ def _edges(args) -> int:
     return 0
 
 
+def _one_line(text: str) -> str:
+    """A message of several lines (a YAML parser's, say) as one: its lines joined by "; "."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a job's end, `kill`), handled as Ctrl-C is: claims released, nothing half-written."""
 
@@ -333,7 +345,7 @@ def _main(args) -> int:
                       f"accuracy {report['accuracy']:.3f}, KL {report['kl']:.4f}, "
                       f"{report['n_params']['parameters']:,} parameters, kept heads {' '.join(report['kept_heads'])}")
     except (ValueError, FileExistsError, FileNotFoundError, RunningElsewhere) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as e:
         from .experiment import allocation_failure_reason, is_allocation_failure

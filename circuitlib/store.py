@@ -24,6 +24,7 @@ folder as one table.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
@@ -84,7 +85,7 @@ class Store:
         return {p.stem: _read_json(p) for p in (self.root / "failed").glob("*.json")}
 
     def running(self) -> dict[str, dict]:
-        return {p.stem: _read_json(p) for p in (self.root / "running").glob("*.json")}
+        return {p.stem: _marker(_read_json(p)) for p in (self.root / "running").glob("*.json")}
 
     def check_writable(self) -> None:
         """Create the store's folders, or one clear error if they cannot be written (before any work)."""
@@ -132,7 +133,7 @@ class Store:
                 os.link(tmp, path)
                 return None
             except FileExistsError:
-                other = _read_json(path)
+                other = _marker(_read_json(path))
                 if other and owned_elsewhere(other):
                     return other
                 os.replace(tmp, path)
@@ -148,8 +149,8 @@ class Store:
         (self.root / "running" / f"{key}.json").unlink(missing_ok=True)
 
     def read_partial(self, key: str) -> dict | None:
-        """The saved progress of an unfinished unit ({"snapshot", "seconds"}), or None."""
-        return _read_json(self.root / "partial" / f"{key}.json") or None
+        """The saved progress of an unfinished unit ({"snapshot", "seconds"}), or None (none, or damaged)."""
+        return _partial_or_none(_read_json(self.root / "partial" / f"{key}.json"))
 
     def write_partial(self, key: str, record: dict) -> None:
         (self.root / "partial").mkdir(parents=True, exist_ok=True)
@@ -208,7 +209,38 @@ def _read_unit(path: Path):
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from `path`; {} if the file is missing, damaged or holds anything but an object."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    return record if isinstance(record, dict) else {}
+
+
+_MARKER_TYPES = {"updated": (int, float), "pid": int, "done": int, "total": int, "states": int, "host": str,
+                 "run": str, "unit": str}
+
+
+def _marker(record: dict) -> dict:
+    """A running/ marker without the fields of the wrong type (a damaged one): no "updated" time, say,
+    makes a claim of another host count as long dead."""
+    return {k: v for k, v in record.items()
+            if k not in _MARKER_TYPES or (isinstance(v, _MARKER_TYPES[k]) and not isinstance(v, bool)
+                                          and (k != "updated" or math.isfinite(v)))}
+
+
+def _partial_or_none(record: dict) -> dict | None:
+    """A partial/ record if it has the shape `runner` writes (a sweep's snapshot and its seconds), else None."""
+    try:
+        float(record["seconds"])
+        if record.get("cpu_seconds") is not None:
+            float(record["cpu_seconds"])
+        snapshot = record["snapshot"]
+        int(snapshot["next_layer"]), list(snapshot["alphas"])
+        for state in snapshot["states"] or [None]:               # at least one state
+            float(state["kl"]), list(state["alphas"])
+            for component, before, after, pruned in state["decisions"]:
+                str(component), float(before), float(after)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return record

@@ -217,6 +217,7 @@ def test_minus_zero_alpha_is_stored_as_zero(tmp_path):
      "lacks settings.task, settings.n, settings.seed, tokens_digest.validation, tokens_digest.test"),
     (lambda run: [(run / f).unlink() for f in ("tokenizer.json", "vocab.json", "merges.txt")],
      "the tokenizer files in"),
+    (lambda run: (run / "tokenizer.json").write_text(""), "the tokenizer files in"),   # found by tests/test_fuzz.py
     (lambda run: (run / "model.safetensors").unlink(), "model.safetensors is missing"),
     (lambda run: (run / "reference.safetensors").write_bytes(b"oops"), "reference.safetensors is missing or damaged"),
 ])
@@ -227,6 +228,16 @@ def test_evaluate_names_the_damage_in_a_run_folder(run_dir, tmp_path, capsys, da
     assert main(["evaluate", str(run)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["extract", "--model", "tiny-gpt2"], ["edges", "--bogus"], ["study"], [],
+                                  ["evaluate", "x", "--split", "train"]])
+def test_a_bad_command_line_is_one_line_not_the_usage(capsys, argv):
+    """argparse prints its whole usage before the error; found by tests/test_fuzz.py."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "--help" in err
 
 
 def test_ctrl_c_during_the_extraction_writes_nothing(tmp_path, capsys, monkeypatch):

@@ -551,6 +551,16 @@ def test_random_baselines_rebuild_the_row_and_are_stored_once(tmp_path, monkeypa
         random_baselines(spec, "ioi", row, -1)
 
 
+def test_a_yaml_error_is_one_line(tmp_path, capsys):
+    """The YAML parser's message spans lines; found by tests/test_fuzz.py."""
+    from circuitlib.cli import main
+
+    (tmp_path / "bad.yml").write_text("\x0c")
+    assert main(["study", "status", str(tmp_path / "bad.yml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not valid YAML" in err
+
+
 def test_a_study_of_an_unknown_model_is_refused_and_leaves_no_store(tmp_path, capsys):
     from circuitlib.cli import main
 
@@ -605,3 +615,27 @@ def test_an_unreadable_unit_file_is_quarantined_counted_and_recomputed(tmp_path,
     assert kept.read_bytes() == bad and len(list((store.root / "quarantine").glob("*.json"))) == 2
     assert "cannot be read" in json.loads(kept.with_suffix(".json").read_text())["reason"]
     assert study_status(spec)["done"] == 2 and study_status(spec)["quarantined"] == 0
+
+
+@pytest.mark.parametrize("marker, partial", [
+    ("null", "[]"),
+    ('{"updated": "yesterday", "pid": "x", "done": [1], "total": {}, "host": 3}', '{"seconds": "x"}'),
+    ('{"updated": Infinity, "pid": 1.5}', '{"seconds": 1, "snapshot": {"next_layer": 0, "alphas": [], "states": []}}'),
+])
+def test_damaged_claims_and_partial_records_do_not_stop_status_or_run(tmp_path, capsys, marker, partial):
+    """Found by tests/test_fuzz.py: a running/ or partial/ file of another shape crashed `study status`."""
+    from circuitlib.cli import main
+
+    spec_path = write_spec(tmp_path, tasks=["ioi"], ablations=["zero"], include_mlps=[False], seeds=1)
+    spec = load_spec(spec_path)
+    (key,) = [p.key for p in plan(spec)]
+    store = Store(spec.store)
+    store.check_writable()
+    (store.root / "partial").mkdir()
+    (store.root / "running" / f"{key}.json").write_text(marker)
+    (store.root / "partial" / f"{key}.json").write_text(partial)
+    assert store.read_partial(key) is None
+    assert main(["study", "status", str(spec_path)]) == 0
+    assert "0 done" in capsys.readouterr().out
+    assert main(["study", "run", str(spec_path), "--workers", "0"]) == 0
+    assert study_status(spec)["done"] == 1
