@@ -39,7 +39,6 @@ class PlannedUnit:
     unit: Unit
     key: str
     digest: str
-    seq_len: int          # tokens per prompt (for the memory check)
 
 
 def plan(spec: Spec) -> list[PlannedUnit]:
@@ -49,15 +48,14 @@ def plan(spec: Spec) -> list[PlannedUnit]:
     from .tasks import get_task
 
     tokenizer = load_tokenizer(spec.model)
-    digests: dict[tuple, tuple[str, int]] = {}
+    digests: dict[tuple, str] = {}
     planned = []
     for u in spec.units():
         data_key = (u.task, u.n, u.n_test, u.seed)
         if data_key not in digests:
             data = get_task(u.task).generate(tokenizer, n=u.n, seed=u.seed, n_test=u.n_test)
-            digests[data_key] = prompts_digest(data), data.validation.tokens.shape[1]
-        digest, seq_len = digests[data_key]
-        planned.append(PlannedUnit(u, u.key(digest), digest, seq_len))
+            digests[data_key] = prompts_digest(data)
+        planned.append(PlannedUnit(u, u.key(digests[data_key]), digests[data_key]))
     return planned
 
 
@@ -271,8 +269,9 @@ def run_study(spec: Spec, *, workers: int | None = None, scheduler: str | None =
 
     Refused before any work when another live run is computing one of the units this call would
     run (its `running/` marker): wait for it, or limit this call to other units. A serial run also
-    refuses, before any unit, a unit whose n would not fit in memory (`experiment.check_memory`); on
-    Dask each worker checks its unit before starting it (a unit that does not fit fails, named so).
+    refuses, before any prompt is made, a spec whose n (of the chosen tasks) would not fit in memory
+    (`experiment.check_memory`); on Dask each worker checks its unit before starting it (a unit that
+    does not fit fails, named so).
     The store's folders are made only once all of this passed.
     """
     from .loading import check_device
@@ -292,6 +291,8 @@ def run_study(spec: Spec, *, workers: int | None = None, scheduler: str | None =
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive number of torch threads per worker, got {threads!r}")
     store = Store(spec.store)
+    if scheduler is None and workers == 0:
+        _check_memory_of_units(spec, device, tasks)    # before `plan` makes the prompts of an n that cannot fit
     planned = plan(spec)                 # loads the tokenizer: an unknown model is refused here, nothing created
     damaged = store.unreadable({p.key for p in planned})     # moved to quarantine/ once everything is checked
     finished = store.done() - set(damaged)
@@ -309,12 +310,6 @@ def run_study(spec: Spec, *, workers: int | None = None, scheduler: str | None =
             "or limit this run to other units (--task, --ablation, --include-mlps on the command line; "
             "tasks=, ablations=, include_mlps= in Python)")
     pending = pending[:max_units]
-    if pending and scheduler is None and workers == 0:
-        from .experiment import check_memory
-
-        model = _model(spec.model, device)[0]    # loaded once for every unit of this process anyway
-        for p in pending:                         # every unit's memory, before the first one starts
-            check_memory(model, max(p.unit.n, p.unit.n_test), p.seq_len, "fast", SPEC_N)
     labels = {p.key: p.unit.label for p in planned}
     results = {"done": [], "failed": [], "elsewhere": [],
                "quarantined": [{"key": k, "label": labels[k], "reason": reason, "to": str(store.quarantine(k, reason))}
@@ -333,6 +328,20 @@ def run_study(spec: Spec, *, workers: int | None = None, scheduler: str | None =
             results[r["status"]].append(r)
         return results
     return _run_on_dask(spec, store, pending, common, workers, scheduler, threads, progress, results)
+
+
+def _check_memory_of_units(spec: Spec, device: str, tasks: list[str] | None) -> None:
+    """Refuse a spec whose units (of `tasks`, default all) would not fit in this process's memory, before
+    any prompt is made (`experiment.check_memory`; the prompt length from one prompt of each task)."""
+    from .experiment import check_memory
+    from .tasks import get_task
+
+    model, tokenizer = _model(spec.model, device)   # loaded once for every unit of this process anyway
+    for task in spec.tasks:
+        if not tasks or task in tasks:
+            n = max(spec.n[task], spec.n_test[task])
+            check_memory(model, n, get_task(task).check(tokenizer, 2 * spec.n[task] + spec.n_test[task]), "fast",
+                         SPEC_N)
 
 
 def _run_on_dask(spec, store, pending, common, workers, scheduler, threads, progress, results) -> dict:

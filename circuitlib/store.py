@@ -230,17 +230,13 @@ def _marker(record: dict) -> dict:
 
 
 def _partial_or_none(record: dict) -> dict | None:
-    """A partial/ record if it has the shape `runner` writes (a sweep's snapshot and its seconds), else None."""
+    """A partial/ record if it has what `study_status` reads (seconds, CPU seconds, the first state's
+    decisions), else None; the sweep checks the rest of the snapshot when it resumes from it."""
     try:
         float(record["seconds"])
         if record.get("cpu_seconds") is not None:
             float(record["cpu_seconds"])
-        snapshot = record["snapshot"]
-        int(snapshot["next_layer"]), list(snapshot["alphas"])
-        for state in snapshot["states"] or [None]:               # at least one state
-            float(state["kl"]), list(state["alphas"])
-            for component, before, after, pruned in state["decisions"]:
-                str(component), float(before), float(after)
+        len(record["snapshot"]["states"][0]["decisions"])
     except (KeyError, TypeError, ValueError, IndexError):
         return None
     return record

@@ -141,7 +141,7 @@ def test_distillation_beyond_memory_is_refused_before_training(monkeypatch, mode
         d.distill(teacher, student, tokens, split, None, steps=1, progress=False)
 
 
-def test_a_serial_study_refuses_a_unit_beyond_memory_before_any_unit_and_creates_nothing(tmp_path, capsys,
+def test_a_serial_study_refuses_an_n_beyond_memory_before_any_prompt_and_creates_nothing(tmp_path, capsys,
                                                                                            monkeypatch):
     import yaml
 
@@ -151,6 +151,7 @@ def test_a_serial_study_refuses_a_unit_beyond_memory_before_any_unit_and_creates
     spec.write_text(yaml.safe_dump({"model": "tiny-gpt2", "tasks": ["ioi"], "alphas": [0.01], "n": 4000}))
     monkeypatch.setattr(experiment, "available_memory", lambda device: 2**30)
     monkeypatch.setattr(runner, "run_unit", lambda *a, **k: pytest.fail("a unit started"))
+    monkeypatch.setattr("circuitlib.tasks.Task.generate", lambda *a, **k: pytest.fail("the prompts were made"))
     assert main(["study", "run", str(spec), "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the spec's n 4000 would need" in err and "lower the spec's n to at most" in err

@@ -155,7 +155,8 @@ def test_serial_and_two_worker_dask_runs_make_equal_stores(tmp_path, capsys):
     assert row["test_accuracy"] == pytest.approx(sum(row["test_correct"]) / 7)
     # a rerun finds nothing to do and changes nothing
     before = {p: p.stat().st_mtime_ns for p in (serial.store / "units").iterdir()}
-    assert run_study(serial, workers=0, progress=False) == {"done": [], "failed": [], "elsewhere": []}
+    assert run_study(serial, workers=0, progress=False) == {"done": [], "failed": [], "elsewhere": [],
+                                                             "quarantined": []}
     assert {p: p.stat().st_mtime_ns for p in (serial.store / "units").iterdir()} == before
     status = study_status(serial)
     assert (status["done"], status["pending"], status["failed"]) == (4, 0, 0)
@@ -322,7 +323,8 @@ def test_sigterm_ends_a_run_with_one_line_and_releases_its_claims(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "Traceback" not in err and err.count("interrupted") == 1     # above it: progress bars only
-    assert err.splitlines()[-1] == "interrupted by SIGTERM: nothing half-written was left behind (finished results are kept)"
+    assert err.splitlines()[-1] == ("interrupted by SIGTERM: nothing half-written was left behind "
+                                    "(finished results are kept)")
     assert 1 <= len(store.done()) < 24 and not list((store.root / "running").iterdir())
     assert not list((store.root / "units").glob(".*"))
 
