@@ -54,7 +54,9 @@ def test_an_n_beyond_the_address_space_limit_is_refused_and_the_n_it_names_fits(
     assert list(tmp_path.iterdir()) == []
     fits = int(err.rsplit("at most ", 1)[1])
     assert 1 <= fits < 5000
-    done = _extract_limited(tmp_path, fits)
+    # the process's address space at the check varies by a few MiB from run to run: 50 MiB more headroom
+    # keeps the check from refusing the boundary n again, and is far below the estimate's fixed part
+    done = _extract_limited(tmp_path, fits, headroom=0.7 + 0.05)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "run" / "circuit.json").is_file()
 
