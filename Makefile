@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup book book-gpt2 test demo run lab exercises clean-book
+.PHONY: setup book book-gpt2 test fuzz demo run lab exercises clean-book
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ book: $(STAMP)
 test: $(STAMP)
 	$(PY) scripts/prepare_notebooks.py --out .nbval --config notebooks/ci.yml
 	$(PY) -m pytest -q tests .nbval --nbval-lax --sanitize-with notebooks/nbval_sanitize.cfg
+
+# The fuzzer (tests/cli/test_fuzz.py) with many more examples than `make test` runs, and a fresh seed each time.
+fuzz: $(STAMP)
+	CIRCUITLIB_FUZZ=1 $(PY) -m pytest -q tests/cli/test_fuzz.py
 
 # A single extraction on the offline stand-in (the README's worked example, book/command-line.md).
 demo: $(STAMP)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 
 from circuitlib.core.ablation import SCHEMES
 from circuitlib.discovery.greedy import METHODS, ORDERS
@@ -18,8 +20,15 @@ MODELS = ("gpt2", "smollm2-135m", "tiny-gpt2")
 TASKS = ("acronyms", "ioi", "greater-than", "ioi-mixed")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (argparse prints the whole usage first); subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the options)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m circuitlib", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m circuitlib", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("extract", help="extract a task's circuit, prune the model and save both")
@@ -110,6 +119,9 @@ def _study(args) -> int:
         status = study_status(spec, args.workers)
         print(f"study {spec.name}: {len(result['done'])} units computed, {len(result['failed'])} failed now; "
               f"{status['done']}/{status['units']} done in {spec.store}")
+        for r in result["quarantined"]:
+            print(f"  quarantined: {r['label']}: {r['reason']}; moved to {r['to']} (with the reason beside it), "
+                  "the unit is pending again")
         for r in result["failed"]:
             print(f"  failed: {r['label']}: {r['error']} (retried by the next run)")
         for r in result["elsewhere"]:
@@ -122,7 +134,13 @@ def _study(args) -> int:
             return 0
         left = status["seconds_left_estimate"]
         print(f"study {status['study']} ({status['store']}): {status['done']} done, {status['running']} running, "
-              f"{status['failed']} failed, {status['pending']} pending of {status['units']} units; "
+              f"{status['failed']} failed, "
+              + (f"{status['damaged']} damaged (unreadable files; the next run recomputes them), "
+                 if status["damaged"] else "")
+              + f"{status['pending']} pending"
+              + (f" ({status['quarantined']} not done after their unreadable files went to quarantine/)"
+                 if status["quarantined"] else "")
+              + f" of {status['units']} units; "
               f"{status['seconds_spent'] / 3600:.2f} h spent"
               + (f" ({status['cpu_seconds_spent'] / 3600:.2f} CPU-hours in the {status['units_with_cpu_seconds']} "
                  "units that record it)" if status["units_with_cpu_seconds"] else "")
@@ -133,6 +151,8 @@ def _study(args) -> int:
             extra = u.get("error") or ((f"{u['progress']} candidates" if u["progress"]
                                         else "starting (no candidate evaluated by this run yet)")
                                        + f", updated {u['updated_s_ago']} s ago" if u["state"] == "running" else "")
+            if u.get("quarantined"):
+                extra += " (its unreadable file was moved to quarantine/)"
             if u.get("saved"):
                 extra += (f" ({u['saved']} saved)" if u["state"] == "running"
                           else f" (resumes after {u['saved']}, saved by an earlier run)")
@@ -140,7 +160,11 @@ def _study(args) -> int:
         if status["other_units_in_store"]:
             print(f"  ({status['other_units_in_store']} units of other settings are in the store and left out)")
         return 0
-    table = summary_table(study_table(spec))
+    damaged: dict = {}
+    table = summary_table(study_table(spec, damaged))
+    for key, reason in damaged.items():
+        print(f"left out: {reason}; `python -m circuitlib study run {args.spec}` moves it to quarantine/ and "
+              "computes the unit again", file=sys.stderr)
     if args.json:
         print(table.to_json(orient="records"))
     elif not len(table):
@@ -179,16 +203,18 @@ def _add_edges_parser(sub) -> None:
                     help=f"one of {', '.join(TASKS)}, or a task file (.jsonl or .csv, as for extract)")
     ed.add_argument("--target-sparsity", required=True, type=str,
                     help="fraction of edges to remove, in [0, 1) (e.g. 0.95)")
-    ed.add_argument("--steps", required=True, type=int, help="training steps (the authors: 3000)")
+    ed.add_argument("--steps", type=int, default=3000, help="training steps (default: the authors' 3000)")
     ed.add_argument("--ablation", default="mean", choices=("mean", "zero", "corrupted"),
                     help="what a closed edge passes: the writer's patching-set mean (default), zero, or its "
                          "output on another prompt of the split (corrupted)")
     ed.add_argument("--node-target-sparsity", type=str, default=None,
-                    help="also gate nodes, with this target (default: edges only)")
+                    help="also gate nodes, with this target: the fraction of nodes to remove, in [0, 1) "
+                         "(default: edges only)")
     ed.add_argument("--lr", type=float, default=0.8, help="learning rate of the gates (default 0.8)")
     ed.add_argument("--reg-lr", type=float, default=0.8, help="learning rate of the Lagrange multipliers")
     ed.add_argument("--warmup", type=int, default=None, help="steps to ramp the target up (default 5/6 of --steps)")
-    ed.add_argument("--batch-size", type=int, default=32, help="prompts per step (default 32)")
+    ed.add_argument("--batch-size", type=int, default=None,
+                    help="prompts per step, at most --n (default 32, or all of them if --n is smaller)")
     ed.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the gates")
     ed.add_argument("--n", type=int, default=None, help="prompts per split; default: the paper's size")
     ed.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
@@ -202,9 +228,9 @@ def _edges(args) -> int:
 
     import torch
 
-    from circuitlib.discovery.edges.train import check_sparsity, run_edges
     from circuitlib.core.io import check_out_dir
-
+    from circuitlib.discovery.edges.train import check_sparsity
+    from circuitlib.pipeline.edges import run_edges
     from circuitlib.tasks import get_task
 
     get_task(args.task)                                   # an unknown name or a bad task file: refused first
@@ -218,6 +244,15 @@ def _edges(args) -> int:
     for flag, value in (("--lr", args.lr), ("--reg-lr", args.reg_lr)):
         if not value > 0:
             raise ValueError(f"{flag} must be a number > 0, got {value}")
+    if args.warmup is not None and args.warmup > args.steps:
+        raise ValueError(f"--warmup {args.warmup} is longer than the run (--steps {args.steps}); give at most "
+                         f"{args.steps}, or leave it out (5/6 of the steps)")
+    n = args.n if args.n is not None else get_task(args.task).default_n
+    if args.batch_size is None:
+        args.batch_size = 32                  # the authors' batch; train_edges takes all prompts if fewer
+    elif args.batch_size > n:
+        raise ValueError(f"--batch-size {args.batch_size} is larger than the {n} prompts a step draws from (--n); "
+                         f"lower --batch-size to at most {n}, or raise --n")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -256,8 +291,31 @@ def _edges(args) -> int:
     return 0
 
 
+def _one_line(text: str) -> str:
+    """A message of several lines (a YAML parser's, say) as one: its lines joined by "; "."""
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job's end, `kill`), handled as Ctrl-C is: claims released, nothing half-written."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _main(args)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args) -> int:
     try:
         if args.command == "edges":
             return _edges(args)
@@ -305,11 +363,20 @@ def main(argv: list[str] | None = None) -> int:
                       f"accuracy {report['accuracy']:.3f}, KL {report['kl']:.4f}, "
                       f"{report['n_params']['parameters']:,} parameters, kept heads {' '.join(report['kept_heads'])}")
     except (ValueError, FileExistsError, FileNotFoundError, RunningElsewhere) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing half-written was left behind (finished results are kept)", file=sys.stderr)
-        return 130
+    except (MemoryError, RuntimeError) as e:
+        from circuitlib.core.memory import allocation_failure_reason, is_allocation_failure
+
+        if not is_allocation_failure(e):
+            raise
+        print(f"error: ran out of memory ({allocation_failure_reason(e)}); nothing was written; lower --n "
+              "(or --batch-size)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        by = " by SIGTERM" if isinstance(e, Terminated) else ""
+        print(f"interrupted{by}: nothing half-written was left behind (finished results are kept)", file=sys.stderr)
+        return 143 if by else 130
     return 0
 
 

@@ -19,7 +19,7 @@ Two cores, two trainings at once: start one process per core with disjoint --tar
 `--targets 0.9 0.98` and `--targets 0.95 0.99`), each with --threads 1. A result another process
 is training is skipped (its .lock), not trained twice.
 
-The defaults are the chapter's parameters. Each result is `circuitlib.discovery.edges.train.edge_result`:
+The defaults are the chapter's parameters. Each result is `circuitlib.pipeline.edges.edge_result`:
 a JSON file <out-dir>/<task>-<ablation>-seed<S>-n<N>-bs<B>-steps<K>-target<T>.json, which the
 chapter reads instead of training. A result already there is kept (and checked against these
 settings); a missing one is trained, with its state saved every --checkpoint-every steps to the
@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from circuitlib.discovery.edges.graph import KV_READERS  # noqa: E402
-from circuitlib.discovery.edges.train import (LEGACY_SETTINGS, READOUTS, SPARSITY_TERMS, ResultInProgress,  # noqa: E402
-                                    check_sparsity, edge_result, edge_result_path)
+from circuitlib.discovery.edges.train import LEGACY_SETTINGS, READOUTS, SPARSITY_TERMS, ResultInProgress, check_sparsity
+from circuitlib.pipeline.edges import edge_result, edge_result_path
 from circuitlib.models.loading import check_device, load_model  # noqa: E402
 from circuitlib.tasks import get_task  # noqa: E402
 

@@ -32,6 +32,7 @@ from circuitlib.core.model import Transformer
 from circuitlib.core.surgery import prune
 from circuitlib.tasks.files import FileTask, load_task_file
 from circuitlib.core.io import write_folder
+from circuitlib.core.memory import check_fits, out_of_memory_as_error
 from circuitlib.core.resumable import tokens_digest
 from circuitlib.tasks import SPLITS, TaskData, TaskSplit, get_task
 
@@ -80,17 +81,39 @@ class Extraction:
 
     def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
         """Write the run folder atomically (a temporary sibling renamed at the end)."""
-        from safetensors.torch import save_file
-
         def fill(tmp: Path) -> None:
             self.pruned.save(tmp)
             self.tokenizer.save_pretrained(tmp)
-            save_file({s: r.contiguous() for s, r in self.full_resid.items()}, tmp / "reference.safetensors")
+            save_reference(tmp, self.full_resid, self.data)
             if "task_file" in self.settings:
                 shutil.copyfile(self.task.path, tmp / self.settings["task_file"])
             (tmp / "circuit.json").write_text(json.dumps(self.to_dict(), indent=2))
 
         return write_folder(out_dir, force, fill)
+
+
+def save_reference(folder: Path, full_resid: dict, data: TaskData) -> None:
+    """Write `reference.safetensors`: the full model's final residual streams (`full_reference`), with
+    the fingerprints of the prompts they were made on in its metadata ("tokens_digest.<split>")."""
+    from safetensors.torch import save_file
+
+    save_file({s: r.contiguous().cpu() for s, r in full_resid.items()}, Path(folder) / "reference.safetensors",
+              metadata={f"tokens_digest.{s}": tokens_digest(getattr(data, s).tokens) for s in SPLITS})
+
+
+def _reference_digests(path: Path) -> dict:
+    """The prompt fingerprints `save_reference` put in a reference file's metadata ({} if none)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (OSError, SafetensorError):
+        return {}
+    return {s: meta[f"tokens_digest.{s}"] for s in SPLITS if f"tokens_digest.{s}" in meta}
+
+
+EXTRACTION_OVERHEAD = 2**29   # bytes the work reserves besides its tensors (allocator arenas, libraries loaded late)
 
 
 def extraction_memory(cfg, n: int, seq_len: int, method: str = "fast") -> int:
@@ -99,33 +122,29 @@ def extraction_memory(cfg, n: int, seq_len: int, method: str = "fast") -> int:
     Per validation prompt the fast path holds the full model's residual stream before every layer
     ([L, S, D]), one layer's per-head outputs ([H, S, D]) and one forward pass of activations
     (MLP hidden [S, M] x 3, attention scores [H, S, S] x 2, a few [S, D]); per prompt of a split,
-    last-position logits and float64 log-probabilities ([V] x ~5). The plain path also forms
-    logits at every position ([S, V] x 3). float32 = 4 bytes.
+    last-position logits and float64 log-probabilities ([V] x ~6 float64). The plain path also forms
+    logits at every position ([S, V] x 3). float32 = 4 bytes. Plus EXTRACTION_OVERHEAD, whatever n.
     """
     L, S, D, H, M, V = cfg.n_layers, seq_len, cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.d_vocab
-    per_prompt = 4 * (L * S * D + (H + 5) * S * D + 3 * S * M + 2 * H * S * S) + 40 * V
+    per_prompt = 4 * (L * S * D + (H + 5) * S * D + 3 * S * M + 2 * H * S * S) + 48 * V
     if method == "plain":
         per_prompt += 12 * S * V
-    return n * per_prompt
+    return EXTRACTION_OVERHEAD + n * per_prompt
 
 
-def available_memory(device: torch.device) -> int:
-    """Bytes free for new tensors on `device`: free GPU memory, or the system's available RAM."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return psutil.virtual_memory().available
-
-
-def check_memory(model: Transformer, n: int, seq_len: int, method: str) -> None:
+def check_memory(model: Transformer, n: int, seq_len: int, method: str, knob: str = "--n") -> None:
     """Refuse, before making the prompts, an n whose extraction would not fit in memory; name the limit."""
-    need, free = extraction_memory(model.cfg, n, seq_len, method), available_memory(model.device)
-    if need > free:
-        limit = free // extraction_memory(model.cfg, 1, seq_len, method)
-        raise ValueError(f"n = {n} prompts per split would need about {need / 2**30:.1f} GiB for this extraction "
-                         f"({model.cfg.name}, {seq_len} tokens per prompt, {method} path) but "
-                         f"{free / 2**30:.1f} GiB are free on {model.device}; lower --n to at most {limit}")
+    fixed = extraction_memory(model.cfg, 0, seq_len, method)
+    check_fits(model.device, extraction_memory(model.cfg, 1, seq_len, method) - fixed, fixed, n,
+               f"this extraction ({model.cfg.name}, {seq_len} tokens per prompt, {method} path)", knob)
+
+
+def extraction_out_of_memory_as_error(model: Transformer, n: int, seq_len: int, method: str, what: str,
+                                      knob: str = "--n"):
+    """`out_of_memory_as_error` with an extraction's estimate (`extraction_memory`)."""
+    fixed = extraction_memory(model.cfg, 0, seq_len, method)
+    return out_of_memory_as_error(model.device, extraction_memory(model.cfg, 1, seq_len, method) - fixed, fixed,
+                                  n, what, knob)
 
 
 def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: str = "mean",
@@ -156,21 +175,22 @@ def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: s
     seq_len = task.check(loaded[1] if loaded is not None else load_tokenizer(model_name), 3 * n)
     model, tokenizer = loaded if loaded is not None else load_model(model_name, device=device)
     check_memory(model, n, seq_len, method)
-    data = task.generate(tokenizer, n=n, seed=seed)
-    means = mean_activations(model, data.patching.tokens) if ablation == "mean" else None
-    started = time.perf_counter()
-    circuit = extract(model, data.patching.tokens, data.validation.tokens, alpha=alpha, ablation=ablation,
-                      include_mlps=include_mlps, order=order, method=method, progress=progress, means=means)
-    seconds = time.perf_counter() - started
-    pruned = prune(model, circuit.kept, ablation, means)
-    full_resid = full_reference(model, data)
-    full_size, pruned_size = model.count_parameters(), pruned.count_parameters()
-    metrics = {
-        "full": {**measure(task, data, full_resid, model), "n_params": full_size},
-        "pruned": {**measure(task, data, full_resid, pruned), "n_params": pruned_size},
-        "parameter_reduction": 1 - pruned_size["parameters"] / full_size["parameters"],
-        "extraction_seconds": seconds,
-    }
+    with extraction_out_of_memory_as_error(model, n, seq_len, method, "the extraction"):
+        data = task.generate(tokenizer, n=n, seed=seed)
+        means = mean_activations(model, data.patching.tokens) if ablation == "mean" else None
+        started = time.perf_counter()
+        circuit = extract(model, data.patching.tokens, data.validation.tokens, alpha=alpha, ablation=ablation,
+                          include_mlps=include_mlps, order=order, method=method, progress=progress, means=means)
+        seconds = time.perf_counter() - started
+        pruned = prune(model, circuit.kept, ablation, means)
+        full_resid = full_reference(model, data)
+        full_size, pruned_size = model.count_parameters(), pruned.count_parameters()
+        metrics = {
+            "full": {**measure(task, data, full_resid, model), "n_params": full_size},
+            "pruned": {**measure(task, data, full_resid, pruned), "n_params": pruned_size},
+            "parameter_reduction": 1 - pruned_size["parameters"] / full_size["parameters"],
+            "extraction_seconds": seconds,
+        }
     settings = {"model": model.cfg.name, "task": task.name, "alpha": alpha, "ablation": ablation,
                 "include_mlps": include_mlps, "seed": seed, "n": n, "order": order, "method": method,
                 "device": str(model.device), "torch_threads": torch.get_num_threads()}
@@ -193,7 +213,8 @@ class SavedRun:
 
 
 def load_run(run_dir: str | os.PathLike, split: str = "validation") -> SavedRun:
-    """Read a run folder written by `Extraction.save` and regenerate the prompts of `split`.
+    """Read a run folder written by `Extraction.save` (or by `circuitlib.pipeline.edges.EdgeRun.save`: its record is
+    edges.json, its prompts' fingerprints are in reference.safetensors) and regenerate the prompts of `split`.
 
     Every way a folder can be damaged ends in one ValueError naming the file and what to do.
     """
@@ -207,13 +228,22 @@ def load_run(run_dir: str | os.PathLike, split: str = "validation") -> SavedRun:
         raise ValueError(f"{run_dir} does not exist or is not a folder; give the folder that "
                          "`python -m circuitlib extract --out` wrote")
     path = run_dir / "circuit.json"
+    edges = not path.is_file() and (run_dir / "edges.json").is_file()      # a folder `edges` wrote
+    if edges:
+        path, redo = run_dir / "edges.json", "re-run Edge Pruning (python -m circuitlib edges ... --out NEW_FOLDER)"
+        if not (run_dir / "reference.safetensors").is_file():
+            raise ValueError(f"{run_dir} has no reference.safetensors (an `edges` run folder of an older circuitlib, "
+                             f"or a damaged one); {redo}")
     if not path.is_file():
-        raise ValueError(f"{run_dir} has no circuit.json: not a run folder written by `python -m circuitlib extract`")
+        raise ValueError(f"{run_dir} has no circuit.json: not a run folder written by `python -m circuitlib extract` "
+                         "(nor edges.json, by `python -m circuitlib edges`)")
     try:
         record = json.loads(path.read_text())
     except (ValueError, OSError) as e:
         raise ValueError(f"{path} cannot be read as JSON ({e}); the run folder is damaged: {redo}") from None
     record = record if isinstance(record, dict) else {}
+    if edges:
+        record = {**record, "tokens_digest": _reference_digests(run_dir / "reference.safetensors")}
     settings, digest = record.get("settings"), record.get("tokens_digest")
     missing = [f"settings.{k}" for k in ("model", "task", "n", "seed")
                if not (isinstance(settings, dict) and k in settings)]
@@ -230,7 +260,7 @@ def load_run(run_dir: str | os.PathLike, split: str = "validation") -> SavedRun:
         if missing:
             raise OSError(f"{', '.join(missing)} missing")
         tokenizer = AutoTokenizer.from_pretrained(run_dir, local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a damaged file
         raise ValueError(f"the tokenizer files in {run_dir} are missing or damaged ({str(e).splitlines()[0]}); "
                          f"{redo}") from None
     if "task_file" in settings:

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from circuitlib.core.metrics import accuracy
 from circuitlib.core.model import ModelConfig, Transformer, full_plan
 from circuitlib.core.resumable import load_checkpoint, parameters_digest, result_lock, save_checkpoint, tokens_digest
+from circuitlib.core.memory import check_fits
 
 
 def _layer_parameters(cfg: ModelConfig) -> int:
@@ -157,6 +158,22 @@ def l2_logit_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor) ->
     return (teacher_logits - student_logits).pow(2).sum(-1).mean()
 
 
+def distill_memory(cfg: ModelConfig, student_layers: int, batch_size: int, seq_len: int) -> tuple[int, int]:
+    """Bytes a distillation needs besides the models (an estimate), as (fixed, per prompt).
+
+    Fixed: a training step on `batch_size` prompts, whose student keeps per layer about 12 [S, D],
+    2 [H, S, S] and 2 [S, M] activations for the backward pass, and 4 [V] logits and gradients per
+    prompt; the optimiser's two moments and the gradient of every student parameter. Per prompt
+    (training and validation): the teacher's last-position logits ([V], kept) and one teacher
+    forward pass's activations ([H, S, S] x 2, [S, M] x 3, [S, D] x 5). float32 = 4 bytes.
+    """
+    S, D, H, M, V = seq_len, cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.d_vocab
+    step = batch_size * (student_layers * (12 * S * D + 2 * H * S * S + 2 * S * M) + 4 * V)
+    fixed = 4 * (step + 3 * student_parameters(cfg, student_layers))
+    per_prompt = 4 * (V + 2 * H * S * S + 3 * S * M + 5 * S * D)
+    return fixed, per_prompt
+
+
 def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, val_split, task, *,
             steps: int, lr: float = 1e-3, seed: int = 0, batch_size: int | None = None,
             eval_every: int | None = None, patience: int | None = None, min_improvement: float = 1e-3,
@@ -189,6 +206,10 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive int; got {checkpoint_every!r}")
     device = teacher.W_E.device
+    n_train = len(tokens)
+    fixed, per_prompt = distill_memory(teacher.cfg, student.cfg.n_layers, n_train if batch_size is None
+                                       else min(batch_size, n_train), tokens.shape[1])
+    check_fits(device, per_prompt, fixed, n_train + len(val_split.tokens), "the distillation", "the number of prompts")
     tokens, val_tokens = tokens.to(device), val_split.tokens.to(device)
     with torch.inference_mode():
         target = teacher(tokens, last_only=True)                  # [n, V]

@@ -130,11 +130,7 @@ def run_unit(planned: PlannedUnit, store_root: str, *, study: str, device: str =
 def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads: int, progress: bool,
              on_step, store: Store, saved: dict | None) -> tuple[list[dict], bool]:
     """The unit's rows, and whether its sweep went on from `saved` (the snapshot of a cut-off run)."""
-    from circuitlib.core.ablation import mean_activations
-    from circuitlib.pipeline.extraction import full_reference, prompts_digest
-    from circuitlib.discovery.greedy import ResumeError, sweep
-    from circuitlib.core.metrics import log_probs
-    from circuitlib.core.surgery import prune
+    from circuitlib.pipeline.extraction import (check_memory, extraction_out_of_memory_as_error, prompts_digest)
     from circuitlib.tasks import get_task
 
     model, tokenizer = cached_model(unit.model, device)
@@ -144,6 +140,23 @@ def _compute(unit: Unit, key: str, digest: str, study: str, device: str, threads
     if found != digest:
         raise RuntimeError(f"the prompts generated on this worker differ from the planner's ({found} != {digest}): "
                            "different circuitlib versions or tokenizers on the driver and the workers")
+    n, seq_len = max(unit.n, unit.n_test), data.validation.tokens.shape[1]
+    check_memory(model, n, seq_len, "fast", SPEC_N)
+    with extraction_out_of_memory_as_error(model, n, seq_len, "fast", "the unit", SPEC_N):
+        return _sweep_and_measure(unit, key, digest, study, progress, on_step, store, saved, model, task, data)
+
+
+SPEC_N = "the spec's n"
+
+
+def _sweep_and_measure(unit, key, digest, study, progress, on_step, store, saved, model, task, data):
+    """`_compute`'s work once the memory check passed: the sweep and the measurement of every circuit."""
+    from circuitlib.core.ablation import mean_activations
+    from circuitlib.pipeline.extraction import full_reference
+    from circuitlib.discovery.greedy import ResumeError, sweep
+    from circuitlib.core.metrics import log_probs
+    from circuitlib.core.surgery import prune
+
     full_logits = {s: model.unembed(r) for s, r in full_reference(model, data).items()}   # [n, V] per split
     full_lp = {s: log_probs(logits) for s, logits in full_logits.items()}
     means = mean_activations(model, data.patching.tokens) if unit.ablation == "mean" else None
@@ -224,11 +237,16 @@ def run_study(spec: Spec, *, workers: int | None = None, scheduler: str | None =
     tasks:     run only the units of these tasks of the spec (the others stay pending)
     ablations, include_mlps: likewise, only the units of these ablation schemes / MLP settings
                (e.g. the units one chapter needs first)
-    Returns {"done": [...], "failed": [...], "elsewhere": [...]} summaries of the units this call
-    ran ("elsewhere": units another run claimed after this one started, left to it).
+    Returns {"done": [...], "failed": [...], "elsewhere": [...], "quarantined": [...]} summaries of
+    the units this call ran ("elsewhere": units another run claimed after this one started, left to
+    it; "quarantined": units whose files could not be read, moved to quarantine/ and pending again).
 
     Refused before any work when another live run is computing one of the units this call would
-    run (its `running/` marker): wait for it, or limit this call to other units.
+    run (its `running/` marker): wait for it, or limit this call to other units. A serial run also
+    refuses, before any prompt is made, a spec whose n (of the chosen tasks) would not fit in memory
+    (`experiment.check_memory`); on Dask each worker checks its unit before starting it (a unit that
+    does not fit fails, named so).
+    The store's folders are made only once all of this passed.
     """
     from circuitlib.models.loading import check_device
 
@@ -247,9 +265,11 @@ def run_study(spec: Spec, *, workers: int | None = None, scheduler: str | None =
     if not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive number of torch threads per worker, got {threads!r}")
     store = Store(spec.store)
-    store.check_writable()
-    planned = plan(spec)
-    finished = store.done()
+    if scheduler is None and workers == 0:
+        _check_memory_of_units(spec, device, tasks)    # before `plan` makes the prompts of an n that cannot fit
+    planned = plan(spec)                 # loads the tokenizer: an unknown model is refused here, nothing created
+    damaged = store.unreadable({p.key for p in planned})     # moved to quarantine/ once everything is checked
+    finished = store.done() - set(damaged)
     pending = [p for p in planned if p.key not in finished and (not tasks or p.unit.task in tasks)
                and (not ablations or p.unit.ablation in ablations)
                and (not include_mlps or p.unit.include_mlps in include_mlps)]
@@ -264,10 +284,14 @@ def run_study(spec: Spec, *, workers: int | None = None, scheduler: str | None =
             "or limit this run to other units (--task, --ablation, --include-mlps on the command line; "
             "tasks=, ablations=, include_mlps= in Python)")
     pending = pending[:max_units]
-    prov = provenance(device, threads)
-    results = {"done": [], "failed": [], "elsewhere": []}
+    labels = {p.key: p.unit.label for p in planned}
+    results = {"done": [], "failed": [], "elsewhere": [],
+               "quarantined": [{"key": k, "label": labels[k], "reason": reason, "to": str(store.quarantine(k, reason))}
+                               for k, reason in damaged.items()]}
     if not pending:
         return results
+    store.check_writable()               # the store's folders, made once everything else is checked
+    prov = provenance(device, threads)
     run_id = uuid.uuid4().hex      # this run's claims on units (store.claim); another run's are left alone
     common = dict(study=spec.name, device=device, threads=threads, prov=prov, run_id=run_id)
     if scheduler is None and workers == 0:
@@ -278,6 +302,20 @@ def run_study(spec: Spec, *, workers: int | None = None, scheduler: str | None =
             results[r["status"]].append(r)
         return results
     return _run_on_dask(spec, store, pending, common, workers, scheduler, threads, progress, results)
+
+
+def _check_memory_of_units(spec: Spec, device: str, tasks: list[str] | None) -> None:
+    """Refuse a spec whose units (of `tasks`, default all) would not fit in this process's memory, before
+    any prompt is made (`experiment.check_memory`; the prompt length from one prompt of each task)."""
+    from circuitlib.pipeline.extraction import check_memory
+    from circuitlib.tasks import get_task
+
+    model, tokenizer = cached_model(spec.model, device)   # loaded once for every unit of this process anyway
+    for task in spec.tasks:
+        if not tasks or task in tasks:
+            n = max(spec.n[task], spec.n_test[task])
+            check_memory(model, n, get_task(task).check(tokenizer, 2 * spec.n[task] + spec.n_test[task]), "fast",
+                         SPEC_N)
 
 
 def _run_on_dask(spec, store, pending, common, workers, scheduler, threads, progress, results) -> dict:
@@ -335,6 +373,9 @@ def _run_on_dask(spec, store, pending, common, workers, scheduler, threads, prog
 def study_status(spec: Spec, workers: int | None = None) -> dict:
     """Done, pending, failed and running units of `spec`, time spent and an estimate of the time left.
 
+    A unit whose file cannot be read is "damaged" (the next `run_study` moves the file to quarantine/
+    and computes the unit anew); "quarantined" counts the units not done whose file was moved there.
+
     A unit's cost is its CPU time (`unit_cpu_seconds`: the work itself, whatever else shared the
     cores) where recorded, else its wall time (`unit_seconds`, longer on a shared machine; units
     that resumed from snapshots older than the CPU-time records have only this). The estimate: for
@@ -347,9 +388,10 @@ def study_status(spec: Spec, workers: int | None = None) -> dict:
     store = Store(spec.store)
     planned = plan(spec)
     keys = {p.key for p in planned}
-    done, failures = store.done(), store.failures()
+    done, failures, quarantined, damaged = store.done(), store.failures(), store.quarantined(), {}
     running = {k: v for k, v in store.running().items() if _alive(v)}
-    table = store.read(keys & done)
+    table = store.read(keys & done, damaged=damaged)
+    done -= set(damaged)
     costs = None
     if len(table):
         columns = [c for c in ("task", "ablation", "include_mlps", "unit_seconds", "unit_cpu_seconds") if c in table]
@@ -360,11 +402,13 @@ def study_status(spec: Spec, workers: int | None = None) -> dict:
     cpu_spent = float(costs["cpu"].sum()) if costs is not None else 0.0
     left, units = 0.0, []
     for p in planned:
-        state = ("done" if p.key in done else "running" if p.key in running
+        state = ("done" if p.key in done else "damaged" if p.key in damaged else "running" if p.key in running
                  else "failed" if p.key in failures else "pending")
         saved = store.read_partial(p.key) if state != "done" else None
         units.append({"key": p.key, "unit": p.unit.label, "state": state,
                       **({"error": failures[p.key].get("error")} if state == "failed" else {}),
+                      **({"error": damaged[p.key]} if state == "damaged" else {}),
+                      **({"quarantined": True} if state != "done" and p.key in quarantined else {}),
                       **({"progress": (f"{running[p.key].get('done')}/{running[p.key]['total']}"
                                        if running[p.key].get("total") else None),   # None: still starting
                           "updated_s_ago": round(time.time() - running[p.key].get("updated", time.time()))}
@@ -382,7 +426,8 @@ def study_status(spec: Spec, workers: int | None = None) -> dict:
             if saved_part is None and saved:
                 saved_part = saved["seconds"]
             left += max(0.0, expected - float(saved_part or 0.0))
-    counts = {s: sum(u["state"] == s for u in units) for s in ("done", "running", "failed", "pending")}
+    counts = {s: sum(u["state"] == s for u in units) for s in ("done", "running", "failed", "pending", "damaged")}
+    counts["quarantined"] = sum(bool(u.get("quarantined")) for u in units)
     n_workers = workers or os.cpu_count() or 1
     return {"study": spec.name, "store": str(spec.store), "units": len(units), **counts,
             "other_units_in_store": len(done - keys), "seconds_spent": spent, "cpu_seconds_spent": cpu_spent,
@@ -418,9 +463,12 @@ def _task_name(task: str) -> str:
     return get_task(task).name
 
 
-def study_table(spec: Spec):
-    """The rows of `spec`'s finished units (older settings in the same store are left out)."""
-    return Store(spec.store).read({p.key for p in plan(spec)})
+def study_table(spec: Spec, damaged: dict | None = None):
+    """The rows of `spec`'s finished units (older settings in the same store are left out).
+
+    An unreadable unit file raises a ValueError naming it, unless `damaged` is a dict: then the
+    unit is left out and `damaged[key]` says why (see `Store.read`)."""
+    return Store(spec.store).read({p.key for p in plan(spec)}, damaged=damaged)
 
 
 def summary_table(table):

@@ -6,6 +6,9 @@
                                     computes a unit, others skip it (see `claim`)
     <store>/partial/<key>.json      the sweep of an unfinished unit after its last complete layer:
                                     a unit cut off (by a session's end, say) resumes from it
+    <store>/quarantine/<key>.<time>-<id>.parquet  a unit file that could not be read (truncated, empty,
+    <store>/quarantine/<key>.<time>-<id>.json     foreign bytes), moved aside by `study run`, with the reason;
+                                    its unit is pending again and is computed anew
     <store>/effects/<key>.json      results derived from the units, computed once and read by every
     <store>/baselines/<key>.json    later run (`circuitlib.studies.derived`): single-head effects, random circuits,
     <store>/circuit-metrics/...     each circuit's standard measure and its baselines (full model, empty
@@ -23,9 +26,11 @@ folder as one table.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from circuitlib.core.io import atomic_write
@@ -48,11 +53,41 @@ class Store:
         """Keys of every finished unit in the store (of this spec or of earlier settings)."""
         return {p.stem for p in (self.root / "units").glob("*.parquet")}
 
+    def quarantined(self) -> set[str]:
+        """Keys of the units whose files were moved to quarantine/ as unreadable (see `quarantine`)."""
+        return {p.name.split(".")[0] for p in (self.root / "quarantine").glob("*.parquet")}
+
+    def unreadable(self, keys) -> dict[str, str]:
+        """The finished units among `keys` whose files cannot be read, each with the reason."""
+        damaged = {}
+        for key in sorted(set(keys) & self.done()):
+            try:
+                _read_unit(self.unit_path(key))
+            except UnreadableUnit as e:
+                damaged[key] = str(e)
+        return damaged
+
+    def quarantine(self, key: str, reason: str) -> Path:
+        """Move unit `key`'s unreadable file to quarantine/ beside a JSON file with the reason; the unit
+        is pending again. Returns the file's new path."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+        folder = self.root / "quarantine"
+        target = folder / f"{key}.{stamp}.parquet"
+        record = {"unit": key, "reason": reason, "from": str(self.unit_path(key)), "at": stamp}
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(target.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+            os.replace(self.unit_path(key), target)
+        except OSError as e:
+            raise ValueError(f"unit file {self.unit_path(key)} cannot be read ({reason}) nor moved aside "
+                             f"({e.strerror or e}); delete it by hand to recompute the unit") from None
+        return target
+
     def failures(self) -> dict[str, dict]:
         return {p.stem: _read_json(p) for p in (self.root / "failed").glob("*.json")}
 
     def running(self) -> dict[str, dict]:
-        return {p.stem: _read_json(p) for p in (self.root / "running").glob("*.json")}
+        return {p.stem: _marker(_read_json(p)) for p in (self.root / "running").glob("*.json")}
 
     def check_writable(self) -> None:
         """Create the store's folders, or one clear error if they cannot be written (before any work)."""
@@ -100,7 +135,7 @@ class Store:
                 os.link(tmp, path)
                 return None
             except FileExistsError:
-                other = _read_json(path)
+                other = _marker(_read_json(path))
                 if other and owned_elsewhere(other):
                     return other
                 os.replace(tmp, path)
@@ -116,8 +151,8 @@ class Store:
         (self.root / "running" / f"{key}.json").unlink(missing_ok=True)
 
     def read_partial(self, key: str) -> dict | None:
-        """The saved progress of an unfinished unit ({"snapshot", "seconds"}), or None."""
-        return _read_json(self.root / "partial" / f"{key}.json") or None
+        """The saved progress of an unfinished unit ({"snapshot", "seconds"}), or None (none, or damaged)."""
+        return _partial_or_none(_read_json(self.root / "partial" / f"{key}.json"))
 
     def write_partial(self, key: str, record: dict) -> None:
         (self.root / "partial").mkdir(parents=True, exist_ok=True)
@@ -138,19 +173,72 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
 
-    def read(self, keys=None):
-        """The rows of the finished units (all, or those in `keys`) as one pandas DataFrame."""
+    def read(self, keys=None, *, damaged: dict | None = None):
+        """The rows of the finished units (all, or those in `keys`) as one pandas DataFrame.
+
+        A unit file that cannot be read raises a ValueError naming it, unless `damaged` is a dict:
+        then the unit is left out and `damaged[key]` says why.
+        """
         import pandas as pd
-        import pyarrow.parquet as pq
 
         keys = sorted(self.done() if keys is None else set(keys) & self.done())
-        if not keys:
-            return pd.DataFrame()
-        return pd.concat([pq.read_table(self.unit_path(k)).to_pandas() for k in keys], ignore_index=True)
+        tables = []
+        for k in keys:
+            try:
+                tables.append(_read_unit(self.unit_path(k)).to_pandas())
+            except UnreadableUnit as e:
+                if damaged is None:
+                    raise ValueError(f"{e}; `python -m circuitlib study run SPEC` moves it to quarantine/ and "
+                                     "computes the unit again") from None
+                damaged[k] = str(e)
+        return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+class UnreadableUnit(ValueError):
+    """A unit's Parquet file exists but cannot be read."""
+
+
+def _read_unit(path: Path):
+    """A unit file as a pyarrow Table, or `UnreadableUnit` saying why not."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        size = path.stat().st_size if path.exists() else 0
+        raise UnreadableUnit(f"unit file {path} cannot be read ({size} bytes; {str(e).splitlines()[0]})") from None
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object from `path`; {} if the file is missing, damaged or holds anything but an object."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    return record if isinstance(record, dict) else {}
+
+
+_MARKER_TYPES = {"updated": (int, float), "pid": int, "done": int, "total": int, "states": int, "host": str,
+                 "run": str, "unit": str}
+
+
+def _marker(record: dict) -> dict:
+    """A running/ marker without the fields of the wrong type (a damaged one): no "updated" time, say,
+    makes a claim of another host count as long dead."""
+    return {k: v for k, v in record.items()
+            if k not in _MARKER_TYPES or (isinstance(v, _MARKER_TYPES[k]) and not isinstance(v, bool)
+                                          and (k != "updated" or math.isfinite(v)))}
+
+
+def _partial_or_none(record: dict) -> dict | None:
+    """A partial/ record if it has what `study_status` reads (seconds, CPU seconds, the first state's
+    decisions), else None; the sweep checks the rest of the snapshot when it resumes from it."""
+    try:
+        float(record["seconds"])
+        if record.get("cpu_seconds") is not None:
+            float(record["cpu_seconds"])
+        len(record["snapshot"]["states"][0]["decisions"])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    return record

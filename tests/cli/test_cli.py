@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from circuitlib.core import memory
 from circuitlib.pipeline import extraction as experiment
 from circuitlib.cli import main
 from circuitlib.models.loading import load_model
@@ -122,6 +123,23 @@ def test_force_replaces_a_run(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary folder left behind
 
 
+def test_a_csv_task_file_is_kept_as_task_csv(tmp_path, capsys):
+    import csv
+
+    task = tmp_path / "capitals.csv"
+    with task.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "answer"])
+        writer.writerows([row["prompt"], row["answer"]] for row in map(json.loads, CAPITALS.read_text().splitlines()))
+    out = tmp_path / "run"
+    assert main(["extract", "--model", "tiny-gpt2", "--task", str(task), "--alpha", "1e-4", "--n", "4",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "circuit.json").read_text())["settings"]["task_file"] == "task.csv"
+    assert (out / "task.csv").read_bytes() == task.read_bytes() and not (out / "task.jsonl").exists()
+    task.unlink()
+    assert main(["evaluate", str(out)]) == 0
+
+
 def test_evaluate_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path)]) == 2
     assert "not a run folder" in capsys.readouterr().err
@@ -174,7 +192,7 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(tmp_path, c
 
 
 def test_n_beyond_memory_is_refused_with_the_limit_before_the_prompts_are_made(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(experiment, "available_memory", lambda device: 2**30)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**30)
     monkeypatch.setattr("circuitlib.tasks.Task.generate", lambda *a, **k: pytest.fail("the prompts were made"))
     assert main(["extract", "--model", "tiny-gpt2", "--task", "ioi", "--alpha", "0.01", "--n", "100000",
                  "--out", str(tmp_path / "out")]) == 2
@@ -200,6 +218,7 @@ def test_minus_zero_alpha_is_stored_as_zero(tmp_path):
      "lacks settings.task, settings.n, settings.seed, tokens_digest.validation, tokens_digest.test"),
     (lambda run: [(run / f).unlink() for f in ("tokenizer.json", "vocab.json", "merges.txt")],
      "the tokenizer files in"),
+    (lambda run: (run / "tokenizer.json").write_text(""), "the tokenizer files in"),   # found by tests/test_fuzz.py
     (lambda run: (run / "model.safetensors").unlink(), "model.safetensors is missing"),
     (lambda run: (run / "reference.safetensors").write_bytes(b"oops"), "reference.safetensors is missing or damaged"),
 ])
@@ -210,6 +229,16 @@ def test_evaluate_names_the_damage_in_a_run_folder(run_dir, tmp_path, capsys, da
     assert main(["evaluate", str(run)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["extract", "--model", "tiny-gpt2"], ["edges", "--bogus"], ["study"], [],
+                                  ["evaluate", "x", "--split", "train"]])
+def test_a_bad_command_line_is_one_line_not_the_usage(capsys, argv):
+    """argparse prints its whole usage before the error; found by tests/test_fuzz.py."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "--help" in err
 
 
 def test_ctrl_c_during_the_extraction_writes_nothing(tmp_path, capsys, monkeypatch):

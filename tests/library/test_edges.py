@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import json
 import random
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -17,9 +18,8 @@ from circuitlib.cli import main
 from circuitlib.core.convert import to_hooked
 from circuitlib.discovery.edges.graph import (EdgeGraph, all_open, edges_among, expected_closed, expected_open, gates_from_edges,
                               graph_for, make_replacement, masked_logits, remove_dead)
-from circuitlib.discovery.edges.train import (EdgeCircuit, ResultInProgress, binarize, check_sparsity, edge_result,
-                                    edge_result_path, gates_path, load_gates, run_edges, standalone_model,
-                                    train_edges)
+from circuitlib.discovery.edges.train import EdgeCircuit, ResultInProgress, binarize, check_sparsity, standalone_model, train_edges
+from circuitlib.pipeline.edges import edge_result, edge_result_path, gates_path, load_gates, run_edges
 from circuitlib.discovery.greedy import extract
 from circuitlib.core.metrics import kl_divergence
 from circuitlib.core.surgery import prune
@@ -302,15 +302,46 @@ def test_cli_pruned_model_is_the_node_circuit(run_dir):
     (["--lr", "0"], "--lr must be a number > 0"),
     (["--device", "tpu"], "--device"),
     (["--model", "gpt3"], "unknown model"),
+    (["--batch-size", "9"], "--batch-size 9 is larger than the 8 prompts a step draws from (--n)"),
+    (["--n", None, "--batch-size", "151"], "--batch-size 151 is larger than the 150 prompts"),   # IOI's default n
+    (["--warmup", "3"], "--warmup 3 is longer than the run (--steps 2)"),
+    (["--node-target-sparsity", "1"], "(the fraction of nodes removed)"),
 ])
 def test_cli_refuses_bad_input_and_writes_nothing(tmp_path, capsys, args, message):
     base = {"--model": "tiny-gpt2", "--task": "ioi", "--target-sparsity": "0.9", "--steps": "2", "--n": "8"}
     base.update(dict(zip(args[::2], args[1::2])))
-    argv = ["edges", *[x for kv in base.items() for x in kv], "--out", str(tmp_path / "out")]
+    argv = ["edges", *[x for k, v in base.items() if v is not None for x in (k, v)], "--out", str(tmp_path / "out")]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message.lower() in err.lower() and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_and_export_read_an_edges_folder(run_dir, tmp_path, capsys):
+    record = json.loads((run_dir / "edges.json").read_text())
+    for split in ("validation", "test"):
+        assert main(["evaluate", str(run_dir), "--split", split, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        measured = record["metrics"]["pruned_model"][split]
+        assert report["accuracy"] == measured["accuracy"] and report["n"] == 8
+        assert report["kl"] == pytest.approx(measured["kl"], rel=1e-4, abs=1e-7)
+        assert report["kept_heads"] == record["kept_heads"]
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    assert "max abs logit difference" in capsys.readouterr().out and (tmp_path / "m.onnx").is_file()
+    old = tmp_path / "old"                       # a folder of an older circuitlib: no reference.safetensors
+    shutil.copytree(run_dir, old)
+    (old / "reference.safetensors").unlink()
+    assert main(["evaluate", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no reference.safetensors" in err and "re-run Edge Pruning" in err
+
+
+def test_cli_steps_default_to_the_authors_3000():
+    from circuitlib.cli import _parser
+
+    args = _parser().parse_args(["edges", "--model", "tiny-gpt2", "--task", "ioi", "--target-sparsity", "0.9",
+                                 "--out", "x"])
+    assert args.steps == 3000 and args.warmup is None
 
 
 def test_cli_refuses_an_occupied_out_unless_forced(run_dir, tmp_path, capsys):
@@ -422,7 +453,7 @@ def test_a_checkpoint_of_other_settings_is_refused(tiny, tmp_path):
 
 
 def test_an_edge_result_is_computed_once_then_read(tiny, tmp_path, monkeypatch):
-    import circuitlib.discovery.edges.train as edges_train
+    import circuitlib.pipeline.edges as edges_train
 
     model, tokenizer = tiny
     kw = dict(target_sparsity=0.9, steps=4, n=8, batch_size=4, progress=False)
@@ -465,7 +496,7 @@ def test_a_result_in_training_is_refused_to_a_second_process(tiny, tmp_path):
 
 def test_a_result_that_arrives_during_training_is_kept(tiny, tmp_path, monkeypatch):
     """A file copied in from elsewhere (another machine, no shared lock) while this process trains."""
-    import circuitlib.discovery.edges.train as edges_train
+    import circuitlib.pipeline.edges as edges_train
 
     model, tokenizer = tiny
     kw = dict(target_sparsity=0.9, steps=4, n=8, batch_size=4, progress=False)

@@ -155,7 +155,8 @@ def test_serial_and_two_worker_dask_runs_make_equal_stores(tmp_path, capsys):
     assert row["test_accuracy"] == pytest.approx(sum(row["test_correct"]) / 7)
     # a rerun finds nothing to do and changes nothing
     before = {p: p.stat().st_mtime_ns for p in (serial.store / "units").iterdir()}
-    assert run_study(serial, workers=0, progress=False) == {"done": [], "failed": [], "elsewhere": []}
+    assert run_study(serial, workers=0, progress=False) == {"done": [], "failed": [], "elsewhere": [],
+                                                             "quarantined": []}
     assert {p: p.stat().st_mtime_ns for p in (serial.store / "units").iterdir()} == before
     status = study_status(serial)
     assert (status["done"], status["pending"], status["failed"]) == (4, 0, 0)
@@ -309,6 +310,23 @@ def test_killing_a_run_midway_and_rerunning_completes_only_the_missing_units(tmp
     assert f"{24 - len(first)} units computed" in out
     after = {p.name: p.stat().st_mtime_ns for p in (store.root / "units").glob("*.parquet")}
     assert len(after) == 24 and {k: after[k] for k in first} == first
+
+
+def test_sigterm_ends_a_run_with_one_line_and_releases_its_claims(tmp_path):
+    spec_path = write_spec(tmp_path, "terminated", tasks=["ioi"], ablations=["zero"], include_mlps=[False], seeds=24)
+    store = Store(load_spec(spec_path).store)
+    proc = _cli("run", str(spec_path), "--workers", "0")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (store.done() and list((store.root / "running").glob("*.json"))):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and err.count("interrupted") == 1     # above it: progress bars only
+    assert err.splitlines()[-1] == ("interrupted by SIGTERM: nothing half-written was left behind "
+                                    "(finished results are kept)")
+    assert 1 <= len(store.done()) < 24 and not list((store.root / "running").iterdir())
+    assert not list((store.root / "units").glob(".*"))
 
 
 def test_status_and_show_from_the_command_line(tmp_path):
@@ -637,3 +655,93 @@ def test_every_committed_unit_still_resolves():
         keys = {p.key for p in plan(load_spec(ROOT / "studies" / f"{name}.yml"))}
         stored = {f.stem for f in (ROOT / "results" / name / "units").glob("*.parquet")}
         assert keys == stored, (name, sorted(keys ^ stored))
+
+
+def test_a_yaml_error_is_one_line(tmp_path, capsys):
+    """The YAML parser's message spans lines; found by tests/test_fuzz.py."""
+    from circuitlib.cli import main
+
+    (tmp_path / "bad.yml").write_text("\x0c")
+    assert main(["study", "status", str(tmp_path / "bad.yml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not valid YAML" in err
+
+
+def test_a_study_of_an_unknown_model_is_refused_and_leaves_no_store(tmp_path, capsys):
+    from circuitlib.cli import main
+
+    spec = write_spec(tmp_path, model="gpt3")
+    assert main(["study", "run", str(spec), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gpt3" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.yml"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign"])
+def test_an_unreadable_unit_file_is_quarantined_counted_and_recomputed(tmp_path, capsys, damage):
+    from circuitlib.cli import main
+
+    spec_path = write_spec(tmp_path, tasks=["ioi"], ablations=["zero"], include_mlps=[False], seeds=2)
+    spec = load_spec(spec_path)
+    assert run_study(spec, workers=0, progress=False)["failed"] == []
+    store, (first, _) = Store(spec.store), plan(spec)
+    before = comparable(study_table(spec))
+    path = store.unit_path(first.key)
+    good = path.read_bytes()
+    bad = {"truncated": good[:len(good) // 2], "empty": b"", "foreign": b"PK\x03\x04 a zip, not Parquet" * 9}[damage]
+    path.write_bytes(bad)
+    with pytest.raises(ValueError, match=f"unit file {path} cannot be read .*study run SPEC"):
+        study_table(spec)
+
+    # show: the readable unit's rows, and one line naming the unreadable one
+    assert main(["study", "show", str(spec_path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)) == 3 and err.count("\n") == 1     # one unit, its 3 alphas
+    assert err.startswith(f"left out: unit file {path} cannot be read ({len(bad)} bytes;")
+
+    # status: counted as damaged, not done; nothing moved yet
+    status = study_status(spec)
+    assert (status["done"], status["damaged"], status["pending"], status["quarantined"]) == (1, 1, 0, 0)
+    assert main(["study", "status", str(spec_path)]) == 0
+    assert "1 done, 0 running, 0 failed, 1 damaged (unreadable files" in capsys.readouterr().out
+    assert path.read_bytes() == bad
+
+    # a second look at what `run` does first: moving it aside makes the unit pending, and status says why
+    moved = store.quarantine(first.key, "a test")
+    status = study_status(spec)
+    assert (status["done"], status["damaged"], status["pending"], status["quarantined"]) == (1, 0, 1, 1)
+    os.replace(moved, path)
+
+    # run: one line, the file and its reason in quarantine/, the unit computed again to the same rows
+    assert main(["study", "run", str(spec_path), "--workers", "0"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "quarantined" in line]
+    assert len(lines) == 1 and first.unit.label in lines[0] and "pending again" in lines[0]
+    assert comparable(study_table(spec)).equals(before)
+    (kept,) = (store.root / "quarantine").glob(f"{first.key}.*.parquet")
+    assert kept.read_bytes() == bad and len(list((store.root / "quarantine").glob("*.json"))) == 2
+    assert "cannot be read" in json.loads(kept.with_suffix(".json").read_text())["reason"]
+    assert study_status(spec)["done"] == 2 and study_status(spec)["quarantined"] == 0
+
+
+@pytest.mark.parametrize("marker, partial", [
+    ("null", "[]"),
+    ('{"updated": "yesterday", "pid": "x", "done": [1], "total": {}, "host": 3}', '{"seconds": "x"}'),
+    ('{"updated": Infinity, "pid": 1.5}', '{"seconds": 1, "snapshot": {"next_layer": 0, "alphas": [], "states": []}}'),
+])
+def test_damaged_claims_and_partial_records_do_not_stop_status_or_run(tmp_path, capsys, marker, partial):
+    """Found by tests/test_fuzz.py: a running/ or partial/ file of another shape crashed `study status`."""
+    from circuitlib.cli import main
+
+    spec_path = write_spec(tmp_path, tasks=["ioi"], ablations=["zero"], include_mlps=[False], seeds=1)
+    spec = load_spec(spec_path)
+    (key,) = [p.key for p in plan(spec)]
+    store = Store(spec.store)
+    store.check_writable()
+    (store.root / "partial").mkdir()
+    (store.root / "running" / f"{key}.json").write_text(marker)
+    (store.root / "partial" / f"{key}.json").write_text(partial)
+    assert store.read_partial(key) is None
+    assert main(["study", "status", str(spec_path)]) == 0
+    assert "0 done" in capsys.readouterr().out
+    assert main(["study", "run", str(spec_path), "--workers", "0"]) == 0
+    assert study_status(spec)["done"] == 1

@@ -77,7 +77,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -85,10 +84,8 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitlib.version import __version__
-from circuitlib.discovery.edges.graph import (REPLACEMENTS, EdgeGraph, Replacement, check_full, deterministic_gates, deterministic_mask,
-                    edges_among, expected_closed, gates_from_edges, graph_for, kl_loss, make_replacement,
-                    masked_logits, node_circuit, remove_dead, sample_gates)
-from circuitlib.core.metrics import accuracy, kl_divergence
+from circuitlib.discovery.edges.graph import (EdgeGraph, Replacement, check_full, deterministic_gates, deterministic_mask,
+                    expected_closed, gates_from_edges, graph_for, kl_loss, masked_logits, node_circuit, remove_dead, sample_gates)
 from circuitlib.core.io import atomic_write
 from circuitlib.core.model import Transformer
 from circuitlib.core.resumable import ResultInProgress, load_checkpoint, result_lock, save_checkpoint, tokens_digest  # noqa: F401
@@ -104,14 +101,36 @@ MAX_SPARSITY = 2.0       # targets above 1 are the authors' way to push the spar
 
 
 def check_sparsity(value, name: str = "target sparsity") -> float:
+    """A target sparsity: of edges in [0, MAX_SPARSITY) (targets above 1 push harder, as the authors' sweeps
+    do), of nodes (a `name` that mentions nodes) in [0, 1)."""
+    nodes = "node" in name
+    top = 1.0 if nodes else MAX_SPARSITY
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, {MAX_SPARSITY:g}), got {value!r}") from None
-    if math.isnan(value) or not 0 <= value < MAX_SPARSITY:
-        raise ValueError(f"{name} must be a number in [0, {MAX_SPARSITY:g}) (the fraction of edges removed; the "
-                         f"authors push with targets up to 1.4), got {value}; try e.g. 0.95")
+        raise ValueError(f"{name} must be a number in [0, {top:g}), got {value!r}") from None
+    if math.isnan(value) or not 0 <= value < top:
+        why = "the fraction of nodes removed" if nodes else ("the fraction of edges removed; the authors push with "
+                                                             "targets up to 1.4")
+        raise ValueError(f"{name} must be a number in [0, {top:g}) ({why}), got {value}; try e.g. 0.95")
     return value
+
+
+def edges_memory(cfg, n: int, batch_size: int, seq_len: int, ablation: str) -> tuple[int, int]:
+    """Bytes an Edge Pruning run needs besides the model (an estimate), as (fixed, per prompt of a split).
+
+    Fixed: a training step's `(1 + L (H + 1) + 2 L (3H + 1)) B S D` floats (see `edges`). Per prompt:
+    the readout's writer buffer and one layer's reader inputs over a whole split ([S, D] x
+    (1 + L (H + 1) + 2 (3H + 1))), a forward pass's attention scores and MLP hidden ([H, S, S] x 2,
+    [S, M] x 3), a few last-position logits ([V] x 6) and, with corrupted inputs, the replacement
+    of two splits ([S, D] x 2 (1 + L (H + 1))). float32 = 4 bytes.
+    """
+    L, S, D, H, M, V = cfg.n_layers, seq_len, cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.d_vocab
+    writers, readers = 1 + L * (H + 1), 3 * H + 1
+    fixed = 4 * (writers + 2 * L * readers) * min(batch_size, n) * S * D
+    per_prompt = 4 * ((writers + 2 * readers + (2 * writers if ablation == "corrupted" else 0)) * S * D
+                      + 2 * H * S * S + 3 * S * M + 6 * V)
+    return fixed, per_prompt
 
 
 SPARSITY_TERMS = ("sampled", "expected")
@@ -554,93 +573,6 @@ def corrupt(split) -> torch.Tensor:
     return tokens.roll(1, dims=0)
 
 
-@dataclass
-class EdgeRun:
-    """An Edge Pruning run end to end: the result, the standalone pruned model, and what made them."""
-
-    result: EdgeCircuit
-    full: Transformer
-    pruned: Transformer
-    tokenizer: object
-    task: object
-    data: object
-    training: EdgeTraining
-
-    def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
-        """Write `edges.json`, its gate locations (`edges.gates.pt`), the pruned model and the
-        tokenizer into `out_dir`, atomically."""
-        from circuitlib.core.io import write_folder
-
-        def fill(tmp: Path) -> None:
-            self.pruned.save(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            save_gates(gates_path(tmp / RESULT_FILE), self.training)
-            self.result.save_json(tmp / RESULT_FILE)
-
-        return write_folder(out_dir, force, fill)
-
-
-def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps: int, ablation: str = "mean",
-              seed: int = 0, n: int | None = None, lr: float = 0.8, reg_lr: float = 0.8, warmup: int | None = None,
-              batch_size: int = 32, node_target_sparsity: float | None = None, weight_decay: float = 0.01,
-              lr_warmup: int | None = None, sparsity_term: str = "sampled", clip_grad_norm: float | None = 1.0,
-              readout: str = "authors", kv_readers: str = "per-kv-head", split_embedding: bool | None = None,
-              device: str | None = None, progress: bool = True, loaded=None,
-              checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 50) -> EdgeRun:
-    """Load a model and a task, train edge gates on the validation split (the split Algorithm 1
-    decides on), read off the circuit, prune the model to its nodes, and measure both.
-
-    ablation: 'mean' (patching-split means), 'zero', or 'corrupted' (each prompt paired with its
-              corrupted version, `corrupt`); the standalone model replaces removed nodes by
-              their means under 'mean' and 'corrupted' (it has no corrupted input), by zero under 'zero'
-    sparsity_term, clip_grad_norm: see `train_edges`; readout: see `binarize`;
-    kv_readers, split_embedding: the graph (`edges.graph_for`)
-    `loaded`: an already loaded (model, tokenizer) pair.
-    checkpoint_path, checkpoint_every: make the training resumable (see `train_edges`).
-    """
-    from circuitlib.models.loading import load_model
-    from circuitlib.tasks import get_task
-
-    target = check_sparsity(target_sparsity)
-    if ablation not in REPLACEMENTS:
-        raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(REPLACEMENTS)}")
-    check_readout(readout, target)
-    task = get_task(task_name)
-    model, tokenizer = loaded if loaded is not None else load_model(model_name)
-    if device is not None:
-        model = model.to(device)
-    dev = model.W_E.device
-    n = n or task.default_n
-    graph = graph_for(model, kv_readers, split_embedding)
-    data = task.generate(tokenizer, n=n, seed=seed)
-    repls, means = _replacements(model, data, ablation, graph)
-    training = train_edges(model, data.validation.tokens, repls["validation"], target_sparsity=target, steps=steps,
-                           node_target_sparsity=node_target_sparsity, lr=lr, reg_lr=reg_lr, warmup=warmup,
-                           batch_size=batch_size, seed=seed, weight_decay=weight_decay, lr_warmup=lr_warmup,
-                           sparsity_term=sparsity_term, clip_grad_norm=clip_grad_norm, graph=graph,
-                           progress=progress, checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
-    started = time.perf_counter()
-    read = binarize(graph, training.log_alpha, target, training.node_log_alpha, readout=readout)
-    pruned, metrics = _measure(model, task, data, graph, read, repls, means, ablation)
-    metrics |= {
-        "training_seconds": training.seconds,
-        "seconds_per_step": training.seconds / steps,
-        "training_cpu_seconds": training.cpu_seconds,     # None when unknown (see EdgeTraining)
-        "torch_threads": torch.get_num_threads(),         # of the process that finished the training
-        "readout_seconds": time.perf_counter() - started,
-    }
-    settings = {"model": model.cfg.name, "task": task.name, "target_sparsity": target, "steps": steps,
-                "ablation": ablation, "standalone_scheme": "zero" if ablation == "zero" else "mean", "seed": seed,
-                "n": n, "lr": lr, "reg_lr": reg_lr, "warmup": warmup, "batch_size": batch_size,
-                "node_target_sparsity": node_target_sparsity, "weight_decay": weight_decay, "lr_warmup": lr_warmup,
-                "sparsity_term": sparsity_term, "clip_grad_norm": clip_grad_norm, "readout": readout,
-                "kv_readers": kv_readers, "split_embedding": graph.split_embedding,
-                "train_split": "validation", "device": str(dev)}
-    result = EdgeCircuit(settings, graph.n_edges, [graph.edge_name(e) for e in read.edges], read.nodes,
-                         read.threshold, training.curve, metrics)
-    return EdgeRun(result, model, pruned, tokenizer, task, data, training)
-
-
 def check_readout(readout: str, target: float | None) -> None:
     if readout not in READOUTS:
         raise ValueError(f"unknown readout {readout!r}; choose one of {', '.join(READOUTS)}")
@@ -649,205 +581,8 @@ def check_readout(readout: str, target: float | None) -> None:
                          f"{target}; use readout='authors' (the training's own sparsity)")
 
 
-def _replacements(model: Transformer, data, ablation: str, graph: EdgeGraph) -> tuple[dict, object]:
-    """The replacement of each split ({split: Replacement}) and the patching split's means."""
-    from circuitlib.core.ablation import mean_activations
-    from circuitlib.tasks import SPLITS
-
-    dev = model.W_E.device
-    patching = data.patching.tokens.to(dev)
-    means = mean_activations(model, patching)
-    repls = {}
-    for split in SPLITS:
-        s = getattr(data, split)
-        repls[split] = make_replacement(model, ablation, patching=patching, means=means, graph=graph,
-                                        corrupted=corrupt(s).to(dev) if ablation == "corrupted" else None)
-    return repls, means
-
-
-@torch.no_grad()
-def _measure(model: Transformer, task, data, graph: EdgeGraph, read: ReadOff, repls: dict, means,
-             ablation: str) -> tuple[Transformer, dict]:
-    """The standalone model of a read-off circuit and the metrics of the circuit and the model per split."""
-    from circuitlib.tasks import SPLITS
-    from circuitlib.core.surgery import prune
-
-    dev = model.W_E.device
-    pruned = prune(model, node_circuit(read.nodes), "zero" if ablation == "zero" else "mean", means)
-    gates = gates_from_edges(model, read.edges, graph)
-    metrics = {"full": {}, "edge_circuit": {}, "pruned_model": {}, "conversion_kl_change": {}}
-    for split in SPLITS:
-        s = getattr(data, split)
-        tokens = s.tokens.to(dev)
-        full = model(tokens, last_only=True)
-        edge = edge_logits(model, tokens, gates, repls[split], graph=graph)
-        small = pruned(tokens, last_only=True)
-        metrics["full"][split] = {"accuracy": accuracy(task, s, full), "kl": 0.0}
-        metrics["edge_circuit"][split] = {"accuracy": accuracy(task, s, edge), "kl": kl_divergence(full, edge)}
-        metrics["pruned_model"][split] = {"accuracy": accuracy(task, s, small), "kl": kl_divergence(full, small)}
-        metrics["conversion_kl_change"][split] = (metrics["pruned_model"][split]["kl"]
-                                                  - metrics["edge_circuit"][split]["kl"])
-    full_size, pruned_size = model.count_parameters(), pruned.count_parameters()
-    metrics |= {
-        "n_params": {"full": full_size, "pruned": pruned_size},
-        "parameter_reduction": 1 - pruned_size["parameters"] / full_size["parameters"],
-        "edges_among_kept_nodes": len(edges_among(graph, read.nodes)),
-        "training_edge_sparsity": read.training_sparsity,  # the size the training chose (authors' readout)
-        "n_edges_thresholded": read.n_thresholded,         # before closed writers and dead nodes are dropped
-    }
-    return pruned, metrics
-
-
-def reread(result_path: str | os.PathLike, model: Transformer, tokenizer, *, readout: str = "authors") -> EdgeCircuit:
-    """A stored result read off again from its stored gates (`gates_path`) with `readout`, and
-    measured again (validation and test KL and accuracy, of the edge circuit and of its standalone
-    model). No training: the settings, the curve and the training's times are the stored ones;
-    `settings["readout"]` is the new one. `model` must be the full model the result was trained on."""
-    from circuitlib.tasks import get_task
-
-    stored = EdgeCircuit.load_json(result_path)
-    graph = stored.graph(model)
-    st = stored.settings
-    gates = load_gates(gates_path(result_path))
-    task = get_task(st["task"])
-    data = task.generate(tokenizer, n=st["n"], seed=st["seed"])
-    repls, means = _replacements(model, data, st["ablation"], graph)
-    read = binarize(graph, gates["log_alpha"], st["target_sparsity"], gates["node_log_alpha"], readout=readout)
-    _, metrics = _measure(model, task, data, graph, read, repls, means, st["ablation"])
-    kept = {k: v for k, v in stored.metrics.items() if k not in metrics}
-    return EdgeCircuit(st | {"readout": readout}, graph.n_edges, [graph.edge_name(e) for e in read.edges],
-                       read.nodes, read.threshold, stored.curve, kept | metrics)
-
-
-# Settings that make two edge results the same result (the device and the seconds do not).
-RESULT_SETTINGS = ("model", "task", "target_sparsity", "steps", "ablation", "seed", "n", "lr", "reg_lr", "warmup",
-                   "batch_size", "node_target_sparsity", "weight_decay", "lr_warmup", "sparsity_term",
-                   "clip_grad_norm", "readout", "kv_readers", "split_embedding")
-# What circuitlib did before these settings existed: a stored result without one was made so.
 LEGACY_SETTINGS = {"sparsity_term": "expected", "clip_grad_norm": None, "readout": "forced-count",
                    "kv_readers": "per-query-head", "split_embedding": False}
-
-
-def edge_result_path(out_dir: str | os.PathLike, task_name: str, *, target_sparsity: float, steps: int,
-                     ablation: str = "mean", seed: int = 0, n: int | None = None, batch_size: int = 32,
-                     node_target_sparsity: float | None = None, sparsity_term: str = "sampled",
-                     clip_grad_norm: float | None = 1.0, readout: str = "authors", kv_readers: str = "per-kv-head",
-                     split_embedding: bool | None = None, model: Transformer | None = None) -> Path:
-    """Where `edge_result` keeps a run:
-    <out_dir>/<task>-<ablation>-seed<S>-n<N>-bs<B>-steps<K>-target<T>[-nodes<NT>][-<recipe>].json
-    (N: the task's default when None); its training checkpoint is the same name ending in .ckpt.
-    The recipe names each of sparsity_term, clip_grad_norm, readout, kv_readers and
-    split_embedding that differs from `LEGACY_SETTINGS`, so that the names of results made
-    before these settings existed still resolve: e.g. "-sampled-clip1-authors-kv" for the defaults
-    on a grouped-K/V model. Given the `model`, the graph parts follow its shape (no "-kv" where
-    its K/V heads are not grouped, "-splitembed" by default where it has position embeddings);
-    without it, split_embedding=None counts as False."""
-    from circuitlib.tasks import get_task
-
-    if model is not None:
-        split_embedding = graph_for(model, kv_readers, split_embedding).split_embedding
-        if model.cfg.n_kv_heads == model.cfg.n_heads:
-            kv_readers = LEGACY_SETTINGS["kv_readers"]           # both graphs are one
-    task = get_task(task_name)
-    target = check_sparsity(target_sparsity)
-    name = f"{task.name}-{ablation}-seed{seed}-n{n or task.default_n}-bs{batch_size}-steps{steps}-target{target:g}"
-    if node_target_sparsity is not None:
-        name += f"-nodes{check_sparsity(node_target_sparsity, 'node target sparsity'):g}"
-    if sparsity_term != LEGACY_SETTINGS["sparsity_term"]:
-        name += f"-{sparsity_term}"
-    if clip_grad_norm is not None:
-        name += f"-clip{clip_grad_norm:g}"
-    if readout != LEGACY_SETTINGS["readout"]:
-        name += f"-{readout}"
-    if kv_readers != LEGACY_SETTINGS["kv_readers"]:
-        name += "-kv"
-    if split_embedding:
-        name += "-splitembed"
-    return Path(out_dir) / f"{name}.json"
-
-
-def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_name: str, *,
-                target_sparsity: float, steps: int, ablation: str = "mean", seed: int = 0, n: int | None = None,
-                batch_size: int = 32, lr: float = 0.8, reg_lr: float = 0.8, warmup: int | None = None,
-                node_target_sparsity: float | None = None, weight_decay: float = 0.01,
-                lr_warmup: int | None = None, sparsity_term: str = "sampled", clip_grad_norm: float | None = 1.0,
-                readout: str = "authors", kv_readers: str = "per-kv-head", split_embedding: bool | None = None,
-                device: str | None = None, progress: bool = True, checkpoint_every: int = 50) -> EdgeCircuit:
-    """The Edge Pruning result of these settings, as data: read from `edge_result_path` when it
-    is there, else computed by `run_edges` on the loaded (`model`, `tokenizer`) and saved there
-    (atomically) before it is returned, with its final gate locations beside it (`gates_path`).
-    While it computes, it holds the file lock <name>.lock (removed when done): another process
-    asking for the same result meanwhile gets `ResultInProgress` (a ValueError) instead of
-    training it a second time; a file that appears there during the training anyway (copied
-    from another machine) is kept, with a warning.
-
-    The training checkpoints to the same name ending in .ckpt, so a computation cut off (a killed
-    process, the end of a session) continues where it stopped when asked again. A stored result
-    made with other settings (lr, say, which the name leaves out) is never replaced: a ValueError
-    names the differences. Results made before issue 28 are asked for with their settings
-    (`LEGACY_SETTINGS`: sparsity_term="expected", clip_grad_norm=None, readout="forced-count",
-    kv_readers="per-query-head", split_embedding=False).
-    """
-    from circuitlib.tasks import get_task
-
-    task = get_task(task_name)
-    check_readout(readout, check_sparsity(target_sparsity))
-    split_embedding = graph_for(model, kv_readers, split_embedding).split_embedding
-    recipe = dict(sparsity_term=sparsity_term, clip_grad_norm=clip_grad_norm, readout=readout,
-                  kv_readers=kv_readers, split_embedding=split_embedding)
-    path = edge_result_path(out_dir, task.name, target_sparsity=target_sparsity, steps=steps, ablation=ablation,
-                            seed=seed, n=n, batch_size=batch_size, node_target_sparsity=node_target_sparsity,
-                            **recipe, model=model)
-    asked = {"model": model.cfg.name, "task": task.name, "target_sparsity": check_sparsity(target_sparsity),
-             "steps": steps, "ablation": ablation, "seed": seed, "n": n or task.default_n, "lr": lr, "reg_lr": reg_lr,
-             "warmup": warmup, "batch_size": batch_size, "node_target_sparsity": node_target_sparsity,
-             "weight_decay": weight_decay, "lr_warmup": lr_warmup, **recipe}
-
-    def stored() -> EdgeCircuit:
-        result = EdgeCircuit.load_json(path)
-        differ = [f"{k} {result.settings.get(k)!r} (stored) vs {asked[k]!r} (asked)" for k in RESULT_SETTINGS
-                  if result.settings.get(k) != asked[k]]
-        if differ:
-            raise ValueError(f"{path} holds a result of other settings: {'; '.join(differ)}; ask for its settings, "
-                             "or give another out_dir (or delete the file to recompute it)")
-        return result
-
-    if path.exists():
-        return stored()
-    # one process per result: a second one (another worker, a second edge_runs.py) is refused, not run twice
-    with result_lock(path, "wait for it, or ask for other settings (scripts/edge_runs.py: other --targets)"):
-        if path.exists():       # finished by the process that held the lock a moment ago
-            return stored()
-        run = run_edges(model.cfg.name, task.name, target_sparsity=target_sparsity, steps=steps, ablation=ablation,
-                        seed=seed, n=n, lr=lr, reg_lr=reg_lr, warmup=warmup, batch_size=batch_size,
-                        node_target_sparsity=node_target_sparsity, weight_decay=weight_decay, lr_warmup=lr_warmup,
-                        **recipe, device=device, progress=progress, loaded=(model, tokenizer),
-                        checkpoint_path=path.with_suffix(".ckpt"), checkpoint_every=checkpoint_every)
-        if path.exists():       # arrived meanwhile from elsewhere (another machine's copy): kept, not replaced
-            warnings.warn(f"{path} appeared while this process trained the same settings; the file there is kept "
-                          "and returned, this training's result is dropped", stacklevel=2)
-            return stored()
-        save_gates(gates_path(path), run.training)     # before the JSON: a result always has its gates
-        run.result.save_json(path)
-        return run.result
-
-
-def gates_path(result_path: str | os.PathLike) -> Path:
-    """Where `edge_result` keeps a result's trained gate locations: <name>.gates.pt beside <name>.json."""
-    return Path(result_path).with_suffix(".gates.pt")
-
-
-def save_gates(path: str | os.PathLike, training: EdgeTraining) -> Path:
-    """The final gate locations (log_alpha [n_edges], node_log_alpha [n_nodes] or None), atomically.
-    A few hundred kB for the stand-in (123,211 float32): what the binary circuit was cut from."""
-    state = {"log_alpha": training.log_alpha.detach().cpu().float(),
-             "node_log_alpha": None if training.node_log_alpha is None else training.node_log_alpha.detach().cpu().float()}
-    return atomic_write(Path(path), lambda p: torch.save(state, p))
-
-
-def load_gates(path: str | os.PathLike) -> dict:
-    """`save_gates`' file: {"log_alpha": [n_edges], "node_log_alpha": [n_nodes] or None}."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def standalone_model(result: EdgeCircuit, model: Transformer, tokenizer) -> Transformer:
