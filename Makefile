@@ -27,9 +27,11 @@ book: $(STAMP)
 	$(PY) scripts/teaching_page.py
 	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
 
-# The tests: the library, the CLI, the book, and every notebook top to bottom under nbval at CI's
-# small configuration (notebooks/ci.yml: 8 prompts per split, fewer alphas; papermill --prepare-only).
+# The tests: ruff's linter and formatter first (pyproject.toml), then the library, the CLI, the book,
+# and every notebook top to bottom under nbval at CI's small configuration (notebooks/ci.yml: 8 prompts
+# per split, fewer alphas; papermill --prepare-only).
 test: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	$(PY) scripts/prepare_notebooks.py --out .nbval --config notebooks/ci.yml
 	$(PY) -m pytest -q tests .nbval --nbval-lax --sanitize-with notebooks/nbval_sanitize.cfg
 

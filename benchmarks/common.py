@@ -24,8 +24,7 @@ def gpt2_shaped_model():
     from circuitlib.core.convert import from_hf
     from circuitlib.models.loading import random_hf_model
 
-    hf = random_hf_model("gpt2", n_layers=12, n_heads=12, d_model=768, d_mlp=3072, vocab_size=50257,
-                         n_ctx=1024, seed=0)
+    hf = random_hf_model("gpt2", n_layers=12, n_heads=12, d_model=768, d_mlp=3072, vocab_size=50257, n_ctx=1024, seed=0)
     return from_hf(hf, "gpt2-shaped-random")
 
 
@@ -42,13 +41,22 @@ def machine() -> dict:
     """Where a result was measured."""
     from circuitlib.studies.provenance import cpu_name
 
-    info = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "load_average_1min": os.getloadavg()[0]}  # > cores: other jobs shared the CPU during the run
+    info = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average_1min": os.getloadavg()[0],
+    }  # > cores: other jobs shared the CPU during the run
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(__file__).parent).stdout.strip() or None
+        info["commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or None
+        )
     except OSError:
         info["commit"] = None
     return info
@@ -89,8 +97,12 @@ def timed(fn):
 def write_result(name: str, result: dict) -> Path:
     """Write results/<name>.json atomically, with the machine and the date."""
     RESULTS.mkdir(exist_ok=True)
-    result = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": machine(), **result}
+    result = {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        **result,
+    }
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))

@@ -29,7 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import gpt2_shaped_model, peak_rss_gib, timed, write_result  # noqa: E402
 
-from circuitlib.discovery.edges.graph import graph_for, kl_loss, make_replacement, masked_logits, sample_gates  # noqa: E402
+from circuitlib.discovery.edges.graph import (  # noqa: E402
+    graph_for,
+    kl_loss,
+    make_replacement,
+    masked_logits,
+    sample_gates,
+)
 from circuitlib.discovery.edges.train import _frozen, corrupt, step_flops  # noqa: E402
 from circuitlib.tasks import get_task  # noqa: E402
 
@@ -48,7 +54,7 @@ def matmul_peak(threads: int, size: int = 2048, repeats: int = 5) -> float:
     and thread (wall-clock time on an idle machine)."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
-    return max(2 * size ** 3 / (both_times(lambda: a @ b)[1] / threads) for _ in range(repeats))
+    return max(2 * size**3 / (both_times(lambda: a @ b)[1] / threads) for _ in range(repeats))
 
 
 def load(name: str):
@@ -71,7 +77,7 @@ def step_seconds(model, tokens, repl, graph, repeats: int) -> list[tuple[float, 
     def step():
         gates = sample_gates(log_alpha, gen)
         loss = kl_loss(full, masked_logits(model, tokens, gates, repl, rows=torch.arange(len(tokens)), graph=graph))
-        loss = loss + (1 - gates.mean()) ** 2                               # a sparsity term's work (negligible)
+        loss = loss + (1 - gates.mean()) ** 2  # a sparsity term's work (negligible)
         log_alpha.grad = None
         loss.backward()
 
@@ -100,36 +106,59 @@ def main(argv=None) -> int:
             repl = make_replacement(model, "corrupted", corrupted=corrupt(data[:batch]), graph=graph)
             times = step_seconds(model, tokens, repl, graph, args.repeats)
             wall = statistics.median(w for w, _ in times)
-            seconds = statistics.median(c for _, c in times) / args.threads       # CPU seconds per thread
+            seconds = statistics.median(c for _, c in times) / args.threads  # CPU seconds per thread
             flops = step_flops(model, graph, batch, tokens.shape[1])
-            rows.append({"graph": kv_readers, "n_edges": graph.n_edges, "batch": batch, "seq": tokens.shape[1],
-                         "wall_seconds_per_step": wall, "seconds_per_step": seconds,
-                         "flops_per_step": flops["total"],
-                         "flops_parts": {k: sum(v) for k, v in flops["parts"].items()},
-                         "achieved_flops_per_s": flops["total"] / seconds,
-                         "fraction_of_matmul_peak": flops["total"] / seconds / peak})
+            rows.append(
+                {
+                    "graph": kv_readers,
+                    "n_edges": graph.n_edges,
+                    "batch": batch,
+                    "seq": tokens.shape[1],
+                    "wall_seconds_per_step": wall,
+                    "seconds_per_step": seconds,
+                    "flops_per_step": flops["total"],
+                    "flops_parts": {k: sum(v) for k, v in flops["parts"].items()},
+                    "achieved_flops_per_s": flops["total"] / seconds,
+                    "fraction_of_matmul_peak": flops["total"] / seconds / peak,
+                }
+            )
             r = rows[-1]
-            print(f"{kv_readers:15s} {graph.n_edges:>7,} edges  batch {batch:3d}: {seconds:6.2f} CPU-s/step "
-                  f"({wall:.2f} s wall), "
-                  f"{r['flops_per_step'] / 1e9:7.1f} GFLOP, {r['achieved_flops_per_s'] / 1e9:6.1f} GFLOP/s = "
-                  f"{r['fraction_of_matmul_peak']:.2f} of the matmul peak ({peak / 1e9:.1f} GFLOP/s)", flush=True)
-    result = {"model": model.cfg.name, "threads": args.threads, "matmul_peak_flops_per_s": peak, "steps": rows,
-              "peak_rss_gib": peak_rss_gib()}
+            print(
+                f"{kv_readers:15s} {graph.n_edges:>7,} edges  batch {batch:3d}: {seconds:6.2f} CPU-s/step "
+                f"({wall:.2f} s wall), "
+                f"{r['flops_per_step'] / 1e9:7.1f} GFLOP, {r['achieved_flops_per_s'] / 1e9:6.1f} GFLOP/s = "
+                f"{r['fraction_of_matmul_peak']:.2f} of the matmul peak ({peak / 1e9:.1f} GFLOP/s)",
+                flush=True,
+            )
+    result = {
+        "model": model.cfg.name,
+        "threads": args.threads,
+        "matmul_peak_flops_per_s": peak,
+        "steps": rows,
+        "peak_rss_gib": peak_rss_gib(),
+    }
     biggest = max(args.batches)
     at = {(r["graph"], r["batch"]): r for r in rows}
     if grouped:
         kv, q = at[("per-kv-head", biggest)], at[("per-query-head", biggest)]
-        result["per_kv_over_per_query"] = {"batch": biggest, "time": kv["seconds_per_step"] / q["seconds_per_step"],
-                                           "flops": kv["flops_per_step"] / q["flops_per_step"],
-                                           "edges": kv["n_edges"] / q["n_edges"]}
-        print(f"per-K/V-head graph / per-query-head graph at batch {biggest}: time "
-              f"{result['per_kv_over_per_query']['time']:.2f}, FLOPs {result['per_kv_over_per_query']['flops']:.2f}, "
-              f"edges {result['per_kv_over_per_query']['edges']:.2f}")
+        result["per_kv_over_per_query"] = {
+            "batch": biggest,
+            "time": kv["seconds_per_step"] / q["seconds_per_step"],
+            "flops": kv["flops_per_step"] / q["flops_per_step"],
+            "edges": kv["n_edges"] / q["n_edges"],
+        }
+        print(
+            f"per-K/V-head graph / per-query-head graph at batch {biggest}: time "
+            f"{result['per_kv_over_per_query']['time']:.2f}, FLOPs {result['per_kv_over_per_query']['flops']:.2f}, "
+            f"edges {result['per_kv_over_per_query']['edges']:.2f}"
+        )
     if 32 in args.batches:
         s = at[("per-kv-head", 32)]["seconds_per_step"]
         result["authors_settings_hours"] = s * AUTHORS_STEPS / 3600
-        print(f"the authors' settings (batch 32, {AUTHORS_STEPS} steps, per-K/V-head graph): "
-              f"{result['authors_settings_hours']:.1f} CPU-hours per target on {args.threads} thread(s)")
+        print(
+            f"the authors' settings (batch 32, {AUTHORS_STEPS} steps, per-K/V-head graph): "
+            f"{result['authors_settings_hours']:.1f} CPU-hours per target on {args.threads} thread(s)"
+        )
     suffix = "" if args.model == "smollm2-135m" else f"-{args.model}"
     print(f"-> {write_result('edge_step' + suffix, result)}")
     return 0

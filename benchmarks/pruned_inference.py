@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import acronym_batch, gpt2_shaped_model, write_result  # noqa: E402
 
 from circuitlib.core.ablation import mean_activations  # noqa: E402
-from circuitlib.pipeline.export import ort_session, write_onnx  # noqa: E402
 from circuitlib.core.metrics import time_forward  # noqa: E402
 from circuitlib.core.surgery import prune  # noqa: E402
+from circuitlib.pipeline.export import ort_session, write_onnx  # noqa: E402
 from circuitlib.tasks import get_task  # noqa: E402
 
 ALL_HEADS = [f"{l}.{h}" for l in range(12) for h in range(12)]
@@ -41,9 +41,11 @@ ALL_MLPS = [f"MLP {l}" for l in range(12)]
 def circuits() -> dict[str, list[str]]:
     acronym_heads = get_task("acronyms").ground_truth("gpt2")
     half = sorted(random.Random(0).sample(ALL_HEADS, 72))
-    return {"half the heads": half + ALL_MLPS,
-            "heads only, paper-sized": acronym_heads + ALL_MLPS,
-            "heads and MLPs, paper-sized": acronym_heads + ["MLP 0", "MLP 9", "MLP 11"]}
+    return {
+        "half the heads": half + ALL_MLPS,
+        "heads only, paper-sized": acronym_heads + ALL_MLPS,
+        "heads and MLPs, paper-sized": acronym_heads + ["MLP 0", "MLP 9", "MLP 11"],
+    }
 
 
 def export(model, tokens, path: Path) -> Path:
@@ -54,13 +56,17 @@ def export(model, tokens, path: Path) -> Path:
 
 def onnx_timings(full: Path, pruned: Path, tokens, n: int, repeats: int) -> dict:
     """onnxruntime (CPU) medians of the full and the pruned ONNX model at batch 1 and n, and their ratios."""
-    sessions = {label: ort_session(path, threads=torch.get_num_threads()) for label, path in
-                (("full", full), ("pruned", pruned))}
+    sessions = {
+        label: ort_session(path, threads=torch.get_num_threads())
+        for label, path in (("full", full), ("pruned", pruned))
+    }
     out = {}
     for batch in (1, n):
         feed = {"tokens": tokens[:batch].cpu().numpy()}
-        median = {label: time_forward(lambda s=s: s.run(None, feed), warmup=3, repeats=repeats)["median_s"]
-                  for label, s in sessions.items()}
+        median = {
+            label: time_forward(lambda s=s: s.run(None, feed), warmup=3, repeats=repeats)["median_s"]
+            for label, s in sessions.items()
+        }
         out[f"ort_full_median_s_b{batch}"], out[f"ort_pruned_median_s_b{batch}"] = median["full"], median["pruned"]
         out[f"ort_time_ratio_b{batch}"] = median["pruned"] / median["full"]
     return out
@@ -71,8 +77,12 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--n", type=int, default=250, help="the task's batch")
-    parser.add_argument("--no-onnx", dest="onnx", action="store_false",
-                        help="skip the onnxruntime timings (exporting takes a minute per model)")
+    parser.add_argument(
+        "--no-onnx",
+        dest="onnx",
+        action="store_false",
+        help="skip the onnxruntime timings (exporting takes a minute per model)",
+    )
     args = parser.parse_args()
     model = gpt2_shaped_model()
     patching, validation = acronym_batch(args.n)
@@ -81,8 +91,10 @@ def main():
     seq = validation.shape[1]
     full_flops = model.flops(seq)
     rows = []
-    print(f"device {args.device}; GPT-2-shaped model (random weights); prompts of {seq} tokens; "
-          f"median of {args.repeats} runs after warm-up")
+    print(
+        f"device {args.device}; GPT-2-shaped model (random weights); prompts of {seq} tokens; "
+        f"median of {args.repeats} runs after warm-up"
+    )
     header = f"{'circuit':30}{'params':>8}{'FLOPs':>8}{'time b=1':>10}{'time b=' + str(args.n):>11}{'time/FLOPs':>12}"
     print(header + (f"{'ORT b=1':>9}{'ORT b=' + str(args.n):>10}" if args.onnx else ""))
     onnx_dir = tempfile.TemporaryDirectory(prefix="pruned-inference-onnx-")
@@ -90,34 +102,53 @@ def main():
     for name, kept in circuits().items():
         pruned = prune(model.cpu(), kept, "mean", means).to(args.device)
         model = model.to(args.device)
-        row = {"circuit": name, "kept_heads": len([c for c in kept if "." in c]),
-               "kept_mlps": len([c for c in kept if c.startswith("MLP")]),
-               "param_ratio": pruned.count_parameters()["parameters"] / model.count_parameters()["parameters"],
-               "flop_ratio": pruned.flops(seq) / full_flops}
+        row = {
+            "circuit": name,
+            "kept_heads": len([c for c in kept if "." in c]),
+            "kept_mlps": len([c for c in kept if c.startswith("MLP")]),
+            "param_ratio": pruned.count_parameters()["parameters"] / model.count_parameters()["parameters"],
+            "flop_ratio": pruned.flops(seq) / full_flops,
+        }
         for batch in (1, args.n):
             tokens = validation[:batch].to(args.device)
             timings = {}
             for label, m in (("full", model), ("pruned", pruned)):
-                timings[label] = time_forward(lambda m=m: m(tokens, last_only=True), warmup=3, repeats=args.repeats,
-                                              device=args.device)["median_s"]
+                timings[label] = time_forward(
+                    lambda m=m: m(tokens, last_only=True), warmup=3, repeats=args.repeats, device=args.device
+                )["median_s"]
             row[f"time_ratio_b{batch}"] = timings["pruned"] / timings["full"]
             row[f"full_median_s_b{batch}"], row[f"pruned_median_s_b{batch}"] = timings["full"], timings["pruned"]
         row["time_over_flop_ratio"] = row[f"time_ratio_b{args.n}"] / row["flop_ratio"]
         row["target_met"] = row["time_over_flop_ratio"] <= 1.25
         if args.onnx:
-            row |= onnx_timings(full_onnx, export(pruned, validation, Path(onnx_dir.name) / "pruned.onnx"),
-                                validation, args.n, args.repeats)
+            row |= onnx_timings(
+                full_onnx,
+                export(pruned, validation, Path(onnx_dir.name) / "pruned.onnx"),
+                validation,
+                args.n,
+                args.repeats,
+            )
         rows.append(row)
-        print(f"{name:30}{row['param_ratio']:>8.2f}{row['flop_ratio']:>8.2f}{row['time_ratio_b1']:>10.2f}"
-              f"{row[f'time_ratio_b{args.n}']:>11.2f}{row['time_over_flop_ratio']:>12.2f}"
-              + (f"{row['ort_time_ratio_b1']:>9.2f}{row[f'ort_time_ratio_b{args.n}']:>10.2f}" if args.onnx else ""))
+        print(
+            f"{name:30}{row['param_ratio']:>8.2f}{row['flop_ratio']:>8.2f}{row['time_ratio_b1']:>10.2f}"
+            f"{row[f'time_ratio_b{args.n}']:>11.2f}{row['time_over_flop_ratio']:>12.2f}"
+            + (f"{row['ort_time_ratio_b1']:>9.2f}{row[f'ort_time_ratio_b{args.n}']:>10.2f}" if args.onnx else "")
+        )
     onnx_dir.cleanup()
     suffix = "" if args.device == "cpu" else f"-{args.device.split(':')[0]}"
-    path = write_result(f"pruned_inference{suffix}", {
-        "model": "GPT-2-shaped, random weights (seed 0)", "device": args.device, "seq_len": seq,
-        "task_batch": args.n, "repeats": args.repeats, "rows": rows,
-        "onnxruntime": f"CPU, {torch.get_num_threads()} intra-op threads (as torch)" if args.onnx else None,
-        "target": "time ratio within 1.25x of the FLOP ratio at the task's batch"})
+    path = write_result(
+        f"pruned_inference{suffix}",
+        {
+            "model": "GPT-2-shaped, random weights (seed 0)",
+            "device": args.device,
+            "seq_len": seq,
+            "task_batch": args.n,
+            "repeats": args.repeats,
+            "rows": rows,
+            "onnxruntime": f"CPU, {torch.get_num_threads()} intra-op threads (as torch)" if args.onnx else None,
+            "target": "time ratio within 1.25x of the FLOP ratio at the task's batch",
+        },
+    )
     print(f"-> {path}")
 
 

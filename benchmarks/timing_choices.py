@@ -99,16 +99,23 @@ def main():
     seq = tokens.shape[1]
     flop_ratio = pruned.flops(seq) / full.flops(seq)
     param_ratio = pruned.count_parameters()["parameters"] / full.count_parameters()["parameters"]
-    print(f"device {args.device}; GPT-2-shaped model (random weights); batch {args.n} x {seq} tokens; "
-          f"pruned: {len(heads)} heads, 12 MLPs; parameter ratio {param_ratio:.3f}, FLOP ratio "
-          f"{flop_ratio:.3f} (last position), {args.trials} trials per protocol")
+    print(
+        f"device {args.device}; GPT-2-shaped model (random weights); batch {args.n} x {seq} tokens; "
+        f"pruned: {len(heads)} heads, 12 MLPs; parameter ratio {param_ratio:.3f}, FLOP ratio "
+        f"{flop_ratio:.3f} (last position), {args.trials} trials per protocol"
+    )
     print(f"{'protocol':16}{'ratio mean':>11}{'min':>8}{'max':>8}{'1st call/next (full)':>22}")
 
     rows = []
     for name, (before, timed, stat, last_only, pruned_first, sync) in PROTOCOLS.items():
         if sync and not on_gpu:
-            rows.append({"protocol": name, "measured": False,
-                         "why": "on a CPU a call returns when its work is done: nothing to synchronise"})
+            rows.append(
+                {
+                    "protocol": name,
+                    "measured": False,
+                    "why": "on a CPU a call returns when its work is done: nothing to synchronise",
+                }
+            )
             print(f"{name:16}{'(CPU: nothing to synchronise)':>49}")
             continue
         trials = []
@@ -117,28 +124,55 @@ def main():
             order = ["pruned", "full"] if pruned_first else ["full", "pruned"]
             calls = {label: time_calls(models[label], tokens, before, timed, last_only, sync) for label in order}
             pick = statistics.mean if stat == "mean" else statistics.median
-            trials.append({"full_s": pick(calls["full"]), "pruned_s": pick(calls["pruned"]),
-                           "ratio": pick(calls["pruned"]) / pick(calls["full"]), "calls_s": calls})
+            trials.append(
+                {
+                    "full_s": pick(calls["full"]),
+                    "pruned_s": pick(calls["pruned"]),
+                    "ratio": pick(calls["pruned"]) / pick(calls["full"]),
+                    "calls_s": calls,
+                }
+            )
             del models
         ratios = [t["ratio"] for t in trials]
-        row = {"protocol": name, "measured": True, "untimed_calls_before": before, "timed_calls": timed,
-               "statistic": stat, "last_position_only": last_only, "pruned_first": pruned_first,
-               "synchronised": sync, "ratio_mean": statistics.mean(ratios), "ratio_min": min(ratios),
-               "ratio_max": max(ratios), "trials": trials}
+        row = {
+            "protocol": name,
+            "measured": True,
+            "untimed_calls_before": before,
+            "timed_calls": timed,
+            "statistic": stat,
+            "last_position_only": last_only,
+            "pruned_first": pruned_first,
+            "synchronised": sync,
+            "ratio_mean": statistics.mean(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "trials": trials,
+        }
         first = statistics.median(t["calls_s"]["full"][0] for t in trials)
         rest = statistics.median(x for t in trials for x in t["calls_s"]["full"][1:])
         row["full_first_call_over_rest"] = first / rest
         rows.append(row)
-        print(f"{name:16}{row['ratio_mean']:>11.3f}{row['ratio_min']:>8.3f}{row['ratio_max']:>8.3f}"
-              f"{row['full_first_call_over_rest']:>22.2f}")
+        print(
+            f"{name:16}{row['ratio_mean']:>11.3f}{row['ratio_min']:>8.3f}{row['ratio_max']:>8.3f}"
+            f"{row['full_first_call_over_rest']:>22.2f}"
+        )
 
     suffix = "" if not on_gpu else "-cuda"
-    path = write_result(f"timing_choices{suffix}", {
-        "model": "GPT-2-shaped, random weights (seed 0)", "device": args.device, "batch": args.n,
-        "seq_len": seq, "trials": args.trials, "pruned": f"{len(heads)} heads (the acronym circuit's), every MLP",
-        "param_ratio": param_ratio, "flop_ratio_last_position": flop_ratio,
-        "flop_ratio_all_positions": pruned.flops(seq, last_only=False) / full.flops(seq, last_only=False),
-        "protocols": rows})
+    path = write_result(
+        f"timing_choices{suffix}",
+        {
+            "model": "GPT-2-shaped, random weights (seed 0)",
+            "device": args.device,
+            "batch": args.n,
+            "seq_len": seq,
+            "trials": args.trials,
+            "pruned": f"{len(heads)} heads (the acronym circuit's), every MLP",
+            "param_ratio": param_ratio,
+            "flop_ratio_last_position": flop_ratio,
+            "flop_ratio_all_positions": pruned.flops(seq, last_only=False) / full.flops(seq, last_only=False),
+            "protocols": rows,
+        },
+    )
     print(f"-> {path}")
 
 

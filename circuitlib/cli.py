@@ -32,21 +32,32 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("extract", help="extract a task's circuit, prune the model and save both")
-    ex.add_argument("--model", required=True,
-                    help=f"one of {', '.join(MODELS)}, or a local Hugging Face model folder")
-    ex.add_argument("--task", required=True,
-                    help=f"one of {', '.join(TASKS)}, or a task file: prompts and answers, one per row, in a "
-                         ".jsonl or .csv file (see examples/capitals.jsonl)")
+    ex.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}, or a local Hugging Face model folder")
+    ex.add_argument(
+        "--task",
+        required=True,
+        help=f"one of {', '.join(TASKS)}, or a task file: prompts and answers, one per row, in a "
+        ".jsonl or .csv file (see examples/capitals.jsonl)",
+    )
     ex.add_argument("--alpha", required=True, type=str, help="KL threshold, a number >= 0 (e.g. 0.01)")
     ex.add_argument("--ablation", default="mean", choices=SCHEMES)
     ex.add_argument("--include-mlps", action="store_true", help="also consider MLPs for removal")
-    ex.add_argument("--order", default="heads-ascending", choices=ORDERS,
-                    help="head order inside a layer (default: the authors' code)")
-    ex.add_argument("--method", default="fast", choices=METHODS,
-                    help="fast (exact, default) or plain (TransformerLens hooks; the slow reference)")
+    ex.add_argument(
+        "--order",
+        default="heads-ascending",
+        choices=ORDERS,
+        help="head order inside a layer (default: the authors' code)",
+    )
+    ex.add_argument(
+        "--method",
+        default="fast",
+        choices=METHODS,
+        help="fast (exact, default) or plain (TransformerLens hooks; the slow reference)",
+    )
     ex.add_argument("--seed", type=int, default=0, help="seed of the prompts (same seed, same circuit)")
-    ex.add_argument("--n", type=int, default=None,
-                    help="prompts per split (patching, validation, test); default: the paper's size")
+    ex.add_argument(
+        "--n", type=int, default=None, help="prompts per split (patching, validation, test); default: the paper's size"
+    )
     ex.add_argument("--out", required=True, help="output folder (must be new or empty)")
     ex.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     ex.add_argument("--json", action="store_true", help="print circuit.json's summary as JSON")
@@ -65,10 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_edges_parser(sub)
 
     _add_study_parser(sub)
-    gt = sub.add_parser("groundtruth", help="find the circuit of a Tracr-compiled RASP program and score it "
-                                            "against the compiler's ground truth")
-    gt.add_argument("program", help="a built-in program (reverse, xproportion, hist, sort_unique, shuffle_dyck2) "
-                                    "or a .py file defining program, vocab and max_seq_len")
+    gt = sub.add_parser(
+        "groundtruth",
+        help="find the circuit of a Tracr-compiled RASP program and score it against the compiler's ground truth",
+    )
+    gt.add_argument(
+        "program",
+        help="a built-in program (reverse, xproportion, hist, sort_unique, shuffle_dyck2) "
+        "or a .py file defining program, vocab and max_seq_len",
+    )
     gt.add_argument("--method", default="greedy", choices=("greedy", "edges"))
     gt.add_argument("--seed", type=int, default=0, help="seed of the inputs drawn per length")
     gt.add_argument("--alpha", type=str, default="0.001", help="greedy threshold (KL or squared error), default 0.001")
@@ -82,20 +98,37 @@ def _add_study_parser(sub) -> None:
     st_sub = st.add_subparsers(dest="study_command", required=True)
     run = st_sub.add_parser("run", help="compute the spec's pending units (finished ones are skipped)")
     run.add_argument("spec", help="the study spec, e.g. studies/book.yml")
-    run.add_argument("--workers", type=int, default=None,
-                     help="local Dask workers, one torch thread each (default: one per core); 0 = serially")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local Dask workers, one torch thread each (default: one per core); 0 = serially",
+    )
     run.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (tcp://host:8786)")
     run.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1; recorded)")
     run.add_argument("--device", default=None, help="override the spec's device (cpu, cuda, cuda:N)")
     run.add_argument("--max-units", type=int, default=None, help="stop after this many units")
-    run.add_argument("--task", action="append", default=None,
-                     help="run only this task's units (repeatable); the others stay pending")
-    run.add_argument("--ablation", action="append", default=None, choices=("mean", "zero"),
-                     help="run only this ablation scheme's units (repeatable)")
-    run.add_argument("--include-mlps", action="append", default=None, choices=("true", "false"),
-                     help="run only the units with (true) or without (false) the MLPs as candidates (repeatable)")
-    for name, text in (("status", "done / pending / failed / running units, time spent and left"),
-                       ("show", "the summary table of the finished units")):
+    run.add_argument(
+        "--task", action="append", default=None, help="run only this task's units (repeatable); the others stay pending"
+    )
+    run.add_argument(
+        "--ablation",
+        action="append",
+        default=None,
+        choices=("mean", "zero"),
+        help="run only this ablation scheme's units (repeatable)",
+    )
+    run.add_argument(
+        "--include-mlps",
+        action="append",
+        default=None,
+        choices=("true", "false"),
+        help="run only the units with (true) or without (false) the MLPs as candidates (repeatable)",
+    )
+    for name, text in (
+        ("status", "done / pending / failed / running units, time spent and left"),
+        ("show", "the summary table of the finished units"),
+    ):
         p = st_sub.add_parser(name, help=text)
         p.add_argument("spec")
         p.add_argument("--json", action="store_true", help="print JSON")
@@ -113,15 +146,27 @@ def _study(args) -> int:
             raise ValueError(f"--workers must be >= 0 (0 runs serially), got {args.workers}")
         if args.max_units is not None and args.max_units < 1:
             raise ValueError(f"--max-units must be >= 1, got {args.max_units}")
-        result = run_study(spec, workers=args.workers, scheduler=args.scheduler, threads=args.threads,
-                           device=args.device, max_units=args.max_units, tasks=args.task, ablations=args.ablation,
-                           include_mlps=None if args.include_mlps is None else [v == "true" for v in args.include_mlps])
+        result = run_study(
+            spec,
+            workers=args.workers,
+            scheduler=args.scheduler,
+            threads=args.threads,
+            device=args.device,
+            max_units=args.max_units,
+            tasks=args.task,
+            ablations=args.ablation,
+            include_mlps=None if args.include_mlps is None else [v == "true" for v in args.include_mlps],
+        )
         status = study_status(spec, args.workers)
-        print(f"study {spec.name}: {len(result['done'])} units computed, {len(result['failed'])} failed now; "
-              f"{status['done']}/{status['units']} done in {spec.store}")
+        print(
+            f"study {spec.name}: {len(result['done'])} units computed, {len(result['failed'])} failed now; "
+            f"{status['done']}/{status['units']} done in {spec.store}"
+        )
         for r in result["quarantined"]:
-            print(f"  quarantined: {r['label']}: {r['reason']}; moved to {r['to']} (with the reason beside it), "
-                  "the unit is pending again")
+            print(
+                f"  quarantined: {r['label']}: {r['reason']}; moved to {r['to']} (with the reason beside it), "
+                "the unit is pending again"
+            )
         for r in result["failed"]:
             print(f"  failed: {r['label']}: {r['error']} (retried by the next run)")
         for r in result["elsewhere"]:
@@ -133,29 +178,54 @@ def _study(args) -> int:
             print(json.dumps(status))
             return 0
         left = status["seconds_left_estimate"]
-        print(f"study {status['study']} ({status['store']}): {status['done']} done, {status['running']} running, "
-              f"{status['failed']} failed, "
-              + (f"{status['damaged']} damaged (unreadable files; the next run recomputes them), "
-                 if status["damaged"] else "")
-              + f"{status['pending']} pending"
-              + (f" ({status['quarantined']} not done after their unreadable files went to quarantine/)"
-                 if status["quarantined"] else "")
-              + f" of {status['units']} units; "
-              f"{status['seconds_spent'] / 3600:.2f} h spent"
-              + (f" ({status['cpu_seconds_spent'] / 3600:.2f} CPU-hours in the {status['units_with_cpu_seconds']} "
-                 "units that record it)" if status["units_with_cpu_seconds"] else "")
-              + "; about "
-              + (f"{left / 3600:.2f} h left with {status['workers_assumed']} workers, a core each" if left is not None
-                 else "? h left (no unit finished yet)"))
+        print(
+            f"study {status['study']} ({status['store']}): {status['done']} done, {status['running']} running, "
+            f"{status['failed']} failed, "
+            + (
+                f"{status['damaged']} damaged (unreadable files; the next run recomputes them), "
+                if status["damaged"]
+                else ""
+            )
+            + f"{status['pending']} pending"
+            + (
+                f" ({status['quarantined']} not done after their unreadable files went to quarantine/)"
+                if status["quarantined"]
+                else ""
+            )
+            + f" of {status['units']} units; "
+            f"{status['seconds_spent'] / 3600:.2f} h spent"
+            + (
+                f" ({status['cpu_seconds_spent'] / 3600:.2f} CPU-hours in the {status['units_with_cpu_seconds']} "
+                "units that record it)"
+                if status["units_with_cpu_seconds"]
+                else ""
+            )
+            + "; about "
+            + (
+                f"{left / 3600:.2f} h left with {status['workers_assumed']} workers, a core each"
+                if left is not None
+                else "? h left (no unit finished yet)"
+            )
+        )
         for u in status["unit_states"]:
-            extra = u.get("error") or ((f"{u['progress']} candidates" if u["progress"]
-                                        else "starting (no candidate evaluated by this run yet)")
-                                       + f", updated {u['updated_s_ago']} s ago" if u["state"] == "running" else "")
+            extra = u.get("error") or (
+                (
+                    f"{u['progress']} candidates"
+                    if u["progress"]
+                    else "starting (no candidate evaluated by this run yet)"
+                )
+                + f", updated {u['updated_s_ago']} s ago"
+                if u["state"] == "running"
+                else ""
+            )
             if u.get("quarantined"):
                 extra += " (its unreadable file was moved to quarantine/)"
             if u.get("saved"):
-                extra += (f" ({u['saved']} saved)" if u["state"] == "running"
-                          else f" (resumes after {u['saved']}, saved by an earlier run)")
+                extra += (
+                    f" ({u['saved']} saved)"
+                    if u["state"] == "running"
+                    else f" (resumes after {u['saved']}, saved by an earlier run)"
+                )
             print(f"  {u['state']:8} {u['key']}  {u['unit']}  {extra}")
         if status["other_units_in_store"]:
             print(f"  ({status['other_units_in_store']} units of other settings are in the store and left out)")
@@ -163,8 +233,11 @@ def _study(args) -> int:
     damaged: dict = {}
     table = summary_table(study_table(spec, damaged))
     for key, reason in damaged.items():
-        print(f"left out: {reason}; `python -m circuitlib study run {args.spec}` moves it to quarantine/ and "
-              "computes the unit again", file=sys.stderr)
+        print(
+            f"left out: {reason}; `python -m circuitlib study run {args.spec}` moves it to quarantine/ and "
+            "computes the unit again",
+            file=sys.stderr,
+        )
     if args.json:
         print(table.to_json(orient="records"))
     elif not len(table):
@@ -179,42 +252,60 @@ def _study(args) -> int:
 
 def _summary(result) -> str:
     m, s = result.metrics, result.settings
-    lines = [f"model {s['model']} · task {s['task']} · alpha {s['alpha']:g} · {s['ablation']} ablation · "
-             f"MLPs {'included' if s['include_mlps'] else 'kept'} · seed {s['seed']} · n {s['n']}",
-             f"{'':10}{'accuracy (val/test)':>22}{'KL (val/test)':>22}{'parameters':>14}"]
+    lines = [
+        f"model {s['model']} · task {s['task']} · alpha {s['alpha']:g} · {s['ablation']} ablation · "
+        f"MLPs {'included' if s['include_mlps'] else 'kept'} · seed {s['seed']} · n {s['n']}",
+        f"{'':10}{'accuracy (val/test)':>22}{'KL (val/test)':>22}{'parameters':>14}",
+    ]
     for name in ("full", "pruned"):
         r = m[name]
-        lines.append(f"{name:10}{r['validation']['accuracy']:>11.3f}/{r['test']['accuracy']:<10.3f}"
-                     f"{r['validation']['kl']:>11.4f}/{r['test']['kl']:<10.4f}{r['n_params']['parameters']:>14,}")
+        lines.append(
+            f"{name:10}{r['validation']['accuracy']:>11.3f}/{r['test']['accuracy']:<10.3f}"
+            f"{r['validation']['kl']:>11.4f}/{r['test']['kl']:<10.4f}{r['n_params']['parameters']:>14,}"
+        )
     lines.append(f"kept heads ({len(result.circuit.kept_heads)}): {' '.join(result.circuit.kept_heads)}")
     if s["include_mlps"]:
         lines.append(f"kept MLPs: {result.circuit.kept_mlps}")
-    lines.append(f"parameter reduction {m['parameter_reduction']:.2%} (plus "
-                 f"{m['pruned']['n_params']['ablation_bias']:,} mean-ablation bias elements); "
-                 f"extraction took {m['extraction_seconds']:.1f} s")
+    lines.append(
+        f"parameter reduction {m['parameter_reduction']:.2%} (plus "
+        f"{m['pruned']['n_params']['ablation_bias']:,} mean-ablation bias elements); "
+        f"extraction took {m['extraction_seconds']:.1f} s"
+    )
     return "\n".join(lines)
 
 
 def _add_edges_parser(sub) -> None:
     ed = sub.add_parser("edges", help="find an edge circuit by Edge Pruning, prune the model to its nodes, save both")
-    ed.add_argument("--model", required=True,
-                    help=f"one of {', '.join(MODELS)}, or a local Hugging Face model folder")
-    ed.add_argument("--task", required=True,
-                    help=f"one of {', '.join(TASKS)}, or a task file (.jsonl or .csv, as for extract)")
-    ed.add_argument("--target-sparsity", required=True, type=str,
-                    help="fraction of edges to remove, in [0, 1) (e.g. 0.95)")
+    ed.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}, or a local Hugging Face model folder")
+    ed.add_argument(
+        "--task", required=True, help=f"one of {', '.join(TASKS)}, or a task file (.jsonl or .csv, as for extract)"
+    )
+    ed.add_argument(
+        "--target-sparsity", required=True, type=str, help="fraction of edges to remove, in [0, 1) (e.g. 0.95)"
+    )
     ed.add_argument("--steps", type=int, default=3000, help="training steps (default: the authors' 3000)")
-    ed.add_argument("--ablation", default="mean", choices=("mean", "zero", "corrupted"),
-                    help="what a closed edge passes: the writer's patching-set mean (default), zero, or its "
-                         "output on another prompt of the split (corrupted)")
-    ed.add_argument("--node-target-sparsity", type=str, default=None,
-                    help="also gate nodes, with this target: the fraction of nodes to remove, in [0, 1) "
-                         "(default: edges only)")
+    ed.add_argument(
+        "--ablation",
+        default="mean",
+        choices=("mean", "zero", "corrupted"),
+        help="what a closed edge passes: the writer's patching-set mean (default), zero, or its "
+        "output on another prompt of the split (corrupted)",
+    )
+    ed.add_argument(
+        "--node-target-sparsity",
+        type=str,
+        default=None,
+        help="also gate nodes, with this target: the fraction of nodes to remove, in [0, 1) (default: edges only)",
+    )
     ed.add_argument("--lr", type=float, default=0.8, help="learning rate of the gates (default 0.8)")
     ed.add_argument("--reg-lr", type=float, default=0.8, help="learning rate of the Lagrange multipliers")
     ed.add_argument("--warmup", type=int, default=None, help="steps to ramp the target up (default 5/6 of --steps)")
-    ed.add_argument("--batch-size", type=int, default=None,
-                    help="prompts per step, at most --n (default 32, or all of them if --n is smaller)")
+    ed.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="prompts per step, at most --n (default 32, or all of them if --n is smaller)",
+    )
     ed.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the gates")
     ed.add_argument("--n", type=int, default=None, help="prompts per split; default: the paper's size")
     ed.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
@@ -233,26 +324,37 @@ def _edges(args) -> int:
     from circuitlib.pipeline.edges import run_edges
     from circuitlib.tasks import get_task
 
-    get_task(args.task)                                   # an unknown name or a bad task file: refused first
+    get_task(args.task)  # an unknown name or a bad task file: refused first
     target = check_sparsity(args.target_sparsity, "--target-sparsity")
-    node_target = None if args.node_target_sparsity is None else check_sparsity(args.node_target_sparsity,
-                                                                                "--node-target-sparsity")
-    for flag, value, low in (("--steps", args.steps, 1), ("--n", args.n, 1), ("--batch-size", args.batch_size, 1),
-                             ("--warmup", args.warmup, 1)):
+    node_target = (
+        None
+        if args.node_target_sparsity is None
+        else check_sparsity(args.node_target_sparsity, "--node-target-sparsity")
+    )
+    for flag, value, low in (
+        ("--steps", args.steps, 1),
+        ("--n", args.n, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--warmup", args.warmup, 1),
+    ):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be a positive number, got {value}")
     for flag, value in (("--lr", args.lr), ("--reg-lr", args.reg_lr)):
         if not value > 0:
             raise ValueError(f"{flag} must be a number > 0, got {value}")
     if args.warmup is not None and args.warmup > args.steps:
-        raise ValueError(f"--warmup {args.warmup} is longer than the run (--steps {args.steps}); give at most "
-                         f"{args.steps}, or leave it out (5/6 of the steps)")
+        raise ValueError(
+            f"--warmup {args.warmup} is longer than the run (--steps {args.steps}); give at most "
+            f"{args.steps}, or leave it out (5/6 of the steps)"
+        )
     n = args.n if args.n is not None else get_task(args.task).default_n
     if args.batch_size is None:
-        args.batch_size = 32                  # the authors' batch; train_edges takes all prompts if fewer
+        args.batch_size = 32  # the authors' batch; train_edges takes all prompts if fewer
     elif args.batch_size > n:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the {n} prompts a step draws from (--n); "
-                         f"lower --batch-size to at most {n}, or raise --n")
+        raise ValueError(
+            f"--batch-size {args.batch_size} is larger than the {n} prompts a step draws from (--n); "
+            f"lower --batch-size to at most {n}, or raise --n"
+        )
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -262,31 +364,61 @@ def _edges(args) -> int:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {args.device!r} is not supported; use cpu or cuda")
     check_out_dir(Path(args.out), args.force)
-    run = run_edges(args.model, args.task, target_sparsity=target, steps=args.steps, ablation=args.ablation,
-                    seed=args.seed, n=args.n, lr=args.lr, reg_lr=args.reg_lr, warmup=args.warmup,
-                    batch_size=args.batch_size, node_target_sparsity=node_target, device=str(device))
+    run = run_edges(
+        args.model,
+        args.task,
+        target_sparsity=target,
+        steps=args.steps,
+        ablation=args.ablation,
+        seed=args.seed,
+        n=args.n,
+        lr=args.lr,
+        reg_lr=args.reg_lr,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        node_target_sparsity=node_target,
+        device=str(device),
+    )
     out = run.save(args.out, force=args.force)
     r, m = run.result, run.result.metrics
     if args.json:
-        print(json.dumps({"out": str(out), "settings": r.settings, "metrics": m, "n_edges": len(r.edges),
-                          "n_edges_total": r.n_edges_total, "nodes": r.nodes}))
+        print(
+            json.dumps(
+                {
+                    "out": str(out),
+                    "settings": r.settings,
+                    "metrics": m,
+                    "n_edges": len(r.edges),
+                    "n_edges_total": r.n_edges_total,
+                    "nodes": r.nodes,
+                }
+            )
+        )
         return 0
     s = r.settings
-    print(f"model {s['model']} · task {s['task']} · edge pruning, target sparsity {s['target_sparsity']:g} · "
-          f"{s['steps']} steps · {s['ablation']} ablation · seed {s['seed']} · n {s['n']}")
+    print(
+        f"model {s['model']} · task {s['task']} · edge pruning, target sparsity {s['target_sparsity']:g} · "
+        f"{s['steps']} steps · {s['ablation']} ablation · seed {s['seed']} · n {s['n']}"
+    )
     print(f"{'':14}{'accuracy (val/test)':>22}{'KL (val/test)':>22}")
     for name in ("full", "edge_circuit", "pruned_model"):
         v, t = m[name]["validation"], m[name]["test"]
         print(f"{name:14}{v['accuracy']:>11.3f}/{t['accuracy']:<10.3f}{v['kl']:>11.4f}/{t['kl']:<10.4f}")
-    print(f"edges kept {len(r.edges):,} of {r.n_edges_total:,} (sparsity {r.sparsity:.4f}); nodes kept {len(r.nodes)}: "
-          f"{' '.join(r.nodes)}")
-    if m.get("training_edge_sparsity") is not None:                    # the authors' read-off: the training's size
-        print(f"the training chose sparsity {m['training_edge_sparsity']:.4f}: {m['n_edges_thresholded']:,} edges "
-              f"thresholded, {len(r.edges):,} after dead nodes are dropped")
-    print(f"pruned model: {m['n_params']['pruned']['parameters']:,} parameters "
-          f"({m['parameter_reduction']:.2%} fewer), {m['edges_among_kept_nodes']:,} edges among its nodes; "
-          f"training took {m['training_seconds']:.1f} s ({m['seconds_per_step']:.3f} s/step"
-          + (f", {m['training_cpu_seconds']:.1f} s of CPU)" if m.get("training_cpu_seconds") is not None else ")"))
+    print(
+        f"edges kept {len(r.edges):,} of {r.n_edges_total:,} (sparsity {r.sparsity:.4f}); nodes kept {len(r.nodes)}: "
+        f"{' '.join(r.nodes)}"
+    )
+    if m.get("training_edge_sparsity") is not None:  # the authors' read-off: the training's size
+        print(
+            f"the training chose sparsity {m['training_edge_sparsity']:.4f}: {m['n_edges_thresholded']:,} edges "
+            f"thresholded, {len(r.edges):,} after dead nodes are dropped"
+        )
+    print(
+        f"pruned model: {m['n_params']['pruned']['parameters']:,} parameters "
+        f"({m['parameter_reduction']:.2%} fewer), {m['edges_among_kept_nodes']:,} edges among its nodes; "
+        f"training took {m['training_seconds']:.1f} s ({m['seconds_per_step']:.3f} s/step"
+        + (f", {m['training_cpu_seconds']:.1f} s of CPU)" if m.get("training_cpu_seconds") is not None else ")")
+    )
     print(f"saved to {out}")
     return 0
 
@@ -327,20 +459,38 @@ def _main(args) -> int:
             from pathlib import Path
 
             from circuitlib.core.io import check_out_dir
-            from circuitlib.pipeline.extraction import run_extraction
             from circuitlib.discovery.greedy import check_alpha
+            from circuitlib.pipeline.extraction import run_extraction
 
             alpha = check_alpha(args.alpha)
             check_out_dir(Path(args.out), args.force)
             if args.n is not None and args.n < 1:
                 raise ValueError(f"--n must be a positive number of prompts, got {args.n}")
-            result = run_extraction(args.model, args.task, alpha=alpha, ablation=args.ablation,
-                                    include_mlps=args.include_mlps, seed=args.seed, n=args.n, order=args.order,
-                                    method=args.method, device=args.device)
+            result = run_extraction(
+                args.model,
+                args.task,
+                alpha=alpha,
+                ablation=args.ablation,
+                include_mlps=args.include_mlps,
+                seed=args.seed,
+                n=args.n,
+                order=args.order,
+                method=args.method,
+                device=args.device,
+            )
             out = result.save(args.out, force=args.force)
             if args.json:
-                print(json.dumps({"out": str(out), "settings": result.settings, "metrics": result.metrics,
-                                  "kept_heads": result.circuit.kept_heads, "kept_mlps": result.circuit.kept_mlps}))
+                print(
+                    json.dumps(
+                        {
+                            "out": str(out),
+                            "settings": result.settings,
+                            "metrics": result.metrics,
+                            "kept_heads": result.circuit.kept_heads,
+                            "kept_mlps": result.circuit.kept_mlps,
+                        }
+                    )
+                )
             else:
                 print(_summary(result))
                 print(f"saved to {out}")
@@ -348,10 +498,12 @@ def _main(args) -> int:
             from circuitlib.pipeline.export import export_onnx
 
             report = export_onnx(args.run_dir, args.out, force=args.force)
-            print(f"wrote {report['path']} ({report['bytes'] / 2**20:.1f} MiB, opset {report['opset']}, batch dynamic, "
-                  f"{report['seq_len']} tokens); onnxruntime {report['onnxruntime']} on the {report['n']} test prompts: "
-                  f"max abs logit difference {report['max_abs_diff']:.2e}, same argmax on "
-                  f"{report['argmax_agreement']:.1%}")
+            print(
+                f"wrote {report['path']} ({report['bytes'] / 2**20:.1f} MiB, opset {report['opset']}, batch dynamic, "
+                f"{report['seq_len']} tokens); onnxruntime {report['onnxruntime']} on the {report['n']} test prompts: "
+                f"max abs logit difference {report['max_abs_diff']:.2e}, same argmax on "
+                f"{report['argmax_agreement']:.1%}"
+            )
         else:
             from circuitlib.pipeline.extraction import evaluate_saved
 
@@ -359,9 +511,11 @@ def _main(args) -> int:
             if args.json:
                 print(json.dumps(report))
             else:
-                print(f"{report['model']} · {report['task']} · {report['split']} split ({report['n']} prompts): "
-                      f"accuracy {report['accuracy']:.3f}, KL {report['kl']:.4f}, "
-                      f"{report['n_params']['parameters']:,} parameters, kept heads {' '.join(report['kept_heads'])}")
+                print(
+                    f"{report['model']} · {report['task']} · {report['split']} split ({report['n']} prompts): "
+                    f"accuracy {report['accuracy']:.3f}, KL {report['kl']:.4f}, "
+                    f"{report['n_params']['parameters']:,} parameters, kept heads {' '.join(report['kept_heads'])}"
+                )
     except (ValueError, FileExistsError, FileNotFoundError, RunningElsewhere) as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
@@ -370,8 +524,11 @@ def _main(args) -> int:
 
         if not is_allocation_failure(e):
             raise
-        print(f"error: ran out of memory ({allocation_failure_reason(e)}); nothing was written; lower --n "
-              "(or --batch-size)", file=sys.stderr)
+        print(
+            f"error: ran out of memory ({allocation_failure_reason(e)}); nothing was written; lower --n "
+            "(or --batch-size)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt as e:
         by = " by SIGTERM" if isinstance(e, Terminated) else ""
@@ -381,8 +538,8 @@ def _main(args) -> int:
 
 
 def _groundtruth(args) -> int:
-    from circuitlib.pipeline.groundtruth import groundtruth_report
     from circuitlib.discovery.greedy import check_alpha
+    from circuitlib.pipeline.groundtruth import groundtruth_report
 
     report = groundtruth_report(args.program, args.method, args.seed, check_alpha(args.alpha), args.ablation)
     if args.json:
@@ -390,11 +547,16 @@ def _groundtruth(args) -> int:
         return 0
     missed = [c for c in report["truth_components"] if c not in report["found_components"]]
     extra = [c for c in report["found_components"] if c not in report["truth_components"]]
-    print(f"{report['program']} · {report['method']} ({report['ablation']} ablation, alpha {report['alpha']:g}, "
-          f"seed {report['seed']})")
+    print(
+        f"{report['program']} · {report['method']} ({report['ablation']} ablation, alpha {report['alpha']:g}, "
+        f"seed {report['seed']})"
+    )
     print(f"truth:  {' '.join(report['truth_components'])}")
     print(f"found:  {' '.join(report['found_components']) or '(nothing)'}")
-    print(f"exact: {report['exact']}; TPR {report['tpr']:.2f}, FPR {report['fpr']:.2f}; "
-          f"missed: {' '.join(missed) or '-'}; extra: {' '.join(extra) or '-'}; accuracy of the circuit over the input space {report['accuracy']:.3f}")
+    print(
+        f"exact: {report['exact']}; TPR {report['tpr']:.2f}, FPR {report['fpr']:.2f}; "
+        f"missed: {' '.join(missed) or '-'}; extra: {' '.join(extra) or '-'}; "
+        f"accuracy of the circuit over the input space {report['accuracy']:.3f}"
+    )
     print(f"true edges ({len(report['truth_edges'])}): {', '.join(report['truth_edges'])}")
     return 0

@@ -98,14 +98,23 @@ def circuit_grid(
             is_kept = (layer, head) in kept
             face, edge, width, tag = (_KEPT if is_kept else _EMPTY), "white", 1.0, ""
             if gt is not None:  # colour by agreement with the ground truth
-                tag = {(True, True): "tp", (True, False): "fp",
-                       (False, True): "fn", (False, False): "tn"}[(is_kept, (layer, head) in gt)]
-                face, edge, width = {"tp": (_TP, "white", 1.0), "fp": (_FP, "white", 1.0),
-                                     "fn": (_EMPTY, _FN, 2.0), "tn": (_EMPTY, "white", 1.0)}[tag]
+                tag = {(True, True): "tp", (True, False): "fp", (False, True): "fn", (False, False): "tn"}[
+                    (is_kept, (layer, head) in gt)
+                ]
+                face, edge, width = {
+                    "tp": (_TP, "white", 1.0),
+                    "fp": (_FP, "white", 1.0),
+                    "fn": (_EMPTY, _FN, 2.0),
+                    "tn": (_EMPTY, "white", 1.0),
+                }[tag]
                 tag = " " + tag
             ax.add_patch(
                 Rectangle(
-                    (head + 0.06, layer + 0.06), 0.88, 0.88, facecolor=face, edgecolor=edge,
+                    (head + 0.06, layer + 0.06),
+                    0.88,
+                    0.88,
+                    facecolor=face,
+                    edgecolor=edge,
                     linewidth=width,
                     gid=f"head {layer}.{head} {'kept' if is_kept else 'pruned'}{tag}",
                 )
@@ -114,8 +123,11 @@ def circuit_grid(
             is_kept = layer in mlps
             ax.add_patch(
                 Rectangle(
-                    (n_heads + 1 + 0.06, layer + 0.06), 0.88, 0.88,
-                    facecolor="#555555" if is_kept else _EMPTY, edgecolor="white",
+                    (n_heads + 1 + 0.06, layer + 0.06),
+                    0.88,
+                    0.88,
+                    facecolor="#555555" if is_kept else _EMPTY,
+                    edgecolor="white",
                     gid=f"mlp {layer} {'kept' if is_kept else 'pruned'}",
                 )
             )
@@ -146,16 +158,14 @@ def circuit_grid(
         handles = [
             Patch(facecolor=_TP, label=f"kept, in ground truth (TP: {tp})"),
             Patch(facecolor=_FP, label=f"kept, not in ground truth (FP: {fp})"),
-            Patch(facecolor=_EMPTY, edgecolor=_FN, linewidth=2,
-                  label=f"ground truth, pruned (FN: {fn})"),
+            Patch(facecolor=_EMPTY, edgecolor=_FN, linewidth=2, label=f"ground truth, pruned (FN: {fn})"),
         ]
     else:
         handles = [Patch(facecolor=_KEPT, label=f"kept head ({n_kept})")]
     if mlps is not None:
         handles.append(Patch(facecolor="#555555", label=f"kept MLP ({len(mlps)})"))
     handles.append(Line2D([], [], linestyle="none", marker="s", color=_EMPTY, label="pruned"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2,
-              fontsize=8, frameon=False)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=2, fontsize=8, frameon=False)
     return fig
 
 
@@ -194,12 +204,13 @@ def roc_plot(curves: Mapping[str, tuple[Iterable[float], Iterable[float], float 
 # ------------------------------------------------------------------------------------------
 # a study's measures against alpha and against size
 
-_COLORS = {"mean": "#0072B2", "zero": "#D55E00"}   # Okabe-Ito, as the grid
+_COLORS = {"mean": "#0072B2", "zero": "#D55E00"}  # Okabe-Ito, as the grid
 _STYLES = {False: "-", True: "--"}
 
 
-def plot_vs_alpha(table, columns: Sequence[tuple[str, str]], title: str | None = None,
-                  per_prompt: dict[str, str] | None = None):
+def plot_vs_alpha(
+    table, columns: Sequence[tuple[str, str]], title: str | None = None, per_prompt: dict[str, str] | None = None
+):
     """One panel per (column, axis label) against alpha (log scale); one line per configuration.
 
     Colours are the ablation scheme, solid/dashed lines heads only / heads and MLPs (as in the
@@ -215,27 +226,36 @@ def plot_vs_alpha(table, columns: Sequence[tuple[str, str]], title: str | None =
     # about its own size, so its labels stay readable (three panels in a row were shrunk to ~55 %).
     n_cols = 1 if len(columns) == 1 else 2
     n_rows = -(-len(columns) // n_cols)
-    fig, grid = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols, 2.9 * n_rows + 0.4), layout="constrained",
-                             squeeze=False)
+    fig, grid = plt.subplots(
+        n_rows, n_cols, figsize=(3.6 * n_cols, 2.9 * n_rows + 0.4), layout="constrained", squeeze=False
+    )
     plt.close(fig)
-    axes, spare = grid.ravel()[:len(columns)], grid.ravel()[len(columns):]
+    axes, spare = grid.ravel()[: len(columns)], grid.ravel()[len(columns) :]
     n_seeds = table["seed"].nunique()
     for ax, (column, label) in zip(axes, columns):
         for (ablation, mlps), g in table.groupby(["ablation", "include_mlps"], sort=True):
             s = g.groupby("alpha")[column].agg(["mean", "min", "max"])
-            ax.plot(s.index, s["mean"], color=_COLORS.get(ablation), linestyle=_STYLES[bool(mlps)], marker="o",
-                    markersize=3, label=config_label(ablation, bool(mlps)))
+            ax.plot(
+                s.index,
+                s["mean"],
+                color=_COLORS.get(ablation),
+                linestyle=_STYLES[bool(mlps)],
+                marker="o",
+                markersize=3,
+                label=config_label(ablation, bool(mlps)),
+            )
             if column in per_prompt:
                 ci = with_intervals(g, per_prompt[column], ["alpha"])
-                ax.fill_between(ci["alpha"], ci["low"], ci["high"], color=_COLORS.get(ablation), alpha=0.15,
-                                linewidth=0)
+                ax.fill_between(
+                    ci["alpha"], ci["low"], ci["high"], color=_COLORS.get(ablation), alpha=0.15, linewidth=0
+                )
             elif n_seeds > 1:
                 ax.fill_between(s.index, s["min"], s["max"], color=_COLORS.get(ablation), alpha=0.15, linewidth=0)
         ax.set_xscale("log")
         ax.set_xlabel(r"$\alpha$")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    for ax in spare:                     # an empty slot of the grid holds the legend
+    for ax in spare:  # an empty slot of the grid holds the legend
         ax.axis("off")
     if len(spare):
         spare[0].legend(*axes[0].get_legend_handles_labels(), loc="center", fontsize=9, frameon=False)
@@ -254,8 +274,15 @@ def plot_accuracy_vs_size(table, accuracy: str = "val_accuracy", title: str | No
     plt.close(fig)
     for (ablation, mlps), g in table.groupby(["ablation", "include_mlps"], sort=True):
         s = g.groupby("alpha")[["parameter_reduction", accuracy]].mean().sort_values("parameter_reduction")
-        ax.plot(100 * s["parameter_reduction"], s[accuracy], color=_COLORS.get(ablation),
-                linestyle=_STYLES[bool(mlps)], marker="o", markersize=3, label=config_label(ablation, bool(mlps)))
+        ax.plot(
+            100 * s["parameter_reduction"],
+            s[accuracy],
+            color=_COLORS.get(ablation),
+            linestyle=_STYLES[bool(mlps)],
+            marker="o",
+            markersize=3,
+            label=config_label(ablation, bool(mlps)),
+        )
     if "full_val_accuracy" in table and accuracy == "val_accuracy":
         ax.axhline(table["full_val_accuracy"].mean(), color="grey", linewidth=1, linestyle=":", label="full model")
     ax.set_xlabel("parameter reduction (%)")

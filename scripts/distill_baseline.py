@@ -11,10 +11,11 @@ prompts, and stopped when the validation loss has plateaued (`--patience` evalua
 relative improvement of `--min-improvement`) or after `--max-steps` (the paper's 20,000 epochs).
 `--alpha auto` (the default) takes the chapters' rule: the largest alpha of the study whose
 circuits keep the validation accuracy within 5 points of the full model's
-(`circuitlib.studies.analysis.choose_alpha`). The record (`circuitlib.studies.distill.distilled_student`: settings, budget,
-N, the whole training curve, best validation and final test accuracy, why it stopped) and its
-provenance are written atomically to results/distill/<task>-<ablation>-<heads|heads+mlps>-
-seed<S>-alpha<A>.json; an existing result is never replaced without --force.
+(`circuitlib.studies.analysis.choose_alpha`). The record
+(`circuitlib.studies.distill.distilled_student`: settings, budget, N, the whole training curve,
+best validation and final test accuracy, why it stopped) and its provenance are written atomically
+to results/distill/<task>-<ablation>-<heads|heads+mlps>-seed<S>-alpha<A>.json; an existing result is
+never replaced without --force.
 
 A student of the stand-in trains for hours (about 7 s a step for a 9-layer student, 15 s for a
 22-layer one, on IOI at n = 64 with other work beside it), so the training checkpoints every
@@ -33,16 +34,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from circuitlib.core.resumable import ResultInProgress
+from circuitlib.models.loading import check_device, load_model
+from circuitlib.studies.analysis import choose_alpha
+from circuitlib.studies.distill import baseline_path, distilled_student
+from circuitlib.studies.runner import study_table
+from circuitlib.studies.spec import load_spec
+from circuitlib.tasks import get_task
 
-from circuitlib.studies.distill import baseline_path, distilled_student  # noqa: E402
-from circuitlib.core.resumable import ResultInProgress  # noqa: E402
-from circuitlib.models.loading import check_device, load_model  # noqa: E402
-from circuitlib.studies.runner import study_table  # noqa: E402
-from circuitlib.studies.spec import load_spec  # noqa: E402
-from circuitlib.studies.analysis import choose_alpha  # noqa: E402
-from circuitlib.tasks import get_task  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> int:
@@ -69,21 +69,28 @@ def main() -> int:
     spec = load_spec(args.budget_from)
     task_name = get_task(args.task).name
     table = study_table(spec)
-    table = table[(table.task == task_name) & (table.ablation == args.ablation)
-                  & (table.include_mlps == args.include_mlps)]
+    table = table[
+        (table.task == task_name) & (table.ablation == args.ablation) & (table.include_mlps == args.include_mlps)
+    ]
     if args.alpha == "auto":
         alpha = choose_alpha(table).get((task_name, args.ablation, args.include_mlps)) if len(table) else None
         if alpha is None:
-            print(f"error: no alpha of {args.budget_from}'s finished units keeps {task_name} within 5 points of the "
-                  "full model (or none are finished); give --alpha", file=sys.stderr)
+            print(
+                f"error: no alpha of {args.budget_from}'s finished units keeps {task_name} within 5 points of the "
+                "full model (or none are finished); give --alpha",
+                file=sys.stderr,
+            )
             return 2
     else:
         alpha = float(args.alpha)
     row = table[(table.seed == args.seed) & ((table.alpha - alpha).abs() <= 1e-12 * max(1.0, alpha))]
     if len(row) != 1:
-        print(f"error: the store of {args.budget_from} has no row for {task_name}, {args.ablation}, "
-              f"include_mlps={args.include_mlps}, seed {args.seed}, alpha {alpha:g}; run that study first "
-              f"(python -m circuitlib study run {args.budget_from})", file=sys.stderr)
+        print(
+            f"error: the store of {args.budget_from} has no row for {task_name}, {args.ablation}, "
+            f"include_mlps={args.include_mlps}, seed {args.seed}, alpha {alpha:g}; run that study first "
+            f"(python -m circuitlib study run {args.budget_from})",
+            file=sys.stderr,
+        )
         return 2
     row = row.iloc[0]
     out = baseline_path(args.out_dir, row)
@@ -93,18 +100,31 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     teacher, tokenizer = load_model(spec.model, device=device)
     try:
-        record = distilled_student(args.out_dir, teacher, tokenizer, row, device=str(device), threads=args.threads,
-                          replace=args.force, checkpoint_every=args.checkpoint_every, lr=args.lr,
-                          max_steps=args.max_steps, eval_every=args.eval_every, patience=args.patience,
-                          min_improvement=args.min_improvement)
+        record = distilled_student(
+            args.out_dir,
+            teacher,
+            tokenizer,
+            row,
+            device=str(device),
+            threads=args.threads,
+            replace=args.force,
+            checkpoint_every=args.checkpoint_every,
+            lr=args.lr,
+            max_steps=args.max_steps,
+            eval_every=args.eval_every,
+            patience=args.patience,
+            min_improvement=args.min_improvement,
+        )
     except ResultInProgress as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{task_name}, alpha {alpha:g}: {record['student_layers']}-layer student ({record['student_parameters']:,} <= "
-          f"{record['budget_parameters']:,} parameters), {record['steps_run']} steps in {record['seconds'] / 60:.1f} min "
-          f"({record['cpu_seconds'] / 60:.1f} min of CPU; {record['stopped']}); best validation accuracy "
-          f"{record['best_val_accuracy']:.3f}, test "
-          f"{record['test_accuracy']:.3f} -> {out}")
+    print(
+        f"{task_name}, alpha {alpha:g}: {record['student_layers']}-layer student ({record['student_parameters']:,} <= "
+        f"{record['budget_parameters']:,} parameters), {record['steps_run']} steps in {record['seconds'] / 60:.1f} min "
+        f"({record['cpu_seconds'] / 60:.1f} min of CPU; {record['stopped']}); best validation accuracy "
+        f"{record['best_val_accuracy']:.3f}, test "
+        f"{record['test_accuracy']:.3f} -> {out}"
+    )
     return 0
 
 

@@ -36,14 +36,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from circuitlib.discovery.edges.graph import KV_READERS  # noqa: E402
+from circuitlib.discovery.edges.graph import KV_READERS
 from circuitlib.discovery.edges.train import LEGACY_SETTINGS, READOUTS, SPARSITY_TERMS, ResultInProgress, check_sparsity
+from circuitlib.models.loading import check_device, load_model
 from circuitlib.pipeline.edges import edge_result, edge_result_path
-from circuitlib.models.loading import check_device, load_model  # noqa: E402
-from circuitlib.tasks import get_task  # noqa: E402
+from circuitlib.tasks import get_task
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def positive_int(text: str) -> int:
@@ -72,33 +71,57 @@ def clip_norm(text: str) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--task", default="ioi")
     p.add_argument("--ablation", default="mean", choices=("mean", "zero", "corrupted"))
     p.add_argument("--n", type=positive_int, default=32, help="prompts per split")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and of the gates")
-    p.add_argument("--steps", type=positive_int, default=3000, help="training steps per target (the chapter's, and the authors')")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per training step (the chapter's; the authors: 32)")
-    p.add_argument("--targets", type=sparsity, nargs="+", default=[0.9, 0.95, 0.98, 0.99],
-                   help="target edge sparsities, computed in this order")
+    p.add_argument(
+        "--steps", type=positive_int, default=3000, help="training steps per target (the chapter's, and the authors')"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="prompts per training step (the chapter's; the authors: 32)"
+    )
+    p.add_argument(
+        "--targets",
+        type=sparsity,
+        nargs="+",
+        default=[0.9, 0.95, 0.98, 0.99],
+        help="target edge sparsities, computed in this order",
+    )
     p.add_argument("--out-dir", default=str(ROOT / "results" / "edges"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
     p.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between saved training states")
-    p.add_argument("--sparsity-term", choices=SPARSITY_TERMS, default="sampled",
-                   help="what the Lagrangian pushes: the sampled gates (the authors') or P(gate closed)")
+    p.add_argument(
+        "--sparsity-term",
+        choices=SPARSITY_TERMS,
+        default="sampled",
+        help="what the Lagrangian pushes: the sampled gates (the authors') or P(gate closed)",
+    )
     p.add_argument("--clip-grad-norm", type=clip_norm, default=1.0, help="gradient clipping norm, or 'none'")
-    p.add_argument("--readout", choices=READOUTS, default="authors",
-                   help="the training's own sparsity (the authors') or (1 - target) x all edges")
+    p.add_argument(
+        "--readout",
+        choices=READOUTS,
+        default="authors",
+        help="the training's own sparsity (the authors') or (1 - target) x all edges",
+    )
     p.add_argument("--kv-readers", choices=KV_READERS, default="per-kv-head", help="key/value readers of grouped heads")
-    p.add_argument("--legacy", action="store_true",
-                   help="circuitlib's recipe before issue 28 (the chapter's committed results); "
-                        "overrides the four above")
+    p.add_argument(
+        "--legacy",
+        action="store_true",
+        help="circuitlib's recipe before issue 28 (the chapter's committed results); overrides the four above",
+    )
     args = p.parse_args(argv)
-    recipe = dict(sparsity_term=args.sparsity_term, clip_grad_norm=args.clip_grad_norm, readout=args.readout,
-                  kv_readers=args.kv_readers)
+    recipe = dict(
+        sparsity_term=args.sparsity_term,
+        clip_grad_norm=args.clip_grad_norm,
+        readout=args.readout,
+        kv_readers=args.kv_readers,
+    )
     if args.legacy:
         recipe = {k: LEGACY_SETTINGS[k] for k in recipe} | {"split_embedding": LEGACY_SETTINGS["split_embedding"]}
 
@@ -108,12 +131,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = dict(steps=args.steps, ablation=args.ablation, seed=args.seed, n=args.n, batch_size=args.batch_size,
-                    **recipe)
+    settings = dict(
+        steps=args.steps, ablation=args.ablation, seed=args.seed, n=args.n, batch_size=args.batch_size, **recipe
+    )
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, device=device)
-    missing = [t for t in args.targets
-               if not edge_result_path(args.out_dir, task, target_sparsity=t, **settings, model=model).exists()]
+    missing = [
+        t
+        for t in args.targets
+        if not edge_result_path(args.out_dir, task, target_sparsity=t, **settings, model=model).exists()
+    ]
     print(f"{len(args.targets) - len(missing)} of {len(args.targets)} results already in {args.out_dir}")
     if not missing:
         return 0
@@ -124,8 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target {t:g}: {path.name} ({state})", flush=True)
         started = time.perf_counter()
         try:
-            result = edge_result(args.out_dir, model, tokenizer, task, target_sparsity=t, **settings,
-                                 checkpoint_every=args.checkpoint_every, progress=True)
+            result = edge_result(
+                args.out_dir,
+                model,
+                tokenizer,
+                task,
+                target_sparsity=t,
+                **settings,
+                checkpoint_every=args.checkpoint_every,
+                progress=True,
+            )
         except ResultInProgress as e:
             print(f"target {t:g}: skipped, {e}", flush=True)
             continue
@@ -135,11 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         if state != "kept":
             m = result.metrics
             cpu = m.get("training_cpu_seconds")
-            print(f"target {t:g}: {len(result.edges):,} edges, {len(result.nodes)} nodes, test KL "
-                  f"{m['edge_circuit']['test']['kl']:.4f} (standalone model {m['pruned_model']['test']['kl']:.4f}); "
-                  f"{(time.perf_counter() - started) / 60:.1f} min here, {m['training_seconds'] / 60:.1f} min of "
-                  f"training in all ({'?' if cpu is None else f'{cpu / 60:.1f}'} CPU-min, "
-                  f"{m['torch_threads']} threads) -> {path}", flush=True)
+            print(
+                f"target {t:g}: {len(result.edges):,} edges, {len(result.nodes)} nodes, test KL "
+                f"{m['edge_circuit']['test']['kl']:.4f} (standalone model {m['pruned_model']['test']['kl']:.4f}); "
+                f"{(time.perf_counter() - started) / 60:.1f} min here, {m['training_seconds'] / 60:.1f} min of "
+                f"training in all ({'?' if cpu is None else f'{cpu / 60:.1f}'} CPU-min, "
+                f"{m['torch_threads']} threads) -> {path}",
+                flush=True,
+            )
     return 0
 
 

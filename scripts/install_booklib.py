@@ -19,8 +19,9 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 def main() -> int:
     if sys.prefix == sys.base_prefix:
-        print("error: run this with the project's environment (.venv/bin/python), not the system Python",
-              file=sys.stderr)
+        print(
+            "error: run this with the project's environment (.venv/bin/python), not the system Python", file=sys.stderr
+        )
         return 2
     target = Path(site.getsitepackages()[0]) / "circuitlib-booklib.pth"
     target.write_text(f"{NOTEBOOKS}\n")

@@ -30,14 +30,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "notebooks" / "src" / "08_exercises.py"
 CHAPTER = ROOT / "notebooks" / "08_exercises.ipynb"
 
-SOLUTION_METADATA = {"tags": ["hide-input"], "mystnb": {"code_prompt_show": "Solution", "code_prompt_hide": "Hide solution"},
-                     "jupyter": {"source_hidden": True}}
+SOLUTION_METADATA = {
+    "tags": ["hide-input"],
+    "mystnb": {"code_prompt_show": "Solution", "code_prompt_hide": "Hide solution"},
+    "jupyter": {"source_hidden": True},
+}
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 
 
 @dataclasses.dataclass
 class Cell:
     """One cell of the source: its type, lines, options ("solution-only"), tags and source line number."""
+
     kind: str
     lines: list[str]
     solution_only: bool
@@ -48,6 +52,7 @@ class Cell:
 @dataclasses.dataclass
 class Exercise:
     """An exercise's heading and rating, as the source gives them."""
+
     number: int
     title: str
     difficulty: int
@@ -70,10 +75,12 @@ def parse(path: Path = SOURCE) -> list[Cell]:
             options = words[1:] if kind == "markdown" else words
             unknown = [w for w in options if w != "solution-only" and not w.startswith("tag:")]
             if unknown:
-                raise SourceError(f"{path.name}:{number}: unknown cell option(s) {unknown}; "
-                                  f"use 'solution-only' or 'tag:NAME'")
-            cells.append(Cell(kind, [], "solution-only" in options, [w[4:] for w in options if w.startswith("tag:")],
-                              number))
+                raise SourceError(
+                    f"{path.name}:{number}: unknown cell option(s) {unknown}; use 'solution-only' or 'tag:NAME'"
+                )
+            cells.append(
+                Cell(kind, [], "solution-only" in options, [w[4:] for w in options if w.startswith("tag:")], number)
+            )
         elif cells:
             if cells[-1].kind == "markdown":
                 if line and not (line == "#" or line.startswith("# ")):
@@ -115,7 +122,9 @@ def exercises(cells: list[Cell] | None = None) -> list[Exercise]:
         if title and spec:
             found.append(Exercise(int(title.group(1)), title.group(2), **_rating(spec, f"line {cell.line}")))
         elif title or spec:
-            raise SourceError(f"line {cell.line}: an exercise needs both its '## Exercise N: title' and its EXERCISE line")
+            raise SourceError(
+                f"line {cell.line}: an exercise needs both its '## Exercise N: title' and its EXERCISE line"
+            )
     return found
 
 
@@ -129,8 +138,10 @@ def _markdown(cell: Cell) -> str:
         rating = _RATING.match(line)
         if rating:
             r = _rating(rating.group(1), f"line {cell.line}")
-            out.append(f"> **Difficulty** {_dots(r['difficulty'])} {r['difficulty']}/5 · **Importance** "
-                       f"{_dots(r['importance'])} {r['importance']}/5 · **Time budget** about {r['minutes']} minutes")
+            out.append(
+                f"> **Difficulty** {_dots(r['difficulty'])} {r['difficulty']}/5 · **Importance** "
+                f"{_dots(r['importance'])} {r['importance']}/5 · **Time budget** about {r['minutes']} minutes"
+            )
         elif line == "HINT":
             if hint is not None:
                 raise SourceError(f"line {cell.line}: a HINT inside a HINT")
@@ -167,7 +178,7 @@ def _code(cell: Cell, student: bool) -> tuple[str, bool]:
                 out.append(line)
         elif block == "EXERCISE":
             if student:
-                indent = line[:len(line) - len(line.lstrip())]
+                indent = line[: len(line) - len(line.lstrip())]
                 if not line.lstrip().startswith("# "):
                     raise SourceError(f"line {cell.line}: a stub line must be commented out in the source: {line!r}")
                 out.append(indent + line.lstrip()[2:])
@@ -193,8 +204,12 @@ def build(student: bool, cells: list[Cell] | None = None) -> nbformat.NotebookNo
             code, has_solution = _code(cell, student)
             new = nbformat.v4.new_code_cell(code)
             if has_solution and not student:
-                new.metadata.update({k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
-                                     for k, v in SOLUTION_METADATA.items()})
+                new.metadata.update(
+                    {
+                        k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
+                        for k, v in SOLUTION_METADATA.items()
+                    }
+                )
         if cell.tags:
             new.metadata["tags"] = sorted(set(new.metadata.get("tags", [])) | set(cell.tags))
         new.id = f"{'student' if student else 'solution'}-{len(nb.cells):02d}"
@@ -209,16 +224,26 @@ def _essence(nb: nbformat.NotebookNode) -> list[tuple]:
         tags = cell.metadata.get("tags", [])
         if "injected-parameters" in tags:
             continue
-        keep.append((cell.cell_type, cell.source, tuple(sorted(tags)), cell.metadata.get("mystnb"),
-                     cell.metadata.get("jupyter")))
+        keep.append(
+            (
+                cell.cell_type,
+                cell.source,
+                tuple(sorted(tags)),
+                cell.metadata.get("mystnb"),
+                cell.metadata.get("jupyter"),
+            )
+        )
     return keep
 
 
 def differences(chapter: Path = CHAPTER) -> list[str]:
     """How the chapter's cells differ from what the source makes (empty when they agree)."""
     have, want = _essence(nbformat.read(chapter, as_version=4)), _essence(build(student=False))
-    problems = [f"cell {i}: the chapter has {h[1][:60]!r}..., the source makes {w[1][:60]!r}..."
-                for i, (h, w) in enumerate(zip(have, want)) if h != w]
+    problems = [
+        f"cell {i}: the chapter has {h[1][:60]!r}..., the source makes {w[1][:60]!r}..."
+        for i, (h, w) in enumerate(zip(have, want))
+        if h != w
+    ]
     if len(have) != len(want):
         problems.append(f"the chapter has {len(have)} cells, the source makes {len(want)}")
     return problems
@@ -229,14 +254,20 @@ def main() -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--student", metavar="FILE", help="write the student notebook to FILE (must not exist)")
     group.add_argument("--check", action="store_true", help="exit 1 if the chapter's cells differ from the source")
-    group.add_argument("--execute", action="store_true",
-                       help="write the chapter, then execute it in place with papermill and tidy its outputs")
+    group.add_argument(
+        "--execute",
+        action="store_true",
+        help="write the chapter, then execute it in place with papermill and tidy its outputs",
+    )
     args = parser.parse_args()
     if args.check:
         problems = differences()
         if problems:
-            sys.exit(f"{CHAPTER.relative_to(ROOT)} is not what {SOURCE.relative_to(ROOT)} makes:\n  "
-                     + "\n  ".join(problems) + "\nrun: python scripts/make_exercises.py --execute")
+            sys.exit(
+                f"{CHAPTER.relative_to(ROOT)} is not what {SOURCE.relative_to(ROOT)} makes:\n  "
+                + "\n  ".join(problems)
+                + "\nrun: python scripts/make_exercises.py --execute"
+            )
         print(f"{CHAPTER.relative_to(ROOT)} agrees with {SOURCE.relative_to(ROOT)}")
         return
     if args.student:
@@ -249,8 +280,20 @@ def main() -> None:
     nbformat.write(build(student=False), CHAPTER)
     print(f"wrote {CHAPTER.relative_to(ROOT)} (not executed)")
     if args.execute:
-        subprocess.run([sys.executable, "-m", "papermill", str(CHAPTER), str(CHAPTER), "-k", "python3",
-                        "--cwd", str(CHAPTER.parent)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "papermill",
+                str(CHAPTER),
+                str(CHAPTER),
+                "-k",
+                "python3",
+                "--cwd",
+                str(CHAPTER.parent),
+            ],
+            check=True,
+        )
         subprocess.run([sys.executable, str(ROOT / "scripts" / "tidy_outputs.py"), str(CHAPTER)], check=True)
         print(f"executed {CHAPTER.relative_to(ROOT)} in place")
 

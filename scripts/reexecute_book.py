@@ -61,8 +61,9 @@ def select(chapters: list[str], names: list[str], notebooks: Path = REPO / "note
 
 def uncommitted(repo: Path = REPO) -> list[str]:
     """``git status --porcelain`` lines for the sources the pages depend on (empty when clean)."""
-    done = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", *SOURCES],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--", *SOURCES], capture_output=True, text=True, check=True
+    )
     return [line for line in done.stdout.splitlines() if line.strip()]
 
 
@@ -73,13 +74,16 @@ def reexecute(stem: str, notebooks: Path, commit: str) -> float:
     failed = notebooks / f".{stem}.FAILED.ipynb"
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "papermill", chapter.name, running.name, "-k", "python3"],
-                          cwd=notebooks, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "papermill", chapter.name, running.name, "-k", "python3"], cwd=notebooks, env=env
+    )
     if done.returncode != 0:
-        if running.exists():            # papermill writes nothing when it fails before the first cell
+        if running.exists():  # papermill writes nothing when it fails before the first cell
             os.replace(running, failed)
-        raise SystemExit(f"error: {stem} failed (papermill exit {done.returncode}); the chapter is "
-                         f"unchanged, the failed run is {failed}")
+        raise SystemExit(
+            f"error: {stem} failed (papermill exit {done.returncode}); the chapter is "
+            f"unchanged, the failed run is {failed}"
+        )
     tidy_file(running)
     nb = nbformat.read(running, as_version=4)
     nb.metadata.setdefault("circuitlib", {})["made_at_commit"] = commit
@@ -96,7 +100,9 @@ def made_at(chapter: Path) -> str | None:
 def check_one_commit(stems: list[str], notebooks: Path) -> list[str]:
     """Problems that keep the chapters from being made at one commit (empty when they all were)."""
     commits = {stem: made_at(notebooks / f"{stem}.ipynb") for stem in stems}
-    problems = [f"{stem}: no commit recorded (not re-executed by this script)" for stem, c in commits.items() if c is None]
+    problems = [
+        f"{stem}: no commit recorded (not re-executed by this script)" for stem, c in commits.items() if c is None
+    ]
     if len({c for c in commits.values() if c is not None}) > 1:
         problems += [f"{stem}: made at {c[:7]}" for stem, c in commits.items() if c is not None]
     return problems
@@ -117,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     dirty = uncommitted()
     if dirty:
-        raise SystemExit("error: uncommitted changes in what the pages depend on; commit them first "
-                         "so the pages' provenance names the code that made them:\n  " + "\n  ".join(dirty))
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
-                            capture_output=True, text=True, check=True).stdout.strip()
+        raise SystemExit(
+            "error: uncommitted changes in what the pages depend on; commit them first "
+            "so the pages' provenance names the code that made them:\n  " + "\n  ".join(dirty)
+        )
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     print(f"re-executing {len(stems)} chapters at commit {commit[:7]}: {', '.join(stems)}")
     if args.dry_run:
         return 0

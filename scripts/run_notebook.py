@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tidy_outputs import tidy_file  # noqa: E402
+
 NOTEBOOKS = REPO / "notebooks"
 
 
@@ -63,19 +64,20 @@ def resolve_notebook(name: str, notebooks_dir: Path = NOTEBOOKS) -> Path:
     as_path = Path(name)
     if as_path.suffix == ".ipynb" and as_path.is_file():
         return as_path.resolve()
-    available = sorted(
-        p for p in notebooks_dir.glob("*.ipynb") if not p.name.startswith(".")
+    available = sorted(p for p in notebooks_dir.glob("*.ipynb") if not p.name.startswith("."))
+    listing = (
+        "\n".join(f"  {_name_part(p.stem):<20} {p.relative_to(notebooks_dir.parent)}" for p in available) or "  (none)"
     )
-    listing = "\n".join(f"  {_name_part(p.stem):<20} {p.relative_to(notebooks_dir.parent)}"
-                        for p in available) or "  (none)"
     key = _norm(Path(name).stem if name.endswith(".ipynb") else name)
 
     for rule in (
         lambda p: _norm(p.stem) == key,  # 02_ioi
         lambda p: _norm(_name_part(p.stem)) == key,  # ioi, greater-than
         lambda p: _number_part(p.stem) == key,  # 02, 06b
-        lambda p: _number_part(p.stem) is not None and _number_part(p.stem).isdigit()
-        and key.isdigit() and int(_number_part(p.stem)) == int(key),  # 2
+        lambda p: _number_part(p.stem) is not None
+        and _number_part(p.stem).isdigit()
+        and key.isdigit()
+        and int(_number_part(p.stem)) == int(key),  # 2
         lambda p: _norm(_name_part(p.stem)).startswith(key),  # greater
     ):
         matches = [p for p in available if rule(p)]
@@ -83,10 +85,8 @@ def resolve_notebook(name: str, notebooks_dir: Path = NOTEBOOKS) -> Path:
             return matches[0].resolve()
         if len(matches) > 1:
             names = ", ".join(p.name for p in matches)
-            raise UsageError(f"{name!r} is ambiguous: it matches {names}.\n"
-                             f"Available notebooks:\n{listing}")
-    raise UsageError(f"no notebook matches {name!r} in {notebooks_dir}.\n"
-                     f"Available notebooks:\n{listing}")
+            raise UsageError(f"{name!r} is ambiguous: it matches {names}.\nAvailable notebooks:\n{listing}")
+    raise UsageError(f"no notebook matches {name!r} in {notebooks_dir}.\nAvailable notebooks:\n{listing}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -117,11 +117,13 @@ def check_parameters(path: Path, params: dict, declared: dict) -> None:
     if not unknown:
         return
     if not declared:
-        raise UsageError(f"{path.name} has no cell tagged 'parameters', so it takes no "
-                         f"parameters (got: {', '.join(unknown)}).")
+        raise UsageError(
+            f"{path.name} has no cell tagged 'parameters', so it takes no parameters (got: {', '.join(unknown)})."
+        )
     accepted = "\n".join(f"  {k} = {v.get('default')}" for k, v in declared.items())
-    raise UsageError(f"{path.name} has no parameter {', '.join(map(repr, unknown))}.\n"
-                     f"Its parameters cell accepts:\n{accepted}")
+    raise UsageError(
+        f"{path.name} has no parameter {', '.join(map(repr, unknown))}.\nIts parameters cell accepts:\n{accepted}"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,16 +164,14 @@ def _move_into_place(tmp: Path, root: Path, name: str) -> Path:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n",
-                    encoding="utf-8")
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,17 +181,24 @@ def _write_json(path: Path, data: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Re-run a notebook of the book with new parameters into runs/<name>/.",
-        epilog="Example: python scripts/run_notebook.py ioi --alpha 0.02 -p ablation zero")
-    parser.add_argument("notebook", metavar="NB",
-                        help="notebook name (ioi, greater-than), number (02), stem or path")
+        epilog="Example: python scripts/run_notebook.py ioi --alpha 0.02 -p ablation zero",
+    )
+    parser.add_argument("notebook", metavar="NB", help="notebook name (ioi, greater-than), number (02), stem or path")
     parser.add_argument("--alpha", type=str, help="shorthand for -p alpha A")
     parser.add_argument("--model", type=str, help="shorthand for -p model M")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
-                        metavar=("NAME", "VALUE"), help="set a parameter (repeatable)")
-    parser.add_argument("--out-root", default="runs", type=Path,
-                        help="folder that receives the run folders (default: runs)")
-    parser.add_argument("--notebooks-dir", default=NOTEBOOKS, type=Path,
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="set a parameter (repeatable)",
+    )
+    parser.add_argument(
+        "--out-root", default="runs", type=Path, help="folder that receives the run folders (default: runs)"
+    )
+    parser.add_argument("--notebooks-dir", default=NOTEBOOKS, type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--kernel", default="python3", help="Jupyter kernel (default python3)")
     parser.add_argument("--no-progress-bar", action="store_true", help="no papermill progress bar")
     return parser
@@ -240,8 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["CIRCUITLIB_RUN_DIR"] = str(tmp)
     try:
         papermill.execute_notebook(
-            str(notebook), str(tmp / notebook.name), parameters=params,
-            kernel_name=args.kernel, cwd=str(notebook.parent),
+            str(notebook),
+            str(tmp / notebook.name),
+            parameters=params,
+            kernel_name=args.kernel,
+            cwd=str(notebook.parent),
             progress_bar=not args.no_progress_bar,
         )
     except BaseException as exc:  # a failing cell, a dead kernel, Ctrl-C: keep what ran
@@ -262,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     final = _move_into_place(tmp, out_root, name if error is None else f"{name}-FAILED")
 
     if error is not None:
-        print(f"\nerror: {record['notebook']} failed; partial output kept in {final}",
-              file=sys.stderr)
+        print(f"\nerror: {record['notebook']} failed; partial output kept in {final}", file=sys.stderr)
         print(str(error), file=sys.stderr)
         if isinstance(error, KeyboardInterrupt):
             return 130

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from circuitlib.studies.derived import faithfulness_area_table, standard_metrics_table
 from circuitlib.models.loading import check_device
+from circuitlib.studies.derived import faithfulness_area_table, standard_metrics_table
 from circuitlib.studies.spec import load_spec
 
 
@@ -57,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         table.drop(columns="value_per_prompt").to_csv(args.csv, index=False)
     areas = faithfulness_area_table(table)
     by = ["task", "ablation", "include_mlps"]
-    summary = table.groupby(by).agg(circuits=("alpha", "size"), faithfulness=("faithfulness", "mean"),
-                                    accuracy=("accuracy", "mean"), constant_accuracy=("constant_accuracy", "mean"))
+    summary = table.groupby(by).agg(
+        circuits=("alpha", "size"),
+        faithfulness=("faithfulness", "mean"),
+        accuracy=("accuracy", "mean"),
+        constant_accuracy=("constant_accuracy", "mean"),
+    )
     summary = summary.join(areas.groupby(by).agg(units=("key", "size"), cpr=("cpr", "mean"), cmd=("cmd", "mean")))
     print(f"{spec.name}, {args.split} split, {table['key'].nunique()} units:")
     print(summary.round(3).to_string())

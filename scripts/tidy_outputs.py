@@ -28,14 +28,13 @@ from PIL import Image
 
 def final_lines(text: str) -> str:
     """'a\\r b\\r c\\nd' -> ' c\\nd': each line as a terminal leaves it after its carriage returns."""
-    return "\n".join(next((part for part in reversed(line.split("\r")) if part), "")
-                     for line in text.split("\n"))
+    return "\n".join(next((part for part in reversed(line.split("\r")) if part), "") for line in text.split("\n"))
 
 
 def compact_png(encoded: str) -> str:
     """A base64 PNG -> the same picture with a 256-colour palette, if it is opaque and that is smaller."""
-    image = Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGBA")   # any mode, transparency kept
-    if image.getextrema()[3][0] < 255:                                           # some transparency: leave it be
+    image = Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGBA")  # any mode, transparency kept
+    if image.getextrema()[3][0] < 255:  # some transparency: leave it be
         return encoded
     buffer = io.BytesIO()
     image.convert("RGB").quantize(256).save(buffer, format="PNG", optimize=True)
@@ -51,8 +50,12 @@ def tidy(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
             continue
         merged = []
         for out in cell.outputs:
-            if (out.output_type == "stream" and merged and merged[-1].output_type == "stream"
-                    and merged[-1].name == out.name):
+            if (
+                out.output_type == "stream"
+                and merged
+                and merged[-1].output_type == "stream"
+                and merged[-1].name == out.name
+            ):
                 merged[-1].text += out.text
             else:
                 merged.append(out)

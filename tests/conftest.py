@@ -16,8 +16,9 @@ VOCAB = 101
 def small_hf_model(arch: str, seed: int = 0, n_layers: int = 3):
     """A random HF model (Llama: 6 query heads sharing 2 K/V heads), with a wide initialisation so that
     ablations move the KL visibly."""
-    shape = dict(n_heads=4, d_model=32, d_mlp=64) if arch == "gpt2" else dict(n_heads=6, n_kv_heads=2, d_model=48,
-                                                                                  d_mlp=64)
+    shape = (
+        dict(n_heads=4, d_model=32, d_mlp=64) if arch == "gpt2" else dict(n_heads=6, n_kv_heads=2, d_model=48, d_mlp=64)
+    )
     return random_hf_model(arch, n_layers=n_layers, vocab_size=VOCAB, n_ctx=16, seed=seed, init_std=0.2, **shape)
 
 
@@ -60,9 +61,13 @@ def interruptible():
 @pytest.fixture(scope="session")
 def load_script():
     """``load_script("run_notebook")``: a script of scripts/ imported as a module (they are not a package)."""
+
     def load(name: str):
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+        )
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
+
     return load

@@ -30,8 +30,7 @@ _TH = re.compile(r"(<th\b[^>]*>)(.*?)(</th>)", re.S)
 def _drop_thebe(app, config):
     """Disconnect sphinx-thebe's listeners (it is loaded by Jupyter Book whatever the config says)."""
     for name, listeners in app.events.listeners.items():
-        app.events.listeners[name] = [
-            l for l in listeners if getattr(l.handler, "__module__", "") != "sphinx_thebe"]
+        app.events.listeners[name] = [l for l in listeners if getattr(l.handler, "__module__", "") != "sphinx_thebe"]
 
 
 def _static_path(app):
@@ -42,14 +41,16 @@ def _static_path(app):
 def _page(app, pagename, templatename, context, doctree):
     # whatever sphinx-thebe registered before its listeners were dropped
     context["script_files"] = [
-        s for s in context.get("script_files", [])
-        if "THEBE_JS_URL" not in str(getattr(s, "attributes", {}).get("body", ""))
-        and "sphinx-thebe" not in str(s)]
+        s
+        for s in context.get("script_files", [])
+        if "THEBE_JS_URL" not in str(getattr(s, "attributes", {}).get("body", "")) and "sphinx-thebe" not in str(s)
+    ]
     context["css_files"] = [c for c in context.get("css_files", []) if "sphinx-thebe" not in str(c)]
     body = context.get("body")
     if body and "<th" in body:
         context["body"] = _TH.sub(
-            lambda m: m.group(1) + re.sub(r"_(?=[^<>]*(?:<|$))", "_<wbr>", m.group(2)) + m.group(3), body)
+            lambda m: m.group(1) + re.sub(r"_(?=[^<>]*(?:<|$))", "_<wbr>", m.group(2)) + m.group(3), body
+        )
 
 
 def _write_bundle(app, exception):

@@ -1,8 +1,9 @@
 """Ablation: what a component writes when it is switched off, and hook-based ablation as reference.
 
-Components are named as in `circuitlib.core.components` ("L.H", "MLP L"). An ablated head's `hook_z` is replaced by its mean over the patching set at each
-position (mean ablation) or by zero (zero ablation); the attention output bias `b_O` stays. An
-ablated MLP's `hook_mlp_out` is replaced by its per-position mean, or by zero.
+Components are named as in `circuitlib.core.components` ("L.H", "MLP L"). An ablated head's `hook_z`
+is replaced by its mean over the patching set at each position (mean ablation) or by zero (zero
+ablation); the attention output bias `b_O` stays. An ablated MLP's `hook_mlp_out` is replaced by its
+per-position mean, or by zero.
 
 `hooked_last_logits` is the plain reference: a TransformerLens forward pass with hooks, against
 which physically pruned models and the fast extraction path are tested.
@@ -53,9 +54,9 @@ def mean_activations(model: Transformer, tokens: torch.Tensor, batch_size: int =
     z_sum = torch.zeros(cfg.n_layers, cfg.n_heads, S, cfg.d_head, dtype=torch.float64, device=model.device)
     mlp_sum = torch.zeros(cfg.n_layers, S, cfg.d_model, dtype=torch.float64, device=model.device)
     for start in range(0, n, batch_size):
-        x = model.embed(tokens[start:start + batch_size])
+        x = model.embed(tokens[start : start + batch_size])
         for l, layer in enumerate(model.layers):
-            z = layer.z(x)                                          # [B, S, H, E]
+            z = layer.z(x)  # [B, S, H, E]
             z_sum[l] += z.sum(0).transpose(0, 1).double()
             x = x + layer.attn_out(x, z)
             m = layer.mlp_out(x)
@@ -74,23 +75,28 @@ def ablation_hooks(ablated: list[str], scheme: str, means: Means | None) -> list
     for name in ablated:
         layer, head = parse_component(name)
         if head is None:
+
             def mlp_hook(out, hook, layer=layer):  # out: [B, S, D]
                 return torch.zeros_like(out) if scheme == "zero" else means.mlp[layer, : out.shape[1]].expand_as(out)
+
             hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_hook))
         else:
             heads_by_layer.setdefault(layer, []).append(head)
     for layer, heads in heads_by_layer.items():
+
         def z_hook(z, hook, layer=layer, heads=heads):  # z: [B, S, H, E]
             z = z.clone()
             z[:, :, heads] = 0.0 if scheme == "zero" else means.z[layer, heads, : z.shape[1]].transpose(0, 1)
             return z
+
         hooks.append((f"blocks.{layer}.attn.hook_z", z_hook))
     return hooks
 
 
 @torch.inference_mode()
-def hooked_last_logits(hooked, tokens: torch.Tensor, ablated: list[str], scheme: str,
-                       means: Means | None) -> torch.Tensor:
+def hooked_last_logits(
+    hooked, tokens: torch.Tensor, ablated: list[str], scheme: str, means: Means | None
+) -> torch.Tensor:
     """Last-position logits [n, V] of a HookedTransformer with `ablated` components switched off.
 
     A full forward pass computing logits at every position, as in the authors' code.

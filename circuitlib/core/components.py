@@ -27,8 +27,9 @@ def parse_component(name: str) -> tuple[int, int | None]:
         layer, head = name.split(".")
         return int(layer), int(head)
     except (ValueError, AttributeError):
-        raise ValueError(f"bad component name {name!r}: write a head as 'L.H' (e.g. '9.6') and an MLP as "
-                         "'MLP L'") from None
+        raise ValueError(
+            f"bad component name {name!r}: write a head as 'L.H' (e.g. '9.6') and an MLP as 'MLP L'"
+        ) from None
 
 
 def parse_head(name: str) -> tuple[int, int]:

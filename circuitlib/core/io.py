@@ -66,8 +66,9 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
     try:
         tempfile.TemporaryDirectory(dir=parent, prefix=".circuitlib-write-test-").cleanup()
     except OSError as e:
-        raise ValueError(f"cannot write the run folder {out_dir}: {parent} is not writable ({e.strerror}); "
-                         "choose another --out") from None
+        raise ValueError(
+            f"cannot write the run folder {out_dir}: {parent} is not writable ({e.strerror}); choose another --out"
+        ) from None
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -27,11 +27,11 @@ def available_memory(device: torch.device) -> int:
 def effective_memory_limit() -> tuple[int, str]:
     """Bytes this process can still allocate on the CPU, and which limit that is: the smallest of
 
-        free RAM                      the system's available memory (MemAvailable)
-        the address-space limit       RLIMIT_AS (`ulimit -v`, Slurm, ...) less the process's address space now
-        the cgroup's memory limit     memory.max / memory.high (v2) or memory.limit_in_bytes (v1) of the
-                                      process's cgroup and of every cgroup above it, less its usage now
-                                      (a container's or a job's limit)
+    free RAM                      the system's available memory (MemAvailable)
+    the address-space limit       RLIMIT_AS (`ulimit -v`, Slurm, ...) less the process's address space now
+    the cgroup's memory limit     memory.max / memory.high (v2) or memory.limit_in_bytes (v1) of the
+                                  process's cgroup and of every cgroup above it, less its usage now
+                                  (a container's or a job's limit)
     """
     import resource
 
@@ -48,7 +48,7 @@ def effective_memory_limit() -> tuple[int, str]:
     return limits[which], which
 
 
-_NO_LIMIT = 2**60     # cgroup v1 writes "no limit" as a huge number (9223372036854771712)
+_NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as a huge number (9223372036854771712)
 
 
 def cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -60,15 +60,15 @@ def cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = 
     headroom = []
     for line in lines:
         _, controllers, path = line.split(":", 2)
-        if controllers == "":                                   # v2 (alone, or the unified half of a hybrid)
+        if controllers == "":  # v2 (alone, or the unified half of a hybrid)
             base = root if (root / "cgroup.controllers").exists() else root / "unified"
             limit_files, usage_file = ("memory.max", "memory.high"), "memory.current"
-        elif "memory" in controllers.split(","):               # v1
+        elif "memory" in controllers.split(","):  # v1
             base, limit_files, usage_file = root / "memory", ("memory.limit_in_bytes",), "memory.usage_in_bytes"
         else:
             continue
         folder = base / path.lstrip("/")
-        while True:                                             # the cgroup and every one above it
+        while True:  # the cgroup and every one above it
             usage = _read_bytes(folder / usage_file)
             for name in limit_files:
                 limit = _read_bytes(folder / name)
@@ -85,7 +85,7 @@ def _read_bytes(path: Path) -> int | None:
         text = path.read_text().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None                # "max": no limit
+    return int(text) if text.isdigit() else None  # "max": no limit
 
 
 def _memory_name(device: torch.device) -> str:
@@ -101,8 +101,9 @@ ALLOCATION_ERRORS = ("out of memory", "can't allocate", "cannot allocate", "defa
 
 def is_allocation_failure(error: BaseException) -> bool:
     """Whether `error` is an allocator's failure (MemoryError, torch's CPU or CUDA out-of-memory error)."""
-    return isinstance(error, MemoryError) or (isinstance(error, RuntimeError)
-                                              and any(s in str(error).lower() for s in ALLOCATION_ERRORS))
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and any(s in str(error).lower() for s in ALLOCATION_ERRORS)
+    )
 
 
 def allocation_failure_reason(error: BaseException) -> str:
@@ -129,21 +130,32 @@ def out_of_memory_as_error(device: torch.device, per_item: int, fixed: int, n: i
         del e
         free = available_memory(device)
         fits = min((free - fixed) // per_item, n // 2)
-        fix = (f"lower {knob} to at most {fits}" if fits >= 1 else
-               f"even {knob} 1 does not fit: free memory or raise the limit ({free / 2**30:.1f} GiB free)")
-        raise OutOfMemory(f"ran out of memory during {what} at {knob} {n} ({reason}); nothing was written; "
-                          f"{fix}") from None
+        fix = (
+            f"lower {knob} to at most {fits}"
+            if fits >= 1
+            else f"even {knob} 1 does not fit: free memory or raise the limit ({free / 2**30:.1f} GiB free)"
+        )
+        raise OutOfMemory(
+            f"ran out of memory during {what} at {knob} {n} ({reason}); nothing was written; {fix}"
+        ) from None
 
 
-def check_fits(device: torch.device, per_item: int, fixed: int, n: int, what: str, knob: str = "--n",
-               small_enough: str = "") -> None:
+def check_fits(
+    device: torch.device, per_item: int, fixed: int, n: int, what: str, knob: str = "--n", small_enough: str = ""
+) -> None:
     """Refuse, before the work, an `n` whose estimate (`fixed` + `per_item` bytes each) exceeds the free
     memory, naming the largest `knob` that fits (or, when not even one does, `small_enough` settings)."""
     need, free = fixed + n * per_item, available_memory(device)
     if need > free:
         fits = (free - fixed) // per_item
-        fix = (f"lower {knob} to at most {fits}" if fits >= 1 else
-               f"not even {knob} 1 fits: " + (f"try {small_enough}, " if small_enough else "")
-               + "free memory or raise the limit")
-        raise OutOfMemory(f"{knob} {n} would need about {need / 2**30:.1f} GiB for {what} but {free / 2**30:.1f} GiB "
-                          f"are free on {_memory_name(device)}; {fix}")
+        fix = (
+            f"lower {knob} to at most {fits}"
+            if fits >= 1
+            else f"not even {knob} 1 fits: "
+            + (f"try {small_enough}, " if small_enough else "")
+            + "free memory or raise the limit"
+        )
+        raise OutOfMemory(
+            f"{knob} {n} would need about {need / 2**30:.1f} GiB for {what} but {free / 2**30:.1f} GiB "
+            f"are free on {_memory_name(device)}; {fix}"
+        )

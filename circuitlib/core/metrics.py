@@ -38,8 +38,10 @@ def kl_divergence(full_last_logits: torch.Tensor, other_last_logits: torch.Tenso
     KL(x, x) is exactly 0.
     """
     if full_last_logits.ndim != 2 or full_last_logits.shape != other_last_logits.shape:
-        raise ValueError(f"kl_divergence needs two [n, vocab] tensors of the same shape (logits at the last "
-                         f"position only); got {list(full_last_logits.shape)} and {list(other_last_logits.shape)}")
+        raise ValueError(
+            f"kl_divergence needs two [n, vocab] tensors of the same shape (logits at the last "
+            f"position only); got {list(full_last_logits.shape)} and {list(other_last_logits.shape)}"
+        )
     return kl_to(log_probs(full_last_logits), other_last_logits)
 
 
@@ -59,7 +61,7 @@ def accuracy(task, split, last_logits: torch.Tensor) -> float:
     last_logits: [n, V] logits at the last position
     Returns correct / n exactly as a Python float (a float32 mean would give 0.9639999866 for 241/250).
     """
-    correct = task.correct(split, last_logits)   # [n] bool
+    correct = task.correct(split, last_logits)  # [n] bool
     return int(correct.sum().item()) / correct.numel()
 
 
@@ -86,13 +88,16 @@ def tpr_fpr(found_heads: Iterable[str], ground_truth: Iterable[str], n_heads_tot
     """
     found, truth = _heads(found_heads, "found_heads"), _heads(ground_truth, "ground_truth")
     if not truth or len(truth) >= n_heads_total:
-        raise ValueError(f"need 0 < |ground_truth| < n_heads_total; got {len(truth)} ground-truth heads "
-                         f"and n_heads_total={n_heads_total}")
+        raise ValueError(
+            f"need 0 < |ground_truth| < n_heads_total; got {len(truth)} ground-truth heads "
+            f"and n_heads_total={n_heads_total}"
+        )
     return len(found & truth) / len(truth), len(found - truth) / (n_heads_total - len(truth))
 
 
-def roc_curve(fprs: Iterable[float], tprs: Iterable[float], *,
-              add_endpoints: bool = True) -> tuple[list[float], list[float]]:
+def roc_curve(
+    fprs: Iterable[float], tprs: Iterable[float], *, add_endpoints: bool = True
+) -> tuple[list[float], list[float]]:
     """The points (one per alpha) sorted by FPR (then TPR), as (fprs, tprs).
 
     add_endpoints: add (0, 0) and (1, 1), the curves of "keep no head" and "keep every head".
@@ -116,8 +121,9 @@ def roc_auc(fprs: Iterable[float], tprs: Iterable[float], *, add_endpoints: bool
     return sum((x1 - x0) * (y0 + y1) / 2 for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]))
 
 
-def time_forward(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20,
-                 device: torch.device | str | None = None) -> dict:
+def time_forward(
+    fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20, device: torch.device | str | None = None
+) -> dict:
     """Wall-clock seconds of `fn()` (e.g. `lambda: model(tokens)`, always the same input).
 
     Runs `warmup` untimed calls, then `repeats` timed ones, all under `torch.inference_mode()`.
@@ -146,8 +152,9 @@ def time_forward(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20
             fn()
             synchronize()
             times.append(time.perf_counter() - start)
-    p10, median, p90 = torch.tensor(times, dtype=torch.float64).quantile(
-        torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    p10, median, p90 = (
+        torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
+    )
     return {"median_s": median, "p10_s": p10, "p90_s": p90, "repeats": repeats, "times_s": times}
 
 
@@ -181,9 +188,9 @@ def best_other_logit_difference(last_logits: torch.Tensor, right: torch.Tensor, 
     right = right.to(logits.device)
     if not bool((options[None, :] == right[:, None]).any(-1).all()):
         raise ValueError("every right token must be one of the options (e.g. the acronym's letter among the letters)")
-    option_logits = logits[:, options]                                           # [n, k]
-    is_right = options[None, :] == right[:, None]                                # [n, k]
-    best_other = option_logits.masked_fill(is_right, float("-inf")).amax(-1)     # [n]
+    option_logits = logits[:, options]  # [n, k]
+    is_right = options[None, :] == right[:, None]  # [n, k]
+    best_other = option_logits.masked_fill(is_right, float("-inf")).amax(-1)  # [n]
     return logits[torch.arange(len(logits), device=logits.device), right] - best_other
 
 
@@ -198,10 +205,12 @@ def probability_difference(last_logits: torch.Tensor, candidates: torch.Tensor, 
     so it is sum P(d > start's tens digit) - sum P(d <= it) over those ten tokens.
     """
     if accepted.ndim != 2 or tuple(accepted.shape) != (len(last_logits), len(candidates)):
-        raise ValueError(f"accepted must be [n prompts, k candidates] = [{len(last_logits)}, {len(candidates)}]; "
-                         f"got {list(accepted.shape)}")
+        raise ValueError(
+            f"accepted must be [n prompts, k candidates] = [{len(last_logits)}, {len(candidates)}]; "
+            f"got {list(accepted.shape)}"
+        )
     probs = log_probs(last_logits).exp()[:, candidates.to(last_logits.device)]  # [n, k]
-    sign = accepted.to(probs.device).to(torch.float64) * 2 - 1                 # +1 accepted, -1 not
+    sign = accepted.to(probs.device).to(torch.float64) * 2 - 1  # +1 accepted, -1 not
     return (probs * sign).sum(-1)
 
 
@@ -255,5 +264,7 @@ def faithfulness_areas(sizes: Iterable[float], faithfulness: Iterable[float]) ->
 
 def _check_rows(last_logits: torch.Tensor, tokens: torch.Tensor, what: str) -> None:
     if last_logits.ndim != 2 or tokens.ndim != 1 or len(tokens) != len(last_logits):
-        raise ValueError(f"need [n, vocab] logits and one {what} token per prompt; got {list(last_logits.shape)} "
-                         f"and {list(tokens.shape)}")
+        raise ValueError(
+            f"need [n, vocab] logits and one {what} token per prompt; got {list(last_logits.shape)} "
+            f"and {list(tokens.shape)}"
+        )

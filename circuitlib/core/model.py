@@ -45,8 +45,8 @@ FORMAT_VERSION = 1
 class ModelConfig:
     """Shape and family of a (full) model. `name` says which model made a result."""
 
-    name: str            # e.g. "gpt2", "smollm2-135m", "tiny-gpt2"
-    arch: str            # "gpt2" | "llama"
+    name: str  # e.g. "gpt2", "smollm2-135m", "tiny-gpt2"
+    arch: str  # "gpt2" | "llama"
     n_layers: int
     d_model: int
     n_heads: int
@@ -57,17 +57,19 @@ class ModelConfig:
     n_kv_heads: int = 0  # 0 means "same as n_heads" (no grouping)
     norm_eps: float = 1e-5
     rotary_base: float = 10000.0
-    causal: bool = True         # False: every position attends to every position
+    causal: bool = True  # False: every position attends to every position
     normalization: bool = True  # False: no LayerNorm / RMSNorm anywhere (the norms are the identity)
-    activation: str = ""        # MLP activation: "" = the family's own (GELU-tanh, gated SiLU); "relu" (gpt2 only)
-    d_vocab_out: int = 0        # 0: unembedding tied to W_E; > 0: an own unembedding W_U [d_model, d_vocab_out]
+    activation: str = ""  # MLP activation: "" = the family's own (GELU-tanh, gated SiLU); "relu" (gpt2 only)
+    d_vocab_out: int = 0  # 0: unembedding tied to W_E; > 0: an own unembedding W_U [d_model, d_vocab_out]
 
     def __post_init__(self):
         if self.arch not in ("gpt2", "llama"):
             raise ValueError(f"unknown architecture {self.arch!r}; use 'gpt2' or 'llama'")
         if self.activation not in ("", "relu") or (self.activation and self.arch != "gpt2"):
-            raise ValueError(f"activation {self.activation!r} is not available for arch {self.arch!r}; "
-                             "use '' (the family's own) or 'relu' with arch 'gpt2'")
+            raise ValueError(
+                f"activation {self.activation!r} is not available for arch {self.arch!r}; "
+                "use '' (the family's own) or 'relu' with arch 'gpt2'"
+            )
         if self.d_vocab_out < 0:
             raise ValueError(f"d_vocab_out must be >= 0 (0 ties the unembedding to W_E), got {self.d_vocab_out}")
         if self.n_kv_heads == 0:
@@ -88,8 +90,8 @@ class LayerPlan:
     heads: list[int]
     has_mlp: bool = True
     attn_ablation: bool = False  # a per-position bias stands in for removed heads
-    mlp_ablation: bool = False   # a per-position bias stands in for a removed MLP
-    ablation_len: int = 0        # S of those biases
+    mlp_ablation: bool = False  # a per-position bias stands in for a removed MLP
+    ablation_len: int = 0  # S of those biases
 
     def kv_heads(self, cfg: ModelConfig) -> list[int]:
         """K/V heads still needed: a K/V head goes only when all of its query heads are gone."""
@@ -130,9 +132,9 @@ def rotate(x, base: float, start: int = 0):
     S, E = x.shape[-2], x.shape[-1]
     inv_freq = 1.0 / (base ** (torch.arange(0, E, 2, dtype=torch.float32, device=x.device) / E))
     positions = torch.arange(start, start + S, dtype=torch.float32, device=x.device)
-    angles = positions[:, None] * inv_freq                 # [S, E/2]
-    angles = torch.cat([angles, angles], dim=-1)           # [S, E]
-    x1, x2 = x[..., : E // 2], x[..., E // 2:]
+    angles = positions[:, None] * inv_freq  # [S, E/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [S, E]
+    x1, x2 = x[..., : E // 2], x[..., E // 2 :]
     return x * angles.cos() + torch.cat([-x2, x1], dim=-1) * angles.sin()
 
 
@@ -157,8 +159,9 @@ class Layer(nn.Module):
             self.b_V = nn.Parameter(torch.zeros(K, E)) if gpt2 else None
             kv = plan.kv_heads(cfg)
             # kv_of_head[i]: position, among the kept K/V heads, of the K/V head of kept query head i
-            self.register_buffer("kv_of_head", torch.tensor([kv.index(h // cfg.group_size) for h in plan.heads]),
-                                 persistent=False)
+            self.register_buffer(
+                "kv_of_head", torch.tensor([kv.index(h // cfg.group_size) for h in plan.heads]), persistent=False
+            )
         # The attention output bias stays whatever happens to the heads (as with hook_z ablation).
         self.b_O = nn.Parameter(torch.zeros(D)) if gpt2 else None
         if plan.has_mlp:
@@ -185,25 +188,25 @@ class Layer(nn.Module):
         S = p + x.shape[1]
         h = self.ln1(x)
         q = torch.einsum("bsd,hde->bhse", h[:, -1:] if last_only else h, self.W_Q)  # [B, H, s or 1, E]
-        k, v = self._keys_values(h, start=p)                                         # [B, K, s, E] each
+        k, v = self._keys_values(h, start=p)  # [B, K, s, E] each
         if self.b_Q is not None:
             q = q + self.b_Q[:, None]
         if self.cfg.arch == "llama":
             q = rotate(q, self.cfg.rotary_base, start=S - 1 if last_only else p)
         if prefix is not None:
-            k_pre, v_pre = self._keys_values(self.ln1(prefix), start=0)              # [1, K, p, E] each
+            k_pre, v_pre = self._keys_values(self.ln1(prefix), start=0)  # [1, K, p, E] each
             B = x.shape[0]
-            k = torch.cat([k_pre.expand(B, -1, -1, -1), k], dim=2)                   # [B, K, S, E]
+            k = torch.cat([k_pre.expand(B, -1, -1, -1), k], dim=2)  # [B, K, S, E]
             v = torch.cat([v_pre.expand(B, -1, -1, -1), v], dim=2)
         k, v = k[:, self.kv_of_head], v[:, self.kv_of_head]  # [B, H, S, E]: each query head's K/V
-        if last_only:    # the last query sees every key: no mask
+        if last_only:  # the last query sees every key: no mask
             z = F.scaled_dot_product_attention(q, k, v)
         elif p == 0 or not self.cfg.causal:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=self.cfg.causal)
-        else:            # query i is position p + i and sees keys 0..p + i
+        else:  # query i is position p + i and sees keys 0..p + i
             seen = torch.arange(S, device=x.device)[None, :] <= torch.arange(p, S, device=x.device)[:, None]
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
-        return z.transpose(1, 2)                                                     # [B, s or 1, H, E]
+        return z.transpose(1, 2)  # [B, s or 1, H, E]
 
     def _keys_values(self, h, start: int):
         """Keys and values [B, K, s, E] of the normed input h [B, s, D] at positions start.. (rotary applied)."""
@@ -225,7 +228,7 @@ class Layer(nn.Module):
             q, k = q + self.b_Q[:, None], k + self.b_K[self.kv_of_head][:, None]
         if self.cfg.arch == "llama":
             q, k = rotate(q, self.cfg.rotary_base), rotate(k, self.cfg.rotary_base)
-        scores = q @ k.transpose(-1, -2) / E ** 0.5                               # [B, H, S, S]
+        scores = q @ k.transpose(-1, -2) / E**0.5  # [B, H, S, S]
         if not self.cfg.causal:
             return scores.softmax(-1)
         causal = torch.ones(S, S, dtype=torch.bool, device=x.device).tril()
@@ -324,9 +327,11 @@ class Transformer(nn.Module):
     def embed(self, tokens):
         """tokens: [B, S] int64 (on any device; moved to the model's) -> residual stream [B, S, D]."""
         if tokens.shape[1] > self.max_len:
-            raise ValueError(f"input has {tokens.shape[1]} tokens but this model takes at most {self.max_len} tokens "
-                             "(its context, or the prompt length its per-position mean-ablation biases were "
-                             "computed for); shorten the prompts")
+            raise ValueError(
+                f"input has {tokens.shape[1]} tokens but this model takes at most {self.max_len} tokens "
+                "(its context, or the prompt length its per-position mean-ablation biases were "
+                "computed for); shorten the prompts"
+            )
         x = self.W_E[tokens.to(self.W_E.device)]
         if self.W_pos is not None:
             x = x + self.W_pos[: tokens.shape[1]]
@@ -397,12 +402,12 @@ class Transformer(nn.Module):
         D, E = cfg.d_model, cfg.d_head
         for i, layer in enumerate(self.layers):
             last = last_only and i == len(self.layers) - 1
-            Sq = 1 if last else S                                          # query positions computed
+            Sq = 1 if last else S  # query positions computed
             H, K = len(layer.heads), len(layer.plan.kv_heads(cfg))
-            total += 2 * D * E * (H * Sq + 2 * K * S)                         # W_Q on queries, W_K and W_V
-            seen = S * (S + 1) // 2 if cfg.causal else S * S                 # (query, key) pairs
-            total += 2 * 2 * H * E * (S if last else seen)                    # scores and mixing
-            total += 2 * H * E * D * Sq                                       # W_O
+            total += 2 * D * E * (H * Sq + 2 * K * S)  # W_Q on queries, W_K and W_V
+            seen = S * (S + 1) // 2 if cfg.causal else S * S  # (query, key) pairs
+            total += 2 * 2 * H * E * (S if last else seen)  # scores and mixing
+            total += 2 * H * E * D * Sq  # W_O
             if layer.plan.has_mlp:
                 total += 2 * D * cfg.d_mlp * Sq * (2 if layer.W_gate is None else 3)
         return total + 2 * D * (cfg.d_vocab_out or cfg.d_vocab) * (1 if last_only else S)
@@ -442,17 +447,22 @@ class Transformer(nn.Module):
         meta_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for p in (meta_path, weights_path):
             if not p.is_file():
-                raise FileNotFoundError(f"{p} is missing: {directory} is not a saved circuitlib model "
-                                        "(save one with Transformer.save or `python -m circuitlib extract`)")
+                raise FileNotFoundError(
+                    f"{p} is missing: {directory} is not a saved circuitlib model "
+                    "(save one with Transformer.save or `python -m circuitlib extract`)"
+                )
         try:
             meta = json.loads(meta_path.read_text())
             cfg, plan = ModelConfig(**meta["config"]), [LayerPlan(**p) for p in meta["plan"]]
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{meta_path} is not a valid circuitlib model description ({e}); "
-                             "re-save the model") from None
+            raise ValueError(
+                f"{meta_path} is not a valid circuitlib model description ({e}); re-save the model"
+            ) from None
         if _sha256(weights_path) != meta.get("weights_sha256"):
-            raise ValueError(f"{weights_path} does not match the checksum in {meta_path}: the file is truncated, "
-                             "corrupted or from another model; re-save or re-extract the model")
+            raise ValueError(
+                f"{weights_path} does not match the checksum in {meta_path}: the file is truncated, "
+                "corrupted or from another model; re-save or re-extract the model"
+            )
         model = cls(cfg, plan, meta.get("ablation"))
         state = load_file(str(weights_path), device=device)
         try:

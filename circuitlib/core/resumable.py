@@ -51,11 +51,16 @@ def load_checkpoint(path: str | os.PathLike | None, settings: dict) -> dict | No
     if path is None or not Path(path).exists():
         return None
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    differ = [f"{k} {saved['settings'].get(k)!r} (checkpoint) vs {v!r} (this training)" for k, v in settings.items()
-              if saved["settings"].get(k) != v]
+    differ = [
+        f"{k} {saved['settings'].get(k)!r} (checkpoint) vs {v!r} (this training)"
+        for k, v in settings.items()
+        if saved["settings"].get(k) != v
+    ]
     if differ:
-        raise ValueError(f"the checkpoint {path} belongs to another training: {'; '.join(differ)}; "
-                         "delete it to start afresh, or train with its settings")
+        raise ValueError(
+            f"the checkpoint {path} belongs to another training: {'; '.join(differ)}; "
+            "delete it to start afresh, or train with its settings"
+        )
     return saved
 
 

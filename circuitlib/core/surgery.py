@@ -37,8 +37,10 @@ def plan_for(model: Transformer, kept: Iterable[str], scheme: str, seq_len: int)
             raise ValueError(f"component names must be strings ('L.H' for a head, 'MLP L' for an MLP); got {name!r}")
         layer, head = parse_component(name)
         if not (0 <= layer < cfg.n_layers) or (head is not None and not 0 <= head < cfg.n_heads):
-            raise ValueError(f"component {name!r} does not exist in a model with {cfg.n_layers} layers "
-                             f"and {cfg.n_heads} heads per layer")
+            raise ValueError(
+                f"component {name!r} does not exist in a model with {cfg.n_layers} layers "
+                f"and {cfg.n_heads} heads per layer"
+            )
         if (layer, head) in seen:
             same = "" if seen[layer, head] == name else f" (as {seen[layer, head]!r})"
             raise ValueError(f"the kept components name {name!r} twice{same}; list each component once")
@@ -48,11 +50,16 @@ def plan_for(model: Transformer, kept: Iterable[str], scheme: str, seq_len: int)
         else:
             heads[layer].append(head)
     mean = scheme == "mean"
-    return [LayerPlan(heads=sorted(heads[l]), has_mlp=l in mlps,
-                      attn_ablation=mean and len(heads[l]) < cfg.n_heads,
-                      mlp_ablation=mean and l not in mlps,
-                      ablation_len=seq_len if mean else 0)
-            for l in range(cfg.n_layers)]
+    return [
+        LayerPlan(
+            heads=sorted(heads[l]),
+            has_mlp=l in mlps,
+            attn_ablation=mean and len(heads[l]) < cfg.n_heads,
+            mlp_ablation=mean and l not in mlps,
+            ablation_len=seq_len if mean else 0,
+        )
+        for l in range(cfg.n_layers)
+    ]
 
 
 @torch.no_grad()
@@ -88,7 +95,9 @@ def _plans(model: Transformer, kept: Iterable[str], scheme: str, means: Means | 
     if isinstance(kept, str):
         raise ValueError(f"kept must be a list of component names, not one string ({kept!r}); e.g. ['9.6', 'MLP 0']")
     if scheme == "mean" and means is None:
-        raise ValueError("mean-ablation pruning needs the patching-set means (circuitlib.core.ablation.mean_activations)")
+        raise ValueError(
+            "mean-ablation pruning needs the patching-set means (circuitlib.core.ablation.mean_activations)"
+        )
     return plan_for(model, kept, scheme, means.z.shape[2] if means is not None else 0)
 
 
@@ -99,8 +108,15 @@ def _copy_layer(new, old, layer: int, means: Means | None) -> None:
     if heads:
         kv = new.plan.kv_heads(cfg)
         new.ln1.load_state_dict(old.ln1.state_dict())
-        for name, rows in (("W_Q", heads), ("b_Q", heads), ("W_O", heads),
-                           ("W_K", kv), ("b_K", kv), ("W_V", kv), ("b_V", kv)):
+        for name, rows in (
+            ("W_Q", heads),
+            ("b_Q", heads),
+            ("W_O", heads),
+            ("W_K", kv),
+            ("b_K", kv),
+            ("W_V", kv),
+            ("b_V", kv),
+        ):
             if getattr(new, name) is not None:
                 getattr(new, name).copy_(getattr(old, name)[rows])
     if new.b_O is not None:

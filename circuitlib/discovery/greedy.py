@@ -61,6 +61,7 @@ ORDERS = ("heads-ascending", "heads-descending")
 class ResumeError(ValueError):
     """A sweep was asked to resume from a snapshot of other alphas or of another traversal."""
 
+
 METHODS = ("fast", "plain")
 
 
@@ -115,8 +116,9 @@ class Circuit:
     @property
     def kept_heads(self) -> list[str]:
         gone = set(self.pruned)
-        return [head_name(l, h) for l in range(self.n_layers) for h in range(self.n_heads)
-                if head_name(l, h) not in gone]
+        return [
+            head_name(l, h) for l in range(self.n_layers) for h in range(self.n_heads) if head_name(l, h) not in gone
+        ]
 
     @property
     def kept_mlps(self) -> list[int]:
@@ -160,8 +162,10 @@ def check_alpha(alpha) -> float:
     if math.isnan(alpha) or alpha < 0:
         raise ValueError(f"alpha must be a number >= 0 (a KL threshold), got {alpha}; try e.g. 0.01")
     if math.isinf(alpha):
-        raise ValueError("alpha must be finite (circuit.json must stay valid JSON); to remove every component "
-                         "give a large threshold such as 1e9")
+        raise ValueError(
+            "alpha must be finite (circuit.json must stay valid JSON); to remove every component "
+            "give a large threshold such as 1e9"
+        )
     return alpha + 0.0  # -0.0 -> 0.0
 
 
@@ -173,30 +177,49 @@ def _check_batches(model: Transformer, patching, validation, means: Means | None
     """
     for name, tokens in (("patching", patching), ("validation", validation)):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
-            raise ValueError(f"{name} tokens must be a LongTensor [n_prompts, seq]; got "
-                             f"{getattr(tokens, 'shape', type(tokens))} — pad or filter prompts to one token length")
+            raise ValueError(
+                f"{name} tokens must be a LongTensor [n_prompts, seq]; got "
+                f"{getattr(tokens, 'shape', type(tokens))} — pad or filter prompts to one token length"
+            )
         if len(tokens) == 0:
             raise ValueError(f"{name} set is empty")
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab):
-            raise ValueError(f"{name} tokens must be ids in [0, {model.cfg.d_vocab}) for this model's vocabulary; "
-                             f"found {int(tokens.min())}..{int(tokens.max())} — tokenise with the model's tokenizer")
+            raise ValueError(
+                f"{name} tokens must be ids in [0, {model.cfg.d_vocab}) for this model's vocabulary; "
+                f"found {int(tokens.min())}..{int(tokens.max())} — tokenise with the model's tokenizer"
+            )
     if patching.shape[1] != validation.shape[1]:
-        raise ValueError(f"patching prompts have {patching.shape[1]} tokens but validation prompts have "
-                         f"{validation.shape[1]}: the means are per position, so both must have one length; "
-                         "make both sets from the same task")
+        raise ValueError(
+            f"patching prompts have {patching.shape[1]} tokens but validation prompts have "
+            f"{validation.shape[1]}: the means are per position, so both must have one length; "
+            "make both sets from the same task"
+        )
     if means is not None and means.z.shape[2] != patching.shape[1]:
-        raise ValueError(f"means were computed on prompts of {means.z.shape[2]} tokens but the prompts have "
-                         f"{patching.shape[1]}; compute them with mean_activations(model, patching)")
+        raise ValueError(
+            f"means were computed on prompts of {means.z.shape[2]} tokens but the prompts have "
+            f"{patching.shape[1]}; compute them with mean_activations(model, patching)"
+        )
     if patching.shape[1] > model.max_len:
-        raise ValueError(f"prompts have {patching.shape[1]} tokens but this model takes at most {model.max_len}; "
-                         "shorten the prompts")
+        raise ValueError(
+            f"prompts have {patching.shape[1]} tokens but this model takes at most {model.max_len}; shorten the prompts"
+        )
     return patching, validation
 
 
-def extract(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, *, alpha: float,
-            ablation: str = "mean", include_mlps: bool = False, order: str = "heads-ascending",
-            method: str = "fast", progress: bool = True, means: Means | None = None,
-            batch_candidates: bool | None = None) -> Circuit:
+def extract(
+    model: Transformer,
+    patching: torch.Tensor,
+    validation: torch.Tensor,
+    *,
+    alpha: float,
+    ablation: str = "mean",
+    include_mlps: bool = False,
+    order: str = "heads-ascending",
+    method: str = "fast",
+    progress: bool = True,
+    means: Means | None = None,
+    batch_candidates: bool | None = None,
+) -> Circuit:
     """Run Algorithm 1 on the full `model`.
 
     patching:   [n_a, S] prompts whose per-position means stand in for ablated components (D_a)
@@ -207,8 +230,18 @@ def extract(model: Transformer, patching: torch.Tensor, validation: torch.Tensor
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose 'fast' or 'plain'")
     if method == "fast":
-        return sweep(model, patching, validation, [alpha], ablation=ablation, include_mlps=include_mlps,
-                     order=order, progress=progress, means=means, batch_candidates=batch_candidates)[0]
+        return sweep(
+            model,
+            patching,
+            validation,
+            [alpha],
+            ablation=ablation,
+            include_mlps=include_mlps,
+            order=order,
+            progress=progress,
+            means=means,
+            batch_candidates=batch_candidates,
+        )[0]
     alpha, scheme = check_alpha(alpha), check_scheme(ablation)
     patching, validation = _check_batches(model, patching, validation, means)
     from circuitlib.core.convert import to_hooked
@@ -220,8 +253,11 @@ def extract(model: Transformer, patching: torch.Tensor, validation: torch.Tensor
     full = log_probs(hooked_last_logits(hooked, validation, [], scheme, means))
     circuit = Circuit(model.cfg.name, model.cfg.n_layers, model.cfg.n_heads, alpha, scheme, include_mlps, order)
     ablated, kl = [], 0.0
-    for name in tqdm(traversal(model.cfg.n_layers, model.cfg.n_heads, include_mlps, order),
-                     desc=f"extract (plain, alpha={alpha:g})", disable=not progress):
+    for name in tqdm(
+        traversal(model.cfg.n_layers, model.cfg.n_heads, include_mlps, order),
+        desc=f"extract (plain, alpha={alpha:g})",
+        disable=not progress,
+    ):
         kl_new = kl_to(full, hooked_last_logits(hooked, validation, ablated + [name], scheme, means))
         pruned = kl_new - kl < alpha
         circuit.decisions.append(Decision(name, kl, kl_new, pruned))
@@ -234,8 +270,14 @@ def extract(model: Transformer, patching: torch.Tensor, validation: torch.Tensor
 class _State:
     """The model g shared by a set of alphas: what is ablated so far and the pruned layers above."""
 
-    def __init__(self, alphas: list[int], decisions: list[Decision], kl: float, above: list,
-                 ahead: dict[str, float] | None = None):
+    def __init__(
+        self,
+        alphas: list[int],
+        decisions: list[Decision],
+        kl: float,
+        above: list,
+        ahead: dict[str, float] | None = None,
+    ):
         self.alphas, self.decisions, self.kl, self.above = alphas, decisions, kl, above
         # batched candidates: KL of each later candidate of this layer, computed assuming that
         # every candidate before it is removed (valid while this state removes them)
@@ -247,8 +289,8 @@ class _State:
 
 def shared_prefix_length(*token_sets: torch.Tensor) -> int:
     """How many leading positions every prompt of every set has in common ([n_i, S] each), at most S - 1."""
-    tokens = torch.cat(token_sets)                               # [n, S]
-    same = (tokens == tokens[:1]).all(0)                         # [S]: position identical in every prompt
+    tokens = torch.cat(token_sets)  # [n, S]
+    same = (tokens == tokens[:1]).all(0)  # [S]: position identical in every prompt
     differs = (~same).nonzero()
     p = int(differs[0]) if len(differs) else tokens.shape[1]
     return min(p, tokens.shape[1] - 1)
@@ -261,28 +303,27 @@ class FastPath:
             only; see the module docstring); 0 recomputes every position.
     """
 
-    def __init__(self, model: Transformer, validation: torch.Tensor, scheme: str, means: Means | None,
-                 prefix: int = 0):
+    def __init__(self, model: Transformer, validation: torch.Tensor, scheme: str, means: Means | None, prefix: int = 0):
         self.model, self.scheme, self.means, self.prefix = model, scheme, means, prefix
-        self.resid = []                                   # resid[l]: [n, S, D], input of layer l in f
+        self.resid = []  # resid[l]: [n, S, D], input of layer l in f
         x = model.embed(validation)
         for layer in model.layers:
             self.resid.append(x)
             x = layer(x)
-        self.full = log_probs(model.unembed(x[:, -1]))    # [n, V]: f's last-position log-probs (float64)
+        self.full = log_probs(model.unembed(x[:, -1]))  # [n, V]: f's last-position log-probs (float64)
         self.layer_cache: dict[tuple, object] = {}
 
     def enter(self, layer: int) -> None:
         """Per-head outputs of `layer` in f (its input is f's), and what each is replaced by."""
         L = self.model.layers[layer]
         x = self.resid[layer]
-        z = L.z(x)                                                        # [n, S, H, E]
-        self.head_out = torch.einsum("bshe,hed->hbsd", z, L.W_O)          # [H, n, S, D]
+        z = L.z(x)  # [n, S, H, E]
+        self.head_out = torch.einsum("bshe,hed->hbsd", z, L.W_O)  # [H, n, S, D]
         self.attn_full = self.head_out.sum(0) + (L.b_O if L.b_O is not None else 0.0)
         S, H = x.shape[1], self.model.cfg.n_heads
         if self.scheme == "mean":
             self.head_repl = torch.einsum("hse,hed->hsd", self.means.z[layer], L.W_O)  # [H, S, D]
-            self.mlp_repl = self.means.mlp[layer]                                     # [S, D]
+            self.mlp_repl = self.means.mlp[layer]  # [S, D]
         else:
             self.head_repl = torch.zeros(H, S, x.shape[2], device=x.device, dtype=x.dtype)
             self.mlp_repl = torch.zeros(S, x.shape[2], device=x.device, dtype=x.dtype)
@@ -304,20 +345,20 @@ class FastPath:
         pos = slice(P, S) if top >= 0 else slice(S - 1, S)
         x = torch.cat([self._layer_output(layer, ablated, pos) for ablated in ablated_sets])  # [k * n, s, D]
         for i, upper in enumerate(above):
-            prefix = self.resid[layer + 1 + i][:1, :P] if P else None   # f's input there: [1, P, D]
+            prefix = self.resid[layer + 1 + i][:1, :P] if P else None  # f's input there: [1, P, D]
             if i < top:
                 x = upper(x, prefix=prefix)
             elif i == top:
                 x, pos = upper(x, last_only=True, prefix=prefix), slice(S - 1, S)
             else:
                 x = upper.forward_positionwise(x, pos)
-        logits = self.model.unembed(x[:, -1])                                        # [k * n, V]
+        logits = self.model.unembed(x[:, -1])  # [k * n, V]
         return [kl_to(self.full, chunk) for chunk in logits.split(len(self.full))]
 
     def _layer_output(self, layer: int, ablated: list[str], pos: slice):
         """Output [n, s, D] of `layer` at positions `pos` with `ablated` (its heads and/or MLP) replaced."""
         heads = [parse_component(c)[1] for c in ablated if not is_mlp(c)]
-        x = self.resid[layer][:, pos] + self.attn_full[:, pos]                     # [n, s, D]
+        x = self.resid[layer][:, pos] + self.attn_full[:, pos]  # [n, s, D]
         if heads:
             x = x + (self.head_repl[heads][:, None, pos] - self.head_out[heads][:, :, pos]).sum(0)
         L = self.model.layers[layer]
@@ -328,18 +369,30 @@ class FastPath:
         key = (layer, tuple(sorted(ablated)))
         if key not in self.layer_cache:
             cfg = self.model.cfg
-            kept = [c for c in [head_name(layer, h) for h in range(cfg.n_heads)] + [mlp_name(layer)]
-                    if c not in ablated]
+            kept = [
+                c for c in [head_name(layer, h) for h in range(cfg.n_heads)] + [mlp_name(layer)] if c not in ablated
+            ]
             self.layer_cache[key] = prune_layer(self.model, layer, kept, self.scheme, self.means)
         return self.layer_cache[key]
 
 
 @torch.inference_mode()
-def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, alphas: list[float], *,
-          ablation: str = "mean", include_mlps: bool = False, order: str = "heads-ascending",
-          progress: bool = True, means: Means | None = None, batch_candidates: bool | None = None,
-          on_step: Callable[[int, int, int], None] | None = None,
-          on_layer: Callable[[dict], None] | None = None, resume: dict | None = None) -> list[Circuit]:
+def sweep(
+    model: Transformer,
+    patching: torch.Tensor,
+    validation: torch.Tensor,
+    alphas: list[float],
+    *,
+    ablation: str = "mean",
+    include_mlps: bool = False,
+    order: str = "heads-ascending",
+    progress: bool = True,
+    means: Means | None = None,
+    batch_candidates: bool | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
+    on_layer: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+) -> list[Circuit]:
     """Algorithm 1 for every alpha in `alphas` in one walk (fast path); one Circuit per alpha, in order.
 
     Identical to running `extract` separately for each alpha. `means` as in `extract`.
@@ -369,8 +422,9 @@ def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, 
         batch_candidates = model.device.type == "cuda"
     # A shared start is left alone only where attention is causal (later tokens cannot change it).
     shared = scheme == "mean" and model.cfg.causal
-    fast = FastPath(model, validation, scheme, means,
-                     prefix=shared_prefix_length(patching, validation) if shared else 0)
+    fast = FastPath(
+        model, validation, scheme, means, prefix=shared_prefix_length(patching, validation) if shared else 0
+    )
     states, start = [_State(list(range(len(alphas))), [], 0.0, [])], cfg.n_layers - 1
     if resume is not None:
         states, start = _resumed_states(resume, alphas, names, fast)
@@ -387,17 +441,24 @@ def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, 
                 if not batch_candidates:
                     kl_new = fast.kl(layer, ablated + [name], s.above)
                 else:
-                    if name not in s.ahead:       # assume each candidate from here on is removed
+                    if name not in s.ahead:  # assume each candidate from here on is removed
                         rest = in_layer[j:]
-                        s.ahead = dict(zip(rest, fast.kl_many(
-                            layer, [ablated + rest[:m + 1] for m in range(len(rest))], s.above)))
+                        s.ahead = dict(
+                            zip(rest, fast.kl_many(layer, [ablated + rest[: m + 1] for m in range(len(rest))], s.above))
+                        )
                     kl_new = s.ahead[name]
                 for pruned in (True, False):
                     group = [i for i in s.alphas if (kl_new - s.kl < alphas[i]) == pruned]
-                    if group:   # a kept candidate breaks the assumption behind the KLs ahead
-                        next_states.append(_State(group, s.decisions + [Decision(name, s.kl, kl_new, pruned)],
-                                                  kl_new if pruned else s.kl, s.above,
-                                                  s.ahead if pruned else None))
+                    if group:  # a kept candidate breaks the assumption behind the KLs ahead
+                        next_states.append(
+                            _State(
+                                group,
+                                s.decisions + [Decision(name, s.kl, kl_new, pruned)],
+                                kl_new if pruned else s.kl,
+                                s.above,
+                                s.ahead if pruned else None,
+                            )
+                        )
             states = next_states
             bar.update(1)
             bar.set_postfix(states=len(states))
@@ -411,17 +472,27 @@ def sweep(model: Transformer, patching: torch.Tensor, validation: torch.Tensor, 
     circuits = [None] * len(alphas)
     for s in states:
         for i in s.alphas:
-            circuits[i] = Circuit(cfg.name, cfg.n_layers, cfg.n_heads, alphas[i], scheme, include_mlps, order,
-                                  list(s.decisions))
+            circuits[i] = Circuit(
+                cfg.name, cfg.n_layers, cfg.n_heads, alphas[i], scheme, include_mlps, order, list(s.decisions)
+            )
     return circuits
 
 
 def _snapshot(states: list[_State], alphas: list[float], next_layer: int) -> dict:
     """The walk so far, as JSON-ready data: every state's alphas, KL and decisions, and where to go on."""
-    return {"format": 1, "alphas": alphas, "next_layer": next_layer,
-            "states": [{"alphas": s.alphas, "kl": s.kl,
-                        "decisions": [[d.component, d.kl_before, d.kl_after, d.pruned] for d in s.decisions]}
-                       for s in states]}
+    return {
+        "format": 1,
+        "alphas": alphas,
+        "next_layer": next_layer,
+        "states": [
+            {
+                "alphas": s.alphas,
+                "kl": s.kl,
+                "decisions": [[d.component, d.kl_before, d.kl_after, d.pruned] for d in s.decisions],
+            }
+            for s in states
+        ],
+    }
 
 
 def _resumed_states(snapshot: dict, alphas: list[float], names: list[str], fast: FastPath) -> tuple[list, int]:
@@ -434,11 +505,16 @@ def _resumed_states(snapshot: dict, alphas: list[float], names: list[str], fast:
     next_layer = int(snapshot["next_layer"])
     states = []
     for raw in snapshot["states"]:
-        decisions = [Decision(c, float(before), float(after), bool(pruned)) for c, before, after, pruned in raw["decisions"]]
-        if [d.component for d in decisions] != names[:len(decisions)] or \
-                any(parse_component(n)[0] > next_layer for n in names[len(decisions):]):
-            raise ResumeError("the snapshot to resume from belongs to another traversal (model, MLPs or order); "
-                             "start the sweep afresh")
+        decisions = [
+            Decision(c, float(before), float(after), bool(pruned)) for c, before, after, pruned in raw["decisions"]
+        ]
+        if [d.component for d in decisions] != names[: len(decisions)] or any(
+            parse_component(n)[0] > next_layer for n in names[len(decisions) :]
+        ):
+            raise ResumeError(
+                "the snapshot to resume from belongs to another traversal (model, MLPs or order); "
+                "start the sweep afresh"
+            )
         states.append(_State(list(raw["alphas"]), decisions, float(raw["kl"]), []))
     for layer in range(fast.model.cfg.n_layers - 1, next_layer, -1):
         for s in states:

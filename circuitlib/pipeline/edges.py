@@ -7,7 +7,6 @@ after their settings (computed once, in the background, by `scripts/edge_runs.py
 and `reread` reads a stored training's gates again with another read-off, without training.
 """
 
-
 from __future__ import annotations
 
 import os
@@ -18,17 +17,41 @@ from pathlib import Path
 
 import torch
 
-from circuitlib.discovery.edges.graph import (REPLACEMENTS, EdgeGraph, edges_among, gates_from_edges, graph_for, make_replacement,
-                    node_circuit)
-from circuitlib.core.metrics import accuracy, kl_divergence
 from circuitlib.core.io import atomic_write
+from circuitlib.core.metrics import accuracy, kl_divergence
 from circuitlib.core.model import Transformer
-from circuitlib.core.resumable import ResultInProgress, load_checkpoint, result_lock, save_checkpoint, tokens_digest  # noqa: F401
-                                      # (ResultInProgress: edge_result raises it; importable from here)
+from circuitlib.core.resumable import (  # noqa: F401
+    ResultInProgress,
+    load_checkpoint,
+    result_lock,
+    save_checkpoint,
+    tokens_digest,
+)
+from circuitlib.discovery.edges.graph import (
+    REPLACEMENTS,
+    EdgeGraph,
+    edges_among,
+    gates_from_edges,
+    graph_for,
+    make_replacement,
+    node_circuit,
+)
 
-from circuitlib.discovery.edges.train import (LEGACY_SETTINGS, RESULT_FILE, EdgeCircuit, EdgeTraining, ReadOff,
-                                             binarize, check_readout, check_sparsity, corrupt, edge_logits,
-                                             edges_memory, train_edges)
+# (ResultInProgress: edge_result raises it; importable from here)
+from circuitlib.discovery.edges.train import (
+    LEGACY_SETTINGS,
+    RESULT_FILE,
+    EdgeCircuit,
+    EdgeTraining,
+    ReadOff,
+    binarize,
+    check_readout,
+    check_sparsity,
+    corrupt,
+    edge_logits,
+    edges_memory,
+    train_edges,
+)
 
 
 @dataclass
@@ -60,13 +83,33 @@ class EdgeRun:
         return write_folder(out_dir, force, fill)
 
 
-def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps: int, ablation: str = "mean",
-              seed: int = 0, n: int | None = None, lr: float = 0.8, reg_lr: float = 0.8, warmup: int | None = None,
-              batch_size: int = 32, node_target_sparsity: float | None = None, weight_decay: float = 0.01,
-              lr_warmup: int | None = None, sparsity_term: str = "sampled", clip_grad_norm: float | None = 1.0,
-              readout: str = "authors", kv_readers: str = "per-kv-head", split_embedding: bool | None = None,
-              device: str | None = None, progress: bool = True, loaded=None,
-              checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 50) -> EdgeRun:
+def run_edges(
+    model_name: str,
+    task_name: str,
+    *,
+    target_sparsity: float,
+    steps: int,
+    ablation: str = "mean",
+    seed: int = 0,
+    n: int | None = None,
+    lr: float = 0.8,
+    reg_lr: float = 0.8,
+    warmup: int | None = None,
+    batch_size: int = 32,
+    node_target_sparsity: float | None = None,
+    weight_decay: float = 0.01,
+    lr_warmup: int | None = None,
+    sparsity_term: str = "sampled",
+    clip_grad_norm: float | None = 1.0,
+    readout: str = "authors",
+    kv_readers: str = "per-kv-head",
+    split_embedding: bool | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    loaded=None,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
+) -> EdgeRun:
     """Load a model and a task, train edge gates on the validation split (the split Algorithm 1
     decides on), read off the circuit, prune the model to its nodes, and measure both.
 
@@ -95,36 +138,81 @@ def run_edges(model_name: str, task_name: str, *, target_sparsity: float, steps:
     graph = graph_for(model, kv_readers, split_embedding)
     data = task.generate(tokenizer, n=n, seed=seed)
     fixed, per_prompt = edges_memory(model.cfg, n, batch_size, data.validation.tokens.shape[1], ablation)
-    check_fits(dev, per_prompt, fixed, n, f"Edge Pruning ({model.cfg.name}, batch {batch_size})",
-               small_enough="a smaller --batch-size")
+    check_fits(
+        dev,
+        per_prompt,
+        fixed,
+        n,
+        f"Edge Pruning ({model.cfg.name}, batch {batch_size})",
+        small_enough="a smaller --batch-size",
+    )
     # an allocation that fails all the same ends as one error naming an --n that should fit
     with out_of_memory_as_error(dev, per_prompt, fixed, n, f"Edge Pruning ({model.cfg.name}, batch {batch_size})"):
         repls, means = _replacements(model, data, ablation, graph)
-        training = train_edges(model, data.validation.tokens, repls["validation"], target_sparsity=target,
-                               steps=steps, node_target_sparsity=node_target_sparsity, lr=lr, reg_lr=reg_lr,
-                               warmup=warmup, batch_size=batch_size, seed=seed, weight_decay=weight_decay,
-                               lr_warmup=lr_warmup, sparsity_term=sparsity_term, clip_grad_norm=clip_grad_norm,
-                               graph=graph, progress=progress, checkpoint_path=checkpoint_path,
-                               checkpoint_every=checkpoint_every)
+        training = train_edges(
+            model,
+            data.validation.tokens,
+            repls["validation"],
+            target_sparsity=target,
+            steps=steps,
+            node_target_sparsity=node_target_sparsity,
+            lr=lr,
+            reg_lr=reg_lr,
+            warmup=warmup,
+            batch_size=batch_size,
+            seed=seed,
+            weight_decay=weight_decay,
+            lr_warmup=lr_warmup,
+            sparsity_term=sparsity_term,
+            clip_grad_norm=clip_grad_norm,
+            graph=graph,
+            progress=progress,
+            checkpoint_path=checkpoint_path,
+            checkpoint_every=checkpoint_every,
+        )
         started = time.perf_counter()
         read = binarize(graph, training.log_alpha, target, training.node_log_alpha, readout=readout)
         pruned, metrics = _measure(model, task, data, graph, read, repls, means, ablation)
     metrics |= {
         "training_seconds": training.seconds,
         "seconds_per_step": training.seconds / steps,
-        "training_cpu_seconds": training.cpu_seconds,     # None when unknown (see EdgeTraining)
-        "torch_threads": torch.get_num_threads(),         # of the process that finished the training
+        "training_cpu_seconds": training.cpu_seconds,  # None when unknown (see EdgeTraining)
+        "torch_threads": torch.get_num_threads(),  # of the process that finished the training
         "readout_seconds": time.perf_counter() - started,
     }
-    settings = {"model": model.cfg.name, "task": task.name, "target_sparsity": target, "steps": steps,
-                "ablation": ablation, "standalone_scheme": "zero" if ablation == "zero" else "mean", "seed": seed,
-                "n": n, "lr": lr, "reg_lr": reg_lr, "warmup": warmup, "batch_size": batch_size,
-                "node_target_sparsity": node_target_sparsity, "weight_decay": weight_decay, "lr_warmup": lr_warmup,
-                "sparsity_term": sparsity_term, "clip_grad_norm": clip_grad_norm, "readout": readout,
-                "kv_readers": kv_readers, "split_embedding": graph.split_embedding,
-                "train_split": "validation", "device": str(dev)}
-    result = EdgeCircuit(settings, graph.n_edges, [graph.edge_name(e) for e in read.edges], read.nodes,
-                         read.threshold, training.curve, metrics)
+    settings = {
+        "model": model.cfg.name,
+        "task": task.name,
+        "target_sparsity": target,
+        "steps": steps,
+        "ablation": ablation,
+        "standalone_scheme": "zero" if ablation == "zero" else "mean",
+        "seed": seed,
+        "n": n,
+        "lr": lr,
+        "reg_lr": reg_lr,
+        "warmup": warmup,
+        "batch_size": batch_size,
+        "node_target_sparsity": node_target_sparsity,
+        "weight_decay": weight_decay,
+        "lr_warmup": lr_warmup,
+        "sparsity_term": sparsity_term,
+        "clip_grad_norm": clip_grad_norm,
+        "readout": readout,
+        "kv_readers": kv_readers,
+        "split_embedding": graph.split_embedding,
+        "train_split": "validation",
+        "device": str(dev),
+    }
+    result = EdgeCircuit(
+        settings,
+        graph.n_edges,
+        [graph.edge_name(e) for e in read.edges],
+        read.nodes,
+        read.threshold,
+        training.curve,
+        metrics,
+    )
     return EdgeRun(result, model, pruned, tokenizer, task, data, training)
 
 
@@ -139,17 +227,24 @@ def _replacements(model: Transformer, data, ablation: str, graph: EdgeGraph) -> 
     repls = {}
     for split in SPLITS:
         s = getattr(data, split)
-        repls[split] = make_replacement(model, ablation, patching=patching, means=means, graph=graph,
-                                        corrupted=corrupt(s).to(dev) if ablation == "corrupted" else None)
+        repls[split] = make_replacement(
+            model,
+            ablation,
+            patching=patching,
+            means=means,
+            graph=graph,
+            corrupted=corrupt(s).to(dev) if ablation == "corrupted" else None,
+        )
     return repls, means
 
 
 @torch.no_grad()
-def _measure(model: Transformer, task, data, graph: EdgeGraph, read: ReadOff, repls: dict, means,
-             ablation: str) -> tuple[Transformer, dict]:
+def _measure(
+    model: Transformer, task, data, graph: EdgeGraph, read: ReadOff, repls: dict, means, ablation: str
+) -> tuple[Transformer, dict]:
     """The standalone model of a read-off circuit and the metrics of the circuit and the model per split."""
-    from circuitlib.tasks import SPLITS
     from circuitlib.core.surgery import prune
+    from circuitlib.tasks import SPLITS
 
     dev = model.W_E.device
     pruned = prune(model, node_circuit(read.nodes), "zero" if ablation == "zero" else "mean", means)
@@ -164,15 +259,16 @@ def _measure(model: Transformer, task, data, graph: EdgeGraph, read: ReadOff, re
         metrics["full"][split] = {"accuracy": accuracy(task, s, full), "kl": 0.0}
         metrics["edge_circuit"][split] = {"accuracy": accuracy(task, s, edge), "kl": kl_divergence(full, edge)}
         metrics["pruned_model"][split] = {"accuracy": accuracy(task, s, small), "kl": kl_divergence(full, small)}
-        metrics["conversion_kl_change"][split] = (metrics["pruned_model"][split]["kl"]
-                                                  - metrics["edge_circuit"][split]["kl"])
+        metrics["conversion_kl_change"][split] = (
+            metrics["pruned_model"][split]["kl"] - metrics["edge_circuit"][split]["kl"]
+        )
     full_size, pruned_size = model.count_parameters(), pruned.count_parameters()
     metrics |= {
         "n_params": {"full": full_size, "pruned": pruned_size},
         "parameter_reduction": 1 - pruned_size["parameters"] / full_size["parameters"],
         "edges_among_kept_nodes": len(edges_among(graph, read.nodes)),
         "training_edge_sparsity": read.training_sparsity,  # the size the training chose (authors' readout)
-        "n_edges_thresholded": read.n_thresholded,         # before closed writers and dead nodes are dropped
+        "n_edges_thresholded": read.n_thresholded,  # before closed writers and dead nodes are dropped
     }
     return pruned, metrics
 
@@ -194,20 +290,60 @@ def reread(result_path: str | os.PathLike, model: Transformer, tokenizer, *, rea
     read = binarize(graph, gates["log_alpha"], st["target_sparsity"], gates["node_log_alpha"], readout=readout)
     _, metrics = _measure(model, task, data, graph, read, repls, means, st["ablation"])
     kept = {k: v for k, v in stored.metrics.items() if k not in metrics}
-    return EdgeCircuit(st | {"readout": readout}, graph.n_edges, [graph.edge_name(e) for e in read.edges],
-                       read.nodes, read.threshold, stored.curve, kept | metrics)
+    return EdgeCircuit(
+        st | {"readout": readout},
+        graph.n_edges,
+        [graph.edge_name(e) for e in read.edges],
+        read.nodes,
+        read.threshold,
+        stored.curve,
+        kept | metrics,
+    )
 
 
 # Settings that make two edge results the same result (the device and the seconds do not).
-RESULT_SETTINGS = ("model", "task", "target_sparsity", "steps", "ablation", "seed", "n", "lr", "reg_lr", "warmup",
-                   "batch_size", "node_target_sparsity", "weight_decay", "lr_warmup", "sparsity_term",
-                   "clip_grad_norm", "readout", "kv_readers", "split_embedding")
+RESULT_SETTINGS = (
+    "model",
+    "task",
+    "target_sparsity",
+    "steps",
+    "ablation",
+    "seed",
+    "n",
+    "lr",
+    "reg_lr",
+    "warmup",
+    "batch_size",
+    "node_target_sparsity",
+    "weight_decay",
+    "lr_warmup",
+    "sparsity_term",
+    "clip_grad_norm",
+    "readout",
+    "kv_readers",
+    "split_embedding",
+)
+
+
 # What circuitlib did before these settings existed: a stored result without one was made so.
-def edge_result_path(out_dir: str | os.PathLike, task_name: str, *, target_sparsity: float, steps: int,
-                     ablation: str = "mean", seed: int = 0, n: int | None = None, batch_size: int = 32,
-                     node_target_sparsity: float | None = None, sparsity_term: str = "sampled",
-                     clip_grad_norm: float | None = 1.0, readout: str = "authors", kv_readers: str = "per-kv-head",
-                     split_embedding: bool | None = None, model: Transformer | None = None) -> Path:
+def edge_result_path(
+    out_dir: str | os.PathLike,
+    task_name: str,
+    *,
+    target_sparsity: float,
+    steps: int,
+    ablation: str = "mean",
+    seed: int = 0,
+    n: int | None = None,
+    batch_size: int = 32,
+    node_target_sparsity: float | None = None,
+    sparsity_term: str = "sampled",
+    clip_grad_norm: float | None = 1.0,
+    readout: str = "authors",
+    kv_readers: str = "per-kv-head",
+    split_embedding: bool | None = None,
+    model: Transformer | None = None,
+) -> Path:
     """Where `edge_result` keeps a run:
     <out_dir>/<task>-<ablation>-seed<S>-n<N>-bs<B>-steps<K>-target<T>[-nodes<NT>][-<recipe>].json
     (N: the task's default when None); its training checkpoint is the same name ending in .ckpt.
@@ -222,7 +358,7 @@ def edge_result_path(out_dir: str | os.PathLike, task_name: str, *, target_spars
     if model is not None:
         split_embedding = graph_for(model, kv_readers, split_embedding).split_embedding
         if model.cfg.n_kv_heads == model.cfg.n_heads:
-            kv_readers = LEGACY_SETTINGS["kv_readers"]           # both graphs are one
+            kv_readers = LEGACY_SETTINGS["kv_readers"]  # both graphs are one
     task = get_task(task_name)
     target = check_sparsity(target_sparsity)
     name = f"{task.name}-{ablation}-seed{seed}-n{n or task.default_n}-bs{batch_size}-steps{steps}-target{target:g}"
@@ -241,13 +377,33 @@ def edge_result_path(out_dir: str | os.PathLike, task_name: str, *, target_spars
     return Path(out_dir) / f"{name}.json"
 
 
-def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_name: str, *,
-                target_sparsity: float, steps: int, ablation: str = "mean", seed: int = 0, n: int | None = None,
-                batch_size: int = 32, lr: float = 0.8, reg_lr: float = 0.8, warmup: int | None = None,
-                node_target_sparsity: float | None = None, weight_decay: float = 0.01,
-                lr_warmup: int | None = None, sparsity_term: str = "sampled", clip_grad_norm: float | None = 1.0,
-                readout: str = "authors", kv_readers: str = "per-kv-head", split_embedding: bool | None = None,
-                device: str | None = None, progress: bool = True, checkpoint_every: int = 50) -> EdgeCircuit:
+def edge_result(
+    out_dir: str | os.PathLike,
+    model: Transformer,
+    tokenizer,
+    task_name: str,
+    *,
+    target_sparsity: float,
+    steps: int,
+    ablation: str = "mean",
+    seed: int = 0,
+    n: int | None = None,
+    batch_size: int = 32,
+    lr: float = 0.8,
+    reg_lr: float = 0.8,
+    warmup: int | None = None,
+    node_target_sparsity: float | None = None,
+    weight_decay: float = 0.01,
+    lr_warmup: int | None = None,
+    sparsity_term: str = "sampled",
+    clip_grad_norm: float | None = 1.0,
+    readout: str = "authors",
+    kv_readers: str = "per-kv-head",
+    split_embedding: bool | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    checkpoint_every: int = 50,
+) -> EdgeCircuit:
     """The Edge Pruning result of these settings, as data: read from `edge_result_path` when it
     is there, else computed by `run_edges` on the loaded (`model`, `tokenizer`) and saved there
     (atomically) before it is returned, with its final gate locations beside it (`gates_path`).
@@ -268,41 +424,94 @@ def edge_result(out_dir: str | os.PathLike, model: Transformer, tokenizer, task_
     task = get_task(task_name)
     check_readout(readout, check_sparsity(target_sparsity))
     split_embedding = graph_for(model, kv_readers, split_embedding).split_embedding
-    recipe = dict(sparsity_term=sparsity_term, clip_grad_norm=clip_grad_norm, readout=readout,
-                  kv_readers=kv_readers, split_embedding=split_embedding)
-    path = edge_result_path(out_dir, task.name, target_sparsity=target_sparsity, steps=steps, ablation=ablation,
-                            seed=seed, n=n, batch_size=batch_size, node_target_sparsity=node_target_sparsity,
-                            **recipe, model=model)
-    asked = {"model": model.cfg.name, "task": task.name, "target_sparsity": check_sparsity(target_sparsity),
-             "steps": steps, "ablation": ablation, "seed": seed, "n": n or task.default_n, "lr": lr, "reg_lr": reg_lr,
-             "warmup": warmup, "batch_size": batch_size, "node_target_sparsity": node_target_sparsity,
-             "weight_decay": weight_decay, "lr_warmup": lr_warmup, **recipe}
+    recipe = dict(
+        sparsity_term=sparsity_term,
+        clip_grad_norm=clip_grad_norm,
+        readout=readout,
+        kv_readers=kv_readers,
+        split_embedding=split_embedding,
+    )
+    path = edge_result_path(
+        out_dir,
+        task.name,
+        target_sparsity=target_sparsity,
+        steps=steps,
+        ablation=ablation,
+        seed=seed,
+        n=n,
+        batch_size=batch_size,
+        node_target_sparsity=node_target_sparsity,
+        **recipe,
+        model=model,
+    )
+    asked = {
+        "model": model.cfg.name,
+        "task": task.name,
+        "target_sparsity": check_sparsity(target_sparsity),
+        "steps": steps,
+        "ablation": ablation,
+        "seed": seed,
+        "n": n or task.default_n,
+        "lr": lr,
+        "reg_lr": reg_lr,
+        "warmup": warmup,
+        "batch_size": batch_size,
+        "node_target_sparsity": node_target_sparsity,
+        "weight_decay": weight_decay,
+        "lr_warmup": lr_warmup,
+        **recipe,
+    }
 
     def stored() -> EdgeCircuit:
         result = EdgeCircuit.load_json(path)
-        differ = [f"{k} {result.settings.get(k)!r} (stored) vs {asked[k]!r} (asked)" for k in RESULT_SETTINGS
-                  if result.settings.get(k) != asked[k]]
+        differ = [
+            f"{k} {result.settings.get(k)!r} (stored) vs {asked[k]!r} (asked)"
+            for k in RESULT_SETTINGS
+            if result.settings.get(k) != asked[k]
+        ]
         if differ:
-            raise ValueError(f"{path} holds a result of other settings: {'; '.join(differ)}; ask for its settings, "
-                             "or give another out_dir (or delete the file to recompute it)")
+            raise ValueError(
+                f"{path} holds a result of other settings: {'; '.join(differ)}; ask for its settings, "
+                "or give another out_dir (or delete the file to recompute it)"
+            )
         return result
 
     if path.exists():
         return stored()
     # one process per result: a second one (another worker, a second edge_runs.py) is refused, not run twice
     with result_lock(path, "wait for it, or ask for other settings (scripts/edge_runs.py: other --targets)"):
-        if path.exists():       # finished by the process that held the lock a moment ago
+        if path.exists():  # finished by the process that held the lock a moment ago
             return stored()
-        run = run_edges(model.cfg.name, task.name, target_sparsity=target_sparsity, steps=steps, ablation=ablation,
-                        seed=seed, n=n, lr=lr, reg_lr=reg_lr, warmup=warmup, batch_size=batch_size,
-                        node_target_sparsity=node_target_sparsity, weight_decay=weight_decay, lr_warmup=lr_warmup,
-                        **recipe, device=device, progress=progress, loaded=(model, tokenizer),
-                        checkpoint_path=path.with_suffix(".ckpt"), checkpoint_every=checkpoint_every)
-        if path.exists():       # arrived meanwhile from elsewhere (another machine's copy): kept, not replaced
-            warnings.warn(f"{path} appeared while this process trained the same settings; the file there is kept "
-                          "and returned, this training's result is dropped", stacklevel=2)
+        run = run_edges(
+            model.cfg.name,
+            task.name,
+            target_sparsity=target_sparsity,
+            steps=steps,
+            ablation=ablation,
+            seed=seed,
+            n=n,
+            lr=lr,
+            reg_lr=reg_lr,
+            warmup=warmup,
+            batch_size=batch_size,
+            node_target_sparsity=node_target_sparsity,
+            weight_decay=weight_decay,
+            lr_warmup=lr_warmup,
+            **recipe,
+            device=device,
+            progress=progress,
+            loaded=(model, tokenizer),
+            checkpoint_path=path.with_suffix(".ckpt"),
+            checkpoint_every=checkpoint_every,
+        )
+        if path.exists():  # arrived meanwhile from elsewhere (another machine's copy): kept, not replaced
+            warnings.warn(
+                f"{path} appeared while this process trained the same settings; the file there is kept "
+                "and returned, this training's result is dropped",
+                stacklevel=2,
+            )
             return stored()
-        save_gates(gates_path(path), run.training)     # before the JSON: a result always has its gates
+        save_gates(gates_path(path), run.training)  # before the JSON: a result always has its gates
         run.result.save_json(path)
         return run.result
 
@@ -315,13 +524,13 @@ def gates_path(result_path: str | os.PathLike) -> Path:
 def save_gates(path: str | os.PathLike, training: EdgeTraining) -> Path:
     """The final gate locations (log_alpha [n_edges], node_log_alpha [n_nodes] or None), atomically.
     A few hundred kB for the stand-in (123,211 float32): what the binary circuit was cut from."""
-    state = {"log_alpha": training.log_alpha.detach().cpu().float(),
-             "node_log_alpha": None if training.node_log_alpha is None else training.node_log_alpha.detach().cpu().float()}
+    state = {
+        "log_alpha": training.log_alpha.detach().cpu().float(),
+        "node_log_alpha": None if training.node_log_alpha is None else training.node_log_alpha.detach().cpu().float(),
+    }
     return atomic_write(Path(path), lambda p: torch.save(state, p))
 
 
 def load_gates(path: str | os.PathLike) -> dict:
     """`save_gates`' file: {"log_alpha": [n_edges], "node_log_alpha": [n_nodes] or None}."""
     return torch.load(path, map_location="cpu", weights_only=True)
-
-

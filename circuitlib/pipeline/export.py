@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from circuitlib.pipeline.extraction import load_run
 from circuitlib.core.model import Transformer
+from circuitlib.pipeline.extraction import load_run
 
 OPSET = 18
 TOLERANCE = 1e-4
@@ -47,8 +47,9 @@ def write_onnx(model: Transformer, example: torch.Tensor, path: str | os.PathLik
     example: LongTensor [b, S] with b >= 2 (S is fixed by it; the batch stays dynamic).
     """
     if example.ndim != 2 or len(example) < 2:
-        raise ValueError(f"the example batch must be [b >= 2, S] so that the batch stays dynamic; got "
-                         f"{list(example.shape)}")
+        raise ValueError(
+            f"the example batch must be [b >= 2, S] so that the batch stays dynamic; got {list(example.shape)}"
+        )
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
@@ -56,9 +57,18 @@ def write_onnx(model: Transformer, example: torch.Tensor, path: str | os.PathLik
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # deprecations inside torch.export, not ours
-            torch.onnx.export(LastLogits(model).eval(), (example.to(model.device),), str(path), dynamo=True,
-                              input_names=["tokens"], output_names=["logits"], dynamic_shapes={"tokens": {0: batch}},
-                              opset_version=OPSET, external_data=False, verbose=False)
+            torch.onnx.export(
+                LastLogits(model).eval(),
+                (example.to(model.device),),
+                str(path),
+                dynamo=True,
+                input_names=["tokens"],
+                output_names=["logits"],
+                dynamic_shapes={"tokens": {0: batch}},
+                opset_version=OPSET,
+                external_data=False,
+                verbose=False,
+            )
     finally:
         quiet.setLevel(level)
 
@@ -79,8 +89,13 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, force: bool = False,
-                tolerance: float = TOLERANCE) -> dict:
+def export_onnx(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    tolerance: float = TOLERANCE,
+) -> dict:
     """Export the pruned model of the run folder `run_dir` to `out` (default RUN_DIR/model.onnx), checked.
 
     Returns {"path", "bytes", "opset", "seq_len", "n" (test prompts), "max_abs_diff" (onnxruntime vs
@@ -97,7 +112,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         raise FileExistsError(f"{out} exists; choose another --out, or pass --force to replace it")
     if not out.parent.is_dir():
         raise ValueError(f"cannot write {out}: {out.parent} is not an existing folder")
-    tokens = run.prompts.tokens                                        # [n, S]
+    tokens = run.prompts.tokens  # [n, S]
     example = tokens[:2] if len(tokens) >= 2 else tokens.repeat(2, 1)
     try:
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -107,19 +122,27 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     try:
         write_onnx(run.pruned, example, tmp)
         with torch.inference_mode():
-            reference = run.pruned(tokens, last_only=True).numpy()                      # [n, V]
+            reference = run.pruned(tokens, last_only=True).numpy()  # [n, V]
         got = onnx_logits(tmp, tokens)
-        single = onnx_logits(tmp, tokens[:1])                                           # batch 1: dynamic batch
+        single = onnx_logits(tmp, tokens[:1])  # batch 1: dynamic batch
         diff = max(float(np.abs(got - reference).max()), float(np.abs(single - reference[:1]).max()))
         if not diff <= tolerance:
-            raise ValueError(f"the ONNX model's logits differ from torch's by up to {diff:.2e} (> {tolerance:g}) "
-                             f"on the test prompts of {run.run_dir}; not written")
+            raise ValueError(
+                f"the ONNX model's logits differ from torch's by up to {diff:.2e} (> {tolerance:g}) "
+                f"on the test prompts of {run.run_dir}; not written"
+            )
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return {"path": str(out), "bytes": out.stat().st_size, "opset": OPSET, "seq_len": tokens.shape[1],
-            "n": len(tokens), "max_abs_diff": diff,
-            "argmax_agreement": float((got.argmax(-1) == reference.argmax(-1)).mean()),
-            "onnxruntime": onnxruntime.__version__}
+    return {
+        "path": str(out),
+        "bytes": out.stat().st_size,
+        "opset": OPSET,
+        "seq_len": tokens.shape[1],
+        "n": len(tokens),
+        "max_abs_diff": diff,
+        "argmax_agreement": float((got.argmax(-1) == reference.argmax(-1)).mean()),
+        "onnxruntime": onnxruntime.__version__,
+    }

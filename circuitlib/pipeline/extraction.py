@@ -24,17 +24,18 @@ from pathlib import Path
 
 import torch
 
-from circuitlib.version import __version__
 from circuitlib.core.ablation import Means, mean_activations
-from circuitlib.discovery.greedy import Circuit, check_alpha, extract
-from circuitlib.core.metrics import accuracy, kl_divergence
-from circuitlib.core.model import Transformer
-from circuitlib.core.surgery import prune
-from circuitlib.tasks.files import FileTask, load_task_file
 from circuitlib.core.io import write_folder
 from circuitlib.core.memory import check_fits, out_of_memory_as_error
+from circuitlib.core.metrics import accuracy, kl_divergence
+from circuitlib.core.model import Transformer
 from circuitlib.core.resumable import tokens_digest
+from circuitlib.core.surgery import prune
+from circuitlib.discovery.greedy import Circuit, check_alpha, extract
 from circuitlib.tasks import SPLITS, TaskData, TaskSplit, get_task
+from circuitlib.tasks.files import FileTask, load_task_file
+from circuitlib.version import __version__
+
 
 def prompts_digest(data: TaskData, splits=("patching", "validation", "test")) -> str:
     """The fingerprints of some splits of a task's data, joined: "<patching>-<validation>-<test>" by default."""
@@ -54,8 +55,10 @@ def measure(task, data: TaskData, full_resid: dict, model: Transformer) -> dict:
     for split in SPLITS:
         s = getattr(data, split)
         logits = model(s.tokens.to(model.device), last_only=True)
-        out[split] = {"accuracy": accuracy(task, s, logits),
-                      "kl": kl_divergence(model.unembed(full_resid[split]), logits)}
+        out[split] = {
+            "accuracy": accuracy(task, s, logits),
+            "kl": kl_divergence(model.unembed(full_resid[split]), logits),
+        }
     return out
 
 
@@ -75,12 +78,17 @@ class Extraction:
     metrics: dict
 
     def to_dict(self) -> dict:
-        return {"circuitlib_version": __version__, "settings": self.settings, "metrics": self.metrics,
-                "tokens_digest": {s: tokens_digest(getattr(self.data, s).tokens) for s in SPLITS},
-                **self.circuit.to_dict()}
+        return {
+            "circuitlib_version": __version__,
+            "settings": self.settings,
+            "metrics": self.metrics,
+            "tokens_digest": {s: tokens_digest(getattr(self.data, s).tokens) for s in SPLITS},
+            **self.circuit.to_dict(),
+        }
 
     def save(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
         """Write the run folder atomically (a temporary sibling renamed at the end)."""
+
         def fill(tmp: Path) -> None:
             self.pruned.save(tmp)
             self.tokenizer.save_pretrained(tmp)
@@ -97,8 +105,11 @@ def save_reference(folder: Path, full_resid: dict, data: TaskData) -> None:
     the fingerprints of the prompts they were made on in its metadata ("tokens_digest.<split>")."""
     from safetensors.torch import save_file
 
-    save_file({s: r.contiguous().cpu() for s, r in full_resid.items()}, Path(folder) / "reference.safetensors",
-              metadata={f"tokens_digest.{s}": tokens_digest(getattr(data, s).tokens) for s in SPLITS})
+    save_file(
+        {s: r.contiguous().cpu() for s, r in full_resid.items()},
+        Path(folder) / "reference.safetensors",
+        metadata={f"tokens_digest.{s}": tokens_digest(getattr(data, s).tokens) for s in SPLITS},
+    )
 
 
 def _reference_digests(path: Path) -> dict:
@@ -113,7 +124,7 @@ def _reference_digests(path: Path) -> dict:
     return {s: meta[f"tokens_digest.{s}"] for s in SPLITS if f"tokens_digest.{s}" in meta}
 
 
-EXTRACTION_OVERHEAD = 2**29   # bytes the work reserves besides its tensors (allocator arenas, libraries loaded late)
+EXTRACTION_OVERHEAD = 2**29  # bytes the work reserves besides its tensors (allocator arenas, libraries loaded late)
 
 
 def extraction_memory(cfg, n: int, seq_len: int, method: str = "fast") -> int:
@@ -135,22 +146,41 @@ def extraction_memory(cfg, n: int, seq_len: int, method: str = "fast") -> int:
 def check_memory(model: Transformer, n: int, seq_len: int, method: str, knob: str = "--n") -> None:
     """Refuse, before making the prompts, an n whose extraction would not fit in memory; name the limit."""
     fixed = extraction_memory(model.cfg, 0, seq_len, method)
-    check_fits(model.device, extraction_memory(model.cfg, 1, seq_len, method) - fixed, fixed, n,
-               f"this extraction ({model.cfg.name}, {seq_len} tokens per prompt, {method} path)", knob)
+    check_fits(
+        model.device,
+        extraction_memory(model.cfg, 1, seq_len, method) - fixed,
+        fixed,
+        n,
+        f"this extraction ({model.cfg.name}, {seq_len} tokens per prompt, {method} path)",
+        knob,
+    )
 
 
-def extraction_out_of_memory_as_error(model: Transformer, n: int, seq_len: int, method: str, what: str,
-                                      knob: str = "--n"):
+def extraction_out_of_memory_as_error(
+    model: Transformer, n: int, seq_len: int, method: str, what: str, knob: str = "--n"
+):
     """`out_of_memory_as_error` with an extraction's estimate (`extraction_memory`)."""
     fixed = extraction_memory(model.cfg, 0, seq_len, method)
-    return out_of_memory_as_error(model.device, extraction_memory(model.cfg, 1, seq_len, method) - fixed, fixed,
-                                  n, what, knob)
+    return out_of_memory_as_error(
+        model.device, extraction_memory(model.cfg, 1, seq_len, method) - fixed, fixed, n, what, knob
+    )
 
 
-def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: str = "mean",
-                   include_mlps: bool = False, seed: int = 0, n: int | None = None,
-                   order: str = "heads-ascending", method: str = "fast", progress: bool = True,
-                   loaded=None, device: str = "cpu") -> Extraction:
+def run_extraction(
+    model_name: str,
+    task_name: str,
+    *,
+    alpha: float,
+    ablation: str = "mean",
+    include_mlps: bool = False,
+    seed: int = 0,
+    n: int | None = None,
+    order: str = "heads-ascending",
+    method: str = "fast",
+    progress: bool = True,
+    loaded=None,
+    device: str = "cpu",
+) -> Extraction:
     """Load `model_name`, make `task_name`'s prompts (n per split, seeded), extract and prune.
 
     `task_name`: a built-in task or a .jsonl/.csv task file (`circuitlib.tasks.files`).
@@ -165,9 +195,11 @@ def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: s
     alpha = check_alpha(alpha)
     device = check_device(device)
     if str(model_name).startswith("tracr-") or str(task_name).startswith("tracr-"):
-        raise ValueError("Tracr-compiled programs have inputs of several lengths and outputs at every position, "
-                         "which this text-task pipeline does not take; use `python -m circuitlib groundtruth PROGRAM` "
-                         "(or circuitlib.pipeline.groundtruth in code)")
+        raise ValueError(
+            "Tracr-compiled programs have inputs of several lengths and outputs at every position, "
+            "which this text-task pipeline does not take; use `python -m circuitlib groundtruth PROGRAM` "
+            "(or circuitlib.pipeline.groundtruth in code)"
+        )
     task = get_task(task_name)
     n = task.default_n if n is None else n
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -179,8 +211,18 @@ def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: s
         data = task.generate(tokenizer, n=n, seed=seed)
         means = mean_activations(model, data.patching.tokens) if ablation == "mean" else None
         started = time.perf_counter()
-        circuit = extract(model, data.patching.tokens, data.validation.tokens, alpha=alpha, ablation=ablation,
-                          include_mlps=include_mlps, order=order, method=method, progress=progress, means=means)
+        circuit = extract(
+            model,
+            data.patching.tokens,
+            data.validation.tokens,
+            alpha=alpha,
+            ablation=ablation,
+            include_mlps=include_mlps,
+            order=order,
+            method=method,
+            progress=progress,
+            means=means,
+        )
         seconds = time.perf_counter() - started
         pruned = prune(model, circuit.kept, ablation, means)
         full_resid = full_reference(model, data)
@@ -191,9 +233,19 @@ def run_extraction(model_name: str, task_name: str, *, alpha: float, ablation: s
             "parameter_reduction": 1 - pruned_size["parameters"] / full_size["parameters"],
             "extraction_seconds": seconds,
         }
-    settings = {"model": model.cfg.name, "task": task.name, "alpha": alpha, "ablation": ablation,
-                "include_mlps": include_mlps, "seed": seed, "n": n, "order": order, "method": method,
-                "device": str(model.device), "torch_threads": torch.get_num_threads()}
+    settings = {
+        "model": model.cfg.name,
+        "task": task.name,
+        "alpha": alpha,
+        "ablation": ablation,
+        "include_mlps": include_mlps,
+        "seed": seed,
+        "n": n,
+        "order": order,
+        "method": method,
+        "device": str(model.device),
+        "torch_threads": torch.get_num_threads(),
+    }
     if isinstance(task, FileTask):
         settings["task_file"] = "task" + task.path.suffix
     return Extraction(settings, circuit, model, pruned, tokenizer, task, data, means, full_resid, metrics)
@@ -225,18 +277,24 @@ def load_run(run_dir: str | os.PathLike, split: str = "validation") -> SavedRun:
     run_dir = Path(run_dir)
     redo = "re-run the extraction (python -m circuitlib extract ... --out NEW_FOLDER)"
     if not run_dir.is_dir():
-        raise ValueError(f"{run_dir} does not exist or is not a folder; give the folder that "
-                         "`python -m circuitlib extract --out` wrote")
+        raise ValueError(
+            f"{run_dir} does not exist or is not a folder; give the folder that "
+            "`python -m circuitlib extract --out` wrote"
+        )
     path = run_dir / "circuit.json"
-    edges = not path.is_file() and (run_dir / "edges.json").is_file()      # a folder `edges` wrote
+    edges = not path.is_file() and (run_dir / "edges.json").is_file()  # a folder `edges` wrote
     if edges:
         path, redo = run_dir / "edges.json", "re-run Edge Pruning (python -m circuitlib edges ... --out NEW_FOLDER)"
         if not (run_dir / "reference.safetensors").is_file():
-            raise ValueError(f"{run_dir} has no reference.safetensors (an `edges` run folder of an older circuitlib, "
-                             f"or a damaged one); {redo}")
+            raise ValueError(
+                f"{run_dir} has no reference.safetensors (an `edges` run folder of an older circuitlib, "
+                f"or a damaged one); {redo}"
+            )
     if not path.is_file():
-        raise ValueError(f"{run_dir} has no circuit.json: not a run folder written by `python -m circuitlib extract` "
-                         "(nor edges.json, by `python -m circuitlib edges`)")
+        raise ValueError(
+            f"{run_dir} has no circuit.json: not a run folder written by `python -m circuitlib extract` "
+            "(nor edges.json, by `python -m circuitlib edges`)"
+        )
     try:
         record = json.loads(path.read_text())
     except (ValueError, OSError) as e:
@@ -245,12 +303,14 @@ def load_run(run_dir: str | os.PathLike, split: str = "validation") -> SavedRun:
     if edges:
         record = {**record, "tokens_digest": _reference_digests(run_dir / "reference.safetensors")}
     settings, digest = record.get("settings"), record.get("tokens_digest")
-    missing = [f"settings.{k}" for k in ("model", "task", "n", "seed")
-               if not (isinstance(settings, dict) and k in settings)]
+    missing = [
+        f"settings.{k}" for k in ("model", "task", "n", "seed") if not (isinstance(settings, dict) and k in settings)
+    ]
     missing += [f"tokens_digest.{s}" for s in SPLITS if not (isinstance(digest, dict) and s in digest)]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}; the run folder is damaged or from another program: "
-                         f"{redo}")
+        raise ValueError(
+            f"{path} lacks {', '.join(missing)}; the run folder is damaged or from another program: {redo}"
+        )
     try:
         pruned = Transformer.load(run_dir)
     except (FileNotFoundError, ValueError) as e:
@@ -261,21 +321,26 @@ def load_run(run_dir: str | os.PathLike, split: str = "validation") -> SavedRun:
             raise OSError(f"{', '.join(missing)} missing")
         tokenizer = AutoTokenizer.from_pretrained(run_dir, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a damaged file
-        raise ValueError(f"the tokenizer files in {run_dir} are missing or damaged ({str(e).splitlines()[0]}); "
-                         f"{redo}") from None
+        raise ValueError(
+            f"the tokenizer files in {run_dir} are missing or damaged ({str(e).splitlines()[0]}); {redo}"
+        ) from None
     if "task_file" in settings:
         task_path = run_dir / settings["task_file"]
         if not task_path.is_file():
-            raise ValueError(f"{task_path} is missing: this run's prompts came from that task file; copy the task "
-                             f"file back there, or {redo}")
+            raise ValueError(
+                f"{task_path} is missing: this run's prompts came from that task file; copy the task "
+                f"file back there, or {redo}"
+            )
         task = load_task_file(task_path, name=settings["task"])
     else:
         task = get_task(settings["task"])
     data = task.generate(tokenizer, n=settings["n"], seed=settings["seed"])
     prompts = getattr(data, split)
     if tokens_digest(prompts.tokens) != record["tokens_digest"][split]:
-        raise ValueError(f"the {split} prompts regenerated for {run_dir} differ from those of the extraction "
-                         "(another circuitlib version, tokenizer or task file?); re-run the extraction")
+        raise ValueError(
+            f"the {split} prompts regenerated for {run_dir} differ from those of the extraction "
+            "(another circuitlib version, tokenizer or task file?); re-run the extraction"
+        )
     return SavedRun(run_dir, record, pruned, tokenizer, task, split, prompts)
 
 
@@ -294,7 +359,14 @@ def evaluate_saved(run_dir: str | os.PathLike, split: str = "validation") -> dic
     s, pruned, settings = run.prompts, run.pruned, run.record["settings"]
     logits = pruned(s.tokens, last_only=True)
     full_logits = pruned.unembed(full_resid)
-    return {"model": settings["model"], "task": settings["task"], "split": split, "n": len(s.tokens),
-            "accuracy": accuracy(run.task, s, logits), "kl": kl_divergence(full_logits, logits),
-            "n_params": pruned.count_parameters(), "kept_heads": pruned.kept_heads(),
-            "kept_mlps": pruned.kept_mlps()}
+    return {
+        "model": settings["model"],
+        "task": settings["task"],
+        "split": split,
+        "n": len(s.tokens),
+        "accuracy": accuracy(run.task, s, logits),
+        "kl": kl_divergence(full_logits, logits),
+        "n_params": pruned.count_parameters(),
+        "kept_heads": pruned.kept_heads(),
+        "kept_mlps": pruned.kept_mlps(),
+    }

@@ -44,11 +44,32 @@ from circuitlib.pipeline.extraction import full_reference, measure
 from circuitlib.studies.spec import log_spaced
 from circuitlib.tasks import TaskData, TaskSplit, ioi_subject_tokens
 
-__all__ = ["bootstrap_interval", "with_intervals", "spread_over_batches", "jaccard", "kept_overlap",
-           "interval_over_batches", "intervals", "compare_orders", "prompt_flips", "attention_targets",
-           "attention_mass", "paper_alphas", "evaluate_kept", "evaluate_circuits", "alpha_study", "tpr_fpr_by_alpha",
-           "single_head_effects", "top_heads", "random_kept", "random_components", "time_pair", "choose_alpha",
-           "full_reference", "config_label"]
+__all__ = [
+    "bootstrap_interval",
+    "with_intervals",
+    "spread_over_batches",
+    "jaccard",
+    "kept_overlap",
+    "interval_over_batches",
+    "intervals",
+    "compare_orders",
+    "prompt_flips",
+    "attention_targets",
+    "attention_mass",
+    "paper_alphas",
+    "evaluate_kept",
+    "evaluate_circuits",
+    "alpha_study",
+    "tpr_fpr_by_alpha",
+    "single_head_effects",
+    "top_heads",
+    "random_kept",
+    "random_components",
+    "time_pair",
+    "choose_alpha",
+    "full_reference",
+    "config_label",
+]
 
 
 def paper_alphas(task_name: str, n_points: int = 30) -> list[float]:
@@ -60,8 +81,15 @@ def paper_alphas(task_name: str, n_points: int = 30) -> list[float]:
     return log_spaced(1e-5, top, n_points)
 
 
-def evaluate_kept(model: Transformer, task, data: TaskData, kept: Iterable[str], ablation: str,
-                  means: Means | None = None, full_resid: dict | None = None) -> dict:
+def evaluate_kept(
+    model: Transformer,
+    task,
+    data: TaskData,
+    kept: Iterable[str],
+    ablation: str,
+    means: Means | None = None,
+    full_resid: dict | None = None,
+) -> dict:
     """Prune `model` to the components `kept` and measure it.
 
     Returns {"kept_heads", "kept_mlps", "validation": {"accuracy", "kl"}, "test": {...},
@@ -74,14 +102,24 @@ def evaluate_kept(model: Transformer, task, data: TaskData, kept: Iterable[str],
     full_resid = full_resid if full_resid is not None else full_reference(model, data)
     pruned = prune(model, list(kept), scheme, means if scheme == "mean" else None)
     size = pruned.count_parameters()
-    return {"kept_heads": pruned.kept_heads(), "kept_mlps": pruned.kept_mlps(),
-            **measure(task, data, full_resid, pruned), "n_params": size,
-            "parameter_reduction": 1 - size["parameters"] / model.count_parameters()["parameters"]}
+    return {
+        "kept_heads": pruned.kept_heads(),
+        "kept_mlps": pruned.kept_mlps(),
+        **measure(task, data, full_resid, pruned),
+        "n_params": size,
+        "parameter_reduction": 1 - size["parameters"] / model.count_parameters()["parameters"],
+    }
 
 
-def evaluate_circuits(model: Transformer, task, data: TaskData, circuits: Sequence[Circuit],
-                      means: Means | None = None, full_resid: dict | None = None,
-                      progress: bool = False) -> list[dict]:
+def evaluate_circuits(
+    model: Transformer,
+    task,
+    data: TaskData,
+    circuits: Sequence[Circuit],
+    means: Means | None = None,
+    full_resid: dict | None = None,
+    progress: bool = False,
+) -> list[dict]:
     """`evaluate_kept` for each circuit (circuits that keep the same components are pruned once).
 
     Returns one flat row per circuit: alpha, ablation, include_mlps, heads, mlps, circuit_kl (the
@@ -101,27 +139,48 @@ def evaluate_circuits(model: Transformer, task, data: TaskData, circuits: Sequen
         if key not in cache:
             cache[key] = evaluate_kept(model, task, data, c.kept, c.ablation, means, full_resid)
         r = cache[key]
-        rows.append({"alpha": c.alpha, "ablation": c.ablation, "include_mlps": c.include_mlps,
-                     "heads": len(r["kept_heads"]), "mlps": len(r["kept_mlps"]), "circuit_kl": c.final_kl,
-                     "val_accuracy": r["validation"]["accuracy"], "val_kl": r["validation"]["kl"],
-                     "test_accuracy": r["test"]["accuracy"], "test_kl": r["test"]["kl"],
-                     "parameters": r["n_params"]["parameters"], "ablation_bias": r["n_params"]["ablation_bias"],
-                     "parameter_reduction": r["parameter_reduction"]})
+        rows.append(
+            {
+                "alpha": c.alpha,
+                "ablation": c.ablation,
+                "include_mlps": c.include_mlps,
+                "heads": len(r["kept_heads"]),
+                "mlps": len(r["kept_mlps"]),
+                "circuit_kl": c.final_kl,
+                "val_accuracy": r["validation"]["accuracy"],
+                "val_kl": r["validation"]["kl"],
+                "test_accuracy": r["test"]["accuracy"],
+                "test_kl": r["test"]["kl"],
+                "parameters": r["n_params"]["parameters"],
+                "ablation_bias": r["n_params"]["ablation_bias"],
+                "parameter_reduction": r["parameter_reduction"],
+            }
+        )
     return rows
 
 
-def alpha_study(model: Transformer, tokenizer, task, alphas: Sequence[float], *, n: int,
-                seeds: Sequence[int] = (0,), ablations: Sequence[str] = ("mean", "zero"),
-                include_mlps: Sequence[bool] = (False, True), order: str = "heads-ascending",
-                progress: bool = True, keep_circuits: bool = False):
+def alpha_study(
+    model: Transformer,
+    tokenizer,
+    task,
+    alphas: Sequence[float],
+    *,
+    n: int,
+    seeds: Sequence[int] = (0,),
+    ablations: Sequence[str] = ("mean", "zero"),
+    include_mlps: Sequence[bool] = (False, True),
+    order: str = "heads-ascending",
+    progress: bool = True,
+    keep_circuits: bool = False,
+):
     """The paper's hyperparameter study (RQ1) at a chosen scale.
 
     For each seed (one batch of n prompts per split, `task.generate(tokenizer, n, seed)`) and each
     configuration (ablation x include_mlps), one `sweep` over all `alphas`, then every circuit is
-    pruned and measured (with `progress`, one line is printed per sweep). Returns a pandas DataFrame with one row per (seed, ablation,
-    include_mlps, alpha) and the columns of `evaluate_circuits` plus "seed" and "full_val_accuracy"
-    / "full_test_accuracy"; with `keep_circuits`, also a dict {(seed, ablation, include_mlps):
-    list of Circuit}.
+    pruned and measured (with `progress`, one line is printed per sweep). Returns a pandas DataFrame
+    with one row per (seed, ablation, include_mlps, alpha) and the columns of `evaluate_circuits`
+    plus "seed" and "full_val_accuracy" / "full_test_accuracy"; with `keep_circuits`, also a dict
+    {(seed, ablation, include_mlps): list of Circuit}.
     """
     import pandas as pd
 
@@ -134,22 +193,41 @@ def alpha_study(model: Transformer, tokenizer, task, alphas: Sequence[float], *,
         means = mean_activations(model, data.patching.tokens) if "mean" in ablations else None
         for ablation, mlps in configs:
             started = time.perf_counter()
-            circuits = sweep(model, data.patching.tokens, data.validation.tokens, list(alphas), ablation=ablation,
-                             include_mlps=mlps, order=order, progress=False, means=means)
+            circuits = sweep(
+                model,
+                data.patching.tokens,
+                data.validation.tokens,
+                list(alphas),
+                ablation=ablation,
+                include_mlps=mlps,
+                order=order,
+                progress=False,
+                means=means,
+            )
             for row in evaluate_circuits(model, task, data, circuits, means, full_resid):
-                rows.append({"seed": seed, **row, "full_val_accuracy": full["validation"]["accuracy"],
-                             "full_test_accuracy": full["test"]["accuracy"]})
+                rows.append(
+                    {
+                        "seed": seed,
+                        **row,
+                        "full_val_accuracy": full["validation"]["accuracy"],
+                        "full_test_accuracy": full["test"]["accuracy"],
+                    }
+                )
             if keep_circuits:
                 kept[(seed, ablation, mlps)] = circuits
             if progress:
-                print(f"seed {seed}, {config_label(ablation, mlps)}: {len(alphas)} alphas swept, pruned and measured "
-                      f"in {time.perf_counter() - started:.0f} s", flush=True)
+                print(
+                    f"seed {seed}, {config_label(ablation, mlps)}: {len(alphas)} alphas swept, pruned and measured "
+                    f"in {time.perf_counter() - started:.0f} s",
+                    flush=True,
+                )
     table = pd.DataFrame(rows)
     return (table, kept) if keep_circuits else table
 
 
-def bootstrap_interval(groups: Sequence[Sequence[float]], *, n_boot: int = 2000, level: float = 0.95,
-                       seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_interval(
+    groups: Sequence[Sequence[float]], *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean, low, high): the mean over groups of each group's mean, with a percentile bootstrap interval.
 
     groups: one sequence of per-prompt values per batch (e.g. a row's `test_correct` for each
@@ -176,13 +254,21 @@ def with_intervals(table, values: str, by: Sequence[str], **kw):
     rows = []
     for key, g in table.groupby(list(by), sort=True):
         mean, low, high = bootstrap_interval(list(g[values]), **kw)
-        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "mean": mean, "low": low,
-                     "high": high, "batches": len(g)})
+        rows.append(
+            {
+                **dict(zip(by, key if isinstance(key, tuple) else (key,))),
+                "mean": mean,
+                "low": low,
+                "high": high,
+                "batches": len(g),
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def tpr_fpr_by_alpha(circuits_per_batch: Sequence[Sequence[Circuit]], reference: Iterable[str],
-                     n_heads_total: int | None = None) -> tuple[list[float], list[float]]:
+def tpr_fpr_by_alpha(
+    circuits_per_batch: Sequence[Sequence[Circuit]], reference: Iterable[str], n_heads_total: int | None = None
+) -> tuple[list[float], list[float]]:
     """Mean (TPR, FPR) per alpha over repeated batches, heads only (the paper's ROC points).
 
     circuits_per_batch: one list of circuits per batch, the same alphas in the same order
@@ -207,8 +293,9 @@ def tpr_fpr_by_alpha(circuits_per_batch: Sequence[Sequence[Circuit]], reference:
 
 
 @torch.inference_mode()
-def single_head_effects(model: Transformer, patching: torch.Tensor, validation: torch.Tensor,
-                        ablation: str = "mean", progress: bool = True) -> dict[str, float]:
+def single_head_effects(
+    model: Transformer, patching: torch.Tensor, validation: torch.Tensor, ablation: str = "mean", progress: bool = True
+) -> dict[str, float]:
     """KL(f || f without head h) for every head h ablated alone in the full model f.
 
     The same exact computation as the first step of Algorithm 1 for each head (only the layers
@@ -222,7 +309,7 @@ def single_head_effects(model: Transformer, patching: torch.Tensor, validation: 
     bar = tqdm(total=cfg.n_layers * cfg.n_heads, desc="single-head ablations", disable=not progress)
     for layer in range(cfg.n_layers - 1, -1, -1):
         fast.enter(layer)
-        above = list(model.layers[layer + 1:])
+        above = list(model.layers[layer + 1 :])
         for h in range(cfg.n_heads):
             effects[head_name(layer, h)] = fast.kl(layer, [head_name(layer, h)], above)
             bar.update(1)
@@ -242,8 +329,9 @@ def random_kept(circuit: Circuit, seed: int) -> list[str]:
 
     MLPs outside the search (include_mlps=False) are kept, as in the extracted circuit.
     """
-    return random_components(circuit.n_layers, circuit.n_heads, len(circuit.kept_heads), len(circuit.kept_mlps),
-                             circuit.include_mlps, seed)
+    return random_components(
+        circuit.n_layers, circuit.n_heads, len(circuit.kept_heads), len(circuit.kept_mlps), circuit.include_mlps, seed
+    )
 
 
 def random_components(n_layers: int, n_heads: int, heads: int, mlps: int, include_mlps: bool, seed: int) -> list[str]:
@@ -254,8 +342,16 @@ def random_components(n_layers: int, n_heads: int, heads: int, mlps: int, includ
     return kept + (rng.sample(all_mlps, mlps) if include_mlps else all_mlps)
 
 
-def time_pair(full: Transformer, pruned: Transformer, tokens: torch.Tensor, *, warmup: int = 3,
-              repeats: int = 20, rounds: int = 4, device=None) -> dict:
+def time_pair(
+    full: Transformer,
+    pruned: Transformer,
+    tokens: torch.Tensor,
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    rounds: int = 4,
+    device=None,
+) -> dict:
     """Median forward time of both models on the same `tokens` (last position only, as used).
 
     Both are timed with `metrics.time_forward` (warm-up, inference mode, synchronised on CUDA),
@@ -268,13 +364,21 @@ def time_pair(full: Transformer, pruned: Transformer, tokens: torch.Tensor, *, w
     times = {"full": [], "pruned": []}
     for r in range(rounds):
         for name, model in (("full", full), ("pruned", pruned)):
-            t = time_forward(lambda m=model: m(tokens, last_only=True), warmup=warmup if r == 0 else 1,
-                             repeats=per_round, device=device)
+            t = time_forward(
+                lambda m=model: m(tokens, last_only=True),
+                warmup=warmup if r == 0 else 1,
+                repeats=per_round,
+                device=device,
+            )
             times[name] += t["times_s"]
     full_s, pruned_s = float(np.median(times["full"])), float(np.median(times["pruned"]))
     S = tokens.shape[1]
-    return {"full_s": full_s, "pruned_s": pruned_s, "time_ratio": pruned_s / full_s,
-            "flop_ratio": pruned.flops(S) / full.flops(S)}
+    return {
+        "full_s": full_s,
+        "pruned_s": pruned_s,
+        "time_ratio": pruned_s / full_s,
+        "flop_ratio": pruned.flops(S) / full.flops(S),
+    }
 
 
 def choose_alpha(table, tolerance: float = 0.05) -> dict[tuple, float | None]:
@@ -313,8 +417,12 @@ def spread_over_batches(table, columns: Sequence[str], by: Sequence[str] = STUDY
         row = {**dict(zip(by, key if isinstance(key, tuple) else (key,))), "batches": len(g)}
         for c in columns:
             values = g[c].astype(float)
-            row |= {f"{c}_mean": values.mean(), f"{c}_sd": values.std(ddof=1) if len(g) > 1 else float("nan"),
-                    f"{c}_min": values.min(), f"{c}_max": values.max()}
+            row |= {
+                f"{c}_mean": values.mean(),
+                f"{c}_sd": values.std(ddof=1) if len(g) > 1 else float("nan"),
+                f"{c}_min": values.min(),
+                f"{c}_max": values.max(),
+            }
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -340,10 +448,16 @@ def kept_overlap(table, by: Sequence[str] = STUDY_GROUP, components: str = "head
     rows = []
     for key, g in table.groupby(list(by), sort=True):
         kept = [_kept(r, components) for _, r in g.iterrows()]
-        pairs = [jaccard(a, b) for i, a in enumerate(kept) for b in kept[i + 1:]]
-        rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), "batches": len(g),
-                     "pairs": len(pairs), "jaccard_mean": float(np.mean(pairs)) if pairs else float("nan"),
-                     "jaccard_min": float(min(pairs)) if pairs else float("nan")})
+        pairs = [jaccard(a, b) for i, a in enumerate(kept) for b in kept[i + 1 :]]
+        rows.append(
+            {
+                **dict(zip(by, key if isinstance(key, tuple) else (key,))),
+                "batches": len(g),
+                "pairs": len(pairs),
+                "jaccard_mean": float(np.mean(pairs)) if pairs else float("nan"),
+                "jaccard_min": float(min(pairs)) if pairs else float("nan"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -392,8 +506,7 @@ def intervals(table, column: str, by: Sequence[str] = STUDY_GROUP, *, over: str,
     return pd.DataFrame(rows)
 
 
-def compare_orders(first, second, columns: Sequence[str] = ("heads", "test_accuracy"),
-                   by: Sequence[str] = STUDY_GROUP):
+def compare_orders(first, second, columns: Sequence[str] = ("heads", "test_accuracy"), by: Sequence[str] = STUDY_GROUP):
     """The same units searched in two head orders, side by side per group of `by`.
 
     first, second: study tables (`runner.study_table`) of one order each (column "order"), for
@@ -417,8 +530,9 @@ def compare_orders(first, second, columns: Sequence[str] = ("heads", "test_accur
         _one_row_per_batch(t, by)
     paired = first.merge(second, on=keys, suffixes=("@1", "@2"))
     if not len(paired):
-        raise ValueError("the two tables share no (task, configuration, alpha, seed): run the same units in both "
-                         "orders")
+        raise ValueError(
+            "the two tables share no (task, configuration, alpha, seed): run the same units in both orders"
+        )
     rows = []
     for key, g in paired.groupby(list(by), sort=True):
         row = {**dict(zip(by, key if isinstance(key, tuple) else (key,))), "batches": len(g)}
@@ -435,8 +549,9 @@ def compare_orders(first, second, columns: Sequence[str] = ("heads", "test_accur
 
 
 @torch.inference_mode()
-def prompt_flips(model: Transformer, task, split: TaskSplit, kept: Iterable[str], ablation: str,
-                 means: Means | None = None) -> dict:
+def prompt_flips(
+    model: Transformer, task, split: TaskSplit, kept: Iterable[str], ablation: str, means: Means | None = None
+) -> dict:
     """Which prompts the circuit `kept` answers differently from the full model, and what undoes each gain.
 
     Returns {"full_accuracy", "circuit_accuracy", "gained": prompts (indices into `split`) the
@@ -451,16 +566,17 @@ def prompt_flips(model: Transformer, task, split: TaskSplit, kept: Iterable[str]
     if scheme == "mean" and means is None:
         raise ValueError("mean ablation needs the patching-set means (ablation.mean_activations)")
     tokens = split.tokens.to(model.device)
-    full_correct = task.correct(split, model(tokens, last_only=True)).cpu()            # [n]
+    full_correct = task.correct(split, model(tokens, last_only=True)).cpu()  # [n]
     pruned = prune(model, kept, scheme, means)
-    circuit_correct = task.correct(split, pruned(tokens, last_only=True)).cpu()        # [n]
+    circuit_correct = task.correct(split, pruned(tokens, last_only=True)).cpu()  # [n]
     gained = torch.nonzero(circuit_correct & ~full_correct).flatten()
     lost = torch.nonzero(full_correct & ~circuit_correct).flatten()
     undone = {}
     if len(gained):
         cfg, sub = model.cfg, _rows(split, gained)
-        everything = [head_name(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)] + \
-                     [mlp_name(l) for l in range(cfg.n_layers)]
+        everything = [head_name(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)] + [
+            mlp_name(l) for l in range(cfg.n_layers)
+        ]
         kept_set = {parse_component(k) for k in kept}
         for c in [c for c in everything if parse_component(c) not in kept_set]:
             layer = parse_component(c)[0]
@@ -472,17 +588,25 @@ def prompt_flips(model: Transformer, task, split: TaskSplit, kept: Iterable[str]
                 pruned.layers[layer] = original
             if not still.all():
                 undone[c] = gained[~still].tolist()
-    return {"full_accuracy": float(full_correct.double().mean()),
-            "circuit_accuracy": float(circuit_correct.double().mean()),
-            "gained": gained.tolist(), "lost": lost.tolist(),
-            "undone_by": dict(sorted(undone.items(), key=lambda kv: (-len(kv[1]), kv[0])))}
+    return {
+        "full_accuracy": float(full_correct.double().mean()),
+        "circuit_accuracy": float(circuit_correct.double().mean()),
+        "gained": gained.tolist(),
+        "lost": lost.tolist(),
+        "undone_by": dict(sorted(undone.items(), key=lambda kv: (-len(kv[1]), kv[0]))),
+    }
 
 
 def _rows(split: TaskSplit, rows: torch.Tensor) -> TaskSplit:
     """The prompts `rows` (indices) of `split`, as a split of their own."""
     index = rows.tolist()
-    return TaskSplit([split.prompts[i] for i in index], split.tokens[rows], split.answers[rows], split.candidates,
-                     None if split.accepted is None else split.accepted[rows])
+    return TaskSplit(
+        [split.prompts[i] for i in index],
+        split.tokens[rows],
+        split.answers[rows],
+        split.candidates,
+        None if split.accepted is None else split.accepted[rows],
+    )
 
 
 def attention_targets(task, tokenizer, split: TaskSplit) -> dict[str, torch.Tensor]:
@@ -504,8 +628,8 @@ def attention_targets(task, tokenizer, split: TaskSplit) -> dict[str, torch.Tens
         to = tokens == tokenizer.encode(" to", add_special_tokens=False)[0]
         if not bool((to.sum(1) == 1).all()):
             raise ValueError("greater-than prompts must hold ' to' once (\"... from the year 1739 to 17\")")
-        width = 1 if len(split.candidates) == 100 else 2          # "39" is one token, or the digits "3", "9"
-        to_at = to.int().argmax(1)[:, None]                                          # [n, 1]
+        width = 1 if len(split.candidates) == 100 else 2  # "39" is one token, or the digits "3", "9"
+        to_at = to.int().argmax(1)[:, None]  # [n, 1]
         out["start year"] = (positions[None, :] >= to_at - width) & (positions[None, :] < to_at)
     elif task.name == "acronyms":
         out["capital letters"] = torch.isin(tokens, _capital_letter_tokens(tokenizer))
@@ -522,8 +646,7 @@ def _capital_letter_tokens(tokenizer) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def attention_mass(model: Transformer, tokens: torch.Tensor, heads: Sequence[str],
-                   targets: dict[str, torch.Tensor]):
+def attention_mass(model: Transformer, tokens: torch.Tensor, heads: Sequence[str], targets: dict[str, torch.Tensor]):
     """For each head, its mean attention from the last position to each group of `targets`, a DataFrame.
 
     tokens: [n, S]; targets: {name: BoolTensor [n, S]} (e.g. `attention_targets`). One row per
@@ -534,13 +657,18 @@ def attention_mass(model: Transformer, tokens: torch.Tensor, heads: Sequence[str
 
     for name, mask in targets.items():
         if tuple(mask.shape) != tuple(tokens.shape):
-            raise ValueError(f"target {name!r} must be a [n, S] mask like the tokens {list(tokens.shape)}; "
-                             f"got {list(mask.shape)}")
+            raise ValueError(
+                f"target {name!r} must be a [n, S] mask like the tokens {list(tokens.shape)}; got {list(mask.shape)}"
+            )
     pattern = model.attention_patterns(tokens.to(model.device), list(heads))[:, :, -1].cpu().double()  # [n, k, S]
     rows = []
     for i, head in enumerate(heads):
-        rows.append({"head": head, **{name: float((pattern[:, i] * mask.double()).sum(-1).mean())
-                                      for name, mask in targets.items()}})
+        rows.append(
+            {
+                "head": head,
+                **{name: float((pattern[:, i] * mask.double()).sum(-1).mean()) for name, mask in targets.items()},
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -551,8 +679,10 @@ def _one_row_per_batch(table, by: Sequence[str]) -> None:
     repeated = table.duplicated([*by, "seed"])
     if repeated.any():
         r = table[repeated].iloc[0]
-        raise ValueError(f"the table holds two rows of seed {r['seed']} for {dict((c, r[c]) for c in by)} (units of "
-                         f"another order or study?); keep one row per batch in each group")
+        raise ValueError(
+            f"the table holds two rows of seed {r['seed']} for {dict((c, r[c]) for c in by)} (units of "
+            f"another order or study?); keep one row per batch in each group"
+        )
 
 
 def _kept(row, components: str) -> set[str]:

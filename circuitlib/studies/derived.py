@@ -35,8 +35,9 @@ from circuitlib.studies.spec import Spec
 from circuitlib.studies.store import Store
 
 
-def head_effects(spec: Spec, task: str, ablation: str, *, seed: int | None = None, device: str | None = None,
-                 progress: bool = False) -> dict[str, float]:
+def head_effects(
+    spec: Spec, task: str, ablation: str, *, seed: int | None = None, device: str | None = None, progress: bool = False
+) -> dict[str, float]:
     """KL(f || f without h) for every head h of `spec`'s model, on one task's batch; {"L.H": KL}.
 
     The batch is the one a unit of `seed` (default: the spec's first) searches with: its patching
@@ -48,12 +49,23 @@ def head_effects(spec: Spec, task: str, ablation: str, *, seed: int | None = Non
     check_scheme(ablation)
     seed = _check_seed(spec, seed)
     the_task, data = _batch(spec, task, seed)
-    settings = {"model": spec.model, "task": the_task.name, "ablation": ablation, "seed": seed, "n": spec.n[task],
-                "prompts": prompts_digest(data, ("patching", "validation"))}
+    settings = {
+        "model": spec.model,
+        "task": the_task.name,
+        "ablation": ablation,
+        "seed": seed,
+        "n": spec.n[task],
+        "prompts": prompts_digest(data, ("patching", "validation")),
+    }
 
     def compute(model):
-        return single_head_effects(model, data.patching.tokens.to(model.device),
-                                   data.validation.tokens.to(model.device), ablation, progress=progress)
+        return single_head_effects(
+            model,
+            data.patching.tokens.to(model.device),
+            data.validation.tokens.to(model.device),
+            ablation,
+            progress=progress,
+        )
 
     return _cached(spec, "effects", settings, compute, device)
 
@@ -78,30 +90,54 @@ def random_baselines(spec: Spec, task: str, row, n_random: int, *, device: str |
     seed = _check_seed(spec, int(row["seed"]))
     the_task, data = _batch(spec, task, seed)
     if prompts_digest(data) != row["prompts_digest"]:
-        raise ValueError(f"row {row['key']} was made from other prompts than {task!r} seed {seed} of the spec "
-                         f"{spec.name} generates now: give a row of this spec's own table (runner.study_table)")
+        raise ValueError(
+            f"row {row['key']} was made from other prompts than {task!r} seed {seed} of the spec "
+            f"{spec.name} generates now: give a row of this spec's own table (runner.study_table)"
+        )
     ablation, include_mlps = str(row["ablation"]), bool(row["include_mlps"])
     extracted = list(row["kept_heads"]) + [mlp_name(layer) for layer in row["kept_mlps"]]
-    settings = {"unit": str(row["key"]), "alpha": float(row["alpha"]), "n_random": n_random,
-                "kept": extracted, "draws": "study.random_components, seed 1000 * batch + i"}
+    settings = {
+        "unit": str(row["key"]),
+        "alpha": float(row["alpha"]),
+        "n_random": n_random,
+        "kept": extracted,
+        "draws": "study.random_components, seed 1000 * batch + i",
+    }
 
     def compute(model):
         cfg = model.cfg
         means = mean_activations(model, data.patching.tokens.to(model.device)) if ablation == "mean" else None
         resid = full_reference(model, data)
         circuits = [("extracted", None, extracted)] + [
-            ("random", i, random_components(cfg.n_layers, cfg.n_heads, int(row["heads"]), int(row["mlps"]),
-                                            include_mlps, seed=1000 * seed + i)) for i in range(n_random)]
+            (
+                "random",
+                i,
+                random_components(
+                    cfg.n_layers, cfg.n_heads, int(row["heads"]), int(row["mlps"]), include_mlps, seed=1000 * seed + i
+                ),
+            )
+            for i in range(n_random)
+        ]
         out = []
         for kind, draw, kept in circuits:
             r = evaluate_kept(model, the_task, data, kept, ablation, means, resid)
             if kind == "extracted" and abs(r["test"]["accuracy"] - float(row["test_accuracy"])) > 1e-12:
-                raise RuntimeError(f"the circuit of row {row['key']} (alpha {row['alpha']}) rebuilt here reaches "
-                                   f"test accuracy {r['test']['accuracy']}, the store says {row['test_accuracy']}")
-            out.append({"circuit": kind, "draw": draw, "kept": list(kept),
-                        "val_accuracy": r["validation"]["accuracy"], "val_kl": r["validation"]["kl"],
-                        "test_accuracy": r["test"]["accuracy"], "test_kl": r["test"]["kl"],
-                        "parameter_reduction": r["parameter_reduction"]})
+                raise RuntimeError(
+                    f"the circuit of row {row['key']} (alpha {row['alpha']}) rebuilt here reaches "
+                    f"test accuracy {r['test']['accuracy']}, the store says {row['test_accuracy']}"
+                )
+            out.append(
+                {
+                    "circuit": kind,
+                    "draw": draw,
+                    "kept": list(kept),
+                    "val_accuracy": r["validation"]["accuracy"],
+                    "val_kl": r["validation"]["kl"],
+                    "test_accuracy": r["test"]["accuracy"],
+                    "test_kl": r["test"]["kl"],
+                    "parameter_reduction": r["parameter_reduction"],
+                }
+            )
         return out
 
     return _cached(spec, "baselines", settings, compute, device)
@@ -112,7 +148,7 @@ def _batch(spec: Spec, task: str, seed: int):
     from circuitlib.models.loading import load_tokenizer
     from circuitlib.tasks import get_task
 
-    if task not in spec.tasks:     # a task file's rows name it by its name, the spec by its path
+    if task not in spec.tasks:  # a task file's rows name it by its name, the spec by its path
         task = next((t for t in spec.tasks if get_task(t).name == task), task)
     if task not in spec.tasks:
         raise ValueError(f"task {task!r} is not in the spec {spec.name} (its tasks: {', '.join(spec.tasks)})")
@@ -123,8 +159,7 @@ def _batch(spec: Spec, task: str, seed: int):
 def _check_seed(spec: Spec, seed: int | None) -> int:
     seed = spec.seeds[0] if seed is None else seed
     if seed not in spec.seeds:
-        raise ValueError(f"seed {seed!r} is not in the spec {spec.name} (its seeds: "
-                         f"{', '.join(map(str, spec.seeds))})")
+        raise ValueError(f"seed {seed!r} is not in the spec {spec.name} (its seeds: {', '.join(map(str, spec.seeds))})")
     return seed
 
 
@@ -144,14 +179,23 @@ def _cached(spec: Spec, kind: str, settings: dict, compute, device: str | None):
     model, _ = cached_model(spec.model, device)
     started = time.perf_counter()
     with torch.inference_mode():
-        result = json.loads(json.dumps(compute(model)))        # exactly what a later read returns
-    store.write_record(kind, key, {"settings": settings, "result": result, "seconds": time.perf_counter() - started,
-                                   **provenance(device, torch.get_num_threads())})
+        result = json.loads(json.dumps(compute(model)))  # exactly what a later read returns
+    store.write_record(
+        kind,
+        key,
+        {
+            "settings": settings,
+            "result": result,
+            "seconds": time.perf_counter() - started,
+            **provenance(device, torch.get_num_threads()),
+        },
+    )
     return result
 
 
-def reference_metrics(spec: Spec, task: str, seed: int, ablation: str, *, split: str = "test",
-                      device: str | None = None) -> dict:
+def reference_metrics(
+    spec: Spec, task: str, seed: int, ablation: str, *, split: str = "test", device: str | None = None
+) -> dict:
     """The baselines of one batch and ablation scheme, measured on `split` with the task's standard measure.
 
     Returns {"metric": its name, "n_layers", "n_heads", "split", and for each of "full" (the
@@ -171,8 +215,15 @@ def reference_metrics(spec: Spec, task: str, seed: int, ablation: str, *, split:
     the_task, data = _batch(spec, task, seed)
     prompts = _split(data, split)
     tokenizer = load_tokenizer(spec.model)
-    settings = {"model": spec.model, "task": the_task.name, "ablation": ablation, "seed": seed, "split": split,
-                "metric": standard_metric_name(the_task), "prompts": prompts_digest(data, ("patching", split))}
+    settings = {
+        "model": spec.model,
+        "task": the_task.name,
+        "ablation": ablation,
+        "seed": seed,
+        "split": split,
+        "metric": standard_metric_name(the_task),
+        "prompts": prompts_digest(data, ("patching", split)),
+    }
 
     def compute(model):
         cfg = model.cfg
@@ -182,8 +233,11 @@ def reference_metrics(spec: Spec, task: str, seed: int, ablation: str, *, split:
         for name, kept in (("full", None), ("empty", []), ("no_heads", [mlp_name(l) for l in range(cfg.n_layers)])):
             out[name] = _measure_kept(model, the_task, tokenizer, prompts, kept, ablation, means, full_logits)
         constant = best_constant_answer(prompts)
-        out["constant"] = {**constant, "answer": tokenizer.decode([constant["token"]]),
-                           "metric": constant_answer_metric(the_task, tokenizer, prompts, constant["token"])}
+        out["constant"] = {
+            **constant,
+            "answer": tokenizer.decode([constant["token"]]),
+            "metric": constant_answer_metric(the_task, tokenizer, prompts, constant["token"]),
+        }
         return out
 
     return _cached(spec, "reference-metrics", settings, compute, device)
@@ -207,14 +261,21 @@ def circuit_metrics(spec: Spec, rows, *, split: str = "test", device: str | None
     task, seed, ablation = str(first["task"]), _check_seed(spec, int(first["seed"])), str(first["ablation"])
     the_task, data = _batch(spec, task, seed)
     if prompts_digest(data) != first["prompts_digest"]:
-        raise ValueError(f"unit {first['key']} was made from other prompts than {task!r} seed {seed} of the spec "
-                         f"{spec.name} generates now: give rows of this spec's own table (runner.study_table)")
+        raise ValueError(
+            f"unit {first['key']} was made from other prompts than {task!r} seed {seed} of the spec "
+            f"{spec.name} generates now: give rows of this spec's own table (runner.study_table)"
+        )
     prompts = _split(data, split)
     stored_accuracy = {"test": "test_accuracy", "validation": "val_accuracy"}[split]
     tokenizer = load_tokenizer(spec.model)
     kept = [list(r["kept_heads"]) + [mlp_name(int(l)) for l in r["kept_mlps"]] for r in rows]
-    settings = {"unit": str(first["key"]), "split": split, "metric": standard_metric_name(the_task),
-                "alphas": [float(r["alpha"]) for r in rows], "kept": kept}
+    settings = {
+        "unit": str(first["key"]),
+        "split": split,
+        "metric": standard_metric_name(the_task),
+        "alphas": [float(r["alpha"]) for r in rows],
+        "kept": kept,
+    }
 
     def compute(model):
         means = mean_activations(model, data.patching.tokens.to(model.device)) if ablation == "mean" else None
@@ -223,20 +284,24 @@ def circuit_metrics(spec: Spec, rows, *, split: str = "test", device: str | None
         out = []
         for r, components in zip(rows, kept):
             if tuple(components) not in measured:
-                measured[tuple(components)] = _measure_kept(model, the_task, tokenizer, prompts, components, ablation,
-                                                            means, full_logits)
+                measured[tuple(components)] = _measure_kept(
+                    model, the_task, tokenizer, prompts, components, ablation, means, full_logits
+                )
             m = measured[tuple(components)]
             if abs(m["accuracy"] - float(r[stored_accuracy])) > 1e-12:
-                raise RuntimeError(f"the circuit of unit {r['key']} at alpha {r['alpha']} rebuilt here reaches "
-                                   f"{split} accuracy {m['accuracy']}, the store says {r[stored_accuracy]}")
+                raise RuntimeError(
+                    f"the circuit of unit {r['key']} at alpha {r['alpha']} rebuilt here reaches "
+                    f"{split} accuracy {m['accuracy']}, the store says {r[stored_accuracy]}"
+                )
             out.append({"alpha": float(r["alpha"]), "heads": int(r["heads"]), "mlps": int(r["mlps"]), **m})
         return out
 
     return _cached(spec, "circuit-metrics", settings, compute, device)
 
 
-def standard_metrics_table(spec: Spec, *, split: str = "test", device: str | None = None, progress: bool = False,
-                           table=None):
+def standard_metrics_table(
+    spec: Spec, *, split: str = "test", device: str | None = None, progress: bool = False, table=None
+):
     """The standard measure of every stored circuit of `spec`, beside its baselines: a DataFrame.
 
     One row per circuit (unit x alpha): key, task, ablation, include_mlps, seed, alpha, heads,
@@ -258,22 +323,39 @@ def standard_metrics_table(spec: Spec, *, split: str = "test", device: str | Non
     groups = list(table.groupby("key", sort=True)) if len(table) else []
     for key, unit in tqdm(groups, desc="standard metrics", unit="unit", disable=not progress):
         first = unit.iloc[0]
-        ref = reference_metrics(spec, str(first["task"]), int(first["seed"]), str(first["ablation"]), split=split,
-                                device=device)
+        ref = reference_metrics(
+            spec, str(first["task"]), int(first["seed"]), str(first["ablation"]), split=split, device=device
+        )
         mlps = bool(first["include_mlps"])
         candidates = ref["n_layers"] * ref["n_heads"] + (ref["n_layers"] if mlps else 0)
         for c in circuit_metrics(spec, unit, split=split, device=device):
-            out.append({"key": key, "task": first["task"], "ablation": first["ablation"], "include_mlps": mlps,
-                        "seed": int(first["seed"]), "alpha": c["alpha"], "heads": c["heads"], "mlps": c["mlps"],
-                        "size": (c["heads"] + (c["mlps"] if mlps else 0)) / candidates, "metric": ref["metric"],
-                        "value": c["metric"],
-                        "faithfulness": normalised_faithfulness(c["metric"], ref["full"]["metric"],
-                                                                ref["empty"]["metric"]),
-                        "accuracy": c["accuracy"], "kl": c["kl"], "full_value": ref["full"]["metric"],
-                        "empty_value": ref["empty"]["metric"], "no_heads_value": ref["no_heads"]["metric"],
-                        "full_accuracy": ref["full"]["accuracy"], "empty_accuracy": ref["empty"]["accuracy"],
-                        "constant_answer": ref["constant"]["answer"], "constant_accuracy": ref["constant"]["accuracy"],
-                        "constant_value": ref["constant"]["metric"], "value_per_prompt": c["metric_per_prompt"]})
+            out.append(
+                {
+                    "key": key,
+                    "task": first["task"],
+                    "ablation": first["ablation"],
+                    "include_mlps": mlps,
+                    "seed": int(first["seed"]),
+                    "alpha": c["alpha"],
+                    "heads": c["heads"],
+                    "mlps": c["mlps"],
+                    "size": (c["heads"] + (c["mlps"] if mlps else 0)) / candidates,
+                    "metric": ref["metric"],
+                    "value": c["metric"],
+                    "faithfulness": normalised_faithfulness(c["metric"], ref["full"]["metric"], ref["empty"]["metric"]),
+                    "accuracy": c["accuracy"],
+                    "kl": c["kl"],
+                    "full_value": ref["full"]["metric"],
+                    "empty_value": ref["empty"]["metric"],
+                    "no_heads_value": ref["no_heads"]["metric"],
+                    "full_accuracy": ref["full"]["accuracy"],
+                    "empty_accuracy": ref["empty"]["accuracy"],
+                    "constant_answer": ref["constant"]["answer"],
+                    "constant_accuracy": ref["constant"]["accuracy"],
+                    "constant_value": ref["constant"]["metric"],
+                    "value_per_prompt": c["metric_per_prompt"],
+                }
+            )
     return pd.DataFrame(out)
 
 
@@ -293,14 +375,29 @@ def faithfulness_area_table(table):
     out = []
     for key, unit in table.groupby("key", sort=True):
         first = unit.iloc[0]
-        floor = (0.0 if first["include_mlps"] else
-                 normalised_faithfulness(first["no_heads_value"], first["full_value"], first["empty_value"]))
+        floor = (
+            0.0
+            if first["include_mlps"]
+            else normalised_faithfulness(first["no_heads_value"], first["full_value"], first["empty_value"])
+        )
         ys = [floor, *unit["faithfulness"], 1.0]
-        areas = (faithfulness_areas([0.0, *unit["size"], 1.0], ys) if not any(math.isnan(y) for y in ys)
-                 else {"cpr": float("nan"), "cmd": float("nan")})      # full == empty: no faithfulness
-        out.append({"key": key, "task": first["task"], "ablation": first["ablation"],
-                    "include_mlps": bool(first["include_mlps"]), "seed": int(first["seed"]), "metric": first["metric"],
-                    "circuits": len(unit), **areas})
+        areas = (
+            faithfulness_areas([0.0, *unit["size"], 1.0], ys)
+            if not any(math.isnan(y) for y in ys)
+            else {"cpr": float("nan"), "cmd": float("nan")}
+        )  # full == empty: no faithfulness
+        out.append(
+            {
+                "key": key,
+                "task": first["task"],
+                "ablation": first["ablation"],
+                "include_mlps": bool(first["include_mlps"]),
+                "seed": int(first["seed"]),
+                "metric": first["metric"],
+                "circuits": len(unit),
+                **areas,
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -308,14 +405,18 @@ def faithfulness_area_table(table):
 def _measure_kept(model, task, tokenizer, prompts, kept, ablation: str, means, full_logits) -> dict:
     """The standard measure, accuracy and KL to the full model of `model` pruned to `kept` (None: the full model)."""
     from circuitlib.core.metrics import accuracy, kl_divergence
-    from circuitlib.tasks.measures import standard_metric
     from circuitlib.core.surgery import prune
+    from circuitlib.tasks.measures import standard_metric
 
     pruned = model if kept is None else prune(model, list(kept), ablation, means)
     logits = pruned(prompts.tokens.to(model.device), last_only=True)
     values = standard_metric(task, tokenizer, prompts, logits)
-    return {"metric": float(values.mean()), "metric_per_prompt": values.cpu().tolist(),
-            "accuracy": accuracy(task, prompts, logits), "kl": kl_divergence(full_logits, logits)}
+    return {
+        "metric": float(values.mean()),
+        "metric_per_prompt": values.cpu().tolist(),
+        "accuracy": accuracy(task, prompts, logits),
+        "kl": kl_divergence(full_logits, logits),
+    }
 
 
 def _split(data, split: str):
@@ -329,6 +430,8 @@ def _unit_rows(rows) -> list:
     records = rows.sort_values("alpha").to_dict("records") if hasattr(rows, "to_dict") else list(rows)
     keys = {r.get("key") for r in records}
     if not records or len(keys) != 1:
-        raise ValueError(f"give the rows of exactly one unit (one 'key' of runner.study_table); got keys "
-                         f"{sorted(map(str, keys))[:3]}")
+        raise ValueError(
+            f"give the rows of exactly one unit (one 'key' of runner.study_table); got keys "
+            f"{sorted(map(str, keys))[:3]}"
+        )
     return records

@@ -43,10 +43,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from circuitlib.core.memory import check_fits
 from circuitlib.core.metrics import accuracy
 from circuitlib.core.model import ModelConfig, Transformer, full_plan
 from circuitlib.core.resumable import load_checkpoint, parameters_digest, result_lock, save_checkpoint, tokens_digest
-from circuitlib.core.memory import check_fits
 
 
 def _layer_parameters(cfg: ModelConfig) -> int:
@@ -100,11 +100,11 @@ def make_student(teacher: Transformer, n_layers: int, seed: int = 0, *, copy_emb
     out_scale = 1 / math.sqrt(2 * n_layers)
     for name, p in student.named_parameters():
         short = name.rsplit(".", 1)[-1]
-        if short in ("w",):                       # norm gains
+        if short in ("w",):  # norm gains
             p.fill_(1.0)
         elif short.startswith("b_") or short == "b":
             p.zero_()
-        else:                                     # weight matrices and embeddings
+        else:  # weight matrices and embeddings
             std = 0.02 * (out_scale if short in ("W_O", "W_out") else 1.0)
             p.copy_(torch.randn(p.shape, generator=g) * std)
     if copy_embeddings:
@@ -124,13 +124,13 @@ class DistillHistory:
     steps: int
     lr: float
     seed: int
-    train_loss: list[float] = field(default_factory=list)     # one per step
-    eval_steps: list[int] = field(default_factory=list)       # 0 = before training
+    train_loss: list[float] = field(default_factory=list)  # one per step
+    eval_steps: list[int] = field(default_factory=list)  # 0 = before training
     val_accuracy: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
-    seconds: float = 0.0                                      # wall clock, checkpointed runs included
-    cpu_seconds: float = 0.0                                  # CPU time, likewise
-    stopped: str = ""                                         # why training ended
+    seconds: float = 0.0  # wall clock, checkpointed runs included
+    cpu_seconds: float = 0.0  # CPU time, likewise
+    stopped: str = ""  # why training ended
 
     @property
     def best_val_accuracy(self) -> float:
@@ -174,11 +174,24 @@ def distill_memory(cfg: ModelConfig, student_layers: int, batch_size: int, seq_l
     return fixed, per_prompt
 
 
-def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, val_split, task, *,
-            steps: int, lr: float = 1e-3, seed: int = 0, batch_size: int | None = None,
-            eval_every: int | None = None, patience: int | None = None, min_improvement: float = 1e-3,
-            progress: bool = True, checkpoint_path: str | os.PathLike | None = None,
-            checkpoint_every: int = 100) -> DistillHistory:
+def distill(
+    teacher: Transformer,
+    student: Transformer,
+    tokens: torch.Tensor,
+    val_split,
+    task,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    seed: int = 0,
+    batch_size: int | None = None,
+    eval_every: int | None = None,
+    patience: int | None = None,
+    min_improvement: float = 1e-3,
+    progress: bool = True,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+) -> DistillHistory:
     """Train `student` (in place) to match `teacher`'s last-position logits on `tokens`.
 
     tokens:     [n, S] training prompts (the paper uses the task's prompts; we use the patching split)
@@ -207,14 +220,15 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
         raise ValueError(f"checkpoint_every must be a positive int; got {checkpoint_every!r}")
     device = teacher.W_E.device
     n_train = len(tokens)
-    fixed, per_prompt = distill_memory(teacher.cfg, student.cfg.n_layers, n_train if batch_size is None
-                                       else min(batch_size, n_train), tokens.shape[1])
+    fixed, per_prompt = distill_memory(
+        teacher.cfg, student.cfg.n_layers, n_train if batch_size is None else min(batch_size, n_train), tokens.shape[1]
+    )
     check_fits(device, per_prompt, fixed, n_train + len(val_split.tokens), "the distillation", "the number of prompts")
     tokens, val_tokens = tokens.to(device), val_split.tokens.to(device)
     with torch.inference_mode():
-        target = teacher(tokens, last_only=True)                  # [n, V]
-        val_target = teacher(val_tokens, last_only=True)          # [n_val, V]
-    target, val_target = target.clone(), val_target.clone()       # usable outside inference mode
+        target = teacher(tokens, last_only=True)  # [n, V]
+        val_target = teacher(val_tokens, last_only=True)  # [n_val, V]
+    target, val_target = target.clone(), val_target.clone()  # usable outside inference mode
     n = len(tokens)
     batch_size = n if batch_size is None else min(batch_size, n)
     eval_every = eval_every or max(1, steps // 20)
@@ -232,10 +246,21 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
         history.eval_steps.append(step)
         student.train()
 
-    settings = {"teacher": teacher.cfg.name, "student": student.cfg.name, "student_init": parameters_digest(student),
-                "steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size, "eval_every": eval_every,
-                "patience": patience, "min_improvement": min_improvement, "device": device.type,
-                "tokens": tokens_digest(tokens), "validation": tokens_digest(val_tokens)}
+    settings = {
+        "teacher": teacher.cfg.name,
+        "student": student.cfg.name,
+        "student_init": parameters_digest(student),
+        "steps": steps,
+        "lr": lr,
+        "seed": seed,
+        "batch_size": batch_size,
+        "eval_every": eval_every,
+        "patience": patience,
+        "min_improvement": min_improvement,
+        "device": device.type,
+        "tokens": tokens_digest(tokens),
+        "validation": tokens_digest(val_tokens),
+    }
     saved = load_checkpoint(checkpoint_path, settings)
     curve_fields = ("train_loss", "eval_steps", "val_accuracy", "val_loss")
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -251,15 +276,20 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
         order, cursor = saved["order"], saved["cursor"]
         for k in curve_fields:
             setattr(history, k, saved[k])
-    bar = tqdm(range(first_step, steps + 1), initial=first_step - 1, total=steps,
-               desc=f"distill {student.cfg.n_layers}-layer student", disable=not progress)
+    bar = tqdm(
+        range(first_step, steps + 1),
+        initial=first_step - 1,
+        total=steps,
+        desc=f"distill {student.cfg.n_layers}-layer student",
+        disable=not progress,
+    )
     for step in bar:
         if batch_size == n:
             rows = slice(None)
         else:
             if cursor + batch_size > n:
                 order, cursor = torch.randperm(n, generator=g), 0
-            rows = order[cursor:cursor + batch_size].to(device)
+            rows = order[cursor : cursor + batch_size].to(device)
             cursor += batch_size
         loss = l2_logit_loss(target[rows], student(tokens[rows], last_only=True))
         opt.zero_grad(set_to_none=True)
@@ -270,15 +300,27 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
             evaluate(step)
             bar.set_postfix(loss=f"{loss.item():.3g}", val_acc=f"{history.val_accuracy[-1]:.2f}")
             if patience is not None and _plateaued(history.val_loss, patience, min_improvement):
-                history.stopped = (f"validation loss plateaued: no improvement over {min_improvement:.0e} "
-                                   f"(relative) in {patience} evaluations, at step {step}")
+                history.stopped = (
+                    f"validation loss plateaued: no improvement over {min_improvement:.0e} "
+                    f"(relative) in {patience} evaluations, at step {step}"
+                )
                 break
         if checkpoint_path is not None and step % checkpoint_every == 0 and step < steps:
-            save_checkpoint(checkpoint_path, settings, {
-                "step": step, "student": student.state_dict(), "opt": opt.state_dict(), "generator": g.get_state(),
-                "order": order, "cursor": cursor, **{k: getattr(history, k) for k in curve_fields},
-                "seconds": seconds_before + time.perf_counter() - started,
-                "cpu_seconds": cpu_before + time.process_time() - cpu_started})
+            save_checkpoint(
+                checkpoint_path,
+                settings,
+                {
+                    "step": step,
+                    "student": student.state_dict(),
+                    "opt": opt.state_dict(),
+                    "generator": g.get_state(),
+                    "order": order,
+                    "cursor": cursor,
+                    **{k: getattr(history, k) for k in curve_fields},
+                    "seconds": seconds_before + time.perf_counter() - started,
+                    "cpu_seconds": cpu_before + time.process_time() - cpu_started,
+                },
+            )
     history.stopped = history.stopped or f"step budget ({steps}) reached"
     bar.close()
     history.seconds = seconds_before + time.perf_counter() - started
@@ -290,15 +332,29 @@ def distill(teacher: Transformer, student: Transformer, tokens: torch.Tensor, va
 
 
 def baseline_path(out_dir, row: Mapping) -> Path:
-    """Where the distillation baseline of a study row is kept: <task>-<ablation>-<heads|heads+mlps>-seed<S>-alpha<A>.json."""
+    """Where the distillation baseline of a study row is kept:
+    <task>-<ablation>-<heads|heads+mlps>-seed<S>-alpha<A>.json."""
     mlps = "heads+mlps" if row["include_mlps"] else "heads"
-    return Path(out_dir) / f"{row['task']}-{row['ablation']}-{mlps}-seed{int(row['seed'])}-alpha{float(row['alpha']):g}.json"
+    return (
+        Path(out_dir)
+        / f"{row['task']}-{row['ablation']}-{mlps}-seed{int(row['seed'])}-alpha{float(row['alpha']):g}.json"
+    )
 
 
-def distill_baseline(teacher: Transformer, tokenizer, row: Mapping, *, lr: float = 1e-3, max_steps: int = 20000,
-                     eval_every: int = 25, patience: int | None = 10, min_improvement: float = 1e-3,
-                     progress: bool = True, checkpoint_path: str | os.PathLike | None = None,
-                     checkpoint_every: int = 100) -> dict:
+def distill_baseline(
+    teacher: Transformer,
+    tokenizer,
+    row: Mapping,
+    *,
+    lr: float = 1e-3,
+    max_steps: int = 20000,
+    eval_every: int = 25,
+    patience: int | None = 10,
+    min_improvement: float = 1e-3,
+    progress: bool = True,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+) -> dict:
     """The distillation baseline of one row of a study's results store, as a JSON-ready record.
 
     The row (the extracted model the student competes with) gives the task, the seed and sizes of
@@ -320,30 +376,77 @@ def distill_baseline(teacher: Transformer, tokenizer, row: Mapping, *, lr: float
         raise ValueError(f"not even a one-layer student fits in the extracted model's {budget:,} parameters")
     data = task.generate(tokenizer, n=int(row["n"]), seed=seed, n_test=int(row["n_test"]))
     student = make_student(teacher, n_layers, seed=seed)
-    history = distill(teacher, student, data.patching.tokens, data.validation, task, steps=max_steps, lr=lr, seed=seed,
-                      eval_every=eval_every, patience=patience, min_improvement=min_improvement, progress=progress,
-                      checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every)
+    history = distill(
+        teacher,
+        student,
+        data.patching.tokens,
+        data.validation,
+        task,
+        steps=max_steps,
+        lr=lr,
+        seed=seed,
+        eval_every=eval_every,
+        patience=patience,
+        min_improvement=min_improvement,
+        progress=progress,
+        checkpoint_path=checkpoint_path,
+        checkpoint_every=checkpoint_every,
+    )
     with torch.inference_mode():
         test_logits = student(data.test.tokens.to(teacher.W_E.device), last_only=True)
         test_accuracy = accuracy(task, data.test, test_logits)
-    return {"model": row["model"], "task": task.name, "ablation": row["ablation"],
-            "include_mlps": bool(row["include_mlps"]), "seed": seed, "alpha": float(row["alpha"]),
-            "n": int(row["n"]), "n_test": int(row["n_test"]), "study": row["study"], "study_key": row["key"],
-            "budget_parameters": budget, "extracted_val_accuracy": float(row["val_accuracy"]),
-            "extracted_test_accuracy": float(row["test_accuracy"]), "full_parameters": int(row["full_parameters"]),
-            "student_layers": n_layers, "student_parameters": student_parameters(teacher.cfg, n_layers), "lr": lr,
-            "max_steps": max_steps, "eval_every": eval_every, "patience": patience,
-            "min_improvement": min_improvement, "steps_run": len(history.train_loss), "stopped": history.stopped,
-            "seconds": history.seconds, "cpu_seconds": history.cpu_seconds, "best_val_accuracy": history.best_val_accuracy, "best_step": history.best_step,
-            "test_accuracy": test_accuracy, "train_loss": history.train_loss, "eval_steps": history.eval_steps,
-            "val_loss": history.val_loss, "val_accuracy": history.val_accuracy}
+    return {
+        "model": row["model"],
+        "task": task.name,
+        "ablation": row["ablation"],
+        "include_mlps": bool(row["include_mlps"]),
+        "seed": seed,
+        "alpha": float(row["alpha"]),
+        "n": int(row["n"]),
+        "n_test": int(row["n_test"]),
+        "study": row["study"],
+        "study_key": row["key"],
+        "budget_parameters": budget,
+        "extracted_val_accuracy": float(row["val_accuracy"]),
+        "extracted_test_accuracy": float(row["test_accuracy"]),
+        "full_parameters": int(row["full_parameters"]),
+        "student_layers": n_layers,
+        "student_parameters": student_parameters(teacher.cfg, n_layers),
+        "lr": lr,
+        "max_steps": max_steps,
+        "eval_every": eval_every,
+        "patience": patience,
+        "min_improvement": min_improvement,
+        "steps_run": len(history.train_loss),
+        "stopped": history.stopped,
+        "seconds": history.seconds,
+        "cpu_seconds": history.cpu_seconds,
+        "best_val_accuracy": history.best_val_accuracy,
+        "best_step": history.best_step,
+        "test_accuracy": test_accuracy,
+        "train_loss": history.train_loss,
+        "eval_steps": history.eval_steps,
+        "val_loss": history.val_loss,
+        "val_accuracy": history.val_accuracy,
+    }
 
 
 BASELINE_SETTINGS = ("lr", "max_steps", "eval_every", "patience", "min_improvement")
 
 
-def distilled_student(out_dir, teacher: Transformer, tokenizer, row: Mapping, *, device: str = "cpu", threads: int = 1,
-             progress: bool = True, replace: bool = False, checkpoint_every: int = 100, **settings) -> dict:
+def distilled_student(
+    out_dir,
+    teacher: Transformer,
+    tokenizer,
+    row: Mapping,
+    *,
+    device: str = "cpu",
+    threads: int = 1,
+    progress: bool = True,
+    replace: bool = False,
+    checkpoint_every: int = 100,
+    **settings,
+) -> dict:
     """The record at `baseline_path(out_dir, row)` if it was trained with these `settings`, else train it.
 
     settings: any of BASELINE_SETTINGS (defaults as in `distill_baseline`). A record trained with
@@ -369,18 +472,30 @@ def distilled_student(out_dir, teacher: Transformer, tokenizer, row: Mapping, *,
         if record.get("study_key") != row["key"]:
             differ["study_key"] = (record.get("study_key"), row["key"])
         if differ:
-            raise ValueError(f"{path} was trained with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
-                             "delete it to retrain, or give another output folder")
+            raise ValueError(
+                f"{path} was trained with other settings "
+                f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
+                "delete it to retrain, or give another output folder"
+            )
         return record
 
     if path.exists() and not replace:
         return stored()
     with result_lock(path, "wait for it, or train another configuration meanwhile"):
-        if path.exists() and not replace:      # finished by the process that held the lock a moment ago
+        if path.exists() and not replace:  # finished by the process that held the lock a moment ago
             return stored()
-        record = distill_baseline(teacher, tokenizer, row, progress=progress, checkpoint_path=path.with_suffix(".ckpt"),
-                                  checkpoint_every=checkpoint_every, **settings)
-        record["provenance"] = {**provenance(str(device), threads),
-                                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        record = distill_baseline(
+            teacher,
+            tokenizer,
+            row,
+            progress=progress,
+            checkpoint_path=path.with_suffix(".ckpt"),
+            checkpoint_every=checkpoint_every,
+            **settings,
+        )
+        record["provenance"] = {
+            **provenance(str(device), threads),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record)))
         return record

@@ -22,22 +22,36 @@ def provenance(device: str, threads: int) -> dict:
     import numpy
     import transformers
 
-    package = Path(__file__).resolve().parents[1]     # circuitlib/, inside a git checkout or not
+    package = Path(__file__).resolve().parents[1]  # circuitlib/, inside a git checkout or not
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
-                               cwd=package, capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+            cwd=package,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         commit = (commit + ("+local-changes" if dirty else "")) if commit else ""
     except (OSError, subprocess.SubprocessError):
         commit = ""
     # a copy without .git (e.g. a GPU machine the tree was sent to): the commit its sender gave
     commit = commit or os.environ.get("CIRCUITLIB_COMMIT", "") or "unknown"
     dev = torch.device(device)
-    return {"commit": commit, "host": platform.node(), "cpu": cpu_name(), "device": str(dev),
-            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
-            "torch_threads": threads, "circuitlib_version": __version__, "torch_version": torch.__version__,
-            "transformers_version": transformers.__version__, "numpy_version": numpy.__version__}
+    return {
+        "commit": commit,
+        "host": platform.node(),
+        "cpu": cpu_name(),
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
+        "torch_threads": threads,
+        "circuitlib_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "numpy_version": numpy.__version__,
+    }
 
 
 def machine() -> str:

@@ -41,8 +41,20 @@ from pathlib import Path
 from circuitlib.core.ablation import SCHEMES
 from circuitlib.discovery.greedy import ORDERS, check_alpha
 
-FIELDS = ("name", "model", "tasks", "ablations", "include_mlps", "alphas", "seeds", "n", "n_test", "order",
-          "device", "store")
+FIELDS = (
+    "name",
+    "model",
+    "tasks",
+    "ablations",
+    "include_mlps",
+    "alphas",
+    "seeds",
+    "n",
+    "n_test",
+    "order",
+    "device",
+    "store",
+)
 REQUIRED = ("model", "tasks", "alphas", "n")
 
 
@@ -91,8 +103,12 @@ class Unit:
 
     def key(self, prompts_digest: str) -> str:
         """The unit's identity: a hash of its settings and of the prompts they generate."""
-        fields = {**asdict(self), "task": Path(self.task).name if is_task_file(self.task) else self.task,
-                  "alphas": [repr(a) for a in self.alphas], "prompts": prompts_digest}
+        fields = {
+            **asdict(self),
+            "task": Path(self.task).name if is_task_file(self.task) else self.task,
+            "alphas": [repr(a) for a in self.alphas],
+            "prompts": prompts_digest,
+        }
         blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -111,10 +127,10 @@ class Spec:
     tasks: tuple[str, ...]
     ablations: tuple[str, ...]
     include_mlps: tuple[bool, ...]
-    alphas: dict[str, tuple[float, ...]]    # task -> alphas
+    alphas: dict[str, tuple[float, ...]]  # task -> alphas
     seeds: tuple[int, ...]
-    n: dict[str, int]                      # task -> n
-    n_test: dict[str, int]                 # task -> n_test
+    n: dict[str, int]  # task -> n
+    n_test: dict[str, int]  # task -> n_test
     order: str
     device: str
     store: Path
@@ -123,8 +139,13 @@ class Spec:
     def units(self) -> list[Unit]:
         """Every unit, seed by seed (so a partial run covers every task and configuration early), then
         tasks in the spec's order, then configuration."""
-        return [Unit(self.model, t, a, m, s, self.alphas[t], self.n[t], self.n_test[t], self.order)
-                for s in self.seeds for t in self.tasks for a in self.ablations for m in self.include_mlps]
+        return [
+            Unit(self.model, t, a, m, s, self.alphas[t], self.n[t], self.n_test[t], self.order)
+            for s in self.seeds
+            for t in self.tasks
+            for a in self.ablations
+            for m in self.include_mlps
+        ]
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -163,8 +184,7 @@ def parse_spec(raw: dict, *, default_name: str = "study", base: Path = Path(".")
     model = raw["model"]
     if not isinstance(model, str) or not model:
         fail("model", f"must be a model name (e.g. smollm2-135m) or a model folder, got {model!r}")
-    tasks = [str((base / t).resolve()) if is_task_file(t) else t
-             for t in _string_list(raw["tasks"], "tasks", fail)]
+    tasks = [str((base / t).resolve()) if is_task_file(t) else t for t in _string_list(raw["tasks"], "tasks", fail)]
     from circuitlib.tasks import get_task
 
     for t in tasks:
@@ -185,13 +205,20 @@ def parse_spec(raw: dict, *, default_name: str = "study", base: Path = Path(".")
         if seeds < 1:
             fail("seeds", f"as a count must be >= 1, got {seeds}")
         seeds = list(range(seeds))
-    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)):
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or len(set(seeds)) != len(seeds)
+        or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds)
+    ):
         fail("seeds", f"must be a count or a list of distinct integers >= 0, got {raw.get('seeds')!r}")
     alphas = _per_task(raw["alphas"], tasks, "alphas", lambda v: _alphas(v, fail), fail)
     n = _per_task(raw["n"], tasks, "n", lambda v: _positive_int(v, "n", fail), fail)
-    n_test = _per_task(raw["n_test"], tasks, "n_test", lambda v: _positive_int(v, "n_test", fail), fail) \
-        if raw.get("n_test") is not None else dict(n)
+    n_test = (
+        _per_task(raw["n_test"], tasks, "n_test", lambda v: _positive_int(v, "n_test", fail), fail)
+        if raw.get("n_test") is not None
+        else dict(n)
+    )
     order = raw.get("order", "heads-ascending")
     if order not in ORDERS:
         fail("order", f"is {order!r}; choose {' or '.join(ORDERS)}")
@@ -201,8 +228,21 @@ def parse_spec(raw: dict, *, default_name: str = "study", base: Path = Path(".")
     store = raw.get("store", f"results/{name}")
     if not isinstance(store, str) or not store:
         fail("store", f"must be a folder path, got {store!r}")
-    return Spec(name, model, tuple(tasks), tuple(ablations), tuple(mlps), alphas, tuple(seeds), n, n_test,
-                order, device, (base / store).resolve(), source)
+    return Spec(
+        name,
+        model,
+        tuple(tasks),
+        tuple(ablations),
+        tuple(mlps),
+        alphas,
+        tuple(seeds),
+        n,
+        n_test,
+        order,
+        device,
+        (base / store).resolve(),
+        source,
+    )
 
 
 def is_task_file(task: str) -> bool:
@@ -231,8 +271,11 @@ def _alphas(value, fail) -> tuple[float, ...]:
         if set(value) != {"from", "to", "points"}:
             fail("alphas", f"as a range needs exactly the keys from, to, points; got {sorted(value)}")
         lo, hi, points = value["from"], value["to"], value["points"]
-        if (not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi))
-                or not 0 < lo <= hi or not math.isfinite(hi)):
+        if (
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi))
+            or not 0 < lo <= hi
+            or not math.isfinite(hi)
+        ):
             fail("alphas", f"range needs 0 < from <= to (log-spaced), got from={lo!r} to={hi!r}")
         if not isinstance(points, int) or isinstance(points, bool) or points < 1:
             fail("alphas", f"range needs points >= 1, got {points!r}")
@@ -244,7 +287,7 @@ def _alphas(value, fail) -> tuple[float, ...]:
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
             fail("alphas", f"has {a!r}; every alpha must be a finite number >= 0")
         try:
-            out.append(check_alpha(a) + 0.0)   # + 0.0 turns -0.0 into 0.0
+            out.append(check_alpha(a) + 0.0)  # + 0.0 turns -0.0 into 0.0
         except ValueError as e:
             fail("alphas", str(e))
     if len(set(out)) != len(out):

@@ -79,8 +79,10 @@ class Store:
             atomic_write(target.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
             os.replace(self.unit_path(key), target)
         except OSError as e:
-            raise ValueError(f"unit file {self.unit_path(key)} cannot be read ({reason}) nor moved aside "
-                             f"({e.strerror or e}); delete it by hand to recompute the unit") from None
+            raise ValueError(
+                f"unit file {self.unit_path(key)} cannot be read ({reason}) nor moved aside "
+                f"({e.strerror or e}); delete it by hand to recompute the unit"
+            ) from None
         return target
 
     def failures(self) -> dict[str, dict]:
@@ -97,8 +99,10 @@ class Store:
             probe = tempfile.NamedTemporaryFile(dir=self.root / "units", prefix=".probe-", delete=True)
             probe.close()
         except OSError as e:
-            raise ValueError(f"cannot write the results store {self.root}: {e.strerror or e}; "
-                             "give the spec a writable 'store' folder") from None
+            raise ValueError(
+                f"cannot write the results store {self.root}: {e.strerror or e}; "
+                "give the spec a writable 'store' folder"
+            ) from None
 
     def write_unit(self, key: str, rows: list[dict]) -> Path:
         """Write a finished unit's rows atomically; an existing unit is never replaced."""
@@ -107,8 +111,10 @@ class Store:
 
         path = self.unit_path(key)
         if path.exists():
-            raise FileExistsError(f"unit {key} is already in {self.root}; a finished unit is never overwritten "
-                                  "(delete its file by hand to recompute it)")
+            raise FileExistsError(
+                f"unit {key} is already in {self.root}; a finished unit is never overwritten "
+                "(delete its file by hand to recompute it)"
+            )
         table = pa.Table.from_pylist(rows)
         atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
         (self.root / "failed" / f"{key}.json").unlink(missing_ok=True)
@@ -117,7 +123,9 @@ class Store:
         return path
 
     def write_failure(self, key: str, record: dict) -> None:
-        atomic_write(self.root / "failed" / f"{key}.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        atomic_write(
+            self.root / "failed" / f"{key}.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1))
+        )
         self.clear_running(key)
 
     def claim(self, key: str, record: dict, owned_elsewhere) -> dict | None:
@@ -144,8 +152,10 @@ class Store:
             Path(tmp).unlink(missing_ok=True)
 
     def write_running(self, key: str, record: dict) -> None:
-        atomic_write(self.root / "running" / f"{key}.json",
-                lambda tmp: Path(tmp).write_text(json.dumps({**record, "updated": time.time()})))
+        atomic_write(
+            self.root / "running" / f"{key}.json",
+            lambda tmp: Path(tmp).write_text(json.dumps({**record, "updated": time.time()})),
+        )
 
     def clear_running(self, key: str) -> None:
         (self.root / "running" / f"{key}.json").unlink(missing_ok=True)
@@ -188,8 +198,10 @@ class Store:
                 tables.append(_read_unit(self.unit_path(k)).to_pandas())
             except UnreadableUnit as e:
                 if damaged is None:
-                    raise ValueError(f"{e}; `python -m circuitlib study run SPEC` moves it to quarantine/ and "
-                                     "computes the unit again") from None
+                    raise ValueError(
+                        f"{e}; `python -m circuitlib study run SPEC` moves it to quarantine/ and "
+                        "computes the unit again"
+                    ) from None
                 damaged[k] = str(e)
         return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
@@ -219,16 +231,27 @@ def _read_json(path: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-_MARKER_TYPES = {"updated": (int, float), "pid": int, "done": int, "total": int, "states": int, "host": str,
-                 "run": str, "unit": str}
+_MARKER_TYPES = {
+    "updated": (int, float),
+    "pid": int,
+    "done": int,
+    "total": int,
+    "states": int,
+    "host": str,
+    "run": str,
+    "unit": str,
+}
 
 
 def _marker(record: dict) -> dict:
     """A running/ marker without the fields of the wrong type (a damaged one): no "updated" time, say,
     makes a claim of another host count as long dead."""
-    return {k: v for k, v in record.items()
-            if k not in _MARKER_TYPES or (isinstance(v, _MARKER_TYPES[k]) and not isinstance(v, bool)
-                                          and (k != "updated" or math.isfinite(v)))}
+    return {
+        k: v
+        for k, v in record.items()
+        if k not in _MARKER_TYPES
+        or (isinstance(v, _MARKER_TYPES[k]) and not isinstance(v, bool) and (k != "updated" or math.isfinite(v)))
+    }
 
 
 def _partial_or_none(record: dict) -> dict | None:

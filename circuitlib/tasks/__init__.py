@@ -8,18 +8,63 @@ from __future__ import annotations
 
 import os
 
-from circuitlib.tasks.builtin import (ACRONYM_WORDS, GREATER_THAN_NOUNS, IOI, IOI_NAMES, IOI_TEMPLATES, IOIMixed, IOI_OBJECTS, IOI_PLACES, SPLITS,
-                                     Acronyms, GreaterThan, Task, TaskData, TaskSplit, ioi_subject_tokens,
-                                     is_gpt2_tokenizer, letter_plus_one_token_words, letter_tokens, make_split,
-                                     one_token_words, split_acronyms, split_letter_pairs)
+from circuitlib.tasks.builtin import (
+    ACRONYM_WORDS,
+    GREATER_THAN_NOUNS,
+    IOI,
+    IOI_NAMES,
+    IOI_OBJECTS,
+    IOI_PLACES,
+    IOI_TEMPLATES,
+    SPLITS,
+    Acronyms,
+    GreaterThan,
+    IOIMixed,
+    Task,
+    TaskData,
+    TaskSplit,
+    ioi_subject_tokens,
+    is_gpt2_tokenizer,
+    letter_plus_one_token_words,
+    letter_tokens,
+    make_split,
+    one_token_words,
+    split_acronyms,
+    split_letter_pairs,
+)
 from circuitlib.tasks.files import SUFFIXES, FileTask, load_task_file
 
-__all__ = ["SPLITS", "Task", "TaskSplit", "TaskData", "make_split", "FileTask", "load_task_file", "get_task",
-           "register_task", "TASKS", "TASK_NAMES", "Acronyms", "IOI", "IOIMixed", "GreaterThan", "IOI_TEMPLATES",
-           # the word lists and the tokenizer filters the built-in tasks apply (the chapters show them)
-           "ACRONYM_WORDS", "GREATER_THAN_NOUNS", "IOI_NAMES", "IOI_OBJECTS", "IOI_PLACES", "is_gpt2_tokenizer",
-           "letter_plus_one_token_words", "one_token_words", "split_acronyms", "split_letter_pairs",
-           "ioi_subject_tokens", "letter_tokens"]
+__all__ = [
+    "SPLITS",
+    "Task",
+    "TaskSplit",
+    "TaskData",
+    "make_split",
+    "FileTask",
+    "load_task_file",
+    "get_task",
+    "register_task",
+    "TASKS",
+    "TASK_NAMES",
+    "Acronyms",
+    "IOI",
+    "IOIMixed",
+    "GreaterThan",
+    "IOI_TEMPLATES",
+    # the word lists and the tokenizer filters the built-in tasks apply (the chapters show them)
+    "ACRONYM_WORDS",
+    "GREATER_THAN_NOUNS",
+    "IOI_NAMES",
+    "IOI_OBJECTS",
+    "IOI_PLACES",
+    "is_gpt2_tokenizer",
+    "letter_plus_one_token_words",
+    "one_token_words",
+    "split_acronyms",
+    "split_letter_pairs",
+    "ioi_subject_tokens",
+    "letter_tokens",
+]
 
 TASKS: dict[str, Task] = {}
 
@@ -50,12 +95,14 @@ def get_task(name: str | os.PathLike) -> Task:
         return get_compiled_task(name)
     if name.endswith(SUFFIXES) or os.path.isfile(name):
         return load_task_file(name)
-    raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}, or give a task file "
-                     f"(prompts and answers in a {' or '.join(SUFFIXES)} file)")
+    raise ValueError(
+        f"unknown task {name!r}; choose one of {', '.join(TASKS)}, or give a task file "
+        f"(prompts and answers in a {' or '.join(SUFFIXES)} file)"
+    )
 
 
 register_task(Acronyms())
 register_task(IOI())
 register_task(GreaterThan())
 register_task(IOIMixed())
-TASK_NAMES = ("acronyms", "ioi", "greater-than")     # the paper's tasks
+TASK_NAMES = ("acronyms", "ioi", "greater-than")  # the paper's tasks

@@ -52,73 +52,531 @@ import torch
 
 # Capitalised words; under GPT-2 most of them tokenise as " X" + one token (" B", "urden").
 ACRONYM_WORDS = (
-    "Aisle", "Aperture", "Aroma", "Auction", "Aversion", "Bacteria", "Bamboo", "Basket", "Batch",
-    "Batter", "Bead", "Belly", "Bias", "Bicycle", "Bilateral", "Bilingual", "Boon", "Breeze",
-    "Bribe", "Bucket", "Bully", "Bumper", "Bunch", "Bunk", "Burden", "Cabbage", "Cactus", "Cafe",
-    "Cage", "Cake", "Calf", "Cane", "Cannon", "Cargo", "Casing", "Caste", "Cattle", "Cement",
-    "Censor", "Cider", "Cobalt", "Cone", "Cottage", "Cradle", "Crib", "Crop", "Crossover", "Cuff",
-    "Cursor", "Dagger", "Dancer", "Danger", "Daughter", "Dense", "Density", "Dental", "Dessert",
-    "Diameter", "Diction", "Dime", "Diner", "Dinner", "Dioxide", "Ditch", "Diverse", "Dorm",
-    "Dose", "Dossier", "Drought", "Duct", "Dummy", "Eager", "Earning", "Eaves", "Efficient",
-    "Eminent", "Eruption", "Eternity", "Famine", "Feat", "Fence", "Fertility", "Fetus", "Fiasco",
-    "Fictional", "Fidelity", "Fierce", "Fixture", "Focal", "Fodder", "Foil", "Folder", "Follower",
-    "Folly", "Fraction", "Fructose", "Fuse", "Gaze", "Gestation", "Ghetto", "Gist", "Gland",
-    "Gossip", "Gown", "Graft", "Grief", "Grit", "Grocery", "Groom", "Gull", "Hiatus", "Hike",
-    "Hinge", "Hint", "Hose", "Humble", "Hype", "Icing", "Jaguar", "Jargon", "Jelly", "Jockey",
-    "Joke", "Jungle", "Jury", "Kale", "Kernel", "Kettle", "Kitten", "Knee", "Lace", "Ladder",
-    "Laptop", "Latch", "Lateral", "Laughter", "Lava", "Ledge", "Lender", "Lighter", "Lighthouse",
-    "Locker", "Loneliness", "Longevity", "Luggage", "Lumber", "Lure", "Lymph", "Mango", "Mansion",
-    "Mantle", "Maternal", "Maternity", "Mice", "Migrant", "Miser", "Mixture", "Moth", "Motto",
-    "Mound", "Mural", "Mutation", "Muzzle", "Nail", "Narrow", "Nerve", "Niece", "Noun", "Numeric",
-    "Nylon", "Oasis", "Omission", "Oven", "Ozone", "Paddle", "Padding", "Panda", "Pane",
-    "Parchment", "Pardon", "Paternal", "Pavement", "Pawn", "Pencil", "Pension", "Pest", "Piety",
-    "Pile", "Pinch", "Pinnacle", "Pint", "Pivot", "Pledge", "Podium", "Pony", "Pouch", "Poultry",
-    "Pregnancy", "Prow", "Puck", "Pudding", "Puff", "Racket", "Railing", "Rake", "Ransom",
-    "Ration", "Rental", "Rider", "Rink", "Rival", "Rivalry", "Rope", "Roster", "Rotation",
-    "Routine", "Ruler", "Saddle", "Sailing", "Scent", "Sibling", "Sill", "Sincerity", "Sled",
-    "Sleeve", "Sock", "Sorrow", "Surgical", "Tactic", "Tally", "Tandem", "Tangle", "Tendon",
-    "Tension", "Tether", "Tidal", "Tissue", "Tolerance", "Toxin", "Tract", "Tractor", "Trench",
-    "Tribute", "Trophy", "Trough", "Tuna", "Umpire", "Uprising", "Vague", "Vandal", "Vantage",
-    "Vascular", "Vault", "Vendor", "Vessel", "Veto", "Viability", "Vintage", "Vivid", "Vocal",
-    "Vodka", "Wagon", "Widespread", "Worthy", "Wreck", "Wrench", "Wrist", "Yacht", "Yarn", "Yawn",
-    "Yield", "Zebra", "Zinc", "Zipper", "Zodiac",
+    "Aisle",
+    "Aperture",
+    "Aroma",
+    "Auction",
+    "Aversion",
+    "Bacteria",
+    "Bamboo",
+    "Basket",
+    "Batch",
+    "Batter",
+    "Bead",
+    "Belly",
+    "Bias",
+    "Bicycle",
+    "Bilateral",
+    "Bilingual",
+    "Boon",
+    "Breeze",
+    "Bribe",
+    "Bucket",
+    "Bully",
+    "Bumper",
+    "Bunch",
+    "Bunk",
+    "Burden",
+    "Cabbage",
+    "Cactus",
+    "Cafe",
+    "Cage",
+    "Cake",
+    "Calf",
+    "Cane",
+    "Cannon",
+    "Cargo",
+    "Casing",
+    "Caste",
+    "Cattle",
+    "Cement",
+    "Censor",
+    "Cider",
+    "Cobalt",
+    "Cone",
+    "Cottage",
+    "Cradle",
+    "Crib",
+    "Crop",
+    "Crossover",
+    "Cuff",
+    "Cursor",
+    "Dagger",
+    "Dancer",
+    "Danger",
+    "Daughter",
+    "Dense",
+    "Density",
+    "Dental",
+    "Dessert",
+    "Diameter",
+    "Diction",
+    "Dime",
+    "Diner",
+    "Dinner",
+    "Dioxide",
+    "Ditch",
+    "Diverse",
+    "Dorm",
+    "Dose",
+    "Dossier",
+    "Drought",
+    "Duct",
+    "Dummy",
+    "Eager",
+    "Earning",
+    "Eaves",
+    "Efficient",
+    "Eminent",
+    "Eruption",
+    "Eternity",
+    "Famine",
+    "Feat",
+    "Fence",
+    "Fertility",
+    "Fetus",
+    "Fiasco",
+    "Fictional",
+    "Fidelity",
+    "Fierce",
+    "Fixture",
+    "Focal",
+    "Fodder",
+    "Foil",
+    "Folder",
+    "Follower",
+    "Folly",
+    "Fraction",
+    "Fructose",
+    "Fuse",
+    "Gaze",
+    "Gestation",
+    "Ghetto",
+    "Gist",
+    "Gland",
+    "Gossip",
+    "Gown",
+    "Graft",
+    "Grief",
+    "Grit",
+    "Grocery",
+    "Groom",
+    "Gull",
+    "Hiatus",
+    "Hike",
+    "Hinge",
+    "Hint",
+    "Hose",
+    "Humble",
+    "Hype",
+    "Icing",
+    "Jaguar",
+    "Jargon",
+    "Jelly",
+    "Jockey",
+    "Joke",
+    "Jungle",
+    "Jury",
+    "Kale",
+    "Kernel",
+    "Kettle",
+    "Kitten",
+    "Knee",
+    "Lace",
+    "Ladder",
+    "Laptop",
+    "Latch",
+    "Lateral",
+    "Laughter",
+    "Lava",
+    "Ledge",
+    "Lender",
+    "Lighter",
+    "Lighthouse",
+    "Locker",
+    "Loneliness",
+    "Longevity",
+    "Luggage",
+    "Lumber",
+    "Lure",
+    "Lymph",
+    "Mango",
+    "Mansion",
+    "Mantle",
+    "Maternal",
+    "Maternity",
+    "Mice",
+    "Migrant",
+    "Miser",
+    "Mixture",
+    "Moth",
+    "Motto",
+    "Mound",
+    "Mural",
+    "Mutation",
+    "Muzzle",
+    "Nail",
+    "Narrow",
+    "Nerve",
+    "Niece",
+    "Noun",
+    "Numeric",
+    "Nylon",
+    "Oasis",
+    "Omission",
+    "Oven",
+    "Ozone",
+    "Paddle",
+    "Padding",
+    "Panda",
+    "Pane",
+    "Parchment",
+    "Pardon",
+    "Paternal",
+    "Pavement",
+    "Pawn",
+    "Pencil",
+    "Pension",
+    "Pest",
+    "Piety",
+    "Pile",
+    "Pinch",
+    "Pinnacle",
+    "Pint",
+    "Pivot",
+    "Pledge",
+    "Podium",
+    "Pony",
+    "Pouch",
+    "Poultry",
+    "Pregnancy",
+    "Prow",
+    "Puck",
+    "Pudding",
+    "Puff",
+    "Racket",
+    "Railing",
+    "Rake",
+    "Ransom",
+    "Ration",
+    "Rental",
+    "Rider",
+    "Rink",
+    "Rival",
+    "Rivalry",
+    "Rope",
+    "Roster",
+    "Rotation",
+    "Routine",
+    "Ruler",
+    "Saddle",
+    "Sailing",
+    "Scent",
+    "Sibling",
+    "Sill",
+    "Sincerity",
+    "Sled",
+    "Sleeve",
+    "Sock",
+    "Sorrow",
+    "Surgical",
+    "Tactic",
+    "Tally",
+    "Tandem",
+    "Tangle",
+    "Tendon",
+    "Tension",
+    "Tether",
+    "Tidal",
+    "Tissue",
+    "Tolerance",
+    "Toxin",
+    "Tract",
+    "Tractor",
+    "Trench",
+    "Tribute",
+    "Trophy",
+    "Trough",
+    "Tuna",
+    "Umpire",
+    "Uprising",
+    "Vague",
+    "Vandal",
+    "Vantage",
+    "Vascular",
+    "Vault",
+    "Vendor",
+    "Vessel",
+    "Veto",
+    "Viability",
+    "Vintage",
+    "Vivid",
+    "Vocal",
+    "Vodka",
+    "Wagon",
+    "Widespread",
+    "Worthy",
+    "Wreck",
+    "Wrench",
+    "Wrist",
+    "Yacht",
+    "Yarn",
+    "Yawn",
+    "Yield",
+    "Zebra",
+    "Zinc",
+    "Zipper",
+    "Zodiac",
 )
 
 IOI_NAMES = (
-    "Aaron", "Adam", "Alan", "Albert", "Alex", "Alice", "Amanda", "Amy", "Andrea", "Andrew",
-    "Angela", "Anna", "Anne", "Anthony", "Arthur", "Barbara", "Ben", "Betty", "Bill", "Bob",
-    "Brian", "Bruce", "Carl", "Carol", "Charles", "Charlie", "Chris", "Christian", "Claire",
-    "Craig", "Daniel", "Dave", "David", "Dennis", "Diana", "Donald", "Douglas", "Edward",
-    "Elizabeth", "Emily", "Emma", "Eric", "Eva", "Frank", "Fred", "Gary", "George", "Grace",
-    "Greg", "Hannah", "Harry", "Helen", "Henry", "Jack", "Jacob", "James", "Jane", "Jason", "Jeff",
-    "Jennifer", "Jerry", "Jessica", "Jim", "Joe", "John", "Joseph", "Julia", "Julie", "Justin",
-    "Karen", "Kate", "Keith", "Kelly", "Kevin", "Laura", "Linda", "Lisa", "Louis", "Lucy", "Mark",
-    "Martin", "Mary", "Matt", "Max", "Michael", "Michelle", "Mike", "Nancy", "Nick", "Oliver",
-    "Patrick", "Paul", "Peter", "Rachel", "Richard", "Robert", "Roger", "Rose", "Ryan", "Sam",
-    "Sarah", "Scott", "Simon", "Steve", "Susan", "Thomas", "Tom", "Tony", "Victoria", "William",
+    "Aaron",
+    "Adam",
+    "Alan",
+    "Albert",
+    "Alex",
+    "Alice",
+    "Amanda",
+    "Amy",
+    "Andrea",
+    "Andrew",
+    "Angela",
+    "Anna",
+    "Anne",
+    "Anthony",
+    "Arthur",
+    "Barbara",
+    "Ben",
+    "Betty",
+    "Bill",
+    "Bob",
+    "Brian",
+    "Bruce",
+    "Carl",
+    "Carol",
+    "Charles",
+    "Charlie",
+    "Chris",
+    "Christian",
+    "Claire",
+    "Craig",
+    "Daniel",
+    "Dave",
+    "David",
+    "Dennis",
+    "Diana",
+    "Donald",
+    "Douglas",
+    "Edward",
+    "Elizabeth",
+    "Emily",
+    "Emma",
+    "Eric",
+    "Eva",
+    "Frank",
+    "Fred",
+    "Gary",
+    "George",
+    "Grace",
+    "Greg",
+    "Hannah",
+    "Harry",
+    "Helen",
+    "Henry",
+    "Jack",
+    "Jacob",
+    "James",
+    "Jane",
+    "Jason",
+    "Jeff",
+    "Jennifer",
+    "Jerry",
+    "Jessica",
+    "Jim",
+    "Joe",
+    "John",
+    "Joseph",
+    "Julia",
+    "Julie",
+    "Justin",
+    "Karen",
+    "Kate",
+    "Keith",
+    "Kelly",
+    "Kevin",
+    "Laura",
+    "Linda",
+    "Lisa",
+    "Louis",
+    "Lucy",
+    "Mark",
+    "Martin",
+    "Mary",
+    "Matt",
+    "Max",
+    "Michael",
+    "Michelle",
+    "Mike",
+    "Nancy",
+    "Nick",
+    "Oliver",
+    "Patrick",
+    "Paul",
+    "Peter",
+    "Rachel",
+    "Richard",
+    "Robert",
+    "Roger",
+    "Rose",
+    "Ryan",
+    "Sam",
+    "Sarah",
+    "Scott",
+    "Simon",
+    "Steve",
+    "Susan",
+    "Thomas",
+    "Tom",
+    "Tony",
+    "Victoria",
+    "William",
 )
 IOI_PLACES = ("store", "park", "school", "hospital", "office", "station", "restaurant", "garden")
 IOI_OBJECTS = ("book", "drink", "ring", "gift", "letter", "ball", "key", "phone")
 
 # Things that can last from one year to another.
 GREATER_THAN_NOUNS = (
-    "accord", "affair", "agreement", "alliance", "assault", "attack", "auction", "ban", "battle",
-    "blockade", "boom", "boycott", "campaign", "career", "celebration", "ceremony", "championship",
-    "collapse", "competition", "conference", "conflict", "conquest", "contract", "controversy",
-    "course", "crisis", "crusade", "debate", "decline", "deployment", "depression", "dictatorship",
-    "dispute", "drought", "dynasty", "effort", "election", "embargo", "emergency", "empire",
-    "epidemic", "era", "evacuation", "exhibition", "exile", "expansion", "expedition",
-    "experiment", "famine", "festival", "fight", "flight", "flood", "friendship", "game",
-    "government", "hearing", "hunt", "imprisonment", "inquiry", "internship", "investigation",
-    "journey", "lawsuit", "lease", "lockdown", "marriage", "match", "meeting", "migration",
-    "mission", "monopoly", "movement", "negotiation", "occupation", "offensive", "operation",
-    "outbreak", "partnership", "period", "pilgrimage", "plague", "presidency", "process",
-    "program", "project", "protest", "purge", "quarantine", "raid", "rebellion", "recession",
-    "reform", "regime", "reign", "relationship", "renovation", "residency", "restoration",
-    "revolt", "revolution", "riot", "rivalry", "rule", "sanction", "season", "session",
-    "settlement", "siege", "show", "strike", "struggle", "study", "subscription", "surge",
-    "survey", "suspension", "tenure", "term", "tour", "tournament", "trade", "trial", "tyranny",
-    "upheaval", "uprising", "vacation", "voyage", "war", "warranty", "workshop",
+    "accord",
+    "affair",
+    "agreement",
+    "alliance",
+    "assault",
+    "attack",
+    "auction",
+    "ban",
+    "battle",
+    "blockade",
+    "boom",
+    "boycott",
+    "campaign",
+    "career",
+    "celebration",
+    "ceremony",
+    "championship",
+    "collapse",
+    "competition",
+    "conference",
+    "conflict",
+    "conquest",
+    "contract",
+    "controversy",
+    "course",
+    "crisis",
+    "crusade",
+    "debate",
+    "decline",
+    "deployment",
+    "depression",
+    "dictatorship",
+    "dispute",
+    "drought",
+    "dynasty",
+    "effort",
+    "election",
+    "embargo",
+    "emergency",
+    "empire",
+    "epidemic",
+    "era",
+    "evacuation",
+    "exhibition",
+    "exile",
+    "expansion",
+    "expedition",
+    "experiment",
+    "famine",
+    "festival",
+    "fight",
+    "flight",
+    "flood",
+    "friendship",
+    "game",
+    "government",
+    "hearing",
+    "hunt",
+    "imprisonment",
+    "inquiry",
+    "internship",
+    "investigation",
+    "journey",
+    "lawsuit",
+    "lease",
+    "lockdown",
+    "marriage",
+    "match",
+    "meeting",
+    "migration",
+    "mission",
+    "monopoly",
+    "movement",
+    "negotiation",
+    "occupation",
+    "offensive",
+    "operation",
+    "outbreak",
+    "partnership",
+    "period",
+    "pilgrimage",
+    "plague",
+    "presidency",
+    "process",
+    "program",
+    "project",
+    "protest",
+    "purge",
+    "quarantine",
+    "raid",
+    "rebellion",
+    "recession",
+    "reform",
+    "regime",
+    "reign",
+    "relationship",
+    "renovation",
+    "residency",
+    "restoration",
+    "revolt",
+    "revolution",
+    "riot",
+    "rivalry",
+    "rule",
+    "sanction",
+    "season",
+    "session",
+    "settlement",
+    "siege",
+    "show",
+    "strike",
+    "struggle",
+    "study",
+    "subscription",
+    "surge",
+    "survey",
+    "suspension",
+    "tenure",
+    "term",
+    "tour",
+    "tournament",
+    "trade",
+    "trial",
+    "tyranny",
+    "upheaval",
+    "uprising",
+    "vacation",
+    "voyage",
+    "war",
+    "warranty",
+    "workshop",
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -127,13 +585,29 @@ GREATER_THAN_NOUNS = (
 ACRONYMS_HEADS = ("8.11", "10.10", "9.9", "11.4", "4.11", "1.0", "2.2", "5.8")
 GREATER_THAN_HEADS = ("5.1", "5.5", "6.1", "6.9", "7.10", "8.8", "8.11", "9.1")
 IOI_HEADS_AUTHORS = (
-    "9.9", "9.6", "10.0",                                         # name movers
-    "10.7", "11.10",                                              # negative name movers
-    "9.0", "9.7", "10.1", "10.2", "10.6", "10.10", "11.2", "11.9",  # backup name movers
-    "7.3", "7.9", "8.6", "8.10",                                  # S-inhibition
-    "5.5", "6.9",                                                 # induction
-    "2.2", "4.11",                                                # previous token
-    "0.1", "3.0",                                                 # duplicate token
+    "9.9",
+    "9.6",
+    "10.0",  # name movers
+    "10.7",
+    "11.10",  # negative name movers
+    "9.0",
+    "9.7",
+    "10.1",
+    "10.2",
+    "10.6",
+    "10.10",
+    "11.2",
+    "11.9",  # backup name movers
+    "7.3",
+    "7.9",
+    "8.6",
+    "8.10",  # S-inhibition
+    "5.5",
+    "6.9",  # induction
+    "2.2",
+    "4.11",  # previous token
+    "0.1",
+    "3.0",  # duplicate token
 )
 IOI_HEADS_WANG2022 = IOI_HEADS_AUTHORS + ("5.8", "5.9", "0.10")  # + induction, duplicate token
 
@@ -172,8 +646,9 @@ class TaskSplit:
     def __getitem__(self, rows: slice) -> TaskSplit:
         accepted = None if self.accepted is None else self.accepted[rows]
         corrupted = None if self.corrupted is None else self.corrupted[rows]
-        return TaskSplit(self.prompts[rows], self.tokens[rows], self.answers[rows], self.candidates, accepted,
-                         corrupted)
+        return TaskSplit(
+            self.prompts[rows], self.tokens[rows], self.answers[rows], self.candidates, accepted, corrupted
+        )
 
 
 @dataclass(frozen=True)
@@ -189,9 +664,16 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def make_split(tokenizer, prompts: list[str], answers: list[str], bos: bool = False, *,
-               candidates: list[str] | None = None, accepted: torch.Tensor | None = None,
-               corrupted: list[str] | None = None) -> TaskSplit:
+def make_split(
+    tokenizer,
+    prompts: list[str],
+    answers: list[str],
+    bos: bool = False,
+    *,
+    candidates: list[str] | None = None,
+    accepted: torch.Tensor | None = None,
+    corrupted: list[str] | None = None,
+) -> TaskSplit:
     """Tokenise prompts and answers into a `TaskSplit`, checking what the method relies on.
 
     prompts:    n strings that must all have the same token length
@@ -211,26 +693,34 @@ def make_split(tokenizer, prompts: list[str], answers: list[str], bos: bool = Fa
         raise ValueError(
             f"prompts must all have the same token length so that positions line up across the batch; "
             f"found lengths {sorted(lengths)} (e.g. {prompts[0]!r} has {len(ids[0])} tokens, {example!r} has "
-            f"{len(_encode(tokenizer, example))}); use words that tokenise to a fixed number of tokens")
+            f"{len(_encode(tokenizer, example))}); use words that tokenise to a fixed number of tokens"
+        )
     if bos:
         if tokenizer.bos_token_id is None:
             raise ValueError("bos=True but the tokenizer has no BOS token; pass bos=False")
         ids = [[tokenizer.bos_token_id] + x for x in ids]
-    split = TaskSplit(list(prompts), torch.tensor(ids, dtype=torch.long),
-                      torch.tensor(_single_tokens(tokenizer, answers, "answers"), dtype=torch.long))
+    split = TaskSplit(
+        list(prompts),
+        torch.tensor(ids, dtype=torch.long),
+        torch.tensor(_single_tokens(tokenizer, answers, "answers"), dtype=torch.long),
+    )
     if (candidates is None) != (accepted is None):
         raise ValueError("pass candidates and accepted together, or neither")
     if candidates is not None:
         if tuple(accepted.shape) != (len(prompts), len(candidates)):
-            raise ValueError(f"accepted must have shape [n prompts, k candidates] = [{len(prompts)}, "
-                             f"{len(candidates)}]; got {list(accepted.shape)}")
+            raise ValueError(
+                f"accepted must have shape [n prompts, k candidates] = [{len(prompts)}, "
+                f"{len(candidates)}]; got {list(accepted.shape)}"
+            )
         split.candidates = torch.tensor(_single_tokens(tokenizer, candidates, "candidates"), dtype=torch.long)
         split.accepted = accepted.bool()
     if corrupted is not None:
         other = make_split(tokenizer, corrupted, answers, bos)
         if len(other) != len(prompts) or other.tokens.shape != split.tokens.shape:
-            raise ValueError(f"corrupted prompts must be one per prompt and of the prompts' token length "
-                             f"{split.tokens.shape[1]}; got {len(other)} of length {other.tokens.shape[1]}")
+            raise ValueError(
+                f"corrupted prompts must be one per prompt and of the prompts' token length "
+                f"{split.tokens.shape[1]}; got {len(other)} of length {other.tokens.shape[1]}"
+            )
         split.corrupted = other.tokens
     return split
 
@@ -241,8 +731,10 @@ def _single_tokens(tokenizer, texts: list[str], what: str) -> list[int]:
     for text, x in zip(texts, ids):
         if len(x) != 1:
             pieces = tokenizer.convert_ids_to_tokens(x)
-            raise ValueError(f"{what} must each be one token, but {text!r} tokenises to {len(x)} tokens "
-                             f"{pieces}; pick single-token {what} (mind the leading space, e.g. ' Mary')")
+            raise ValueError(
+                f"{what} must each be one token, but {text!r} tokenises to {len(x)} tokens "
+                f"{pieces}; pick single-token {what} (mind the leading space, e.g. ' Mary')"
+            )
     return [x[0] for x in ids]
 
 
@@ -255,8 +747,10 @@ def one_token_words(tokenizer, words: tuple[str, ...], prefix: str = " ") -> lis
 def _sample_indices(rng: random.Random, n_possible: int, count: int, task: str) -> list[int]:
     """`count` distinct indices into the `n_possible` prompts a task can make, in random order."""
     if count > n_possible:
-        raise ValueError(f"{task}: asked for {count} distinct prompts (3 splits of n) but this tokenizer allows "
-                         f"only {n_possible}; lower n to at most {n_possible // 3}")
+        raise ValueError(
+            f"{task}: asked for {count} distinct prompts (3 splits of n) but this tokenizer allows "
+            f"only {n_possible}; lower n to at most {n_possible // 3}"
+        )
     return rng.sample(range(n_possible), count)
 
 
@@ -301,16 +795,20 @@ class Task:
         total = 2 * n + n_test
         split = self.build(tokenizer, total, random.Random(seed))
         if len(split) != total or len(set(split.prompts)) != total:
-            raise ValueError(f"{self.name}: build() must return {total} distinct prompts; got {len(split)} prompts, "
-                             f"{len(set(split.prompts))} distinct")
-        return TaskData(split[:n], split[n:2 * n], split[2 * n:])
+            raise ValueError(
+                f"{self.name}: build() must return {total} distinct prompts; got {len(split)} prompts, "
+                f"{len(set(split.prompts))} distinct"
+            )
+        return TaskData(split[:n], split[n : 2 * n], split[2 * n :])
 
     def correct(self, split: TaskSplit, last_logits: torch.Tensor) -> torch.Tensor:
         """BoolTensor [n]: is the argmax of last_logits [n, vocab] a correct next token?"""
         if last_logits.ndim != 2 or len(last_logits) != len(split):
-            raise ValueError(f"last_logits must have shape [n, vocab] with n = {len(split)} (the logits at the "
-                             f"last position only); got {list(last_logits.shape)}")
-        predicted = last_logits.argmax(-1)                                  # [n]
+            raise ValueError(
+                f"last_logits must have shape [n, vocab] with n = {len(split)} (the logits at the "
+                f"last position only); got {list(last_logits.shape)}"
+            )
+        predicted = last_logits.argmax(-1)  # [n]
         if split.candidates is None:
             return predicted == split.answers.to(predicted.device)
         is_candidate = predicted[:, None] == split.candidates.to(predicted.device)  # [n, k]
@@ -319,14 +817,18 @@ class Task:
     def ground_truth(self, model_name: str, variant: str | None = None) -> list[str]:
         """The manually identified heads ("layer.head") of `model_name`; only GPT-2 Small has them."""
         if model_name != "gpt2":
-            raise ValueError(f"ground-truth heads exist only for GPT-2 Small ('gpt2'), the model the circuit "
-                             f"papers studied; got model {model_name!r}")
+            raise ValueError(
+                f"ground-truth heads exist only for GPT-2 Small ('gpt2'), the model the circuit "
+                f"papers studied; got model {model_name!r}"
+            )
         if not self.ground_truths:
             raise ValueError(f"task {self.name!r} has no ground-truth heads")
         variant = variant or next(iter(self.ground_truths))
         if variant not in self.ground_truths:
-            raise ValueError(f"unknown ground-truth variant {variant!r} for task {self.name!r}; "
-                             f"choose one of {', '.join(self.ground_truths)}")
+            raise ValueError(
+                f"unknown ground-truth variant {variant!r} for task {self.name!r}; "
+                f"choose one of {', '.join(self.ground_truths)}"
+            )
         return list(self.ground_truths[variant])
 
     def __repr__(self) -> str:
@@ -334,7 +836,7 @@ class Task:
 
 
 class Acronyms(Task):
-    """"The C1T1 C2T2 C3T3 (A1A2" -> A3: the third letter of a three-letter acronym.
+    """ "The C1T1 C2T2 C3T3 (A1A2" -> A3: the third letter of a three-letter acronym.
 
     Each word is a capital-letter token plus one more token (" B" "urden"); A1 and A2 are two
     separate letter tokens after " ("; A3 is a bare letter token. The prompt starts with
@@ -352,22 +854,24 @@ class Acronyms(Task):
     def build(self, tokenizer, count, rng):
         words = letter_plus_one_token_words(tokenizer)
         if not words:
-            raise ValueError("acronyms cannot be ported to this tokenizer: none of the words tokenises as a "
-                             "capital-letter token plus one more token")
+            raise ValueError(
+                "acronyms cannot be ported to this tokenizer: none of the words tokenises as a "
+                "capital-letter token plus one more token"
+            )
         letter_pairs = split_letter_pairs(tokenizer)
         pairs = [(a, b) for a in words for b in words if a != b and a[0] + b[0] in letter_pairs]
         # The words that may come third after each letter pair, in list order: all of them with
         # GPT-2's tokenizer (the paper's task), else those whose initial keeps the acronym split.
         acronyms = None if is_gpt2_tokenizer(tokenizer) else split_acronyms(tokenizer)
         thirds = {xy: [w for w in words if acronyms is None or xy + w[0] in acronyms] for xy in letter_pairs}
-        offsets, total = [], 0                    # pair k owns the indices offsets[k] .. offsets[k+1] - 1
+        offsets, total = [], 0  # pair k owns the indices offsets[k] .. offsets[k+1] - 1
         for a, b in pairs:
             offsets.append(total)
             allowed = thirds[a[0] + b[0]]
             total += len(allowed) - (a in allowed) - (b in allowed)
         prompts, answers = [], []
         for index in _sample_indices(rng, total, count, self.name):
-            k = bisect.bisect_right(offsets, index) - 1   # the last pair starting at or before index
+            k = bisect.bisect_right(offsets, index) - 1  # the last pair starting at or before index
             first, second = pairs[k]
             third = [w for w in thirds[first[0] + second[0]] if w not in (first, second)][index - offsets[k]]
             prompts.append(f"The {first} {second} {third} ({first[0]}{second[0]}")
@@ -392,8 +896,9 @@ def _acronyms_start_token(tokenizer) -> int | None:
 
 def split_acronyms(tokenizer) -> set[str]:
     """Letter triples "XYZ" that this tokenizer splits letter by letter after " (": " (", "X", "Y", "Z"."""
-    triples = [a + b + c for a in string.ascii_uppercase for b in string.ascii_uppercase
-               for c in string.ascii_uppercase]
+    triples = [
+        a + b + c for a in string.ascii_uppercase for b in string.ascii_uppercase for c in string.ascii_uppercase
+    ]
     paren = _encode(tokenizer, " (")
     letter = {x: _encode(tokenizer, x) for x in string.ascii_uppercase}
     ids = tokenizer([" (" + t for t in triples], add_special_tokens=False)["input_ids"]
@@ -402,11 +907,15 @@ def split_acronyms(tokenizer) -> set[str]:
 
 def letter_plus_one_token_words(tokenizer) -> list[str]:
     """Words that tokenise as " X" + one token, where " X" and "X" are single tokens."""
-    letters = {x for x in string.ascii_uppercase
-               if len(_encode(tokenizer, " " + x)) == 1 and len(_encode(tokenizer, x)) == 1}
+    letters = {
+        x for x in string.ascii_uppercase if len(_encode(tokenizer, " " + x)) == 1 and len(_encode(tokenizer, x)) == 1
+    }
     ids = tokenizer([" " + w for w in ACRONYM_WORDS], add_special_tokens=False)["input_ids"]
-    return [w for w, x in zip(ACRONYM_WORDS, ids)
-            if w[0] in letters and len(x) == 2 and x[0] == _encode(tokenizer, " " + w[0])[0]]
+    return [
+        w
+        for w, x in zip(ACRONYM_WORDS, ids)
+        if w[0] in letters and len(x) == 2 and x[0] == _encode(tokenizer, " " + w[0])[0]
+    ]
 
 
 def split_letter_pairs(tokenizer) -> set[str]:
@@ -414,12 +923,15 @@ def split_letter_pairs(tokenizer) -> set[str]:
     pairs = [a + b for a in string.ascii_uppercase for b in string.ascii_uppercase]
     paren = _encode(tokenizer, " (")
     ids = tokenizer([" (" + p for p in pairs], add_special_tokens=False)["input_ids"]
-    return {p for p, x in zip(pairs, ids)
-            if x == paren + _encode(tokenizer, p[0]) + _encode(tokenizer, p[1]) and len(x) == len(paren) + 2}
+    return {
+        p
+        for p, x in zip(pairs, ids)
+        if x == paren + _encode(tokenizer, p[0]) + _encode(tokenizer, p[1]) and len(x) == len(paren) + 2
+    }
 
 
 class IOI(Task):
-    """"Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to" -> " [A]".
+    """ "Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to" -> " [A]".
 
     Names, places and objects are single tokens after a space; A != B. No BOS.
     Correct: the argmax is the indirect object " [A]".
@@ -439,7 +951,7 @@ class IOI(Task):
             index, obj = divmod(index, len(objects))
             index, place = divmod(index, len(places))
             a, b = divmod(index, len(names) - 1)
-            b += b >= a                                    # B ranges over the names other than A
+            b += b >= a  # B ranges over the names other than A
             A, B = names[a], names[b]
             prompts.append(f"Then, {B} and {A} went to the {places[place]}. {B} gave a {objects[obj]} to")
             answers.append(" " + A)
@@ -458,8 +970,10 @@ def ioi_subject_tokens(tokenizer, split: TaskSplit) -> torch.Tensor:
     for i, (row, answer) in enumerate(zip(split.tokens.tolist(), split.answers.tolist())):
         others = {t for t in row if t in names and t != answer}
         if len(others) != 1 or answer not in row:
-            raise ValueError(f"IOI prompt {i} ({split.prompts[i]!r}) does not name its indirect object and exactly "
-                             f"one other name; the subject token is defined only for IOI prompts")
+            raise ValueError(
+                f"IOI prompt {i} ({split.prompts[i]!r}) does not name its indirect object and exactly "
+                f"one other name; the subject token is defined only for IOI prompts"
+            )
         subjects.append(others.pop())
     return torch.tensor(subjects, dtype=torch.long)
 
@@ -517,8 +1031,12 @@ class IOIMixed(Task):
     def templates(tokenizer) -> list[str]:
         """The templates used with this tokenizer, BABA order (the ABBA ones swap the first two names)."""
         names = one_token_words(tokenizer, IOI_NAMES)
-        fill = dict(A=names[0], B=names[1], PLACE=one_token_words(tokenizer, IOI_PLACES)[0],
-                    OBJECT=one_token_words(tokenizer, IOI_OBJECTS)[0])   # any single-token words: the same lengths
+        fill = dict(
+            A=names[0],
+            B=names[1],
+            PLACE=one_token_words(tokenizer, IOI_PLACES)[0],
+            OBJECT=one_token_words(tokenizer, IOI_OBJECTS)[0],
+        )  # any single-token words: the same lengths
         length = {t: len(_encode(tokenizer, t.format(**fill))) for t in IOI_TEMPLATES}
         counts: dict[int, int] = {}
         for n in length.values():
@@ -539,7 +1057,7 @@ class IOIMixed(Task):
             index, pair = divmod(index, len(names) * (len(names) - 1))
             template, abba = divmod(index, 2)
             a, b = divmod(pair, len(names) - 1)
-            b += b >= a                                    # B ranges over the names other than A
+            b += b >= a  # B ranges over the names other than A
             text = templates[template]
             if abba:
                 text = text.replace("{B} and {A}", "{A} and {B}", 1)
@@ -547,14 +1065,14 @@ class IOIMixed(Task):
             prompts.append(text.format(A=names[a], B=names[b], **where))
             answers.append(" " + names[a])
             c, d, e = rng.sample([x for i, x in enumerate(names) if i not in (a, b)], 3)
-            first, second = ("{A}", "{B}") if abba else ("{B}", "{A}")   # the name slots, in reading order
+            first, second = ("{A}", "{B}") if abba else ("{B}", "{A}")  # the name slots, in reading order
             abc = text.replace(first, "{C}", 1).replace(second, "{D}", 1).replace("{B}", "{E}", 1)
             corrupted.append(abc.format(C=c, D=d, E=e, **where))
         return make_split(tokenizer, prompts, answers, corrupted=corrupted)
 
 
 class GreaterThan(Task):
-    """"The [noun] lasted from the year XXYY to XX" -> a year ending greater than YY.
+    """ "The [noun] lasted from the year XXYY to XX" -> a year ending greater than YY.
 
     Centuries XX in 11..17; start years XX02..XX98 that tokenise as " XX" + the tokens of "YY",
     without the first and the last such year of each century; nouns are single tokens. No BOS.
@@ -603,11 +1121,14 @@ def _year_endings(tokenizer):
         return two_digit, lambda yy: yy
     digits = [str(d) for d in range(10)]
     digit_ids = [_encode(tokenizer, d) for d in digits]
-    if all(len(x) == 1 for x in digit_ids) and all(x == digit_ids[v // 10] + digit_ids[v % 10]
-                                                    for v, x in enumerate(ids)):
+    if all(len(x) == 1 for x in digit_ids) and all(
+        x == digit_ids[v // 10] + digit_ids[v % 10] for v, x in enumerate(ids)
+    ):
         return digits, lambda yy: yy // 10
-    raise ValueError("greater-than cannot be ported to this tokenizer: two-digit year endings such as '32' are "
-                     "neither single tokens nor two single-digit tokens")
+    raise ValueError(
+        "greater-than cannot be ported to this tokenizer: two-digit year endings such as '32' are "
+        "neither single tokens nor two single-digit tokens"
+    )
 
 
 def _start_years(tokenizer, value_of, n_values: int) -> list[tuple[int, int]]:
@@ -617,10 +1138,13 @@ def _start_years(tokenizer, value_of, n_values: int) -> list[tuple[int, int]]:
     """
     years = []
     for century in range(11, 18):
-        valid = [yy for yy in range(2, 99)
-                 if value_of(yy) + 1 < n_values
-                 and (n_values != 10 or yy % 10 == 9)
-                 and _encode(tokenizer, f" {century}{yy:02d}")
-                 == _encode(tokenizer, f" {century}") + _encode(tokenizer, f"{yy:02d}")]
+        valid = [
+            yy
+            for yy in range(2, 99)
+            if value_of(yy) + 1 < n_values
+            and (n_values != 10 or yy % 10 == 9)
+            and _encode(tokenizer, f" {century}{yy:02d}")
+            == _encode(tokenizer, f" {century}") + _encode(tokenizer, f"{yy:02d}")
+        ]
         years += [(century, yy) for yy in valid[1:-1]]
     return years

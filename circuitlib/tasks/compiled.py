@@ -44,8 +44,9 @@ class CompiledTask:
             raise ValueError(f"lengths {bad} are outside 1..{info.max_seq_len} (the program's max_seq_len)")
         rng, out = random.Random(seed), []
         for L in lengths:
-            seqs = [s for s in product(info.vocab, repeat=L) if program is None or program.valid is None
-                    or program.valid(s)]
+            seqs = [
+                s for s in product(info.vocab, repeat=L) if program is None or program.valid is None or program.valid(s)
+            ]
             if cap is not None and len(seqs) > cap:
                 seqs = rng.sample(seqs, cap)
             if seqs:
@@ -64,4 +65,4 @@ def accuracy(compiled: Compiled, full: torch.Tensor, other: torch.Tensor, atol: 
 
 def get_compiled_task(name: str) -> CompiledTask:
     """The task "tracr-<program>" (or a program's name or file)."""
-    return CompiledTask(load_compiled(name[len(MODEL_PREFIX):] if name.startswith(MODEL_PREFIX) else name))
+    return CompiledTask(load_compiled(name[len(MODEL_PREFIX) :] if name.startswith(MODEL_PREFIX) else name))

@@ -72,8 +72,10 @@ class FileTask(Task):
         if len(self.rows) < 3:
             problems.append(f"three disjoint splits need at least 3 rows but the file has {len(self.rows)}; add rows")
         elif count > len(self.rows):
-            problems.append(f"{count} prompts are needed (three disjoint splits) but the file has {len(self.rows)} "
-                            f"rows; lower n to at most {len(self.rows) // 3}, or add rows")
+            problems.append(
+                f"{count} prompts are needed (three disjoint splits) but the file has {len(self.rows)} "
+                f"rows; lower n to at most {len(self.rows) // 3}, or add rows"
+            )
         if problems:
             raise ValueError(_report(self.path, problems))
         return len(ids[0])
@@ -100,19 +102,29 @@ class FileTask(Task):
         lengths = Counter(len(x) for x in ids)
         if len(lengths) > 1:
             common = lengths.most_common(1)[0][0]
-            groups = [f"{k} row{'s' * (k > 1)} of {length} tokens"
-                      + ("" if length == common else f" (line{'s' * (k > 1)} "
-                         f"{_lines([r.line for r, x in zip(self.rows, ids) if len(x) == length])})")
-                      for length, k in sorted(lengths.items(), key=lambda kv: -kv[1])]
-            problems.append("prompts must all have the same number of tokens so that positions line up across "
-                            f"the batch; found {', '.join(groups)}")
+            groups = [
+                f"{k} row{'s' * (k > 1)} of {length} tokens"
+                + (
+                    ""
+                    if length == common
+                    else f" (line{'s' * (k > 1)} "
+                    f"{_lines([r.line for r, x in zip(self.rows, ids) if len(x) == length])})"
+                )
+                for length, k in sorted(lengths.items(), key=lambda kv: -kv[1])
+            ]
+            problems.append(
+                "prompts must all have the same number of tokens so that positions line up across "
+                f"the batch; found {', '.join(groups)}"
+            )
         texts = sorted({a for r in self.rows for a in r.accepted})
         pieces = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"]))
         for r in self.rows:
             for a in r.accepted:
                 if len(pieces[a]) != 1:
-                    problems.append(f"line {r.line}: answer {a!r} is {len(pieces[a])} tokens "
-                                    f"{tokenizer.convert_ids_to_tokens(pieces[a])}, not one")
+                    problems.append(
+                        f"line {r.line}: answer {a!r} is {len(pieces[a])} tokens "
+                        f"{tokenizer.convert_ids_to_tokens(pieces[a])}, not one"
+                    )
         return problems, ids
 
 
@@ -125,13 +137,15 @@ def load_task_file(path: str | os.PathLike, name: str | None = None) -> FileTask
     if path.suffix not in SUFFIXES:
         raise ValueError(f"task file {path} must end in .jsonl or .csv")
     if not path.is_file():
-        raise ValueError(f"task file {path} does not exist (or is not a file); check the path, or choose a "
-                         "built-in task")
+        raise ValueError(
+            f"task file {path} does not exist (or is not a file); check the path, or choose a built-in task"
+        )
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"task file {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                         "save it as UTF-8") from None
+        raise ValueError(
+            f"task file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
     rows, problems = (_read_jsonl if path.suffix == ".jsonl" else _read_csv)(text)
     if not rows and not problems:
         problems.append("the file holds no rows; write one prompt per row (see circuitlib.tasks.files)")
@@ -151,7 +165,7 @@ def _read_jsonl(text: str) -> tuple[list[Row], list[str]]:
             problems.append(f"line {line} is not JSON ({e.msg} at column {e.colno})")
             continue
         if not isinstance(obj, dict):
-            problems.append(f"line {line} is not a JSON object like {{\"prompt\": \"...\", \"answer\": \" ...\"}}")
+            problems.append(f'line {line} is not a JSON object like {{"prompt": "...", "answer": " ..."}}')
             continue
         row = _row(line, obj, problems)
         if row is not None:
@@ -172,8 +186,9 @@ def _read_csv(text: str) -> tuple[list[Row], list[str]]:
         if not any(v.strip() for v in values):
             continue
         if len(values) != 2:
-            problems.append(f"line {line} has {len(values)} values, not 2 (prompt,answer); quote values that "
-                            "contain a comma")
+            problems.append(
+                f"line {line} has {len(values)} values, not 2 (prompt,answer); quote values that contain a comma"
+            )
             continue
         row = _row(line, dict(zip(header, values)), problems)
         if row is not None:
@@ -186,14 +201,16 @@ def _row(line: int, obj: dict, problems: list[str]) -> Row | None:
     found = []
     unknown = [k for k in obj if k not in FIELDS]
     if unknown:
-        found.append(f"unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
-                     f"(allowed: {', '.join(FIELDS)})")
+        found.append(
+            f"unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} (allowed: {', '.join(FIELDS)})"
+        )
     for key in ("prompt", "answer"):
         if not isinstance(obj.get(key), str) or not obj[key]:
             found.append(f"{key!r} must be a non-empty string" + ("" if key in obj else " (missing)"))
     answers = obj.get("answers", [])
-    if "answers" in obj and not (isinstance(answers, list) and answers
-                                 and all(isinstance(a, str) and a for a in answers)):
+    if "answers" in obj and not (
+        isinstance(answers, list) and answers and all(isinstance(a, str) and a for a in answers)
+    ):
         found.append("'answers' must be a non-empty list of non-empty strings")
     if found:
         problems.append(f"line {line}: {'; '.join(found)}")

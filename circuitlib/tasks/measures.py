@@ -17,7 +17,6 @@ import torch
 from circuitlib.core.metrics import best_other_logit_difference, logit_difference, probability_difference
 from circuitlib.tasks.builtin import TaskSplit, ioi_subject_tokens, letter_tokens
 
-
 STANDARD_METRICS = {
     "ioi": "logit difference, indirect object - subject",
     "greater-than": "probability difference, later - not later years",
@@ -32,7 +31,7 @@ the corrupted-prompt-free measure in the same units as IOI's (logits, additive i
 stream), and is positive exactly when the model prefers the right letter to every other letter.
 """
 
-LOGIT_METRICS = ("ioi", "acronyms")      # measures in logits: a constant, certain answer has none
+LOGIT_METRICS = ("ioi", "acronyms")  # measures in logits: a constant, certain answer has none
 
 
 def standard_metric_name(task) -> str:
@@ -46,8 +45,10 @@ def standard_metric(task, tokenizer, split: TaskSplit, last_logits: torch.Tensor
     tokenizer: the one the split was made with (to find IOI's subject and the acronyms' letters).
     """
     if last_logits.ndim != 2 or len(last_logits) != len(split):
-        raise ValueError(f"last_logits must be [n, vocab] with n = {len(split)} (the last position only); "
-                         f"got {list(last_logits.shape)}")
+        raise ValueError(
+            f"last_logits must be [n, vocab] with n = {len(split)} (the last position only); "
+            f"got {list(last_logits.shape)}"
+        )
     if task.name == "ioi":
         return logit_difference(last_logits, split.answers, ioi_subject_tokens(tokenizer, split))
     if task.name == "greater-than":
@@ -94,6 +95,6 @@ def constant_answer_metric(task, tokenizer, split: TaskSplit, token: int) -> flo
         return None
     known = [split.tokens.max(), split.answers.max()]
     known += [split.candidates.max()] if split.candidates is not None else []
-    logits = torch.full((len(split), int(max(token, *known)) + 1), float("-inf"))      # [n, V]
+    logits = torch.full((len(split), int(max(token, *known)) + 1), float("-inf"))  # [n, V]
     logits[:, token] = 0.0
     return float(standard_metric(task, tokenizer, split, logits).mean())

@@ -52,8 +52,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["attention_plot", "AttentionPlot", "load_circuitsvis", "reset_page", "write_circuitsvis_bundle",
-           "bundle_filename", "clean_token"]
+__all__ = [
+    "attention_plot",
+    "AttentionPlot",
+    "load_circuitsvis",
+    "reset_page",
+    "write_circuitsvis_bundle",
+    "bundle_filename",
+    "clean_token",
+]
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -111,10 +118,12 @@ def write_circuitsvis_bundle(folder) -> Path:
 def _bundle_reference_html() -> str:
     """The saved form of the bundle: a reference to the book's static copy (a few hundred bytes)."""
     version, _ = _circuitsvis_js()
-    return (f'<script {_BUNDLE_MARK}="circuitsvis-{html.escape(version)}" '
-            f'src="../_static/{bundle_filename()}"></script>\n'
-            f'<p style="font-size:small;color:#666">CircuitsVis {html.escape(version)} (offline copy: '
-            f'the book\'s <code>_static/{bundle_filename()}</code>; in a live notebook, sent by this cell).</p>')
+    return (
+        f'<script {_BUNDLE_MARK}="circuitsvis-{html.escape(version)}" '
+        f'src="../_static/{bundle_filename()}"></script>\n'
+        f'<p style="font-size:small;color:#666">CircuitsVis {html.escape(version)} (offline copy: '
+        f"the book's <code>_static/{bundle_filename()}</code>; in a live notebook, sent by this cell).</p>"
+    )
 
 
 def _in_colab() -> bool:
@@ -138,8 +147,7 @@ class _BundleOnly:
         # the saved form (what a notebook file keeps); _ipython_display_ sends the bundle first
         _page["bundle_sent"] = True
         version, _ = _circuitsvis_js()
-        return {"text/html": _bundle_reference_html(),
-                "text/plain": f"CircuitsVis {version} JavaScript (offline copy)"}
+        return {"text/html": _bundle_reference_html(), "text/plain": f"CircuitsVis {version} JavaScript (offline copy)"}
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -150,8 +158,9 @@ class _BundleOnly:
             return
         # 1. the whole bundle, inline: a live notebook runs it and keeps the global CircuitsVis;
         # 2. at once replaced by the reference, which is all that the saved notebook keeps.
-        handle = display({"text/html": _bundle_html(), "text/plain": f"CircuitsVis {version}"},
-                         raw=True, display_id=True)
+        handle = display(
+            {"text/html": _bundle_html(), "text/plain": f"CircuitsVis {version}"}, raw=True, display_id=True
+        )
         handle.update(self._repr_mimebundle_(), raw=True)
 
 
@@ -177,8 +186,9 @@ def _json_for_script(obj: Any) -> str:
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet, character -> byte (the inverse of ``bytes_to_unicode``)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -219,8 +229,18 @@ class AttentionPlot:
     ``html()`` and ``png()`` give the parts; ``figure()`` the matplotlib Figure.
     """
 
-    def __init__(self, tokens, pattern, head_names, *, static=False, max_value=None,
-                 mask_upper_tri=True, include_bundle=None, dpi=72):
+    def __init__(
+        self,
+        tokens,
+        pattern,
+        head_names,
+        *,
+        static=False,
+        max_value=None,
+        mask_upper_tri=True,
+        include_bundle=None,
+        dpi=72,
+    ):
         pattern = _to_numpy(pattern)
         if pattern.ndim == 2:
             pattern = pattern[None]
@@ -332,8 +352,9 @@ class AttentionPlot:
   }})();
 }})();
 </script>"""
-        figure = (f'<div id="{element_id}" class="circuitlib-attention" '
-                  f'style="margin: 15px 0;">{fallback}</div>\n{script}\n')
+        figure = (
+            f'<div id="{element_id}" class="circuitlib-attention" style="margin: 15px 0;">{fallback}</div>\n{script}\n'
+        )
         return (_bundle_html() if include_bundle else "") + figure
 
     def _wants_bundle(self) -> bool:
@@ -345,7 +366,7 @@ class AttentionPlot:
         from IPython.display import display
 
         if not self.static and self.include_bundle is None and self._wants_bundle() and not _in_colab():
-            display(load_circuitsvis())          # sent to the page, not stored (see load_circuitsvis)
+            display(load_circuitsvis())  # sent to the page, not stored (see load_circuitsvis)
         display(self._repr_mimebundle_(), raw=True)
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
@@ -366,13 +387,19 @@ class AttentionPlot:
         return bundle
 
     def __repr__(self) -> str:
-        return (f"AttentionPlot(heads={self.head_names}, seq={len(self.tokens)}, "
-                f"static={self.static})")
+        return f"AttentionPlot(heads={self.head_names}, seq={len(self.tokens)}, static={self.static})"
 
 
-def attention_plot(tokens: list[str], pattern, head_names: list[str], *, static: bool = False,
-                   max_value: float | None = None, mask_upper_tri: bool = True,
-                   include_bundle: bool | None = None) -> AttentionPlot:
+def attention_plot(
+    tokens: list[str],
+    pattern,
+    head_names: list[str],
+    *,
+    static: bool = False,
+    max_value: float | None = None,
+    mask_upper_tri: bool = True,
+    include_bundle: bool | None = None,
+) -> AttentionPlot:
     """Interactive attention patterns of several heads (CircuitsVis ``attention_heads``).
 
     Args:
@@ -392,5 +419,12 @@ def attention_plot(tokens: list[str], pattern, head_names: list[str], *, static:
     it. It never reaches the network, and re-running a notebook from the top reproduces
     its outputs byte for byte (see this module's docstring for how and why).
     """
-    return AttentionPlot(tokens, pattern, head_names, static=static, max_value=max_value,
-                         mask_upper_tri=mask_upper_tri, include_bundle=include_bundle)
+    return AttentionPlot(
+        tokens,
+        pattern,
+        head_names,
+        static=static,
+        max_value=max_value,
+        mask_upper_tri=mask_upper_tri,
+        include_bundle=include_bundle,
+    )

@@ -40,27 +40,70 @@ from typing import Callable
 import torch
 
 from circuitlib.core.ablation import mean_activations
-from circuitlib.discovery.greedy import extract, traversal
 from circuitlib.core.metrics import kl_divergence, time_forward
 from circuitlib.core.model import LayerPlan, ModelConfig, Transformer, full_plan
+from circuitlib.discovery.greedy import extract, traversal
 from circuitlib.studies.provenance import machine
 
-__all__ = ["EXERCISES", "RESULTS", "TIMES", "REFERENCES", "timed", "record", "passed", "requires",
-           "check_put_together", "summary", "read_summary",
-           "machine", "check_prune_decision", "check_kl", "check_mean_ablation", "check_greedy_extraction",
-           "check_head_parameter_count", "check_accuracy", "check_timer", "reference_prune_decision",
-           "reference_kl", "reference_mean_z", "reference_greedy", "reference_head_parameters",
-           "reference_accuracy", "reference_timer", "GPT2_SMALL", "SMOLLM2_135M"]
+__all__ = [
+    "EXERCISES",
+    "RESULTS",
+    "TIMES",
+    "REFERENCES",
+    "timed",
+    "record",
+    "passed",
+    "requires",
+    "check_put_together",
+    "summary",
+    "read_summary",
+    "machine",
+    "check_prune_decision",
+    "check_kl",
+    "check_mean_ablation",
+    "check_greedy_extraction",
+    "check_head_parameter_count",
+    "check_accuracy",
+    "check_timer",
+    "reference_prune_decision",
+    "reference_kl",
+    "reference_mean_z",
+    "reference_greedy",
+    "reference_head_parameters",
+    "reference_accuracy",
+    "reference_timer",
+    "GPT2_SMALL",
+    "SMOLLM2_135M",
+]
 
 # The shapes of the two models of the book (no weights needed to count parameters).
-GPT2_SMALL = ModelConfig(name="gpt2", arch="gpt2", n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072,
-                         d_vocab=50257, n_ctx=1024)
-SMOLLM2_135M = ModelConfig(name="smollm2-135m", arch="llama", n_layers=30, d_model=576, n_heads=9, d_head=64,
-                           d_mlp=1536, d_vocab=49152, n_ctx=8192, n_kv_heads=3)
+GPT2_SMALL = ModelConfig(
+    name="gpt2", arch="gpt2", n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024
+)
+SMOLLM2_135M = ModelConfig(
+    name="smollm2-135m",
+    arch="llama",
+    n_layers=30,
+    d_model=576,
+    n_heads=9,
+    d_head=64,
+    d_mlp=1536,
+    d_vocab=49152,
+    n_ctx=8192,
+    n_kv_heads=3,
+)
 
 # The exercises, in order: the name each checker reports under.
-EXERCISES = ("1. prune decision", "2. KL divergence", "3. mean ablation", "4. greedy extraction",
-             "5. head parameter count", "6. accuracy", "7. timer", "8. put it together")
+EXERCISES = (
+    "1. prune decision",
+    "2. KL divergence",
+    "3. mean ablation",
+    "4. greedy extraction",
+    "5. head parameter count",
+    "6. accuracy",
+    "7. timer",
+    "8. put it together",
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -101,23 +144,29 @@ def requires(name: str, needed) -> bool:
     missing = [_exercise(x) for x in needed if not passed(x)]
     if missing:
         record(name, False)
-        print(f"FAIL {name.split('. ', 1)[1]}: needs exercise {' and '.join(missing)} to pass first "
-              f"(this exercise uses those functions); skipped.")
+        print(
+            f"FAIL {name.split('. ', 1)[1]}: needs exercise {' and '.join(missing)} to pass first "
+            f"(this exercise uses those functions); skipped."
+        )
         return False
     return True
 
 
 def check_put_together(accuracy_full: float, accuracy_pruned: float, extraction) -> bool:
     """Exercise 8: the student's accuracies of both models agree with the extraction's own metrics."""
-    want = (extraction.metrics["full"]["validation"]["accuracy"],
-            extraction.metrics["pruned"]["validation"]["accuracy"])
+    want = (
+        extraction.metrics["full"]["validation"]["accuracy"],
+        extraction.metrics["pruned"]["validation"]["accuracy"],
+    )
     ok = all(math.isclose(float(got), w, abs_tol=1e-6) for got, w in zip((accuracy_full, accuracy_pruned), want))
     if ok:
         print("PASS put it together: your accuracies of the full and the extracted model agree with circuitlib's.")
     else:
-        print(f"FAIL put it together: your accuracies (full {float(accuracy_full):.4f}, extracted "
-              f"{float(accuracy_pruned):.4f}) differ from circuitlib's ({want[0]:.4f}, {want[1]:.4f}) on the "
-              f"same validation prompts.")
+        print(
+            f"FAIL put it together: your accuracies (full {float(accuracy_full):.4f}, extracted "
+            f"{float(accuracy_pruned):.4f}) differ from circuitlib's ({want[0]:.4f}, {want[1]:.4f}) on the "
+            f"same validation prompts."
+        )
     return record("put it together", ok)
 
 
@@ -164,8 +213,10 @@ def read_summary(notebook) -> dict[str, dict]:
             for line in text.split(_SUMMARY_HEADER, 1)[1].splitlines():
                 m = _SUMMARY_LINE.match(line.strip())
                 if m:
-                    rows[m.group(1)] = {"result": m.group(2),
-                                        "seconds": None if m.group(3) == "-" else float(m.group(3))}
+                    rows[m.group(1)] = {
+                        "result": m.group(2),
+                        "seconds": None if m.group(3) == "-" else float(m.group(3)),
+                    }
             if list(rows) != list(EXERCISES):
                 raise ValueError(f"the summary table lists {list(rows)}, expected {list(EXERCISES)}")
             return rows
@@ -222,8 +273,9 @@ def _tiny(arch: str) -> Transformer:
     if arch == "gpt2":
         hf = random_hf_model("gpt2", n_layers=3, n_heads=4, d_model=32, d_mlp=64, vocab_size=101, seed=7, n_ctx=16)
     else:
-        hf = random_hf_model("llama", n_layers=3, n_heads=6, n_kv_heads=2, d_model=48, d_mlp=64, vocab_size=101,
-                             seed=7, n_ctx=16)
+        hf = random_hf_model(
+            "llama", n_layers=3, n_heads=6, n_kv_heads=2, d_model=48, d_mlp=64, vocab_size=101, seed=7, n_ctx=16
+        )
     # a wide initialisation so that ablations move the KL visibly
     with torch.no_grad():
         for p in hf.parameters():
@@ -247,8 +299,17 @@ def reference_prune_decision(kl_before: float, kl_after: float, alpha: float) ->
 
 def check_prune_decision(fn: Callable[[float, float, float], bool], record: bool = True) -> bool:
     """fn(kl_before, kl_after, alpha) -> True when Algorithm 1 prunes the component for good."""
-    cases = [(0.10, 0.105, 0.01), (0.10, 0.20, 0.01), (0.10, 0.11, 0.01 + 1e-12), (0.30, 0.25, 0.0),
-             (0.0, 0.0, 0.0), (0.5, 0.5, 1e-9), (0.2, 0.1, 0.05), (1.0, 3.0, 1.0), (0.0, 1e-3, 1e-3)]
+    cases = [
+        (0.10, 0.105, 0.01),
+        (0.10, 0.20, 0.01),
+        (0.10, 0.11, 0.01 + 1e-12),
+        (0.30, 0.25, 0.0),
+        (0.0, 0.0, 0.0),
+        (0.5, 0.5, 1e-9),
+        (0.2, 0.1, 0.05),
+        (1.0, 3.0, 1.0),
+        (0.0, 1e-3, 1e-3),
+    ]
 
     def run():
         for kl_before, kl_after, alpha in cases:
@@ -256,13 +317,20 @@ def check_prune_decision(fn: Callable[[float, float, float], bool], record: bool
             if not isinstance(got, (bool, torch.Tensor)) and got not in (0, 1):
                 raise _Fail(f"return True or False; got {got!r}")
             if bool(got) != want:
-                raise _Fail(f"kl_before={kl_before}, kl_after={kl_after}, alpha={alpha}: you say "
-                            f"{'prune' if got else 'keep'}, Algorithm 1 says {'prune' if want else 'keep'}")
+                raise _Fail(
+                    f"kl_before={kl_before}, kl_after={kl_after}, alpha={alpha}: you say "
+                    f"{'prune' if got else 'keep'}, Algorithm 1 says {'prune' if want else 'keep'}"
+                )
         return len(cases)
 
-    return _report("prune decision", run, "the test is on the change of the KL, not on the KL itself; reread what "
-                                          "the equation says when the change equals alpha exactly, and when it "
-                                          "is negative", record)
+    return _report(
+        "prune decision",
+        run,
+        "the test is on the change of the KL, not on the KL itself; reread what "
+        "the equation says when the change equals alpha exactly, and when it "
+        "is negative",
+        record,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -284,12 +352,17 @@ def check_kl(fn: Callable[[torch.Tensor, torch.Tensor], float], record: bool = T
     a, b = torch.randn(5, 11, generator=g) * 3, torch.randn(5, 11, generator=g) * 3
     confident = b.clone()
     confident[:, 0] += 150.0  # g puts almost all its mass on token 0: the rest underflows to 0
-    cases = [("two random batches", a, b), ("swapped (KL is not symmetric)", b, a),
-             ("identical logits", a, a.clone()), ("a shift of all logits changes nothing", a, a + 7.0),
-             ("one prompt", a[:1], b[:1]), ("a sharp full distribution", a * 10, b),
-             ("a larger vocabulary", torch.randn(3, 1000, generator=g) * 4, torch.randn(3, 1000, generator=g) * 4),
-             ("g gives some tokens a probability below e^-104 (0 in float32)", a, confident),
-             ("f gives some tokens a probability below e^-104 (0 in float32)", confident, a)]
+    cases = [
+        ("two random batches", a, b),
+        ("swapped (KL is not symmetric)", b, a),
+        ("identical logits", a, a.clone()),
+        ("a shift of all logits changes nothing", a, a + 7.0),
+        ("one prompt", a[:1], b[:1]),
+        ("a sharp full distribution", a * 10, b),
+        ("a larger vocabulary", torch.randn(3, 1000, generator=g) * 4, torch.randn(3, 1000, generator=g) * 4),
+        ("g gives some tokens a probability below e^-104 (0 in float32)", a, confident),
+        ("f gives some tokens a probability below e^-104 (0 in float32)", confident, a),
+    ]
 
     def run():
         for what, f, o in cases:
@@ -299,9 +372,14 @@ def check_kl(fn: Callable[[torch.Tensor, torch.Tensor], float], record: bool = T
                 raise _Fail(f"case '{what}': expected {want:.6f}, got {got:.6f}")
         return len(cases)
 
-    return _report("KL divergence", run, "which distribution weights the sum, and over which dimension do you sum "
-                                         "and over which average? If a case gives inf or nan, look at how you "
-                                         "get log-probabilities from logits", record)
+    return _report(
+        "KL divergence",
+        run,
+        "which distribution weights the sum, and over which dimension do you sum "
+        "and over which average? If a case gives inf or nan, look at how you "
+        "get log-probabilities from logits",
+        record,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -320,21 +398,27 @@ def check_mean_ablation(fn: Callable[[Transformer, torch.Tensor, int, int], torc
     def run():
         for arch, layer, head in cases:
             model, tokens = _tiny(arch), _tokens(12, 7, seed=layer + 10 * head)
-            want = reference_mean_z(model, tokens, layer, head)                   # [S, E]
+            want = reference_mean_z(model, tokens, layer, head)  # [S, E]
             with torch.inference_mode():
                 got = fn(model, tokens, layer, head)
             got = torch.as_tensor(got).detach().float()
             if tuple(got.shape) != tuple(want.shape):
-                raise _Fail(f"{arch} model, head {layer}.{head}: expected shape {list(want.shape)} (positions x "
-                            f"d_head), got {list(got.shape)}")
+                raise _Fail(
+                    f"{arch} model, head {layer}.{head}: expected shape {list(want.shape)} (positions x "
+                    f"d_head), got {list(got.shape)}"
+                )
             if not torch.allclose(got, want, atol=1e-4, rtol=1e-4):
                 err = (got - want).abs().max().item()
                 raise _Fail(f"{arch} model, head {layer}.{head}: values differ (largest difference {err:.3g})")
         return len(cases)
 
-    return _report("mean ablation", run, "the head reads the residual stream as the full model leaves it after "
-                                         "the layers below; check the shape you return: one vector per position",
-                   record)
+    return _report(
+        "mean ablation",
+        run,
+        "the head reads the residual stream as the full model leaves it after "
+        "the layers below; check the shape you return: one vector per position",
+        record,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -376,8 +460,12 @@ def check_greedy_extraction(fn: Callable, record: bool = True) -> bool:
     components: names in visiting order ("L.H" heads, "MLP L"); kl_of(list of names) -> float is
     KL(f || g) when those components are ablated. Compared with `circuitlib.discovery.greedy.extract`.
     """
-    cases = [("gpt2", "mean", True, 0.05), ("gpt2", "zero", False, 0.2), ("llama", "mean", True, 0.02),
-             ("llama", "mean", False, 0.0)]
+    cases = [
+        ("gpt2", "mean", True, 0.05),
+        ("gpt2", "zero", False, 0.2),
+        ("llama", "mean", True, 0.02),
+        ("llama", "mean", False, 0.0),
+    ]
 
     def run():
         for arch, scheme, mlps, alpha in cases:
@@ -386,19 +474,27 @@ def check_greedy_extraction(fn: Callable, record: bool = True) -> bool:
             components = traversal(model.cfg.n_layers, model.cfg.n_heads, mlps)
             base = _kl_function(model, patching, validation, scheme)
             got = list(fn(list(components), lambda ablated: base(list(ablated)), alpha))
-            want = extract(model, patching, validation, alpha=alpha, ablation=scheme, include_mlps=mlps,
-                           progress=False).pruned
+            want = extract(
+                model, patching, validation, alpha=alpha, ablation=scheme, include_mlps=mlps, progress=False
+            ).pruned
             if got != want:
                 missing = [c for c in want if c not in got][:4]
                 extra = [c for c in got if c not in want][:4]
-                raise _Fail(f"{arch} model, {scheme} ablation, alpha={alpha}: circuitlib prunes {len(want)} "
-                            f"components, you prune {len(got)} (you keep {missing or 'none'} that it prunes, "
-                            f"prune {extra or 'none'} that it keeps)")
+                raise _Fail(
+                    f"{arch} model, {scheme} ablation, alpha={alpha}: circuitlib prunes {len(want)} "
+                    f"components, you prune {len(got)} (you keep {missing or 'none'} that it prunes, "
+                    f"prune {extra or 'none'} that it keeps)"
+                )
         return len(cases)
 
-    return _report("greedy extraction", run, "which model is g when you test a component: the full model, or the "
-                                             "model after the decisions taken so far? And when does the KL you "
-                                             "compare against change?", record)
+    return _report(
+        "greedy extraction",
+        run,
+        "which model is g when you test a component: the full model, or the "
+        "model after the decisions taken so far? And when does the KL you "
+        "compare against change?",
+        record,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -422,21 +518,32 @@ def check_head_parameter_count(fn: Callable[[ModelConfig, list], int], record: b
     and value head goes only when all the query heads sharing it go). A layer that loses every head
     also loses its first norm.
     """
-    cases = [(GPT2_SMALL, [5]), (GPT2_SMALL, [0, 1, 2]), (SMOLLM2_135M, [0]), (SMOLLM2_135M, [0, 1, 2]),
-             (SMOLLM2_135M, [2, 3]), (SMOLLM2_135M, list(range(9))), (GPT2_SMALL, list(range(12)))]
+    cases = [
+        (GPT2_SMALL, [5]),
+        (GPT2_SMALL, [0, 1, 2]),
+        (SMOLLM2_135M, [0]),
+        (SMOLLM2_135M, [0, 1, 2]),
+        (SMOLLM2_135M, [2, 3]),
+        (SMOLLM2_135M, list(range(9))),
+        (GPT2_SMALL, list(range(12))),
+    ]
 
     def run():
         for cfg, removed in cases:
             want, got = reference_head_parameters(cfg, removed), fn(cfg, list(removed))
             if int(got) != want:
-                raise _Fail(f"{cfg.name}, removing heads {removed} of one layer: expected {want:,} parameters, "
-                            f"got {int(got):,}")
+                raise _Fail(
+                    f"{cfg.name}, removing heads {removed} of one layer: expected {want:,} parameters, got {int(got):,}"
+                )
         return len(cases)
 
-    return _report("head parameter count", run,
-                   "count separately what belongs to one query head, what a key/value head shares with its group, "
-                   "and what goes only when the layer has no head left; which of them have biases in GPT-2?",
-                   record)
+    return _report(
+        "head parameter count",
+        run,
+        "count separately what belongs to one query head, what a key/value head shares with its group, "
+        "and what goes only when the layer has no head left; which of them have biases in GPT-2?",
+        record,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -484,8 +591,13 @@ def check_accuracy(fn: Callable, record: bool = True) -> bool:
                     raise _Fail(f"task {name}: expected accuracy {want:.3f}, got {got:.3f}")
         return n_cases
 
-    return _report("accuracy", run, "for IOI one token is right; for greater-than, look at what split.candidates "
-                                    "and split.accepted tell you about each prompt", record)
+    return _report(
+        "accuracy",
+        run,
+        "for IOI one token is right; for greater-than, look at what split.candidates "
+        "and split.accepted tell you about each prompt",
+        record,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -499,8 +611,14 @@ class _FakeModel:
     and the mean that each way of timing would report.
     """
 
-    def __init__(self, cold_calls: int = 2, cold_s: float = 0.12, cycle_s=(0.015, 0.045, 0.075), outlier_at: int = 4,
-                 outlier_s: float = 0.25):
+    def __init__(
+        self,
+        cold_calls: int = 2,
+        cold_s: float = 0.12,
+        cycle_s=(0.015, 0.045, 0.075),
+        outlier_at: int = 4,
+        outlier_s: float = 0.25,
+    ):
         self.calls, self.cold_calls, self.cold_s, self.cycle_s = 0, cold_calls, cold_s, cycle_s
         self.outlier_at, self.outlier_s = outlier_at, outlier_s
         self.grad_enabled = []
@@ -539,28 +657,42 @@ def check_timer(fn: Callable[[Callable[[], object], int, int], float], record: b
             model = _FakeModel()
             got = float(fn(model, warmup, repeats))
             if model.calls != warmup + repeats:
-                raise _Fail(f"warmup={warmup}, repeats={repeats}: the model was called {model.calls} times, "
-                            f"expected {warmup + repeats}")
+                raise _Fail(
+                    f"warmup={warmup}, repeats={repeats}: the model was called {model.calls} times, "
+                    f"expected {warmup + repeats}"
+                )
             timed_calls = [model.planned(k) for k in range(warmup + 1, warmup + repeats + 1)]
             median, fastest = statistics.median(timed_calls), min(timed_calls)
             mean = sum(timed_calls) / repeats
             if abs(got - median) > 0.3 * median:
-                why = ("that is about the fastest call: one lucky call should not set the number"
-                       if abs(got - fastest) < abs(got - median) else
-                       "that is near the mean: a single slow call pulls a mean up" if abs(got - mean) < 0.3 * mean
-                       else "a typical call of this model takes much less or much more")
+                why = (
+                    "that is about the fastest call: one lucky call should not set the number"
+                    if abs(got - fastest) < abs(got - median)
+                    else "that is near the mean: a single slow call pulls a mean up"
+                    if abs(got - mean) < 0.3 * mean
+                    else "a typical call of this model takes much less or much more"
+                )
                 raise _Fail(f"warmup={warmup}, repeats={repeats}: you report {got * 1000:.1f} ms per call; {why}")
             if any(model.grad_enabled):
                 raise _Fail("the model ran with autograd on: inference needs no gradients")
         return 2
 
-    return _report("timer", run, "which calls should be timed at all, and which single number describes a typical "
-                                 "call even when one call is much slower or faster than the rest?", record)
+    return _report(
+        "timer",
+        run,
+        "which calls should be timed at all, and which single number describes a typical "
+        "call even when one call is much slower or faster than the rest?",
+        record,
+    )
 
 
 # The function each exercise asks for, by its name in the notebook, and a reference that passes its checker.
 REFERENCES: dict[str, Callable] = {
-    "my_prune_decision": reference_prune_decision, "my_kl": reference_kl, "my_mean_z": reference_mean_z,
-    "my_greedy": reference_greedy, "my_head_parameters": reference_head_parameters,
-    "my_accuracy": reference_accuracy, "my_timer": reference_timer,
+    "my_prune_decision": reference_prune_decision,
+    "my_kl": reference_kl,
+    "my_mean_z": reference_mean_z,
+    "my_greedy": reference_greedy,
+    "my_head_parameters": reference_head_parameters,
+    "my_accuracy": reference_accuracy,
+    "my_timer": reference_timer,
 }

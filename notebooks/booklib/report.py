@@ -55,6 +55,7 @@ def circuitlib_commit() -> str:
     (modified or new), since the outputs then come from code that is not in the commit.
     Returns ``"unknown"`` when circuitlib is not inside a git checkout or git is missing.
     """
+
     def git(*args: str) -> str:
         done = subprocess.run(["git", "-C", str(_REPO), *args], capture_output=True, text=True, timeout=10)
         if done.returncode != 0:
@@ -78,8 +79,9 @@ def _format_value(key: str, value) -> str:
 def _rows(settings: Mapping, extra: Mapping | None) -> list[tuple[str, str]]:
     missing = [k for k in PROVENANCE_KEYS if k not in settings]
     if missing:
-        raise ValueError(f"settings lack {missing}; pass a dict with {', '.join(PROVENANCE_KEYS)} "
-                         "(e.g. Extraction.settings)")
+        raise ValueError(
+            f"settings lack {missing}; pass a dict with {', '.join(PROVENANCE_KEYS)} (e.g. Extraction.settings)"
+        )
     rows = [(k, _format_value(k, settings[k])) for k in PROVENANCE_KEYS]
     rows += [(str(k), str(v)) for k, v in (extra or {}).items()]
     rows.append(("circuitlib", f"{__version__} (commit {circuitlib_commit()})"))
@@ -110,11 +112,14 @@ class Provenance:
         cells = "".join(
             f'<tr><th style="text-align:left;padding:1px 12px 1px 0">{html.escape(k)}</th>'
             f'<td style="text-align:left;padding:1px 0"><code>{html.escape(v)}</code></td></tr>'
-            for k, v in self.rows)
-        return ('<div class="circuitlib-provenance" style="border:1px solid #0072B2;border-left-width:4px;'
-                'border-radius:4px;padding:6px 12px;margin:8px 0;font-size:0.9em">'
-                '<strong>Made with</strong>'
-                f'<table style="border:none;margin:4px 0 0 0">{cells}</table></div>')
+            for k, v in self.rows
+        )
+        return (
+            '<div class="circuitlib-provenance" style="border:1px solid #0072B2;border-left-width:4px;'
+            'border-radius:4px;padding:6px 12px;margin:8px 0;font-size:0.9em">'
+            "<strong>Made with</strong>"
+            f'<table style="border:none;margin:4px 0 0 0">{cells}</table></div>'
+        )
 
     def __repr__(self) -> str:
         return "Made with: " + ", ".join(f"{k}={v}" for k, v in self.rows)
@@ -154,8 +159,9 @@ def comparison_table(extraction, formatted: bool = True):
     for label, key in (("parameters", "parameters"), ("ablation-bias elements", "ablation_bias")):
         full, pruned = m["full"]["n_params"][key], m["pruned"]["n_params"][key]
         rows.append((label, full, pruned, pruned / full if full else None))
-    rows.append((f"FLOPs per prompt ({seq_len} tokens)", flops["full"], flops["pruned"],
-                 flops["pruned"] / flops["full"]))
+    rows.append(
+        (f"FLOPs per prompt ({seq_len} tokens)", flops["full"], flops["pruned"], flops["pruned"] / flops["full"])
+    )
     table = pd.DataFrame(rows, columns=["", "full", "pruned", "pruned / full"]).set_index("")
     if not formatted:
         return table
@@ -198,8 +204,7 @@ def examples_table(split, tokenizer, k: int = 5):
             answer = " | ".join(repr(tokenizer.decode([t])) for t in accepted)
         else:
             answer = repr(tokenizer.decode([int(split.answers[i])]))
-        rows.append({"prompt": split.prompts[i], "correct next token": answer,
-                     "tokens": int(split.tokens.shape[1])})
+        rows.append({"prompt": split.prompts[i], "correct next token": answer, "tokens": int(split.tokens.shape[1])})
     return pd.DataFrame(rows)
 
 
@@ -213,14 +218,19 @@ def top_predictions(model, tokenizer, task, split, n_prompts: int = 2, k: int = 
     import pandas as pd
 
     sub = split[:n_prompts]
-    logits = model(sub.tokens, last_only=True)          # [n_prompts, V]
+    logits = model(sub.tokens, last_only=True)  # [n_prompts, V]
     top = logits.softmax(-1).topk(k, dim=-1)
     correct = task.correct(sub, logits)
     out = []
     for i in range(len(sub)):
         preds = [f"{tokenizer.decode([int(t)])!r} ({p:.2f})" for t, p in zip(top.indices[i], top.values[i].tolist())]
-        out.append({"prompt": sub.prompts[i], "argmax correct": bool(correct[i]),
-                    **{f"top {j + 1}": p for j, p in enumerate(preds)}})
+        out.append(
+            {
+                "prompt": sub.prompts[i],
+                "argmax correct": bool(correct[i]),
+                **{f"top {j + 1}": p for j, p in enumerate(preds)},
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -251,15 +261,23 @@ def attention_summary(model, tokenizer, tokens: torch.Tensor, heads: Sequence[st
 
     heads = list(heads)
     if not heads:
-        return pd.DataFrame(columns=["head", "position", "token (example prompt)", "mean weight",
-                                     "weight on first token"])
+        return pd.DataFrame(
+            columns=["head", "position", "token (example prompt)", "mean weight", "weight on first token"]
+        )
     last = model.attention_patterns(tokens, heads)[:, :, -1, :].mean(0)  # [len(heads), S]
     words = token_strings(tokenizer, tokens[example])
     rows = []
     for name, row in zip(heads, last):
         pos = int(row.argmax())
-        rows.append({"head": name, "position": pos, "token (example prompt)": repr(words[pos]),
-                     "mean weight": round(float(row[pos]), 3), "weight on first token": round(float(row[0]), 3)})
+        rows.append(
+            {
+                "head": name,
+                "position": pos,
+                "token (example prompt)": repr(words[pos]),
+                "mean weight": round(float(row[pos]), 3),
+                "weight on first token": round(float(row[0]), 3),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -269,12 +287,54 @@ def attention_summary(model, tokenizer, tokens: torch.Tensor, heads: Sequence[st
 # The paper's Table 3 (appendix E): GPT-2 Small, mean ablation, means over five batches of
 # prompts. Accuracy and parameter reduction are also its Table 1. Percentages as printed.
 PAPER_TABLE_3 = (
-    {"task": "acronyms", "alpha": 8.86e-2, "mlps": False, "accuracy": 99.92, "param_reduction": 32.88, "time_reduction": 83.56},
-    {"task": "acronyms", "alpha": 3.50e-2, "mlps": True, "accuracy": 78.64, "param_reduction": 63.70, "time_reduction": 86.20},
-    {"task": "ioi", "alpha": 8.53e-3, "mlps": False, "accuracy": 100.00, "param_reduction": 28.66, "time_reduction": 57.58},
-    {"task": "ioi", "alpha": 1.88e-2, "mlps": True, "accuracy": 96.53, "param_reduction": 72.31, "time_reduction": 82.78},
-    {"task": "greater-than", "alpha": 8.53e-2, "mlps": False, "accuracy": 100.00, "param_reduction": 32.65, "time_reduction": 77.78},
-    {"task": "greater-than", "alpha": 8.53e-2, "mlps": True, "accuracy": 99.84, "param_reduction": 82.77, "time_reduction": 88.33},
+    {
+        "task": "acronyms",
+        "alpha": 8.86e-2,
+        "mlps": False,
+        "accuracy": 99.92,
+        "param_reduction": 32.88,
+        "time_reduction": 83.56,
+    },
+    {
+        "task": "acronyms",
+        "alpha": 3.50e-2,
+        "mlps": True,
+        "accuracy": 78.64,
+        "param_reduction": 63.70,
+        "time_reduction": 86.20,
+    },
+    {
+        "task": "ioi",
+        "alpha": 8.53e-3,
+        "mlps": False,
+        "accuracy": 100.00,
+        "param_reduction": 28.66,
+        "time_reduction": 57.58,
+    },
+    {
+        "task": "ioi",
+        "alpha": 1.88e-2,
+        "mlps": True,
+        "accuracy": 96.53,
+        "param_reduction": 72.31,
+        "time_reduction": 82.78,
+    },
+    {
+        "task": "greater-than",
+        "alpha": 8.53e-2,
+        "mlps": False,
+        "accuracy": 100.00,
+        "param_reduction": 32.65,
+        "time_reduction": 77.78,
+    },
+    {
+        "task": "greater-than",
+        "alpha": 8.53e-2,
+        "mlps": True,
+        "accuracy": 99.84,
+        "param_reduction": 82.77,
+        "time_reduction": 88.33,
+    },
 )
 # The full GPT-2 Small's accuracy on the validation prompts in the paper.
 PAPER_FULL_ACCURACY = {"acronyms": 0.906, "ioi": 0.971, "greater-than": 1.0}
@@ -288,11 +348,15 @@ def _latex_alpha(a: float) -> str:
 def paper_table_3_markdown() -> str:
     """The paper's Table 3 as a Markdown table (from :data:`PAPER_TABLE_3`)."""
     names = {"acronyms": "acronyms", "ioi": "IOI", "greater-than": "greater-than"}
-    lines = ["| task | $\\alpha$ | MLPs removable | accuracy (%) | parameter reduction (%) | time reduction (%) |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| task | $\\alpha$ | MLPs removable | accuracy (%) | parameter reduction (%) | time reduction (%) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in PAPER_TABLE_3:
-        lines.append(f"| {names[r['task']]} | {_latex_alpha(r['alpha'])} | {'yes' if r['mlps'] else 'no'} | "
-                     f"{r['accuracy']:.2f} | {r['param_reduction']:.2f} | {r['time_reduction']:.2f} |")
+        lines.append(
+            f"| {names[r['task']]} | {_latex_alpha(r['alpha'])} | {'yes' if r['mlps'] else 'no'} | "
+            f"{r['accuracy']:.2f} | {r['param_reduction']:.2f} | {r['time_reduction']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -307,8 +371,9 @@ def round_significant(x: float, digits: int = 3) -> float:
     return float(f"{x:.{digits - 1}e}")
 
 
-def threshold_origin(task: str, include_mlps: bool, alpha: float, chosen: Mapping | None = None,
-                     ablation: str = "mean", digits: int = 3) -> str:
+def threshold_origin(
+    task: str, include_mlps: bool, alpha: float, chosen: Mapping | None = None, ablation: str = "mean", digits: int = 3
+) -> str:
     """Where a Table 1 threshold comes from, for one task and configuration.
 
     "paper" when `alpha` is GPT-2 Small's threshold in the paper's Table 1 for this task and
@@ -316,7 +381,10 @@ def threshold_origin(task: str, include_mlps: bool, alpha: float, chosen: Mappin
     :func:`circuitlib.studies.analysis.choose_alpha`), exactly or rounded to `digits` significant digits; "paper, rule"
     for both; "" for neither (a threshold that belongs to the other configuration or another list).
     """
-    close = lambda a, b: abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+
+    def close(a, b):
+        return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+
     origins = []
     if any(r["task"] == task and r["mlps"] == include_mlps and close(r["alpha"], alpha) for r in PAPER_TABLE_3):
         origins.append("paper")
@@ -381,18 +449,25 @@ def benchmark_findings(rows: Sequence[Mapping], tolerance: float = 0.05) -> str:
             f"less than FLOPs in {_count(w1, 'less than')} and {_count(wn, 'less than')}, in proportion "
             f"(within {100 * tolerance:.0f} %) in the others. The largest time cut measured is "
             f"{cut_time:.0f} %, the largest FLOP cut {cut_flops:.0f} %. The paper's {label} rows: "
-            f"{p_lo:.2f} to {p_hi:.2f} % fewer parameters and {t_lo:.2f} to {t_hi:.2f} % less time.")
-    faster = [r for r in rows if compare_to_flops(r["time ratio, batch 1"], r["FLOP ratio"], tolerance) == "more than"
-              or compare_to_flops(r[big], r["FLOP ratio"], tolerance) == "more than"]
+            f"{p_lo:.2f} to {p_hi:.2f} % fewer parameters and {t_lo:.2f} to {t_hi:.2f} % less time."
+        )
+    faster = [
+        r
+        for r in rows
+        if compare_to_flops(r["time ratio, batch 1"], r["FLOP ratio"], tolerance) == "more than"
+        or compare_to_flops(r[big], r["FLOP ratio"], tolerance) == "more than"
+    ]
     if faster:
         empty = [r["layers without heads"] for r in faster]
         out.append(
             f"\nIn the {len(faster)} row(s) where time fell more than FLOPs, {_span(empty, 'd')} of the "
             f"{rows[0]['layers']} layers had lost every head. Such a layer skips its whole attention block "
-            "(a normalisation, the projections, the scores and their softmax: several operations, each with a cost per call "
+            "(a normalisation, the projections, the scores and their softmax: several operations, "
+            "each with a cost per call "
             "that does not depend on the FLOPs it does), and on small inputs those costs weigh more than the "
             "arithmetic. A FLOP count, which counts multiply-adds only, cannot see them: where time fell more "
-            "than FLOPs, the difference is in such costs, not in arithmetic saved.")
+            "than FLOPs, the difference is in such costs, not in arithmetic saved."
+        )
     heads_only = [r for r in rows if not r["MLP"]]
     if heads_only:
         paper = [r for r in PAPER_TABLE_3 if not r["mlps"]]
@@ -402,12 +477,16 @@ def benchmark_findings(rows: Sequence[Mapping], tolerance: float = 0.05) -> str:
             f"\nFor its heads-only models the paper reports time cuts {_span(paper_gap, '.0f')} points larger than "
             f"their parameter cuts (Table 3, row by row). Here, on the machine named above, the heads-only rows' "
             f"largest time cut (at batch 1 or {n_big}) "
-            + (f"exceeds their FLOP cut by {_span(our_gap, '.0f')} points. " if min(our_gap) > 0 else
-               f"falls short of their FLOP cut by {_span([-g for g in our_gap], '.0f')} points. " if max(our_gap) < 0
-               else f"differs from their FLOP cut by {_span(our_gap, '+.0f')} points (positive: larger). ")
-            + 
-            "What the authors' timer measures, and what each of its choices does to a measured ratio, is on the "
-            "{doc}`performance page <09_performance>`.")
+            + (
+                f"exceeds their FLOP cut by {_span(our_gap, '.0f')} points. "
+                if min(our_gap) > 0
+                else f"falls short of their FLOP cut by {_span([-g for g in our_gap], '.0f')} points. "
+                if max(our_gap) < 0
+                else f"differs from their FLOP cut by {_span(our_gap, '+.0f')} points (positive: larger). "
+            )
+            + "What the authors' timer measures, and what each of its choices does to a measured ratio, is on the "
+            "{doc}`performance page <09_performance>`."
+        )
     return "\n".join(out)
 
 
@@ -421,27 +500,32 @@ def time_vs_flops_findings(rows: Sequence[Mapping], batch: int, tolerance: float
     for r in rows:
         w1 = compare_to_flops(r["time_ratio_b1"], r["flop_ratio"], tolerance)
         wb = compare_to_flops(r[f"time_ratio_b{batch}"], r["flop_ratio"], tolerance)
-        out.append(f"- **{r['circuit']}** (FLOP ratio {r['flop_ratio']:.3f}): at batch 1 time fell {w1} FLOPs "
-                   f"(time ratio {r['time_ratio_b1']:.3f}); at batch {batch} it fell {wb} FLOPs "
-                   f"({r[f'time_ratio_b{batch}']:.3f}).")
+        out.append(
+            f"- **{r['circuit']}** (FLOP ratio {r['flop_ratio']:.3f}): at batch 1 time fell {w1} FLOPs "
+            f"(time ratio {r['time_ratio_b1']:.3f}); at batch {batch} it fell {wb} FLOPs "
+            f"({r[f'time_ratio_b{batch}']:.3f})."
+        )
     ratios = [r[f"time_ratio_b{batch}"] / r["flop_ratio"] for r in rows]
     ones = [r["time_ratio_b1"] / r["flop_ratio"] for r in rows]
     out.append(
         f"\nAt batch {batch}, time / FLOPs is {_span(ratios, '.2f')} over the {len(rows)} circuits; at batch 1 "
         f"it is {_span(ones, '.2f')}. "
-        + ("The large batch follows the FLOP count more closely than batch 1: "
-           if max(abs(x - 1) for x in ratios) < max(abs(x - 1) for x in ones) else
-           "Batch 1 follows the FLOP count at least as closely as the large batch: ")
+        + (
+            "The large batch follows the FLOP count more closely than batch 1: "
+            if max(abs(x - 1) for x in ratios) < max(abs(x - 1) for x in ones)
+            else "Batch 1 follows the FLOP count at least as closely as the large batch: "
+        )
         + "at batch 1 a forward pass is too small to keep the arithmetic units busy, and costs that do not "
-          "scale with the FLOPs (the embedding lookup, Python and per-operation overheads, whole attention "
-          "blocks skipped in layers with no head left) weigh more, in either direction.")
+        "scale with the FLOPs (the embedding lookup, Python and per-operation overheads, whole attention "
+        "blocks skipped in layers with no head left) weigh more, in either direction."
+    )
     return "\n".join(out)
 
 
 # What each protocol of benchmarks/timing_choices.py changes from the authors' one, in words.
 TIMING_CHOICES = {
     "authors": "the authors' protocol: one untimed call on the batch, then 5 calls timed with time.time(), the mean; "
-               "logits at every position",
+    "logits at every position",
     "cold": "no call before the timer, so the first, cold call is timed",
     "warm-up 3": "three untimed calls before the timer instead of one",
     "median of 5": "the median of the same 5 calls instead of their mean",
@@ -463,14 +547,27 @@ def timing_choices_table(result: Mapping):
     rows = []
     for p in result["protocols"]:
         if not p["measured"]:
-            rows.append({"protocol": p["protocol"], "what changes": TIMING_CHOICES.get(p["protocol"], ""),
-                         "ratio (mean of trials)": "not measured (see below)", "lowest trial": "",
-                         "highest trial": "", "first call / later calls (full)": ""})
+            rows.append(
+                {
+                    "protocol": p["protocol"],
+                    "what changes": TIMING_CHOICES.get(p["protocol"], ""),
+                    "ratio (mean of trials)": "not measured (see below)",
+                    "lowest trial": "",
+                    "highest trial": "",
+                    "first call / later calls (full)": "",
+                }
+            )
             continue
-        rows.append({"protocol": p["protocol"], "what changes": TIMING_CHOICES.get(p["protocol"], ""),
-                     "ratio (mean of trials)": f"{p['ratio_mean']:.3f}", "lowest trial": f"{p['ratio_min']:.3f}",
-                     "highest trial": f"{p['ratio_max']:.3f}",
-                     "first call / later calls (full)": f"{p['full_first_call_over_rest']:.2f}"})
+        rows.append(
+            {
+                "protocol": p["protocol"],
+                "what changes": TIMING_CHOICES.get(p["protocol"], ""),
+                "ratio (mean of trials)": f"{p['ratio_mean']:.3f}",
+                "lowest trial": f"{p['ratio_min']:.3f}",
+                "highest trial": f"{p['ratio_max']:.3f}",
+                "first call / later calls (full)": f"{p['full_first_call_over_rest']:.2f}",
+            }
+        )
     return pd.DataFrame(rows).set_index("protocol")
 
 
@@ -484,9 +581,11 @@ def timing_choices_findings(result: Mapping) -> str:
     base = by["authors"]
     a = base["ratio_mean"]
     spread = base["ratio_max"] - base["ratio_min"]
-    out = [f"With the authors' protocol the pruned / full time ratio was {a:.3f}, the mean of {result['trials']} "
-           f"trials that ranged from {base['ratio_min']:.3f} to {base['ratio_max']:.3f}: one such measurement can "
-           f"land anywhere in a band {spread:.3f} wide on this machine. Changing one choice at a time:"]
+    out = [
+        f"With the authors' protocol the pruned / full time ratio was {a:.3f}, the mean of {result['trials']} "
+        f"trials that ranged from {base['ratio_min']:.3f} to {base['ratio_max']:.3f}: one such measurement can "
+        f"land anywhere in a band {spread:.3f} wide on this machine. Changing one choice at a time:"
+    ]
     moves = {}
     for name, p in by.items():
         if name == "authors":
@@ -495,37 +594,60 @@ def timing_choices_findings(result: Mapping) -> str:
             out.append(f"- **{name}**: not measured here; {p.get('why', '')}.")
             continue
         moves[name] = p["ratio_mean"] - a
-        line = (f"- **{name}**, {TIMING_CHOICES.get(name, name)}: ratio {p['ratio_mean']:.3f}, {moves[name]:+.3f}, "
-                + ("within" if abs(moves[name]) <= spread else "beyond") + " the spread of the authors' trials")
+        line = (
+            f"- **{name}**, {TIMING_CHOICES.get(name, name)}: ratio {p['ratio_mean']:.3f}, {moves[name]:+.3f}, "
+            + ("within" if abs(moves[name]) <= spread else "beyond")
+            + " the spread of the authors' trials"
+        )
         if name == "cold":
-            line += (f"; the full model's first call took {p['full_first_call_over_rest']:.2f} times as long as "
-                     "its later calls, median over the trials")
+            line += (
+                f"; the full model's first call took {p['full_first_call_over_rest']:.2f} times as long as "
+                "its later calls, median over the trials"
+            )
         if name.startswith("median of"):
-            line += (f"; its own trials ranged from {p['ratio_min']:.3f} to {p['ratio_max']:.3f}, a spread of "
-                     f"{p['ratio_max'] - p['ratio_min']:.3f}")
+            line += (
+                f"; its own trials ranged from {p['ratio_min']:.3f} to {p['ratio_max']:.3f}, a spread of "
+                f"{p['ratio_max'] - p['ratio_min']:.3f}"
+            )
         if name == "last position":
-            line += (f"; the FLOP ratio is {result['flop_ratio_last_position']:.3f} with the last position only and "
-                     f"{result['flop_ratio_all_positions']:.3f} with every position, whose unembedding no pruning "
-                     "removes")
+            line += (
+                f"; the FLOP ratio is {result['flop_ratio_last_position']:.3f} with the last position only and "
+                f"{result['flop_ratio_all_positions']:.3f} with every position, whose unembedding no pruning "
+                "removes"
+            )
         out.append(line + ".")
     beyond = [k for k in moves if abs(moves[k]) > spread]
     if moves:
         if beyond:
-            out.append("\nOn this " + result["device"].upper() + ", the choices that moved the ratio by more than the "
-                       "trial-to-trial spread: " + ", ".join(f"**{k}** ({moves[k]:+.3f})" for k in beyond) + ".")
+            out.append(
+                "\nOn this " + result["device"].upper() + ", the choices that moved the ratio by more than the "
+                "trial-to-trial spread: " + ", ".join(f"**{k}** ({moves[k]:+.3f})" for k in beyond) + "."
+            )
         else:
-            out.append(f"\nOn this {result['device'].upper()}, no choice moved the ratio by more than the "
-                       f"trial-to-trial spread ({spread:.3f}).")
+            out.append(
+                f"\nOn this {result['device'].upper()}, no choice moved the ratio by more than the "
+                f"trial-to-trial spread ({spread:.3f})."
+            )
         if "median of 30" in moves:
             m30 = by["median of 30"]
             tighter = m30["ratio_max"] - m30["ratio_min"]
-            out.append(f"The trials of 30 calls and their median spread over {tighter:.3f}, against {spread:.3f} for "
-                       "the authors' 5 calls and their mean" + (": many calls and a median make one measurement "
-                       "far more repeatable." if tighter < spread / 2 else "." if tighter < spread else
-                       ", no tighter on this machine."))
+            out.append(
+                f"The trials of 30 calls and their median spread over {tighter:.3f}, against {spread:.3f} for "
+                "the authors' 5 calls and their mean"
+                + (
+                    ": many calls and a median make one measurement far more repeatable."
+                    if tighter < spread / 2
+                    else "."
+                    if tighter < spread
+                    else ", no tighter on this machine."
+                )
+            )
         fewer = 100 * (1 - result["param_ratio"])
-        out.append(f"With the authors' protocol the pruned model measured {100 * (1 - a):.0f} % faster than the full "
-                   f"one, for {fewer:.0f} % fewer parameters." if a < 1 else
-                   f"With the authors' protocol the pruned model even measured {100 * (a - 1):.0f} % slower than the "
-                   f"full one, for {fewer:.0f} % fewer parameters.")
+        out.append(
+            f"With the authors' protocol the pruned model measured {100 * (1 - a):.0f} % faster than the full "
+            f"one, for {fewer:.0f} % fewer parameters."
+            if a < 1
+            else f"With the authors' protocol the pruned model even measured {100 * (a - 1):.0f} % slower than the "
+            f"full one, for {fewer:.0f} % fewer parameters."
+        )
     return "\n".join(out)

@@ -27,11 +27,19 @@ import time
 from pathlib import Path
 
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-    "--disable-extensions", "--mute-audio",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--hide-scrollbars",
+    "--disable-extensions",
+    "--mute-audio",
     # no network: every host resolves to nothing, every request goes to a closed port
-    "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--proxy-server=127.0.0.1:9",
 ]
 
 # Runs in the page once it has settled; returns the problems a reader would see.
@@ -111,9 +119,17 @@ class Browser:
         self.width, self.height = width, height
         self.profile = tempfile.mkdtemp(prefix="circuitlib-chromium-")
         self.proc = subprocess.Popen(
-            [chromium(), *(FLAGS if network_off else [f for f in FLAGS if not f.startswith(("--host-", "--proxy"))]),
-             "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
-             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            [
+                chromium(),
+                *(FLAGS if network_off else [f for f in FLAGS if not f.startswith(("--host-", "--proxy"))]),
+                "--remote-debugging-port=0",
+                f"--user-data-dir={self.profile}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         url, deadline = None, time.time() + 60
         while url is None and time.time() < deadline:
             line = self.proc.stderr.readline()
@@ -161,23 +177,31 @@ class Browser:
         self.events = []
         for domain in ("Runtime", "Log", "Page"):
             self.send(f"{domain}.enable", session=session)
-        self.send("Emulation.setDeviceMetricsOverride", {"width": self.width, "height": self.height,
-                                                         "deviceScaleFactor": 1, "mobile": False},
-                  session=session)
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False},
+            session=session,
+        )
         self.send("Page.navigate", {"url": Path(page).resolve().as_uri()}, session=session)
         self.wait_for("Page.loadEventFired", session)
         self.send("Runtime.evaluate", {"expression": SETTLE_JS, "awaitPromise": True}, session=session)
-        value = self.send("Runtime.evaluate", {"expression": CHECK_JS, "returnByValue": True},
-                          session=session)["result"]["value"]
+        value = self.send("Runtime.evaluate", {"expression": CHECK_JS, "returnByValue": True}, session=session)[
+            "result"
+        ]["value"]
         report = json.loads(value)
         if screenshot is not None:
             import base64
 
             metrics = self.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
-            shot = self.send("Page.captureScreenshot", {
-                "format": "png", "captureBeyondViewport": True,
-                "clip": {"x": 0, "y": 0, "width": self.width, "height": min(metrics["height"], 16000),
-                         "scale": 1}}, session=session)
+            shot = self.send(
+                "Page.captureScreenshot",
+                {
+                    "format": "png",
+                    "captureBeyondViewport": True,
+                    "clip": {"x": 0, "y": 0, "width": self.width, "height": min(metrics["height"], 16000), "scale": 1},
+                },
+                session=session,
+            )
             Path(screenshot).write_bytes(base64.b64decode(shot["data"]))
         report["errors"] = self._errors(session)
         self.send("Target.closeTarget", {"targetId": target})
@@ -193,8 +217,10 @@ class Browser:
                 details = params["exceptionDetails"]
                 errors.append((details.get("exception") or {}).get("description") or details.get("text"))
             elif event.get("method") == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                errors.append("console.error: " + " ".join(str(a.get("value", a.get("description", "")))
-                                                            for a in params.get("args", [])))
+                errors.append(
+                    "console.error: "
+                    + " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", []))
+                )
             elif event.get("method") == "Log.entryAdded" and params["entry"].get("level") == "error":
                 entry = params["entry"]
                 errors.append(f"{entry.get('text')} {entry.get('url', '')}".strip())

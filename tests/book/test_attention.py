@@ -34,8 +34,7 @@ def fresh_page():
 
 
 def _cells(fig, prefix):
-    return [p.get_gid() for ax in fig.axes for p in ax.patches
-            if (p.get_gid() or "").startswith(prefix)]
+    return [p.get_gid() for ax in fig.axes for p in ax.patches if (p.get_gid() or "").startswith(prefix)]
 
 
 def _pattern(seed=0, heads=2, seq=5):
@@ -48,6 +47,7 @@ TOKENS = ["<s>", "When", " Mary", "</script>", " $x$"]
 
 
 # ------------------------------------------------------------------ circuit grid
+
 
 def test_attention_html_is_offline():
     html = attention.attention_plot(TOKENS, _pattern(), ["9.6", "9.9"])._repr_mimebundle_()["text/html"]

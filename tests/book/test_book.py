@@ -21,15 +21,22 @@ REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 EXTERNAL = re.compile(r"^\s*(https?:)?//", re.I)
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
     # no network: every host resolves to nothing, every request goes to a closed port
-    "--host-resolver-rules=MAP * ~NOTFOUND", "--proxy-server=127.0.0.1:9",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--proxy-server=127.0.0.1:9",
     "--virtual-time-budget=10000",
 ]
 
 
 # ------------------------------------------------------------------ (a) notebooks
+
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_has_one_parameters_cell(path):
@@ -40,6 +47,7 @@ def test_notebook_has_one_parameters_cell(path):
 
 
 # ------------------------------------------------------------------ (b) the built site
+
 
 def _book_sources():
     yield from (REPO / "_config.yml", REPO / "_toc.yml")
@@ -66,7 +74,10 @@ def site(tmp_path_factory) -> Path:
         pytest.skip("jupyter-book is not installed next to this Python")
     done = subprocess.run(
         [str(jb), "build", str(REPO), "--path-output", str(out), "--warningiserror", "--keep-going"],
-        capture_output=True, text=True, timeout=1200)
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert done.returncode == 0, f"book build failed:\n{done.stdout[-6000:]}\n{done.stderr[-3000:]}"
     return out / "_build" / "html"
 
@@ -82,16 +93,18 @@ class _Page(HTMLParser):
         a = dict(attrs)
         if tag == "script" and a.get("src"):
             self.loads.append((tag, a["src"]))
-        elif tag == "link" and a.get("href") and set((a.get("rel") or "").split()) & {
-                "stylesheet", "preload", "modulepreload", "icon", "manifest"}:
+        elif (
+            tag == "link"
+            and a.get("href")
+            and set((a.get("rel") or "").split()) & {"stylesheet", "preload", "modulepreload", "icon", "manifest"}
+        ):
             self.loads.append((tag, a["href"]))
         elif tag in ("img", "iframe", "embed", "source", "audio", "video") and a.get("src"):
             self.loads.append((tag, a["src"]))
 
 
 def _pages(site):
-    return sorted(p for p in site.rglob("*.html") if "_static" not in p.parts
-                  and "_sources" not in p.parts)
+    return sorted(p for p in site.rglob("*.html") if "_static" not in p.parts and "_sources" not in p.parts)
 
 
 def test_site_loads_nothing_from_the_network(site):
@@ -116,7 +129,9 @@ def test_site_loads_nothing_from_the_network(site):
 
 def test_math_uses_the_local_mathjax(site):
     page = (site / "book" / "intro.html").read_text(encoding="utf-8")
-    assert re.search(r'<script[^>]*src="\.\./_static/mathjax/tex-chtml\.js(\?v=[0-9a-f]+)?"', page)  # Sphinx may add ?v=<checksum>
+    assert re.search(
+        r'<script[^>]*src="\.\./_static/mathjax/tex-chtml\.js(\?v=[0-9a-f]+)?"', page
+    )  # Sphinx may add ?v=<checksum>
     assert (site / "_static" / "mathjax" / "tex-chtml.js").is_file()
 
 
@@ -166,6 +181,7 @@ def test_bibliography_labels_read_like_the_citations(site):
 
 # ------------------------------------------------------------------ (c) in a real browser
 
+
 def _chromium():
     """A headless-capable Chromium (Debian: apt-get install chromium), or None."""
     for name in ("chromium", "chromium-browser", "google-chrome"):
@@ -192,8 +208,11 @@ def _page_requests(netlog: Path) -> list[str]:
     urls = []
     for event in log.get("events", []):
         params = event.get("params") or {}
-        if (event.get("type") == start_job and "file://" in params.get("network_isolation_key", "")
-                and re.match(r"(https?|wss?|ftp):", params.get("url", ""))):
+        if (
+            event.get("type") == start_job
+            and "file://" in params.get("network_isolation_key", "")
+            and re.match(r"(https?|wss?|ftp):", params.get("url", ""))
+        ):
             urls.append(params["url"])
     return urls
 
@@ -205,17 +224,34 @@ def test_pages_render_offline_in_chromium(site, tmp_path):
     def browse(page, *extra):
         netlog = tmp_path / f"{page.stem}-{len(extra)}.netlog.json"
         subprocess.run(
-            [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-             f"--log-net-log={netlog}", *extra, page.resolve().as_uri()],
-            capture_output=True, text=True, timeout=120)
+            [
+                _chromium(),
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp_path / 'profile'}",
+                f"--log-net-log={netlog}",
+                *extra,
+                page.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         requests = _page_requests(netlog)
         assert not requests, f"{page.name} asked the network for: {requests}"
 
     def dom(page):
         done = subprocess.run(
-            [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
-             "--dump-dom", page.resolve().as_uri()],
-            capture_output=True, text=True, timeout=120)
+            [
+                _chromium(),
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--dump-dom",
+                page.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return done.stdout
 
     intro = site / "book" / "intro.html"
@@ -229,7 +265,8 @@ def test_pages_render_offline_in_chromium(site, tmp_path):
     for page in _pages(site):
         if 'class="circuitlib-attention"' in page.read_text("utf-8"):
             assert "Static copy: the interactive view" not in dom(page), (
-                f"{page.name}: an attention figure was not drawn by CircuitsVis")
+                f"{page.name}: an attention figure was not drawn by CircuitsVis"
+            )
             browse(page, f"--screenshot={tmp_path / 'attention.png'}")
             break
 
@@ -250,15 +287,19 @@ def test_pages_fit_a_1280px_window_without_console_errors(site):
     problems = []
     with Browser(width=1280, height=1000) as browser:
         for page in _pages(site):
-            if page.name in ("genindex.html", "search.html") or 'http-equiv="Refresh"' in \
-                    page.read_text("utf-8").replace("refresh", "Refresh"):
-                continue                                   # index.html only redirects to the intro
+            if page.name in ("genindex.html", "search.html") or 'http-equiv="Refresh"' in page.read_text(
+                "utf-8"
+            ).replace("refresh", "Refresh"):
+                continue  # index.html only redirects to the intro
             name = str(page.relative_to(site))
             report = browser.check(page)
             problems += [f"{name}: {p}" for p in report["overflow"]]
             problems += [f"{name}: cells run together: {p}" for p in report["crowded"][:3]]
-            problems += [f"{name}: a figure is shown at {scale:.0%} of its size: {what}"
-                         for what, scale in report["scales"] if scale < 0.6]
+            problems += [
+                f"{name}: a figure is shown at {scale:.0%} of its size: {what}"
+                for what, scale in report["scales"]
+                if scale < 0.6
+            ]
             problems += [f"{name}: raw LaTeX in the title or the sidebar: {t!r}" for t in report["raw_math"]]
             problems += [f"{name}: console: {e}" for e in report["errors"]]
     assert not problems, "\n".join(problems)

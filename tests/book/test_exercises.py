@@ -1,16 +1,22 @@
 """The exercise checkers accept correct solutions, reject typical mistakes, and never crash."""
 
+import importlib.util
+import re
 import statistics
+import sys
 import time
+from pathlib import Path
 
+import nbformat
+import papermill
 import pytest
 import torch
 import torch.nn.functional as F
 
 from booklib import exercises as ex
 
-
 # ------------------------------------------------------------------ correct solutions
+
 
 def decision(kl_before, kl_after, alpha):
     return kl_after - kl_before < alpha
@@ -69,9 +75,15 @@ def timer(forward, warmup, repeats):
     return statistics.median(times)
 
 
-CORRECT = [(ex.check_prune_decision, decision), (ex.check_kl, kl), (ex.check_mean_ablation, mean_z),
-           (ex.check_greedy_extraction, greedy), (ex.check_head_parameter_count, head_params),
-           (ex.check_accuracy, acc), (ex.check_timer, timer)]
+CORRECT = [
+    (ex.check_prune_decision, decision),
+    (ex.check_kl, kl),
+    (ex.check_mean_ablation, mean_z),
+    (ex.check_greedy_extraction, greedy),
+    (ex.check_head_parameter_count, head_params),
+    (ex.check_accuracy, acc),
+    (ex.check_timer, timer),
+]
 
 
 @pytest.mark.parametrize("checker,solution", CORRECT, ids=[c.__name__ for c, _ in CORRECT])
@@ -80,10 +92,15 @@ def test_checker_accepts_a_correct_solution(checker, solution, capsys):
     assert capsys.readouterr().out.startswith("PASS")
 
 
-CHECKER_OF = {"my_prune_decision": ex.check_prune_decision, "my_kl": ex.check_kl,
-              "my_mean_z": ex.check_mean_ablation, "my_greedy": ex.check_greedy_extraction,
-              "my_head_parameters": ex.check_head_parameter_count, "my_accuracy": ex.check_accuracy,
-              "my_timer": ex.check_timer}
+CHECKER_OF = {
+    "my_prune_decision": ex.check_prune_decision,
+    "my_kl": ex.check_kl,
+    "my_mean_z": ex.check_mean_ablation,
+    "my_greedy": ex.check_greedy_extraction,
+    "my_head_parameters": ex.check_head_parameter_count,
+    "my_accuracy": ex.check_accuracy,
+    "my_timer": ex.check_timer,
+}
 
 
 @pytest.mark.parametrize("name", sorted(ex.REFERENCES))
@@ -96,10 +113,13 @@ def test_head_parameters_of_the_papers_model():
     # 4 * d * d_head + 3 * d_head biases = 196,800 for GPT-2 Small (paper-facts)
     assert ex.reference_head_parameters(ex.GPT2_SMALL, [0]) == 196_800
     assert ex.reference_head_parameters(ex.SMOLLM2_135M, [0]) == 2 * 576 * 64
-    assert ex.reference_head_parameters(ex.SMOLLM2_135M, [0, 1, 2]) == 8 * 576 * 64  # 3 x (W_Q + W_O) + the K/V head they shared
+    assert (
+        ex.reference_head_parameters(ex.SMOLLM2_135M, [0, 1, 2]) == 8 * 576 * 64
+    )  # 3 x (W_Q + W_O) + the K/V head they shared
 
 
 # ------------------------------------------------------------------ wrong solutions
+
 
 def _stub(*args):
     raise NotImplementedError
@@ -147,8 +167,12 @@ def kl_softmax_then_log(full, other):  # log(softmax) is -inf where the softmax 
 
 
 def kl_torch_softmax_then_log(full, other):  # the same slip through F.kl_div
-    return F.kl_div(torch.softmax(other, -1).log(), torch.softmax(full, -1).log(), log_target=True,
-                    reduction="none").sum(-1).mean().item()
+    return (
+        F.kl_div(torch.softmax(other, -1).log(), torch.softmax(full, -1).log(), log_target=True, reduction="none")
+        .sum(-1)
+        .mean()
+        .item()
+    )
 
 
 def timer_with_grad(forward, warmup, repeats):
@@ -161,10 +185,10 @@ def timer_with_grad(forward, warmup, repeats):
 
 
 WRONG = [
-    (ex.check_prune_decision, lambda b, a, alpha: a - b <= alpha),                       # <= instead of <
-    (ex.check_prune_decision, lambda b, a, alpha: abs(a - b) < alpha),                   # |delta|
-    (ex.check_kl, lambda f, o: kl(o, f)),                                                # KL(g || f)
-    (ex.check_kl, lambda f, o: kl(f, o) * len(f)),                                       # sum over the batch
+    (ex.check_prune_decision, lambda b, a, alpha: a - b <= alpha),  # <= instead of <
+    (ex.check_prune_decision, lambda b, a, alpha: abs(a - b) < alpha),  # |delta|
+    (ex.check_kl, lambda f, o: kl(o, f)),  # KL(g || f)
+    (ex.check_kl, lambda f, o: kl(f, o) * len(f)),  # sum over the batch
     (ex.check_kl, kl_softmax_then_log),
     (ex.check_kl, kl_torch_softmax_then_log),
     (ex.check_mean_ablation, lambda m, t, l, h: mean_z(m, t, l, h).mean(0, keepdim=True).expand(t.shape[1], -1)),
@@ -203,8 +227,13 @@ def test_verdicts_are_recorded_and_summarised(capsys):
     ex.summary()
     import nbformat
 
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(outputs=[
-        nbformat.v4.new_output("stream", name="stdout", text=capsys.readouterr().out)])])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell(
+                outputs=[nbformat.v4.new_output("stream", name="stdout", text=capsys.readouterr().out)]
+            )
+        ]
+    )
     table = ex.read_summary(nb)
     assert list(table) == list(ex.EXERCISES)
     assert table["1. prune decision"]["result"] == "PASS" and table["2. KL divergence"]["result"] == "FAIL"
@@ -223,8 +252,9 @@ def test_exercise_8_agrees_only_with_the_extractions_own_accuracies_and_waits_fo
     ex.RESULTS.clear()
     assert not ex.requires("put it together", ["accuracy", "timer"])
     assert "needs exercise 6. accuracy and 7. timer to pass first" in capsys.readouterr().out
-    extraction = SimpleNamespace(metrics={"full": {"validation": {"accuracy": 0.75}},
-                                          "pruned": {"validation": {"accuracy": 0.5}}})
+    extraction = SimpleNamespace(
+        metrics={"full": {"validation": {"accuracy": 0.75}}, "pruned": {"validation": {"accuracy": 0.5}}}
+    )
     assert ex.check_put_together(0.75, 0.5, extraction) and ex.passed("put it together")
     assert not ex.check_put_together(0.75, 0.625, extraction) and not ex.passed("put it together")
     assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL put it together")
@@ -240,14 +270,6 @@ def test_a_crashing_solution_is_reported_not_raised(capsys):
 
 # ------------------------------------------------------------------ the notebooks made from the one source
 
-import importlib.util
-import re
-import sys
-from pathlib import Path
-
-import nbformat
-import papermill
-
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("make_exercises", REPO / "scripts" / "make_exercises.py")
 mk = sys.modules["make_exercises"] = importlib.util.module_from_spec(_spec)  # dataclasses look their module up
@@ -262,11 +284,19 @@ def _run(nb, tmp_path, name):
     """Execute `nb` top to bottom (an exception fails the test) and return everything it printed."""
     src, out = tmp_path / f"{name}-in.ipynb", tmp_path / f"{name}.ipynb"
     nbformat.write(nb, src)
-    papermill.execute_notebook(str(src), str(out), parameters=SMALL, kernel_name="python3", cwd=str(REPO / "notebooks"),
-                               progress_bar=False, log_output=False)
+    papermill.execute_notebook(
+        str(src),
+        str(out),
+        parameters=SMALL,
+        kernel_name="python3",
+        cwd=str(REPO / "notebooks"),
+        progress_bar=False,
+        log_output=False,
+    )
     done = nbformat.read(out, as_version=4)
-    text = "".join(o.get("text", "") for c in done.cells if c.cell_type == "code" for o in c.outputs
-                   if o.output_type == "stream")
+    text = "".join(
+        o.get("text", "") for c in done.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "stream"
+    )
     return done, text
 
 
@@ -292,12 +322,19 @@ def test_solutions_are_behind_a_toggle_labelled_solution_and_absent_from_the_stu
     # no line of any solution (nor a solution-only cell) reaches the student notebook, hints included
     student_text = "\n".join(c.source for c in student.cells)
     public = {line.strip() for c in student.cells if c not in stubs for line in c.source.splitlines()}
-    solution_lines = {line.strip() for c in folded for line in c.source.splitlines()
-                      if len(line.strip()) > 25 and not line.strip().startswith("def my_")} - public
+    solution_lines = {
+        line.strip()
+        for c in folded
+        for line in c.source.splitlines()
+        if len(line.strip()) > 25 and not line.strip().startswith("def my_")
+    } - public
     assert len(solution_lines) > 20 and not [line for line in solution_lines if line in student_text]
     assert "record=False" not in student_text
-    assert all("<details><summary>Hint" in c.source for c in student.cells if c.source.startswith("## Exercise ")
-               and not c.source.startswith("## Exercise 8"))
+    assert all(
+        "<details><summary>Hint" in c.source
+        for c in student.cells
+        if c.source.startswith("## Exercise ") and not c.source.startswith("## Exercise 8")
+    )
 
 
 def test_the_source_format_is_enforced(tmp_path):

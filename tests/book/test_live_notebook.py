@@ -38,16 +38,28 @@ def test_live_notebook_draws_attention_with_circuitsvis(tmp_path):
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [
         nbformat.v4.new_code_cell("from booklib import attention\nimport numpy as np\nattention.load_circuitsvis()"),
-        nbformat.v4.new_code_cell("p = np.tril(np.ones((3, 3))); p = p / p.sum(1, keepdims=True)\n"
-                                  "attention.attention_plot(['ĠThe', 'ĠKaren', 'Ġwent'], p, ['9.6'])"),
+        nbformat.v4.new_code_cell(
+            "p = np.tril(np.ones((3, 3))); p = p / p.sum(1, keepdims=True)\n"
+            "attention.attention_plot(['ĠThe', 'ĠKaren', 'Ġwent'], p, ['9.6'])"
+        ),
     ]
     nbformat.write(nb, tmp_path / "t.ipynb")
     port, token = _free_port(), "circuitlib-test"
     server = subprocess.Popen(
-        [str(LAB), "--no-browser", "--allow-root", f"--port={port}", f"--ServerApp.token={token}",
-         "--expose-app-in-browser", f"--ServerApp.root_dir={tmp_path}", "--LabApp.news_url=",
-         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            str(LAB),
+            "--no-browser",
+            "--allow-root",
+            f"--port={port}",
+            f"--ServerApp.token={token}",
+            "--expose-app-in-browser",
+            f"--ServerApp.root_dir={tmp_path}",
+            "--LabApp.news_url=",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with Browser(network_off=False) as b:
             target = b.send("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -56,11 +68,12 @@ def test_live_notebook_draws_attention_with_circuitsvis(tmp_path):
             b.send("Page.enable", session=s)
 
             def ev(js, wait=False):
-                return b.send("Runtime.evaluate", {"expression": js, "returnByValue": True, "awaitPromise": wait},
-                              session=s)["result"].get("value")
+                return b.send(
+                    "Runtime.evaluate", {"expression": js, "returnByValue": True, "awaitPromise": wait}, session=s
+                )["result"].get("value")
 
             url = f"http://127.0.0.1:{port}/lab/tree/t.ipynb?token={token}"
-            for _ in range(60):                       # the server needs a few seconds to start
+            for _ in range(60):  # the server needs a few seconds to start
                 b.send("Page.navigate", {"url": url}, session=s)
                 b.wait_for("Page.loadEventFired", s, timeout=120)
                 if not ev("location.href").startswith("chrome-error"):
@@ -71,9 +84,11 @@ def test_live_notebook_draws_attention_with_circuitsvis(tmp_path):
                 if ev("!!(window.jupyterapp && document.querySelector('.jp-Notebook .jp-Cell'))"):
                     break
                 time.sleep(1)
-            ev("""(async () => { const app = window.jupyterapp, w = app.shell.currentWidget;
+            ev(
+                """(async () => { const app = window.jupyterapp, w = app.shell.currentWidget;
                   await w.context.sessionContext.ready; await app.commands.execute('notebook:run-all-cells'); })()""",
-               wait=True)
+                wait=True,
+            )
             state = None
             for _ in range(180):
                 state = ev("""(() => { const el = document.querySelector('.circuitlib-attention');

@@ -9,9 +9,9 @@ from booklib import attention
 def test_clean_token_decodes_byte_level_markers():
     assert attention.clean_token("ĠKaren") == " Karen"
     assert attention.clean_token("Ċ") == "\n"
-    assert attention.clean_token("ĠÃ©t") == " ét"          # bytes of a UTF-8 character
-    assert attention.clean_token("▁Hello") == " Hello"     # SentencePiece
-    assert attention.clean_token(" Karen") == " Karen"     # already clean: unchanged
+    assert attention.clean_token("ĠÃ©t") == " ét"  # bytes of a UTF-8 character
+    assert attention.clean_token("▁Hello") == " Hello"  # SentencePiece
+    assert attention.clean_token(" Karen") == " Karen"  # already clean: unchanged
     assert attention.clean_token("café") == "café"
 
 

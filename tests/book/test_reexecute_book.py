@@ -35,7 +35,9 @@ def test_select_by_stem_number_or_name(rb, tmp_path):
 
 
 def test_uncommitted_sees_changes_to_the_sources(rb, tmp_path):
-    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+    def git(*a):
+        return subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+
     git("init", "-q")
     (tmp_path / "circuitlib").mkdir()
     (tmp_path / "circuitlib" / "a.py").write_text("x = 1\n")
@@ -43,18 +45,22 @@ def test_uncommitted_sees_changes_to_the_sources(rb, tmp_path):
     git("add", "-A")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
     assert rb.uncommitted(tmp_path) == []
-    (tmp_path / "README.md").write_text("changed\n")            # not something a page depends on
+    (tmp_path / "README.md").write_text("changed\n")  # not something a page depends on
     assert rb.uncommitted(tmp_path) == []
     (tmp_path / "circuitlib" / "a.py").write_text("x = 2\n")
     assert rb.uncommitted(tmp_path) == [" M circuitlib/a.py"]
 
 
 def _chapter(folder: Path, fail: bool) -> Path:
-    meta = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-            "language_info": {"name": "python"}}
+    meta = {
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"},
+    }
     nb = nbformat.v4.new_notebook(metadata=meta)
-    nb.cells = [nbformat.v4.new_code_cell(f"fail = {fail}", metadata={"tags": ["parameters"]}),
-                nbformat.v4.new_code_cell("print('ran')\nassert not fail, 'asked to fail'")]
+    nb.cells = [
+        nbformat.v4.new_code_cell(f"fail = {fail}", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("print('ran')\nassert not fail, 'asked to fail'"),
+    ]
     path = folder / "01_tiny.ipynb"
     nbformat.write(nb, path)
     return path
@@ -86,18 +92,24 @@ def test_check_one_commit_names_chapters_made_elsewhere_or_unstamped(rb, tmp_pat
         nbformat.write(nb, tmp_path / f"{stem}.ipynb")
     assert rb.check_one_commit(["01_a", "02_b"], tmp_path) == []
     problems = rb.check_one_commit(["01_a", "02_b", "03_c", "04_d"], tmp_path)
-    assert problems == ["04_d: no commit recorded (not re-executed by this script)", "01_a: made at 1111111",
-                        "02_b: made at 1111111", "03_c: made at 2222222"]
+    assert problems == [
+        "04_d: no commit recorded (not re-executed by this script)",
+        "01_a: made at 1111111",
+        "02_b: made at 1111111",
+        "03_c: made at 2222222",
+    ]
 
 
 def test_the_committed_book_was_made_at_one_commit_of_this_history(rb):
     """Every chapter of the book carries the same made-at commit, and it is one of this repository's."""
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "reexecute_book.py"), "--check"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "reexecute_book.py"), "--check"], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     commit = rb.made_at(REPO / "notebooks" / f"{rb.toc_chapters()[0]}.ipynb")
-    shallow = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--is-shallow-repository"],
-                             capture_output=True, text=True).stdout.strip()
-    if (REPO / ".git").exists() and shallow == "false":     # a shallow clone lacks the history to check
+    shallow = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--is-shallow-repository"], capture_output=True, text=True
+    ).stdout.strip()
+    if (REPO / ".git").exists() and shallow == "false":  # a shallow clone lacks the history to check
         ancestor = subprocess.run(["git", "-C", str(REPO), "merge-base", "--is-ancestor", commit, "HEAD"])
         assert ancestor.returncode == 0, f"the book was made at {commit[:7]}, which is not in this branch's history"

@@ -3,12 +3,19 @@
 import pytest
 
 from booklib import report
-from circuitlib.pipeline.extraction import run_extraction
 from circuitlib.models.loading import load_model
+from circuitlib.pipeline.extraction import run_extraction
 from circuitlib.tasks import get_task
 
-SETTINGS = {"model": "smollm2-135m", "task": "ioi", "alpha": 0.02, "ablation": "mean",
-            "include_mlps": False, "n": 40, "seed": 0}
+SETTINGS = {
+    "model": "smollm2-135m",
+    "task": "ioi",
+    "alpha": 0.02,
+    "ablation": "mean",
+    "include_mlps": False,
+    "n": 40,
+    "seed": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +30,16 @@ def extraction(tiny):
 
 def test_provenance_lists_every_setting_and_the_commit():
     text = report.provenance_markdown(SETTINGS, extra={"device": "cpu"})
-    for part in ("model = `smollm2-135m`", "task = `ioi`", "alpha = `0.02`", "ablation = `mean`",
-                 "include_mlps = `False`", "n = `40`", "seed = `0`", "device = `cpu`"):
+    for part in (
+        "model = `smollm2-135m`",
+        "task = `ioi`",
+        "alpha = `0.02`",
+        "ablation = `mean`",
+        "include_mlps = `False`",
+        "n = `40`",
+        "seed = `0`",
+        "device = `cpu`",
+    ):
         assert part in text
     assert "commit" in text and report.circuitlib_commit() in text
     box = report.provenance(SETTINGS)
@@ -99,15 +114,18 @@ def test_threshold_origin_names_the_paper_and_the_rule():
     from booklib.report import round_significant, threshold_origin
 
     assert round_significant(0.12328467394420659) == 0.123 and round_significant(0.015199110829) == 0.0152
-    chosen = {("ioi", "mean", False): 0.12328467394420659, ("ioi", "mean", True): 0.01519911082952933,
-              ("greater-than", "mean", True): None}
-    assert threshold_origin("ioi", False, 8.53e-3, chosen) == "paper"             # the paper's heads-only alpha
-    assert threshold_origin("ioi", True, 8.53e-3, chosen) == ""                   # ... not its heads-and-MLPs one
+    chosen = {
+        ("ioi", "mean", False): 0.12328467394420659,
+        ("ioi", "mean", True): 0.01519911082952933,
+        ("greater-than", "mean", True): None,
+    }
+    assert threshold_origin("ioi", False, 8.53e-3, chosen) == "paper"  # the paper's heads-only alpha
+    assert threshold_origin("ioi", True, 8.53e-3, chosen) == ""  # ... not its heads-and-MLPs one
     assert threshold_origin("ioi", False, 0.123, chosen) == "rule"
     assert threshold_origin("ioi", True, 0.0152, chosen) == "rule"
-    assert threshold_origin("ioi", True, 0.01519911082952933, chosen) == "rule"     # the exact pick
+    assert threshold_origin("ioi", True, 0.01519911082952933, chosen) == "rule"  # the exact pick
     assert threshold_origin("ioi", True, 0.0153, chosen) == ""
-    assert threshold_origin("ioi", True, 0.0152, chosen, ablation="zero") == ""    # the pick of another scheme
-    assert threshold_origin("ioi", True, 0.0152) == ""                            # no rule given
-    assert threshold_origin("greater-than", True, 0.0853, chosen) == "paper"      # no pick: only the paper
+    assert threshold_origin("ioi", True, 0.0152, chosen, ablation="zero") == ""  # the pick of another scheme
+    assert threshold_origin("ioi", True, 0.0152) == ""  # no rule given
+    assert threshold_origin("greater-than", True, 0.0853, chosen) == "paper"  # no pick: only the paper
     assert threshold_origin("acronyms", True, 0.035, {("acronyms", "mean", True): 0.0350001}) == "paper, rule"

@@ -56,6 +56,7 @@ def _direction(time_ratio: float, flop_ratio: float, tol: float = 0.05) -> str:
 
 # ------------------------------------------------------------------ the benchmark page
 
+
 @pytest.fixture(scope="module")
 def benchmark():
     nb = nbformat.read(BENCHMARK, as_version=4)
@@ -71,7 +72,8 @@ def benchmark():
 def test_benchmark_findings_are_computed_from_the_table(benchmark):
     _, rows, _, findings = benchmark
     assert findings == [report.benchmark_findings(rows)], (
-        "the benchmark page's findings are not what its table gives: re-execute the page")
+        "the benchmark page's findings are not what its table gives: re-execute the page"
+    )
 
 
 def test_benchmark_table_shows_the_rows(benchmark):
@@ -108,20 +110,30 @@ def test_benchmark_findings_are_true_of_the_data(benchmark):
         cut = 100 * (1 - min(min(r["time ratio, batch 1"], r[big]) for r in sel))
         assert f"largest time cut measured is {cut:.0f} %" in line
         paper = [r for r in report.PAPER_TABLE_3 if r["mlps"] == mlps]
-        assert f"{min(r['time_reduction'] for r in paper):.2f} to {max(r['time_reduction'] for r in paper):.2f} % less time" in line
+        assert (
+            f"{min(r['time_reduction'] for r in paper):.2f} to "
+            f"{max(r['time_reduction'] for r in paper):.2f} % less time" in line
+        )
 
 
 def test_benchmark_paper_table_is_the_papers():
     """The paper's Table 3 as the page prints it: the values in the project's paper notes."""
     time_cuts = {(r["task"], r["mlps"]): r["time_reduction"] for r in report.PAPER_TABLE_3}
-    assert time_cuts == {("acronyms", False): 83.56, ("acronyms", True): 86.20, ("ioi", False): 57.58,
-                         ("ioi", True): 82.78, ("greater-than", False): 77.78, ("greater-than", True): 88.33}
+    assert time_cuts == {
+        ("acronyms", False): 83.56,
+        ("acronyms", True): 86.20,
+        ("ioi", False): 57.58,
+        ("ioi", True): 82.78,
+        ("greater-than", False): 77.78,
+        ("greater-than", True): 88.33,
+    }
     nb = nbformat.read(BENCHMARK, as_version=4)
     shown = _markdown_outputs(_outputs(nb, "paper_table_3_markdown"))
     assert shown and report.paper_table_3_markdown() in shown[0]
 
 
 # ------------------------------------------------------------------ the performance page
+
 
 def _load(name):
     path = RESULTS / f"{name}.json"
@@ -141,7 +153,8 @@ def test_performance_time_vs_flops_sentences(performance):
     shown = _markdown_outputs(_outputs(performance, "time_vs_flops_findings"))
     assert report.time_vs_flops_findings(inf["rows"], b) in shown, (
         "the performance page's sentences on pruned models are not what "
-        "benchmarks/results/pruned_inference.json gives: re-execute the page")
+        "benchmarks/results/pruned_inference.json gives: re-execute the page"
+    )
     text = report.time_vs_flops_findings(inf["rows"], b)
     for r in inf["rows"]:
         line = next(l for l in text.splitlines() if l.startswith(f"- **{r['circuit']}**"))
@@ -167,8 +180,10 @@ def test_performance_timing_choices_sentences(performance):
         pytest.skip("no timing_choices result committed")
     shown = _markdown_outputs(_outputs(performance, 'load("timing_choices")'))
     text = report.timing_choices_findings(choices)
-    assert text in shown, ("the performance page's timing sentences are not what "
-                           "benchmarks/results/timing_choices.json gives: re-execute the page")
+    assert text in shown, (
+        "the performance page's timing sentences are not what "
+        "benchmarks/results/timing_choices.json gives: re-execute the page"
+    )
     by = {p["protocol"]: p for p in choices["protocols"]}
     base = by["authors"]["ratio_mean"]
     for name, p in by.items():
@@ -185,10 +200,10 @@ NUMBER = re.compile(r"\b\d+\.\d+\b|\b\d+(?:\.\d+)?\s?%|\b\d+(?:\.\d+)?x\b")
 
 
 def _prose(markdown: str) -> str:
-    text = re.sub(r"```.*?```", " ", markdown, flags=re.S)       # code blocks
+    text = re.sub(r"```.*?```", " ", markdown, flags=re.S)  # code blocks
     text = re.sub(r"\$\$.*?\$\$|\$[^$]+\$", " ", text, flags=re.S)  # math
-    text = re.sub(r"`[^`]*`", " ", text)                          # inline code
-    text = re.sub(r"\]\([^)]*\)", "]", text)                      # link targets
+    text = re.sub(r"`[^`]*`", " ", text)  # inline code
+    text = re.sub(r"\]\([^)]*\)", "]", text)  # link targets
     text = re.sub(r"\b95 % (?=bootstrap|confidence|interval|CI)", " ", text)  # the intervals' level: a setting
     return text
 
@@ -196,6 +211,10 @@ def _prose(markdown: str) -> str:
 @pytest.mark.parametrize("path", [BENCHMARK, PERFORMANCE], ids=lambda p: p.name)
 def test_text_cells_type_no_measured_numbers(path):
     nb = nbformat.read(path, as_version=4)
-    typed = [(i, m.group(0)) for i, c in enumerate(nb.cells) if c.cell_type == "markdown"
-             for m in NUMBER.finditer(_prose(c.source))]
+    typed = [
+        (i, m.group(0))
+        for i, c in enumerate(nb.cells)
+        if c.cell_type == "markdown"
+        for m in NUMBER.finditer(_prose(c.source))
+    ]
     assert not typed, f"{path.name}: numbers typed in text cells (compute them in a code cell): {typed}"

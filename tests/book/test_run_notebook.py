@@ -19,8 +19,10 @@ def nbdir(tmp_path):
     """notebooks/ with 01_tiny (parameters alpha, fail) and 02_tinier/03_other for name tests."""
     folder = tmp_path / "notebooks"
     folder.mkdir()
-    meta = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-            "language_info": {"name": "python"}}
+    meta = {
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"},
+    }
     nb = nbformat.v4.new_notebook(metadata=meta)
     nb.cells = [
         nbformat.v4.new_code_cell("alpha = 0.01\nfail = False", metadata={"tags": ["parameters"]}),
@@ -34,8 +36,7 @@ def nbdir(tmp_path):
 
 def _run(rn, nbdir, *args):
     out = nbdir.parent / "runs"
-    code = rn.main([*args, "--notebooks-dir", str(nbdir), "--out-root", str(out),
-                    "--no-progress-bar"])
+    code = rn.main([*args, "--notebooks-dir", str(nbdir), "--out-root", str(out), "--no-progress-bar"])
     return code, out
 
 
@@ -124,18 +125,29 @@ def test_ci_configuration_is_injected(tmp_path):
     import sys
 
     out = tmp_path / "nbval"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_notebooks.py"), "--out", str(out),
-                    "--config", str(REPO / "notebooks" / "ci.yml")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "prepare_notebooks.py"),
+            "--out",
+            str(out),
+            "--config",
+            str(REPO / "notebooks" / "ci.yml"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     assert sorted(p.name for p in out.glob("*.ipynb")) == sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb"))
+
     def injected(stem):
         nb = nbformat.read(out / f"{stem}.ipynb", as_version=4)
         cells = [c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
         assert len(cells) == 1, stem
         return cells[0]
 
-    assert "n = 8" in injected("02_ioi")                                    # from "all"
-    assert 'spec = "../studies/ci.yml"' in injected("04_hyperparameters")   # the notebook's own entry
-    assert "n = 8" not in injected("04_hyperparameters")                    # it declares no n
+    assert "n = 8" in injected("02_ioi")  # from "all"
+    assert 'spec = "../studies/ci.yml"' in injected("04_hyperparameters")  # the notebook's own entry
+    assert "n = 8" not in injected("04_hyperparameters")  # it declares no n
 
 
 def test_ci_configuration_errors_write_nothing(tmp_path):
@@ -144,8 +156,18 @@ def test_ci_configuration_errors_write_nothing(tmp_path):
 
     bad = tmp_path / "ci.yml"
     bad.write_text("04_hyperparameters: {n_alpha: 3}\n")
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "prepare_notebooks.py"), "--out",
-                           str(tmp_path / "nbval"), "--config", str(bad)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "prepare_notebooks.py"),
+            "--out",
+            str(tmp_path / "nbval"),
+            "--config",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode != 0 and "has no parameter n_alpha" in done.stderr
     assert not (tmp_path / "nbval").exists()
 
@@ -154,16 +176,23 @@ def test_tidy_keeps_the_final_state_of_progress_bars(load_script):
     tidy_outputs = load_script("tidy_outputs")
     stream = nbformat.v4.new_output
     cell = nbformat.v4.new_code_cell("work()")
-    cell.outputs = [stream("stream", name="stderr", text="\rbar   0%"), stream("stream", name="stderr", text="\rbar  50%"),
-                    stream("stream", name="stderr", text="\rbar 100%\r"), stream("stream", name="stderr", text="\n"),
-                    stream("stream", name="stdout", text="kept 4 heads\nsaved\n"),
-                    stream("display_data", data={"text/plain": "table"}),
-                    stream("stream", name="stdout", text="after\n")]
+    cell.outputs = [
+        stream("stream", name="stderr", text="\rbar   0%"),
+        stream("stream", name="stderr", text="\rbar  50%"),
+        stream("stream", name="stderr", text="\rbar 100%\r"),
+        stream("stream", name="stderr", text="\n"),
+        stream("stream", name="stdout", text="kept 4 heads\nsaved\n"),
+        stream("display_data", data={"text/plain": "table"}),
+        stream("stream", name="stdout", text="after\n"),
+    ]
     nb = nbformat.v4.new_notebook(cells=[cell, nbformat.v4.new_markdown_cell("text")])
     outputs = tidy_outputs.tidy(nb).cells[0].outputs
     assert [(o.output_type, o.get("name"), o.get("text")) for o in outputs] == [
-        ("stream", "stderr", "bar 100%\n"), ("stream", "stdout", "kept 4 heads\nsaved\n"),
-        ("display_data", None, None), ("stream", "stdout", "after\n")]
+        ("stream", "stderr", "bar 100%\n"),
+        ("stream", "stdout", "kept 4 heads\nsaved\n"),
+        ("display_data", None, None),
+        ("stream", "stdout", "after\n"),
+    ]
 
 
 def test_tidy_stores_opaque_figures_with_a_palette(load_script):
@@ -172,6 +201,7 @@ def test_tidy_stores_opaque_figures_with_a_palette(load_script):
     import io
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -193,11 +223,15 @@ def test_tidy_stores_opaque_figures_with_a_palette(load_script):
 
     opaque, transparent = figure_png(False), figure_png(True)
     cell = nbformat.v4.new_code_cell("plot()")
-    cell.outputs = [nbformat.v4.new_output("display_data", data={"image/png": opaque, "text/plain": "<Figure>"}),
-                    nbformat.v4.new_output("display_data", data={"image/png": transparent, "text/plain": "<Figure>"})]
-    compacted, kept = (o.data["image/png"] for o in tidy_outputs.tidy(nbformat.v4.new_notebook(cells=[cell])).cells[0].outputs)
+    cell.outputs = [
+        nbformat.v4.new_output("display_data", data={"image/png": opaque, "text/plain": "<Figure>"}),
+        nbformat.v4.new_output("display_data", data={"image/png": transparent, "text/plain": "<Figure>"}),
+    ]
+    compacted, kept = (
+        o.data["image/png"] for o in tidy_outputs.tidy(nbformat.v4.new_notebook(cells=[cell])).cells[0].outputs
+    )
     assert len(compacted) < 0.7 * len(opaque)
     assert Image.open(io.BytesIO(base64.b64decode(compacted))).mode == "P"
     difference = np.abs(pixels(compacted) - pixels(opaque))
-    assert difference.mean() < 1 and difference.max() <= 64   # a palette colour close to every pixel's
+    assert difference.mean() < 1 and difference.max() <= 64  # a palette colour close to every pixel's
     assert kept == transparent

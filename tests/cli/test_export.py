@@ -6,11 +6,11 @@ import random
 import pytest
 import torch
 
-from circuitlib.core.ablation import mean_activations
 from circuitlib.cli import main
+from circuitlib.core.ablation import mean_activations
+from circuitlib.core.surgery import prune
 from circuitlib.pipeline.export import export_onnx, onnx_logits, write_onnx
 from circuitlib.pipeline.extraction import load_run
-from circuitlib.core.surgery import prune
 
 pytest.importorskip("onnxruntime")
 
@@ -18,8 +18,25 @@ pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "ioi"
-    assert main(["extract", "--model", "tiny-gpt2", "--task", "ioi", "--alpha", "0", "--n", "6",
-                 "--include-mlps", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                "tiny-gpt2",
+                "--task",
+                "ioi",
+                "--alpha",
+                "0",
+                "--n",
+                "6",
+                "--include-mlps",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -29,18 +46,18 @@ def test_export_writes_an_onnx_file_that_onnxruntime_runs_like_torch(run_dir, ca
     assert "max abs logit difference" in printed and str(run_dir / "model.onnx") in printed
     run = load_run(run_dir, "test")
     assert run.pruned.kept_heads(), "the circuit under test keeps some heads"
-    tokens = torch.cat([run.prompts.tokens, run.prompts.tokens[:1]])               # a batch never exported with
+    tokens = torch.cat([run.prompts.tokens, run.prompts.tokens[:1]])  # a batch never exported with
     with torch.inference_mode():
         reference = run.pruned(tokens, last_only=True)
     for batch in (tokens, tokens[:1]):
         got = torch.from_numpy(onnx_logits(run_dir / "model.onnx", batch, threads=1))
         assert got.shape == (len(batch), run.pruned.cfg.d_vocab)
-        assert (got - reference[:len(batch)]).abs().max() < 1e-4
+        assert (got - reference[: len(batch)]).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("scheme", ["mean", "zero"])
 def test_a_pruned_llama_shaped_model_exports_exactly(models, data, tmp_path, scheme):
-    model, (patching, validation) = models["llama"], data          # rotary positions, grouped K/V, gated MLP
+    model, (patching, validation) = models["llama"], data  # rotary positions, grouped K/V, gated MLP
     names = [f"{l}.{h}" for l in range(3) for h in range(6)] + [f"MLP {l}" for l in range(3)]
     pruned = prune(model, random.Random(0).sample(names, 12), scheme, mean_activations(model, patching))
     write_onnx(pruned, validation[:2], tmp_path / "m.onnx")

@@ -23,15 +23,26 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from circuitlib.cli import main
 from circuitlib.pipeline import edges as edges_train
 from circuitlib.pipeline import extraction as experiment
 from circuitlib.studies import runner
-from circuitlib.cli import main
 
-settings.register_profile("ci", max_examples=15, derandomize=True, deadline=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-settings.register_profile("fuzz", max_examples=400, deadline=None, print_blob=True,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile(
+    "ci",
+    max_examples=15,
+    derandomize=True,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.register_profile(
+    "fuzz",
+    max_examples=400,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 settings.load_profile("fuzz" if os.environ.get("CIRCUITLIB_FUZZ") else "ci")
 
 
@@ -54,8 +65,10 @@ def stop_at_the_work():
 
 
 def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
-            for p in folder.rglob("*")}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size if p.is_file() else -1, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+    }
 
 
 def run_cli(argv: list[str], capsys) -> tuple[object, str]:
@@ -63,7 +76,7 @@ def run_cli(argv: list[str], capsys) -> tuple[object, str]:
     capsys.readouterr()
     try:
         code = main(argv)
-    except SystemExit as e:          # argparse
+    except SystemExit as e:  # argparse
         code = e.code
     except Reached:
         code = "reached"
@@ -87,20 +100,46 @@ def check_contract(code, err: str, before: dict, after: dict, allowed_new=()) ->
 
 # ---- task files ---------------------------------------------------------------------------------
 
-WORDS = ["The capital of France is", "The capital of Spain is", "The capital of Italy is", "A B C",
-         "The capital of Peru is", "The capital of Chile is", "x", "", " ", "\"", "a,b", "é ü", "\n", "1 2 3 4 5 6"]
+WORDS = [
+    "The capital of France is",
+    "The capital of Spain is",
+    "The capital of Italy is",
+    "A B C",
+    "The capital of Peru is",
+    "The capital of Chile is",
+    "x",
+    "",
+    " ",
+    '"',
+    "a,b",
+    "é ü",
+    "\n",
+    "1 2 3 4 5 6",
+]
 ANSWERS = [" Paris", " Madrid", " Rome", " Lima", " Santiago", " Ouagadougou", "", " ", "Paris", "\t", " 7"]
 
-json_value = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from(ANSWERS + WORDS),
-                          lambda inner: st.lists(inner, max_size=3), max_leaves=4)
+json_value = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from(ANSWERS + WORDS),
+    lambda inner: st.lists(inner, max_size=3),
+    max_leaves=4,
+)
 jsonl_row = st.one_of(
     st.fixed_dictionaries({"prompt": st.sampled_from(WORDS), "answer": st.sampled_from(ANSWERS)}),
-    st.fixed_dictionaries({"prompt": st.sampled_from(WORDS), "answer": st.sampled_from(ANSWERS),
-                           "answers": st.lists(st.sampled_from(ANSWERS), max_size=3)}),
+    st.fixed_dictionaries(
+        {
+            "prompt": st.sampled_from(WORDS),
+            "answer": st.sampled_from(ANSWERS),
+            "answers": st.lists(st.sampled_from(ANSWERS), max_size=3),
+        }
+    ),
     st.dictionaries(st.sampled_from(["prompt", "answer", "answers", "label", ""]), json_value, max_size=3),
-).map(json.dumps) | st.sampled_from(["", "{", "[]", "null", "\"text\"", "{\"prompt\": 1}", "\ufeff{}"])
-csv_text = st.lists(st.lists(st.sampled_from(WORDS + ANSWERS), min_size=1, max_size=3).map(
-    lambda cells: ",".join(f'"{c}"' if "," in c or "\n" in c else c for c in cells)), max_size=12)
+).map(json.dumps) | st.sampled_from(["", "{", "[]", "null", '"text"', '{"prompt": 1}', "\ufeff{}"])
+csv_text = st.lists(
+    st.lists(st.sampled_from(WORDS + ANSWERS), min_size=1, max_size=3).map(
+        lambda cells: ",".join(f'"{c}"' if "," in c or "\n" in c else c for c in cells)
+    ),
+    max_size=12,
+)
 
 
 @st.composite
@@ -120,8 +159,22 @@ def test_task_files(capsys, file, n):
         task = tmp / f"fuzzed{suffix}"
         task.write_text(text)
         before = snapshot(tmp)
-        code, err = run_cli(["extract", "--model", "tiny-gpt2", "--task", str(task), "--alpha", "0.01", "--n", n,
-                             "--out", str(tmp / "run")], capsys)
+        code, err = run_cli(
+            [
+                "extract",
+                "--model",
+                "tiny-gpt2",
+                "--task",
+                str(task),
+                "--alpha",
+                "0.01",
+                "--n",
+                n,
+                "--out",
+                str(tmp / "run"),
+            ],
+            capsys,
+        )
         check_contract(code, err, before, snapshot(tmp))
 
 
@@ -130,13 +183,26 @@ def test_task_files(capsys, file, n):
 spec_values = {
     "name": st.sampled_from(["s", "", "a/b", 3, None]),
     "model": st.sampled_from(["tiny-gpt2", "gpt3", "", 7, ["tiny-gpt2"], "./nowhere"]),
-    "tasks": st.sampled_from([["ioi"], ["ioi", "greater-than"], ["acronyms"], [], "ioi", ["nope"], [1],
-                              ["missing.jsonl"]]),
+    "tasks": st.sampled_from(
+        [["ioi"], ["ioi", "greater-than"], ["acronyms"], [], "ioi", ["nope"], [1], ["missing.jsonl"]]
+    ),
     "ablations": st.sampled_from([["mean"], ["zero"], ["mean", "zero"], [], ["resample"], "mean"]),
     "include_mlps": st.sampled_from([[False], [True, False], "yes", [], [1]]),
-    "alphas": st.sampled_from([[0.01], [0.1, 0.01], [], [-1], [float("nan")], "0.01", [True],
-                               {"from": 0.001, "to": 1, "points": 3}, {"from": 0, "to": 1, "points": 2},
-                               {"from": 1, "to": 0.1, "points": 2}, {"from": 0.1, "to": 1}]),
+    "alphas": st.sampled_from(
+        [
+            [0.01],
+            [0.1, 0.01],
+            [],
+            [-1],
+            [float("nan")],
+            "0.01",
+            [True],
+            {"from": 0.001, "to": 1, "points": 3},
+            {"from": 0, "to": 1, "points": 2},
+            {"from": 1, "to": 0.1, "points": 2},
+            {"from": 0.1, "to": 1},
+        ]
+    ),
     "seeds": st.sampled_from([1, 2, 0, -1, [0, 1], [1, 1], "x", [0.5]]),
     "n": st.sampled_from([2, 3, 0, -1, "x", 1.5, True, None, {"ioi": 2}, 3000]),
     "n_test": st.sampled_from([2, 0, "many", None]),
@@ -146,25 +212,43 @@ spec_values = {
     "batch": st.sampled_from([3]),
 }
 specs = st.one_of(
-    st.fixed_dictionaries({"model": spec_values["model"], "tasks": spec_values["tasks"],
-                           "alphas": spec_values["alphas"], "n": spec_values["n"]},
-                          optional={k: v for k, v in spec_values.items() if k not in ("model", "tasks", "alphas", "n")}
-                          ).map(lambda d: yaml.safe_dump(d, allow_unicode=True)),
-    st.text(alphabet=string.printable, max_size=60),             # malformed YAML, or YAML of the wrong shape
+    st.fixed_dictionaries(
+        {
+            "model": spec_values["model"],
+            "tasks": spec_values["tasks"],
+            "alphas": spec_values["alphas"],
+            "n": spec_values["n"],
+        },
+        optional={k: v for k, v in spec_values.items() if k not in ("model", "tasks", "alphas", "n")},
+    ).map(lambda d: yaml.safe_dump(d, allow_unicode=True)),
+    st.text(alphabet=string.printable, max_size=60),  # malformed YAML, or YAML of the wrong shape
     st.sampled_from(["", "- a\n- b\n", "model: [\n", "n: 3\n", "\x00", "tasks: !!python/object:os.system {}\n"]),
 )
 
 
-@given(specs, st.sampled_from(["run", "status", "show"]),
-       st.sampled_from([[], ["--workers", "0"], ["--workers", "-1"], ["--max-units", "0"], ["--task", "tsp"],
-                        ["--threads", "0"], ["--device", "tpu"], ["--json"]]))
+@given(
+    specs,
+    st.sampled_from(["run", "status", "show"]),
+    st.sampled_from(
+        [
+            [],
+            ["--workers", "0"],
+            ["--workers", "-1"],
+            ["--max-units", "0"],
+            ["--task", "tsp"],
+            ["--threads", "0"],
+            ["--device", "tpu"],
+            ["--json"],
+        ]
+    ),
+)
 def test_study_specs(capsys, text, command, extra):
     if command != "run":
         extra = [a for a in extra if a == "--json"]
     elif "--json" in extra:
         extra = ["--workers", "0"]
     elif "--workers" not in extra:
-        extra = [*extra, "--workers", "0"]        # serially, in this process
+        extra = [*extra, "--workers", "0"]  # serially, in this process
     with tempfile.TemporaryDirectory() as tmp, stop_at_the_work():
         tmp = Path(tmp)
         spec = tmp / "spec.yml"
@@ -198,13 +282,44 @@ VALUES = {
     "--split": ["validation", "test", "train"],
     "--format": ["onnx", "tflite"],
 }
-FLAGS = {"extract": ["--model", "--task", "--alpha", "--n", "--seed", "--ablation", "--order", "--method", "--device",
-                     "--out", "--include-mlps", "--force", "--json", "--bogus"],
-         "edges": ["--model", "--task", "--target-sparsity", "--node-target-sparsity", "--steps", "--warmup",
-                   "--batch-size", "--lr", "--reg-lr", "--n", "--seed", "--ablation", "--device", "--out", "--force",
-                   "--json"],
-         "evaluate": ["--split", "--json", "--bogus"],
-         "export": ["--format", "--out", "--force"]}
+FLAGS = {
+    "extract": [
+        "--model",
+        "--task",
+        "--alpha",
+        "--n",
+        "--seed",
+        "--ablation",
+        "--order",
+        "--method",
+        "--device",
+        "--out",
+        "--include-mlps",
+        "--force",
+        "--json",
+        "--bogus",
+    ],
+    "edges": [
+        "--model",
+        "--task",
+        "--target-sparsity",
+        "--node-target-sparsity",
+        "--steps",
+        "--warmup",
+        "--batch-size",
+        "--lr",
+        "--reg-lr",
+        "--n",
+        "--seed",
+        "--ablation",
+        "--device",
+        "--out",
+        "--force",
+        "--json",
+    ],
+    "evaluate": ["--split", "--json", "--bogus"],
+    "export": ["--format", "--out", "--force"],
+}
 SWITCHES = {"--include-mlps", "--force", "--json", "--bogus"}
 
 
@@ -212,7 +327,7 @@ SWITCHES = {"--include-mlps", "--force", "--json", "--bogus"}
 def command_lines(draw):
     command = draw(st.sampled_from(sorted(FLAGS)))
     flags = draw(st.lists(st.sampled_from(FLAGS[command]), unique=True, max_size=len(FLAGS[command])))
-    if command in ("extract", "edges") and draw(st.booleans()):      # usually the required options, too
+    if command in ("extract", "edges") and draw(st.booleans()):  # usually the required options, too
         required = ["--model", "--task", "--out"] + (["--alpha"] if command == "extract" else ["--target-sparsity"])
         flags = required + [f for f in flags if f not in required]
     argv = [command]
@@ -223,7 +338,7 @@ def command_lines(draw):
         if flag not in SWITCHES:
             argv.append(draw(st.sampled_from(VALUES.get(flag, ["1"]))))
     if command == "edges" and "--n" not in flags:
-        argv += ["--n", "2", "--batch-size", "2"]        # the default n (hundreds of prompts) costs seconds
+        argv += ["--n", "2", "--batch-size", "2"]  # the default n (hundreds of prompts) costs seconds
     return argv
 
 
@@ -242,15 +357,43 @@ def test_command_lines(capsys, argv):
 
 # ---- damaged run folders and stores ---------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A real run folder and a real study store (tiny-gpt2, 2 prompts per split), made once."""
     root = tmp_path_factory.mktemp("fuzz")
-    assert main(["extract", "--model", "tiny-gpt2", "--task", "ioi", "--alpha", "0.01", "--n", "2",
-                 "--out", str(root / "run")]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                "tiny-gpt2",
+                "--task",
+                "ioi",
+                "--alpha",
+                "0.01",
+                "--n",
+                "2",
+                "--out",
+                str(root / "run"),
+            ]
+        )
+        == 0
+    )
     spec = root / "spec.yml"
-    spec.write_text(yaml.safe_dump({"model": "tiny-gpt2", "tasks": ["ioi"], "ablations": ["zero"],
-                                    "include_mlps": [False], "alphas": [0.01, 0.1], "seeds": 2, "n": 2}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "model": "tiny-gpt2",
+                "tasks": ["ioi"],
+                "ablations": ["zero"],
+                "include_mlps": [False],
+                "alphas": [0.01, 0.1],
+                "seeds": 2,
+                "n": 2,
+            }
+        )
+    )
     assert main(["study", "run", str(spec), "--workers", "0"]) == 0
     return root
 
@@ -262,14 +405,43 @@ def damages(draw, names):
     out = []
     for name in chosen:
         kind = draw(st.sampled_from(["delete", "truncate", "empty", "bytes", "json"]))
-        content = {"delete": None, "empty": b"", "truncate": draw(st.floats(0, 1)),
-                   "bytes": draw(st.binary(max_size=64)),
-                   "json": json.dumps(draw(st.recursive(
-                       st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-                       lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-                           st.sampled_from(["settings", "model", "task", "n", "seed", "tokens_digest", "snapshot",
-                                            "seconds", "states", "run", "pid", "host", "done", "total"]),
-                           inner, max_size=4), max_leaves=8))).encode()}[kind]
+        content = {
+            "delete": None,
+            "empty": b"",
+            "truncate": draw(st.floats(0, 1)),
+            "bytes": draw(st.binary(max_size=64)),
+            "json": json.dumps(
+                draw(
+                    st.recursive(
+                        st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                        lambda inner: st.lists(inner, max_size=3)
+                        | st.dictionaries(
+                            st.sampled_from(
+                                [
+                                    "settings",
+                                    "model",
+                                    "task",
+                                    "n",
+                                    "seed",
+                                    "tokens_digest",
+                                    "snapshot",
+                                    "seconds",
+                                    "states",
+                                    "run",
+                                    "pid",
+                                    "host",
+                                    "done",
+                                    "total",
+                                ]
+                            ),
+                            inner,
+                            max_size=4,
+                        ),
+                        max_leaves=8,
+                    )
+                )
+            ).encode(),
+        }[kind]
         out.append((name, content))
     return out
 
@@ -282,13 +454,19 @@ def _damage(folder: Path, damage) -> None:
         if content is None:
             path.unlink()
         elif isinstance(content, float):
-            path.write_bytes(path.read_bytes()[:int(content * path.stat().st_size)])
+            path.write_bytes(path.read_bytes()[: int(content * path.stat().st_size)])
         else:
             path.write_bytes(content)
 
 
-RUN_FILES = ["circuit.json", "model.json", "model.safetensors", "reference.safetensors", "tokenizer.json",
-             "tokenizer_config.json"]
+RUN_FILES = [
+    "circuit.json",
+    "model.json",
+    "model.safetensors",
+    "reference.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
 
 
 @given(damages(RUN_FILES), st.sampled_from(["validation", "test"]))
@@ -312,12 +490,12 @@ def test_damaged_stores(capsys, finished, damage, command):
         shutil.copytree(finished, tmp / "study", ignore=shutil.ignore_patterns("run"))
         store = tmp / "study" / "results" / "spec"
         unit = sorted((store / "units").glob("*.parquet"))[0].stem
-        for sub in ("running", "failed", "partial"):   # something to damage in every folder
+        for sub in ("running", "failed", "partial"):  # something to damage in every folder
             (store / sub).mkdir(exist_ok=True)
             (store / sub / f"{unit}.json").write_text("{}")
         _damage(store, [(name.format(unit=unit), content) for name, content in damage])
         before = snapshot(tmp)
         code, err = run_cli(["study", command, str(tmp / "study" / "spec.yml")], capsys)
-        if code == 0:                       # a store that can be read in part is shown in part
+        if code == 0:  # a store that can be read in part is shown in part
             err = "\n".join(line for line in err.splitlines() if not line.startswith("left out: "))
         check_contract(code, err, before, snapshot(tmp))

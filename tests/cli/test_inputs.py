@@ -10,10 +10,19 @@ from circuitlib.core.ablation import mean_activations
 from circuitlib.discovery.greedy import check_alpha, extract, sweep
 
 
-@pytest.mark.parametrize("alpha, message", [
-    (float("inf"), "must be finite"), ("inf", "must be finite"), ("-Infinity", ">= 0"), (True, "boolean"),
-    (np.bool_(False), "boolean"), (float("nan"), ">= 0"), ("0.1x", "must be a number"), (None, "must be a number"),
-])
+@pytest.mark.parametrize(
+    "alpha, message",
+    [
+        (float("inf"), "must be finite"),
+        ("inf", "must be finite"),
+        ("-Infinity", ">= 0"),
+        (True, "boolean"),
+        (np.bool_(False), "boolean"),
+        (float("nan"), ">= 0"),
+        ("0.1x", "must be a number"),
+        (None, "must be a number"),
+    ],
+)
 def test_bad_alphas_are_refused(alpha, message):
     with pytest.raises(ValueError, match=message):
         check_alpha(alpha)
@@ -43,11 +52,16 @@ def test_means_of_another_length_are_refused(models, data):
         sweep(model, patching, validation, [0.01], means=means, progress=False)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (lambda v: v + 1000, r"ids in \[0, 101\)"), (lambda v: -v - 1, r"ids in \[0, 101\)"),
-    (lambda v: v[:0], "validation set is empty"), (lambda v: v.float(), "must be a LongTensor"),
-    (lambda v: torch.zeros(1, 40, dtype=torch.long), "takes at most 16"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda v: v + 1000, r"ids in \[0, 101\)"),
+        (lambda v: -v - 1, r"ids in \[0, 101\)"),
+        (lambda v: v[:0], "validation set is empty"),
+        (lambda v: v.float(), "must be a LongTensor"),
+        (lambda v: torch.zeros(1, 40, dtype=torch.long), "takes at most 16"),
+    ],
+)
 def test_validation_prompts_the_model_cannot_take_are_refused(models, data, bad, message):
     model, (patching, validation) = models["gpt2"], data
     validation = bad(validation)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from circuitlib.core import memory
 from circuitlib.cli import main
+from circuitlib.core import memory
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,10 +40,27 @@ sys.exit(main(sys.argv[3:]))
 
 def _extract_limited(tmp_path, n: int, headroom: float = 0.7, force: int = 0):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    argv = ["extract", "--model", "tiny-gpt2", "--task", "acronyms", "--alpha", "0.01", "--n", str(n),
-            "--out", str(tmp_path / "run")]
-    return subprocess.run([sys.executable, "-c", LIMITED, str(headroom), str(force), *argv], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    argv = [
+        "extract",
+        "--model",
+        "tiny-gpt2",
+        "--task",
+        "acronyms",
+        "--alpha",
+        "0.01",
+        "--n",
+        str(n),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    return subprocess.run(
+        [sys.executable, "-c", LIMITED, str(headroom), str(force), *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_an_n_beyond_the_address_space_limit_is_refused_and_the_n_it_names_fits(tmp_path):
@@ -65,9 +82,10 @@ def test_an_n_beyond_the_address_space_limit_is_refused_and_the_n_it_names_fits(
 def test_an_allocation_failure_inside_the_work_is_one_line_naming_a_smaller_n(tmp_path):
     failed = _extract_limited(tmp_path, 20, headroom=1.0, force=2 * 2**30)
     assert failed.returncode == 2, failed.stderr
-    err = failed.stderr.strip().splitlines()[-1]   # above it: only the progress bar's line
-    assert "Traceback" not in failed.stderr and all(line.startswith("extract (") or line == err
-                                                    for line in failed.stderr.strip().splitlines())
+    err = failed.stderr.strip().splitlines()[-1]  # above it: only the progress bar's line
+    assert "Traceback" not in failed.stderr and all(
+        line.startswith("extract (") or line == err for line in failed.stderr.strip().splitlines()
+    )
     assert err.startswith("error: ran out of memory during the extraction at --n 20 (")
     assert "(can't allocate memory: you tried to allocate 2147483648 bytes); nothing was written; " in err
     assert err.endswith("lower --n to at most 10")
@@ -100,18 +118,39 @@ def _cgroups(tmp_path, files: dict, proc: str):
 
 
 def test_cgroup_v2_limits_of_the_group_and_its_parents_count(tmp_path):
-    assert _cgroups(tmp_path, {"cgroup.controllers": "memory", "job/memory.max": "max\n",
-                               "job/memory.high": "max\n", "job/memory.current": "100\n",
-                               "job/step/memory.max": "1000\n", "job/step/memory.high": "max\n",
-                               "job/step/memory.current": "300\n"}, "0::/job/step\n") == 700
-    (tmp_path / "sys" / "job" / "memory.high").write_text("500\n")      # the parent's is tighter
+    assert (
+        _cgroups(
+            tmp_path,
+            {
+                "cgroup.controllers": "memory",
+                "job/memory.max": "max\n",
+                "job/memory.high": "max\n",
+                "job/memory.current": "100\n",
+                "job/step/memory.max": "1000\n",
+                "job/step/memory.high": "max\n",
+                "job/step/memory.current": "300\n",
+            },
+            "0::/job/step\n",
+        )
+        == 700
+    )
+    (tmp_path / "sys" / "job" / "memory.high").write_text("500\n")  # the parent's is tighter
     assert memory.cgroup_headroom(tmp_path / "cgroup", tmp_path / "sys") == 400
 
 
 def test_cgroup_v1_and_no_limit(tmp_path):
-    assert _cgroups(tmp_path, {"memory/a/memory.limit_in_bytes": "2048\n", "memory/a/memory.usage_in_bytes": "48\n",
-                               "memory/memory.limit_in_bytes": "9223372036854771712\n"},
-                    "4:memory:/a\n1:cpu:/\n") == 2000
+    assert (
+        _cgroups(
+            tmp_path,
+            {
+                "memory/a/memory.limit_in_bytes": "2048\n",
+                "memory/a/memory.usage_in_bytes": "48\n",
+                "memory/memory.limit_in_bytes": "9223372036854771712\n",
+            },
+            "4:memory:/a\n1:cpu:/\n",
+        )
+        == 2000
+    )
     assert _cgroups(tmp_path, {"memory/a/memory.limit_in_bytes": "9223372036854771712\n"}, "4:memory:/a\n") is None
     assert memory.cgroup_headroom(tmp_path / "missing", tmp_path / "sys") is None
 
@@ -121,8 +160,28 @@ def test_edge_pruning_beyond_memory_is_refused_before_training(tmp_path, capsys,
 
     monkeypatch.setattr(memory, "available_memory", lambda device: 2**26)
     monkeypatch.setattr(edges_train, "train_edges", lambda *a, **k: pytest.fail("the training started"))
-    assert main(["edges", "--model", "tiny-gpt2", "--task", "ioi", "--target-sparsity", "0.5", "--steps", "2",
-                 "--n", "5000", "--batch-size", "4", "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "edges",
+                "--model",
+                "tiny-gpt2",
+                "--task",
+                "ioi",
+                "--target-sparsity",
+                "0.5",
+                "--steps",
+                "2",
+                "--n",
+                "5000",
+                "--batch-size",
+                "4",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "for Edge Pruning" in err and "lower --n to at most" in err
     assert list(tmp_path.iterdir()) == []
@@ -139,13 +198,14 @@ def test_distillation_beyond_memory_is_refused_before_training(monkeypatch, mode
     split = type("Split", (), {"tokens": tokens})()
     fixed, per_prompt = d.distill_memory(teacher.cfg, 1, 10, 8)
     monkeypatch.setattr(memory, "available_memory", lambda device: fixed + 15 * per_prompt)
-    with pytest.raises(memory.OutOfMemory, match="number of prompts 20 .* for the distillation .* lower the "
-                                                     "number of prompts to at most 15$"):
+    with pytest.raises(
+        memory.OutOfMemory,
+        match="number of prompts 20 .* for the distillation .* lower the number of prompts to at most 15$",
+    ):
         d.distill(teacher, student, tokens, split, None, steps=1, progress=False)
 
 
-def test_a_serial_study_refuses_an_n_beyond_memory_before_any_prompt_and_creates_nothing(tmp_path, capsys,
-                                                                                           monkeypatch):
+def test_a_serial_study_refuses_an_n_beyond_memory_before_any_prompt_and_creates_nothing(tmp_path, capsys, monkeypatch):
     import yaml
 
     from circuitlib.studies import runner
@@ -170,8 +230,28 @@ def test_an_allocation_failure_in_edge_pruning_is_one_line(tmp_path, capsys, mon
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(edges_train, "train_edges", out_of_memory)
-    assert main(["edges", "--model", "tiny-gpt2", "--task", "ioi", "--target-sparsity", "0.5", "--steps", "2",
-                 "--n", "8", "--batch-size", "4", "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "edges",
+                "--model",
+                "tiny-gpt2",
+                "--task",
+                "ioi",
+                "--target-sparsity",
+                "0.5",
+                "--steps",
+                "2",
+                "--n",
+                "8",
+                "--batch-size",
+                "4",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ran out of memory during Edge Pruning" in err and "lower --n to at most" in err
     assert list(tmp_path.iterdir()) == []

@@ -3,8 +3,9 @@
 from circuitlib.discovery.greedy import extract
 
 
-def alphas_between_deltas(model, prompts, *, include_mlps: bool, ablation: str = "mean",
-                          quantiles=(0.25, 0.5, 0.75)) -> list[float]:
+def alphas_between_deltas(
+    model, prompts, *, include_mlps: bool, ablation: str = "mean", quantiles=(0.25, 0.5, 0.75)
+) -> list[float]:
     """One alpha per quantile of an alpha = 0 probe's |deltas|, halfway between two distinct deltas.
 
     An alpha equal to a delta is a tie that float error decides: a batched or shortened pass may

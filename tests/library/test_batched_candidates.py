@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-
-from circuitlib.discovery.greedy import FastPath, sweep
 from probe_alphas import alphas_between_deltas
 from test_prefix import with_prefix
+
+from circuitlib.discovery.greedy import FastPath, sweep
 
 
 @pytest.mark.parametrize("ablation", ["mean", "zero"])
@@ -17,12 +17,14 @@ def test_batched_candidates_make_the_same_decisions(arch, models, data, ablation
     model = models[arch]
     prompts = with_prefix(data, 2)
     alphas = alphas_between_deltas(model, prompts, include_mlps=include_mlps, ablation=ablation)
-    one_by_one = sweep(model, *prompts, alphas, ablation=ablation, include_mlps=include_mlps, progress=False,
-                       batch_candidates=False)
-    batched = sweep(model, *prompts, alphas, ablation=ablation, include_mlps=include_mlps, progress=False,
-                    batch_candidates=True)
+    one_by_one = sweep(
+        model, *prompts, alphas, ablation=ablation, include_mlps=include_mlps, progress=False, batch_candidates=False
+    )
+    batched = sweep(
+        model, *prompts, alphas, ablation=ablation, include_mlps=include_mlps, progress=False, batch_candidates=True
+    )
     for a, b in zip(one_by_one, batched):
-        assert 0 < len(a.pruned) < len(a.decisions)          # the alphas test both outcomes
+        assert 0 < len(a.pruned) < len(a.decisions)  # the alphas test both outcomes
         assert [(d.component, d.pruned) for d in a.decisions] == [(d.component, d.pruned) for d in b.decisions]
         for x, y in zip(a.decisions, b.decisions):
             assert math.isclose(x.kl_before, y.kl_before, rel_tol=1e-5, abs_tol=1e-8)
@@ -35,11 +37,12 @@ def test_batched_candidates_take_fewer_passes(models, data, monkeypatch):
     [alpha] = alphas_between_deltas(model, data, include_mlps=False, quantiles=[0.5])
     passes = []
     real = FastPath.kl_many
-    monkeypatch.setattr(FastPath, "kl_many", lambda self, layer, sets, above: passes.append(len(sets))
-                        or real(self, layer, sets, above))
+    monkeypatch.setattr(
+        FastPath, "kl_many", lambda self, layer, sets, above: passes.append(len(sets)) or real(self, layer, sets, above)
+    )
     [circuit] = sweep(model, *data, [alpha], progress=False, batch_candidates=True)
     cfg = model.cfg
-    assert sum(passes) >= len(circuit.decisions)           # every candidate evaluated at least once
+    assert sum(passes) >= len(circuit.decisions)  # every candidate evaluated at least once
     # a pass starts each layer, and one more after each kept candidate that is not its layer's last
     last_in_layer = {f"{l}.{cfg.n_heads - 1}" for l in range(cfg.n_layers)}
     kept_not_last = sum(1 for d in circuit.decisions if not d.pruned and d.component not in last_in_layer)
@@ -60,7 +63,8 @@ def test_kl_many_equals_kl_one_set_at_a_time(models, data):
 def test_the_default_is_batched_on_cuda_only(models, data, monkeypatch):
     seen = []
     real = FastPath.kl_many
-    monkeypatch.setattr(FastPath, "kl_many", lambda self, layer, sets, above: seen.append(len(sets))
-                        or real(self, layer, sets, above))
+    monkeypatch.setattr(
+        FastPath, "kl_many", lambda self, layer, sets, above: seen.append(len(sets)) or real(self, layer, sets, above)
+    )
     sweep(models["gpt2"], *data, [1e-3], progress=False)
     assert set(seen) == {1}, "on the CPU the default evaluates one candidate at a time"

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from circuitlib.core.ablation import mean_activations
+from circuitlib.core.surgery import prune
 from circuitlib.discovery.greedy import sweep
 from circuitlib.models.loading import check_device, load_model
-from circuitlib.core.surgery import prune
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA GPU here"))]
@@ -46,8 +46,12 @@ def test_sweep_prune_and_measure_on_device_agree_with_cpu(models, data, arch, sc
     on_cpu = prune(cpu_model, kept, scheme, means_cpu)
     assert next(on_device.parameters()).device.type == torch.device(device).type
     with torch.inference_mode():
-        torch.testing.assert_close(on_device(validation.to(device), last_only=True).cpu(),
-                                   on_cpu(validation, last_only=True), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            on_device(validation.to(device), last_only=True).cpu(),
+            on_cpu(validation, last_only=True),
+            atol=1e-4,
+            rtol=1e-4,
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -65,8 +69,16 @@ def test_a_study_unit_on_device(tmp_path, device):
     from circuitlib.studies.runner import run_study, study_table
     from circuitlib.studies.spec import parse_spec
 
-    spec = parse_spec({"model": "tiny-gpt2", "tasks": ["ioi"], "alphas": [0.01, 0.1], "n": 4, "device": device,
-                       "store": str(tmp_path / "store")})
+    spec = parse_spec(
+        {
+            "model": "tiny-gpt2",
+            "tasks": ["ioi"],
+            "alphas": [0.01, 0.1],
+            "n": 4,
+            "device": device,
+            "store": str(tmp_path / "store"),
+        }
+    )
     assert run_study(spec, workers=0, progress=False)["failed"] == []
     row = study_table(spec).iloc[0]
     assert row["device"] == device and row["torch_threads"] == 1

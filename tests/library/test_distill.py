@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from circuitlib.core.ablation import mean_activations
-from circuitlib.studies.distill import (distill, l2_logit_loss, make_student, student_layers, student_parameters)
 from circuitlib.core.surgery import prune
+from circuitlib.studies.distill import distill, l2_logit_loss, make_student, student_layers, student_parameters
 from circuitlib.tasks import TaskSplit, get_task
 
 
@@ -29,9 +29,11 @@ def test_student_is_the_largest_that_fits(models, data, arch):
     teacher = models[arch]
     means = mean_activations(teacher, data[0])
     heads = teacher.kept_heads()
-    cases = [heads[: len(heads) // 2] + [f"MLP {l}" for l in range(teacher.cfg.n_layers)],   # ~ 2 layers' worth
-             heads[:2],                                                                          # smaller than 1 layer
-             heads + [f"MLP {l}" for l in range(teacher.cfg.n_layers)]]                          # the full model
+    cases = [
+        heads[: len(heads) // 2] + [f"MLP {l}" for l in range(teacher.cfg.n_layers)],  # ~ 2 layers' worth
+        heads[:2],  # smaller than 1 layer
+        heads + [f"MLP {l}" for l in range(teacher.cfg.n_layers)],
+    ]  # the full model
     found = []
     for kept in cases:
         pruned = prune(teacher, kept, "mean", means)
@@ -52,10 +54,10 @@ def test_make_student_seeded_and_embeddings(models):
     for (name, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.equal(p, q), name
     assert not torch.equal(a.layers[0].W_Q, c.layers[0].W_Q)
-    assert not torch.equal(a.W_E, teacher.W_E)                       # fresh, as in the paper
+    assert not torch.equal(a.W_E, teacher.W_E)  # fresh, as in the paper
     d = make_student(teacher, 2, seed=3, copy_embeddings=True)
     assert torch.equal(d.W_E, teacher.W_E) and not d.W_E.requires_grad
-    assert torch.equal(d.layers[0].W_Q, a.layers[0].W_Q)              # the rest is the same fresh init
+    assert torch.equal(d.layers[0].W_Q, a.layers[0].W_Q)  # the rest is the same fresh init
     with pytest.raises(ValueError, match="at least one layer|>= 1"):
         make_student(teacher, 0)
 
@@ -88,8 +90,12 @@ def test_minibatches_are_seeded(models, data):
     teacher = models["gpt2"]
     train, val = data
     split, task = _split(teacher, val), get_task("ioi")
-    h = [distill(teacher, make_student(teacher, 1, seed=0), train, split, task, steps=6, batch_size=8,
-                 seed=s, progress=False).train_loss for s in (0, 0, 1)]
+    h = [
+        distill(
+            teacher, make_student(teacher, 1, seed=0), train, split, task, steps=6, batch_size=8, seed=s, progress=False
+        ).train_loss
+        for s in (0, 0, 1)
+    ]
     assert h[0] == h[1] and h[0] != h[2]
 
 
@@ -103,8 +109,9 @@ def test_training_stops_when_the_validation_loss_plateaus(models, data):
     patching, validation = data
     split, Task = _split(teacher, validation), get_task("ioi")
     student = make_student(teacher, 1, seed=0)
-    history = distill(teacher, student, patching, split, Task, steps=2000, lr=3e-2, eval_every=5, patience=3,
-                      progress=False)
+    history = distill(
+        teacher, student, patching, split, Task, steps=2000, lr=3e-2, eval_every=5, patience=3, progress=False
+    )
     assert history.stopped.startswith("validation loss plateaued") and len(history.train_loss) < 2000
     assert _plateaued(history.val_loss, 3, 1e-3)
     budget = distill(teacher, make_student(teacher, 1, seed=0), patching, split, Task, steps=5, progress=False)
@@ -128,8 +135,24 @@ def test_the_distillation_baseline_script_writes_its_curve_once(tmp_path):
     spec_path.write_text(yaml.safe_dump({"model": "tiny-gpt2", "tasks": ["ioi"], "alphas": [0.01], "n": 4}))
     assert run_study(load_spec(spec_path), workers=0, progress=False)["failed"] == []
     script = Path(__file__).resolve().parents[2] / "scripts" / "distill_baseline.py"
-    command = [sys.executable, str(script), "--task", "ioi", "--budget-from", str(spec_path), "--alpha", "0.01",
-               "--max-steps", "40", "--eval-every", "5", "--patience", "2", "--out-dir", str(tmp_path / "out")]
+    command = [
+        sys.executable,
+        str(script),
+        "--task",
+        "ioi",
+        "--budget-from",
+        str(spec_path),
+        "--alpha",
+        "0.01",
+        "--max-steps",
+        "40",
+        "--eval-every",
+        "5",
+        "--patience",
+        "2",
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     record = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
@@ -150,9 +173,9 @@ def test_the_script_picks_the_chapters_alpha_by_default(tmp_path):
 
     import yaml
 
+    from circuitlib.studies.analysis import choose_alpha
     from circuitlib.studies.runner import run_study, study_table
     from circuitlib.studies.spec import load_spec
-    from circuitlib.studies.analysis import choose_alpha
 
     spec_path = tmp_path / "tiny.yml"
     spec_path.write_text(yaml.safe_dump({"model": "tiny-gpt2", "tasks": ["ioi"], "alphas": [0.001, 0.1], "n": 4}))
@@ -160,9 +183,25 @@ def test_the_script_picks_the_chapters_alpha_by_default(tmp_path):
     assert run_study(spec, workers=0, progress=False)["failed"] == []
     want = choose_alpha(study_table(spec))[("ioi", "mean", False)]
     script = Path(__file__).resolve().parents[2] / "scripts" / "distill_baseline.py"
-    done = subprocess.run([sys.executable, str(script), "--task", "ioi", "--budget-from", str(spec_path),
-                           "--max-steps", "6", "--eval-every", "3", "--out-dir", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--task",
+            "ioi",
+            "--budget-from",
+            str(spec_path),
+            "--max-steps",
+            "6",
+            "--eval-every",
+            "3",
+            "--out-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     [written] = (tmp_path / "out").glob("*.json")
     assert json.loads(written.read_text())["alpha"] == want and written.name.endswith(f"alpha{want:g}.json")
@@ -191,11 +230,12 @@ def test_baseline_reuses_a_record_of_the_same_settings_and_refuses_another(tmp_p
     first = distilled_student(tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=4, eval_every=2)
     assert first["steps_run"] <= 4 and first["provenance"]["commit"]
     again = distilled_student(tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=4, eval_every=2)
-    assert again == first                                         # read back, not retrained
+    assert again == first  # read back, not retrained
     with pytest.raises(ValueError, match="max_steps: 4 there, 6 now"):
         distilled_student(tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=6, eval_every=2)
-    replaced = distilled_student(tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=6, eval_every=2,
-                        replace=True)
+    replaced = distilled_student(
+        tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=6, eval_every=2, replace=True
+    )
     assert replaced["max_steps"] == 6
 
 
@@ -227,34 +267,65 @@ def test_a_cut_off_distillation_resumes_to_the_uninterrupted_result(models, data
     whole_student = make_student(teacher, 1, seed=0)
     whole = distill(teacher, whole_student, train, split, task, **kw)
     checkpoint = tmp_path / "student.ckpt"
-    with _cut_at_step(7), pytest.raises(Cut):          # steps 1-6 done, the last checkpoint after 6
-        distill(teacher, make_student(teacher, 1, seed=0), train, split, task, checkpoint_path=checkpoint,
-                checkpoint_every=3, **kw)
+    with _cut_at_step(7), pytest.raises(Cut):  # steps 1-6 done, the last checkpoint after 6
+        distill(
+            teacher,
+            make_student(teacher, 1, seed=0),
+            train,
+            split,
+            task,
+            checkpoint_path=checkpoint,
+            checkpoint_every=3,
+            **kw,
+        )
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["step"] == 6 and saved["cpu_seconds"] > 0
-    student = make_student(teacher, 1, seed=0)          # a fresh process: only the checkpoint carries over
+    student = make_student(teacher, 1, seed=0)  # a fresh process: only the checkpoint carries over
     resumed = distill(teacher, student, train, split, task, checkpoint_path=checkpoint, checkpoint_every=3, **kw)
     assert resumed.train_loss == whole.train_loss and resumed.val_loss == whole.val_loss
     assert resumed.eval_steps == whole.eval_steps and resumed.val_accuracy == whole.val_accuracy
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), whole_student.state_dict().values()))
     assert resumed.seconds > saved["seconds"] and not checkpoint.exists()
     with _cut_at_step(4), pytest.raises(Cut):
-        distill(teacher, make_student(teacher, 1, seed=0), train, split, task, checkpoint_path=checkpoint,
-                checkpoint_every=3, **kw)
+        distill(
+            teacher,
+            make_student(teacher, 1, seed=0),
+            train,
+            split,
+            task,
+            checkpoint_path=checkpoint,
+            checkpoint_every=3,
+            **kw,
+        )
     with pytest.raises(ValueError, match=r"student.ckpt belongs to another training: lr 0.01 \(checkpoint\) vs 0.02"):
-        distill(teacher, make_student(teacher, 1, seed=0), train, split, task, checkpoint_path=checkpoint,
-                **{**kw, "lr": 2e-2})
-    with pytest.raises(ValueError, match=r"student_init"):                   # a student initialised otherwise
+        distill(
+            teacher,
+            make_student(teacher, 1, seed=0),
+            train,
+            split,
+            task,
+            checkpoint_path=checkpoint,
+            **{**kw, "lr": 2e-2},
+        )
+    with pytest.raises(ValueError, match=r"student_init"):  # a student initialised otherwise
         distill(teacher, make_student(teacher, 1, seed=1), train, split, task, checkpoint_path=checkpoint, **kw)
-    assert checkpoint.exists()                           # a refused checkpoint is left alone
+    assert checkpoint.exists()  # a refused checkpoint is left alone
     with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
-        distill(teacher, make_student(teacher, 1, seed=0), train, split, task, checkpoint_path=checkpoint,
-                checkpoint_every=0, **kw)
+        distill(
+            teacher,
+            make_student(teacher, 1, seed=0),
+            train,
+            split,
+            task,
+            checkpoint_path=checkpoint,
+            checkpoint_every=0,
+            **kw,
+        )
 
 
 def test_a_student_in_training_is_locked_and_its_cut_off_run_resumes(tmp_path, study_row):
-    from circuitlib.studies.distill import baseline_path, distilled_student
     from circuitlib.core.resumable import ResultInProgress, result_lock
+    from circuitlib.studies.distill import baseline_path, distilled_student
 
     row, teacher, tokenizer = study_row
     out = tmp_path / "out"

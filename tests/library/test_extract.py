@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from probe_alphas import alphas_between_deltas
 
 from circuitlib.core.ablation import mean_activations
-from circuitlib.discovery.greedy import Circuit, extract, sweep, traversal
 from circuitlib.core.metrics import kl_divergence
 from circuitlib.core.surgery import prune
-from probe_alphas import alphas_between_deltas
+from circuitlib.discovery.greedy import Circuit, extract, sweep, traversal
 
 
 def alpha_at(model, data, q, *, include_mlps, ablation="mean"):
@@ -35,8 +35,9 @@ def test_kl_of_the_full_model_is_zero(models, data):
 def test_fast_path_makes_the_plain_path_decisions(arch, models, data, scheme, include_mlps):
     model = models[arch]
     alpha = alpha_at(model, data, 0.5, ablation=scheme, include_mlps=include_mlps)
-    plain = extract(model, *data, alpha=alpha, ablation=scheme, include_mlps=include_mlps, method="plain",
-                    progress=False)
+    plain = extract(
+        model, *data, alpha=alpha, ablation=scheme, include_mlps=include_mlps, method="plain", progress=False
+    )
     fast = extract(model, *data, alpha=alpha, ablation=scheme, include_mlps=include_mlps, progress=False)
     assert 0 < len(fast.pruned) < len(fast.decisions)  # the test exercises both outcomes
     assert [(d.component, d.pruned) for d in fast.decisions] == [(d.component, d.pruned) for d in plain.decisions]

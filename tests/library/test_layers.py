@@ -14,8 +14,19 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "circuitlib"
 
 # lower number = lower floor; a module may import its own floor and the floors below
-FLOORS = {"version": 0, "core": 0, "tasks": 1, "models": 1, "discovery": 2, "pipeline": 3, "studies": 4,
-          "plots": 5, "cli": 6, "__main__": 7, "__init__": 7}
+FLOORS = {
+    "version": 0,
+    "core": 0,
+    "tasks": 1,
+    "models": 1,
+    "discovery": 2,
+    "pipeline": 3,
+    "studies": 4,
+    "plots": 5,
+    "cli": 6,
+    "__main__": 7,
+    "__init__": 7,
+}
 
 
 def module_name(path: Path) -> str:
@@ -34,14 +45,17 @@ def imported(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
             if target.split(".")[0] in ("circuitlib", "booklib"):
                 found.add(target)
-                found |= {f"{target}.{a.name}" for a in node.names
-                          if (PACKAGE.parent / f"{target}.{a.name}".replace(".", "/")).with_suffix(".py").exists()}
+                found |= {
+                    f"{target}.{a.name}"
+                    for a in node.names
+                    if (PACKAGE.parent / f"{target}.{a.name}".replace(".", "/")).with_suffix(".py").exists()
+                }
     return found - {name}
 
 
@@ -60,8 +74,9 @@ def test_every_module_has_a_floor():
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_imports_point_down(path):
     me = module_name(path)
-    up = [m for m in imported(path) if m.startswith("circuitlib") and floor(m) > floor(me)
-          and m != "circuitlib.version"]
+    up = [
+        m for m in imported(path) if m.startswith("circuitlib") and floor(m) > floor(me) and m != "circuitlib.version"
+    ]
     book = [m for m in imported(path) if m.startswith("booklib")]
     assert not up, f"{me} (floor {floor(me)}) imports a higher floor: {up}"
     assert not book, f"{me} imports the book's code: {book}"
@@ -71,8 +86,10 @@ def test_no_import_cycle():
     """No module reaches itself through the imports of the library (package __init__ files aside, which
     Python runs before any module of their package)."""
     graph = {module_name(p): {m for m in imported(p) if m.startswith("circuitlib.")} for p in MODULES}
-    graph = {k: {m for m in v if m in graph and not (PACKAGE / "/".join(m.split(".")[1:]) / "__init__.py").exists()}
-             for k, v in graph.items()}
+    graph = {
+        k: {m for m in v if m in graph and not (PACKAGE / "/".join(m.split(".")[1:]) / "__init__.py").exists()}
+        for k, v in graph.items()
+    }
     state: dict[str, int] = {}
 
     def visit(node, path):

@@ -43,8 +43,16 @@ def _logits(model, tokens):
 
 def _small_model(arch):
     """A random model with GPT-2's vocabulary, so that the vendored tokenizer fits it."""
-    return random_hf_model(arch, n_layers=2, n_heads=4, d_model=32, d_mlp=64, vocab_size=50257,
-                           n_kv_heads=2 if arch == "llama" else None, seed=3)
+    return random_hf_model(
+        arch,
+        n_layers=2,
+        n_heads=4,
+        d_model=32,
+        d_mlp=64,
+        vocab_size=50257,
+        n_kv_heads=2 if arch == "llama" else None,
+        seed=3,
+    )
 
 
 def _saved_model_dir(tmp_path, arch, *, with_tokenizer=True, safe_serialization=True):
@@ -59,10 +67,13 @@ def _saved_model_dir(tmp_path, arch, *, with_tokenizer=True, safe_serialization=
 # ---- vendored GPT-2 tokenizer ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("filename, sha256", [
-    ("vocab.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
-    ("merges.txt", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
-])
+@pytest.mark.parametrize(
+    "filename, sha256",
+    [
+        ("vocab.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+        ("merges.txt", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+    ],
+)
 def test_vendored_tokenizer_files_match_provenance(filename, sha256):
     data = (loading.GPT2_TOKENIZER_DIR / filename).read_bytes()
     assert hashlib.sha256(data).hexdigest() == sha256
@@ -103,8 +114,7 @@ def test_local_llama_dir_without_tokenizer_is_refused(tmp_path):
 
 
 def test_random_llama_has_grouped_kv_heads_and_tied_embeddings():
-    model = random_hf_model("llama", n_layers=2, n_heads=6, d_model=48, d_mlp=64, vocab_size=101,
-                            n_kv_heads=2)
+    model = random_hf_model("llama", n_layers=2, n_heads=6, d_model=48, d_mlp=64, vocab_size=101, n_kv_heads=2)
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.out_features == 6 * 8 and attn.k_proj.out_features == 2 * 8
     assert model.config.rope_theta == 10000.0
@@ -113,8 +123,11 @@ def test_random_llama_has_grouped_kv_heads_and_tied_embeddings():
 
 def test_random_hf_model_seed_sets_the_weights():
     def weights(seed):
-        return random_hf_model("gpt2", n_layers=1, n_heads=2, d_model=16, d_mlp=32, vocab_size=50,
-                               seed=seed).transformer.h[0].attn.c_attn.weight
+        return (
+            random_hf_model("gpt2", n_layers=1, n_heads=2, d_model=16, d_mlp=32, vocab_size=50, seed=seed)
+            .transformer.h[0]
+            .attn.c_attn.weight
+        )
 
     assert torch.equal(weights(0), weights(0))
     assert not torch.equal(weights(0), weights(1))
@@ -192,8 +205,7 @@ def test_weights_missing_tensors_are_reported(tmp_path):
     from safetensors.torch import save_file
 
     model, directory = _saved_model_dir(tmp_path, "gpt2")
-    kept = {k: v.contiguous() for k, v in model.state_dict().items()
-            if ".h.1.mlp." not in k and k != "lm_head.weight"}
+    kept = {k: v.contiguous() for k, v in model.state_dict().items() if ".h.1.mlp." not in k and k != "lm_head.weight"}
     save_file(kept, directory / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CorruptModelError, match="lack or mis-shape 4 tensors"):
         load_hf(directory)
@@ -279,8 +291,14 @@ def test_smollm2_is_the_expected_llama(smollm2):
     _, model, tokenizer = smollm2
     config = model.config
     assert isinstance(model, LlamaForCausalLM) and not model.training and model.dtype == torch.float32
-    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-            config.hidden_size, config.intermediate_size, config.vocab_size) == (30, 9, 3, 576, 1536, 49152)
+    assert (
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.hidden_size,
+        config.intermediate_size,
+        config.vocab_size,
+    ) == (30, 9, 3, 576, 1536, 49152)
     assert config.rope_theta == 100000.0 and config.rope_scaling is None
     assert model.lm_head.weight is model.model.embed_tokens.weight
     # dequantization kept the weights meaningful: the IOI answer is the indirect object
@@ -293,7 +311,11 @@ def test_smollm2_tokenizer_adds_no_bos_and_splits_digits(smollm2):
     ids = tokenizer("from 1732 to").input_ids
     assert tokenizer.convert_ids_to_tokens(ids) == ["from", "Ġ", "1", "7", "3", "2", "Ġto"]
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token) == (
-        "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
     assert tokenizer("a<|im_end|>").input_ids[-1] == 2
 
 
@@ -304,8 +326,13 @@ def test_smollm2_tokenizer_agrees_with_transformers_gguf_conversion(smollm2):
     _, _, tokenizer = smollm2
     gguf = loading._verified_smollm2_gguf()
     reference = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    texts = [SENTENCE, IOI_PROMPT, "The war lasted from the year 1732 to the year 17",
-             "naïve café — 日本語 😀\n\n\ttab  end ", "don't you'll I'm 3.14159 x=y+1;"]
+    texts = [
+        SENTENCE,
+        IOI_PROMPT,
+        "The war lasted from the year 1732 to the year 17",
+        "naïve café — 日本語 😀\n\n\ttab  end ",
+        "don't you'll I'm 3.14159 x=y+1;",
+    ]
     for text in texts:
         assert tokenizer(text).input_ids == reference(text, add_special_tokens=False).input_ids
         assert tokenizer.decode(tokenizer(text).input_ids) == text
@@ -319,8 +346,7 @@ def test_smollm2_second_load_reads_the_cache(smollm2, no_rebuild):
     cached, cached_tokenizer = load_hf("smollm2-135m", cache_dir=cache_root)
     assert not no_rebuild
     assert torch.equal(_ioi_logits(cached, cached_tokenizer), _ioi_logits(model, tokenizer))
-    assert load_tokenizer("smollm2-135m", cache_dir=cache_root)(SENTENCE).input_ids == \
-        tokenizer(SENTENCE).input_ids
+    assert load_tokenizer("smollm2-135m", cache_dir=cache_root)(SENTENCE).input_ids == tokenizer(SENTENCE).input_ids
 
 
 def _truncate(directory):
@@ -377,8 +403,9 @@ def test_interrupted_smollm2_build_leaves_no_cache(tmp_path, monkeypatch):
     import transformers
 
     tiny = random_hf_model("llama", n_layers=1, n_heads=2, d_model=16, d_mlp=32, vocab_size=49152)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
-                        lambda *args, **kwargs: tiny)  # skip the 15 s dequantization
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: tiny
+    )  # skip the 15 s dequantization
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -394,7 +421,11 @@ def test_load_model_smollm2_matches_hf(smollm2):
     cache_root, hf_model, tokenizer = smollm2
     model, _ = load_model("smollm2-135m", cache_dir=cache_root)
     assert (model.cfg.name, model.cfg.arch, model.cfg.n_kv_heads, model.cfg.rotary_base) == (
-        "smollm2-135m", "llama", 3, 100000.0)
+        "smollm2-135m",
+        "llama",
+        3,
+        100000.0,
+    )
     tokens = tokenizer(IOI_PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), _logits(hf_model, tokens), atol=1e-3, rtol=1e-3)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from circuitlib.models.loading import gpt2_tokenizer
 from circuitlib.core.metrics import accuracy, kl_divergence, roc_auc, roc_curve, time_forward, tpr_fpr
+from circuitlib.models.loading import gpt2_tokenizer
 from circuitlib.tasks import get_task, make_split
 
 
@@ -38,8 +38,9 @@ def test_kl_matches_the_formula_and_torch():
 
 def test_kl_upcasts_half_precision():
     f, g = random_logits(4), random_logits(5)
-    assert kl_divergence(f.half(), g.half()) == pytest.approx(kl_divergence(f.half().float(), g.half().float()),
-                                                             rel=1e-6)
+    assert kl_divergence(f.half(), g.half()) == pytest.approx(
+        kl_divergence(f.half().float(), g.half().float()), rel=1e-6
+    )
 
 
 def test_kl_rejects_mismatched_shapes():
@@ -51,8 +52,9 @@ def test_kl_rejects_mismatched_shapes():
 
 def test_accuracy_counts_correct_argmax():
     tok = gpt2_tokenizer()
-    split = make_split(tok, ["Then, Mary and John went", "Then, John and Mary went"] * 2,
-                       [" Mary", " John", " Mary", " John"])
+    split = make_split(
+        tok, ["Then, Mary and John went", "Then, John and Mary went"] * 2, [" Mary", " John", " Mary", " John"]
+    )
     logits = torch.zeros(4, 50257)
     mary, john = tok.encode(" Mary")[0], tok.encode(" John")[0]
     logits[0, mary] = logits[1, john] = logits[2, john] = logits[3, john] = 1.0
@@ -88,9 +90,9 @@ def test_tpr_fpr_rejects_bad_heads():
 
 
 def test_auc_of_perfect_and_diagonal_curves():
-    assert roc_auc([0.0], [1.0]) == 1.0                       # (0,0) -> (0,1) -> (1,1)
+    assert roc_auc([0.0], [1.0]) == 1.0  # (0,0) -> (0,1) -> (1,1)
     assert roc_auc([0.2, 0.5, 0.8], [0.2, 0.5, 0.8]) == pytest.approx(0.5)
-    assert roc_auc([], []) == pytest.approx(0.5)              # only the endpoints
+    assert roc_auc([], []) == pytest.approx(0.5)  # only the endpoints
     assert roc_auc([0.0, 1.0], [1.0, 1.0], add_endpoints=False) == 1.0
 
 
@@ -170,7 +172,7 @@ def test_logit_difference_and_best_other_letter_on_hand_made_logits():
     logits = torch.tensor([[1.0, 2.0, 3.0, 9.0], [0.0, 5.0, -1.0, 9.0]])
     assert logit_difference(logits, torch.tensor([2, 1]), torch.tensor([0, 2])).tolist() == [2.0, 6.0]
     assert logit_difference(logits + 4.0, torch.tensor([2, 1]), torch.tensor([0, 2])).tolist() == [2.0, 6.0]
-    options = torch.tensor([0, 1, 2])                         # token 3 is no option: its 9.0 does not count
+    options = torch.tensor([0, 1, 2])  # token 3 is no option: its 9.0 does not count
     assert best_other_logit_difference(logits, torch.tensor([2, 0]), options).tolist() == [1.0, -5.0]
     with pytest.raises(ValueError, match="one of the options"):
         best_other_logit_difference(logits, torch.tensor([3, 0]), options)
@@ -197,22 +199,22 @@ def test_standard_metrics_of_the_three_tasks_read_the_right_tokens():
     tok = gpt2_tokenizer()
     ioi = get_task("ioi").generate(tok, 6, seed=0).test
     logits = torch.zeros(len(ioi), len(tok))
-    subjects = [tok.encode(" " + p.split(",")[1].split()[0]) for p in ioi.prompts]     # "Then, B and A ..."
+    subjects = [tok.encode(" " + p.split(",")[1].split()[0]) for p in ioi.prompts]  # "Then, B and A ..."
     for i, (io, (s,)) in enumerate(zip(ioi.answers.tolist(), subjects)):
         logits[i, io], logits[i, s] = 3.0, 1.0 + i
     assert standard_metric(get_task("ioi"), tok, ioi, logits).tolist() == [2.0 - i for i in range(len(ioi))]
 
     gt = get_task("greater-than").generate(tok, 6, seed=0).test
     logits = torch.full((len(gt), len(tok)), -1e4)
-    logits[:, tok.encode("99")[0]] = 0.0                       # certain of "99": right on every prompt
+    logits[:, tok.encode("99")[0]] = 0.0  # certain of "99": right on every prompt
     assert standard_metric(get_task("greater-than"), tok, gt, logits).tolist() == pytest.approx([1.0] * len(gt))
-    logits[:, tok.encode("00")[0]] = 0.0                       # half on "00", never later than a start year
+    logits[:, tok.encode("00")[0]] = 0.0  # half on "00", never later than a start year
     assert standard_metric(get_task("greater-than"), tok, gt, logits).tolist() == pytest.approx([0.0] * len(gt))
 
     acro = get_task("acronyms").generate(tok, 6, seed=0).test
     logits = torch.zeros(len(acro), len(tok))
-    logits[:, tok.encode("Q")[0]] = 2.0                        # the best wrong letter, unless Q is right
-    logits[:, tok.encode(" Z")[0]] = 50.0                      # not a letter token of the answer: ignored
+    logits[:, tok.encode("Q")[0]] = 2.0  # the best wrong letter, unless Q is right
+    logits[:, tok.encode(" Z")[0]] = 50.0  # not a letter token of the answer: ignored
     logits[torch.arange(len(acro)), acro.answers] = 5.0
     want = [5.0 if tok.decode(int(a)) == "Q" else 3.0 for a in acro.answers]
     assert standard_metric(get_task("acronyms"), tok, acro, logits).tolist() == want
@@ -220,8 +222,8 @@ def test_standard_metrics_of_the_three_tasks_read_the_right_tokens():
 
 
 def test_standard_metric_of_a_task_file_is_accuracy(tmp_path):
-    from circuitlib.tasks.measures import standard_metric, standard_metric_name
     from circuitlib.tasks.files import load_task_file
+    from circuitlib.tasks.measures import standard_metric, standard_metric_name
 
     tok = gpt2_tokenizer()
     path = tmp_path / "colours.csv"
@@ -242,8 +244,8 @@ def test_normalised_faithfulness_and_its_areas():
     assert math.isnan(normalised_faithfulness(2.0, full=1.0, empty=1.0))
     assert faithfulness_curve([1, 0, 0.5], [1, 0, 0.9]) == ([0.0, 0.5, 1.0], [0.0, 0.9, 1.0])
     assert faithfulness_areas([0, 0.5, 1], [0, 1, 1]) == {"cpr": 0.75, "cmd": 0.25}
-    assert faithfulness_areas([0, 0.5, 1], [0, 1.5, 1]) == {"cpr": 1.0, "cmd": 0.5}   # overshooting costs CMD
-    assert faithfulness_areas([1, 0], [1, 0]) == {"cpr": 0.5, "cmd": 0.5}            # the straight line
+    assert faithfulness_areas([0, 0.5, 1], [0, 1.5, 1]) == {"cpr": 1.0, "cmd": 0.5}  # overshooting costs CMD
+    assert faithfulness_areas([1, 0], [1, 0]) == {"cpr": 0.5, "cmd": 0.5}  # the straight line
     with pytest.raises(ValueError, match="at least two points"):
         faithfulness_areas([0.5], [1.0])
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
@@ -253,18 +255,23 @@ def test_normalised_faithfulness_and_its_areas():
 
 
 def test_best_constant_answer_on_hand_made_splits():
-    from circuitlib.tasks.measures import best_constant_answer, constant_answer_metric
     from circuitlib.tasks import TaskSplit
+    from circuitlib.tasks.measures import best_constant_answer, constant_answer_metric
 
     tokens = torch.zeros(3, 4, dtype=torch.long)
     plain = TaskSplit(["a", "b", "c"], tokens, torch.tensor([7, 5, 7]))
     assert best_constant_answer(plain) == {"token": 7, "accuracy": 2 / 3}
-    several = TaskSplit(["a", "b", "c"], tokens, torch.tensor([11, 12, 10]), torch.tensor([10, 11, 12]),
-                        torch.tensor([[False, True, True], [False, False, True], [True, True, True]]))
+    several = TaskSplit(
+        ["a", "b", "c"],
+        tokens,
+        torch.tensor([11, 12, 10]),
+        torch.tensor([10, 11, 12]),
+        torch.tensor([[False, True, True], [False, False, True], [True, True, True]]),
+    )
     assert best_constant_answer(several) == {"token": 12, "accuracy": 1.0}
     assert constant_answer_metric(get_task("greater-than"), None, several, 12) == 1.0
     assert constant_answer_metric(get_task("greater-than"), None, several, 10) == pytest.approx(2 * 1 / 3 - 1)
-    assert constant_answer_metric(get_task("ioi"), None, plain, 7) is None      # a logit difference: infinite
+    assert constant_answer_metric(get_task("ioi"), None, plain, 7) is None  # a logit difference: infinite
 
 
 def test_the_largest_year_ending_is_right_on_every_greater_than_prompt():

@@ -11,8 +11,9 @@ from circuitlib.core.convert import from_hooked, to_hooked
 from circuitlib.core.model import ModelConfig, Transformer
 from circuitlib.core.surgery import prune
 
-GPT2_SMALL = ModelConfig(name="gpt2", arch="gpt2", n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072,
-                         d_vocab=50257, n_ctx=1024)
+GPT2_SMALL = ModelConfig(
+    name="gpt2", arch="gpt2", n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024
+)
 
 
 @torch.no_grad()
@@ -127,7 +128,17 @@ def test_flops_of_gpt2_small_at_one_token():
 def test_hooked_copy_of_a_long_context_rotary_model_has_a_short_mask():
     from circuitlib.core.convert import hooked_config
 
-    smollm2 = ModelConfig(name="smollm2-135m", arch="llama", n_layers=30, d_model=576, n_heads=9, d_head=64,
-                          d_mlp=1536, d_vocab=49152, n_ctx=8192, n_kv_heads=3)
+    smollm2 = ModelConfig(
+        name="smollm2-135m",
+        arch="llama",
+        n_layers=30,
+        d_model=576,
+        n_heads=9,
+        d_head=64,
+        d_mlp=1536,
+        d_vocab=49152,
+        n_ctx=8192,
+        n_kv_heads=3,
+    )
     assert hooked_config(smollm2).n_ctx == 1024
     assert hooked_config(GPT2_SMALL).n_ctx == 1024  # learned positions: the whole table is kept

@@ -26,8 +26,7 @@ def no_network(monkeypatch):
 
 
 def _cells(fig, prefix):
-    return [p.get_gid() for ax in fig.axes for p in ax.patches
-            if (p.get_gid() or "").startswith(prefix)]
+    return [p.get_gid() for ax in fig.axes for p in ax.patches if (p.get_gid() or "").startswith(prefix)]
 
 
 def _pattern(seed=0, heads=2, seq=5):
@@ -41,6 +40,7 @@ TOKENS = ["<s>", "When", " Mary", "</script>", " $x$"]
 
 # ------------------------------------------------------------------ circuit grid
 
+
 def test_grid_fills_exactly_the_kept_heads():
     fig = plots.circuit_grid(["9.6", "9.9", "0.1"], n_layers=12, n_heads=12)
     heads = _cells(fig, "head ")
@@ -51,8 +51,9 @@ def test_grid_fills_exactly_the_kept_heads():
 
 
 def test_grid_mlp_column_and_ground_truth_categories():
-    fig = plots.circuit_grid(["9.6", "9.9", "1.2"], 12, 12, kept_mlps=[0, 11],
-                             ground_truth=["9.9", "9.6", "0.1"], title="IOI")
+    fig = plots.circuit_grid(
+        ["9.6", "9.9", "1.2"], 12, 12, kept_mlps=[0, 11], ground_truth=["9.9", "9.6", "0.1"], title="IOI"
+    )
     heads = _cells(fig, "head ")
     assert sum(g.endswith(" tp") for g in heads) == 2
     assert sum(g.endswith(" fp") for g in heads) == 1
@@ -79,9 +80,9 @@ def test_grid_on_given_axes_and_bad_heads():
 
 # ------------------------------------------------------------------ ROC
 
+
 def test_roc_plot_curves_and_auc_labels():
-    fig = plots.roc_plot({"mean": ([0.5, 0.0, 1.0], [0.9, 0.0, 1.0], 0.87),
-                          "zero": ([0.0, 1.0], [0.0, 1.0], None)})
+    fig = plots.roc_plot({"mean": ([0.5, 0.0, 1.0], [0.9, 0.0, 1.0], 0.87), "zero": ([0.0, 1.0], [0.0, 1.0], None)})
     ax = fig.axes[0]
     assert len(ax.lines) == 3  # two curves and the chance diagonal
     assert list(ax.lines[0].get_xdata()) == [0.0, 0.5, 1.0]  # drawn in FPR order

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from probe_alphas import alphas_between_deltas
 
 from circuitlib.discovery.greedy import FastPath, extract, shared_prefix_length, sweep
-from probe_alphas import alphas_between_deltas
 
 
 def with_prefix(data, length: int):
@@ -22,17 +22,18 @@ def test_shared_prefix_length():
     a = torch.tensor([[1, 2, 3, 4], [1, 2, 5, 6]])
     assert shared_prefix_length(a) == 2
     assert shared_prefix_length(a, torch.tensor([[1, 9, 3, 4]])) == 1
-    assert shared_prefix_length(torch.tensor([[1, 2, 3], [1, 2, 3]])) == 2      # the last position is always computed
+    assert shared_prefix_length(torch.tensor([[1, 2, 3], [1, 2, 3]])) == 2  # the last position is always computed
 
 
 def test_a_layer_after_a_prefix_equals_the_full_layer(models, data, arch):
     layer = models[arch].layers[1]
     with torch.no_grad():
-        x = models[arch].embed(with_prefix(data, 3)[1])                         # [n, S, D]
+        x = models[arch].embed(with_prefix(data, 3)[1])  # [n, S, D]
         full = layer(x)
         torch.testing.assert_close(layer(x[:, 3:], prefix=x[:1, :3]), full[:, 3:], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(layer(x[:, 3:], last_only=True, prefix=x[:1, :3]), full[:, -1:],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            layer(x[:, 3:], last_only=True, prefix=x[:1, :3]), full[:, -1:], atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("include_mlps", [False, True])
@@ -69,5 +70,5 @@ def test_the_shortcut_is_used_and_changes_no_kl(models, data, monkeypatch):
         assert a.kept == b.kept
         assert [d.kl_after for d in a.decisions] == pytest.approx([d.kl_after for d in b.decisions], rel=1e-4, abs=1e-7)
     monkeypatch.setattr(FastPath, "__init__", spy)
-    sweep(model, *prompts, alphas, ablation="zero", progress=False)             # zero ablation never uses it
+    sweep(model, *prompts, alphas, ablation="zero", progress=False)  # zero ablation never uses it
     assert used == [4, 0]

@@ -12,14 +12,16 @@ def test_a_resumed_sweep_equals_an_uninterrupted_one(arch, models, data, ablatio
     model = models[arch]
     alphas = [0.0, 1e-4, 1e-3, 1e-2, 1e-1]
     snapshots = []
-    whole = sweep(model, *data, alphas, ablation=ablation, include_mlps=include_mlps, progress=False,
-                  on_layer=snapshots.append)
+    whole = sweep(
+        model, *data, alphas, ablation=ablation, include_mlps=include_mlps, progress=False, on_layer=snapshots.append
+    )
     assert [s["next_layer"] for s in snapshots] == list(range(model.cfg.n_layers - 2, -1, -1))
     assert len({len(s["states"]) for s in snapshots}) >= 1
     for snapshot in snapshots:
-        saved = json.loads(json.dumps(snapshot))                    # as a unit's partial file holds it
-        resumed = sweep(model, *data, alphas, ablation=ablation, include_mlps=include_mlps, progress=False,
-                        resume=saved)
+        saved = json.loads(json.dumps(snapshot))  # as a unit's partial file holds it
+        resumed = sweep(
+            model, *data, alphas, ablation=ablation, include_mlps=include_mlps, progress=False, resume=saved
+        )
         assert [c.to_dict() for c in resumed] == [c.to_dict() for c in whole]
 
 

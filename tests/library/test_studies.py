@@ -22,9 +22,16 @@ from circuitlib.studies.store import Store
 ROOT = Path(__file__).resolve().parents[2]
 TIMING = ("unit_seconds", "unit_cpu_seconds", "sweep_seconds", "finished_at", "host")
 
-SMALL = {"model": "tiny-gpt2", "tasks": ["ioi", "greater-than"], "ablations": ["mean", "zero"],
-         "include_mlps": [False, True], "alphas": {"from": 1.0e-3, "to": 1, "points": 3}, "seeds": 2,
-         "n": 5, "n_test": 7}
+SMALL = {
+    "model": "tiny-gpt2",
+    "tasks": ["ioi", "greater-than"],
+    "ablations": ["mean", "zero"],
+    "include_mlps": [False, True],
+    "alphas": {"from": 1.0e-3, "to": 1, "points": 3},
+    "seeds": 2,
+    "n": 5,
+    "n_test": 7,
+}
 
 
 def write_spec(folder: Path, name: str = "small", **changes) -> Path:
@@ -42,23 +49,26 @@ def comparable(table):
 # specs
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"tasks": ["ioi", "capitals"]}, "tasks"),
-    ({"ablations": ["mean", "resample"]}, "ablations"),
-    ({"alphas": [0.1, float("inf")]}, "alphas"),
-    ({"alphas": [0.1, -1]}, "alphas"),
-    ({"alphas": {"from": 0, "to": 1, "points": 3}}, "alphas"),
-    ({"alphas": [True]}, "alphas"),
-    ({"seeds": 0}, "seeds"),
-    ({"seeds": [1, 1]}, "seeds"),
-    ({"n": 0}, "n"),
-    ({"n": {"ioi": 5}}, "n"),
-    ({"n_test": "many"}, "n_test"),
-    ({"include_mlps": "yes"}, "include_mlps"),
-    ({"order": "random"}, "order"),
-    ({"device": "tpu"}, "device"),
-    ({"batch": 3}, "batch"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"tasks": ["ioi", "capitals"]}, "tasks"),
+        ({"ablations": ["mean", "resample"]}, "ablations"),
+        ({"alphas": [0.1, float("inf")]}, "alphas"),
+        ({"alphas": [0.1, -1]}, "alphas"),
+        ({"alphas": {"from": 0, "to": 1, "points": 3}}, "alphas"),
+        ({"alphas": [True]}, "alphas"),
+        ({"seeds": 0}, "seeds"),
+        ({"seeds": [1, 1]}, "seeds"),
+        ({"n": 0}, "n"),
+        ({"n": {"ioi": 5}}, "n"),
+        ({"n_test": "many"}, "n_test"),
+        ({"include_mlps": "yes"}, "include_mlps"),
+        ({"order": "random"}, "order"),
+        ({"device": "tpu"}, "device"),
+        ({"batch": 3}, "batch"),
+    ],
+)
 def test_a_bad_spec_is_refused_naming_the_field(tmp_path, change, field):
     with pytest.raises(SpecError, match=f"field '{field}'"):
         load_spec(write_spec(tmp_path, **change))
@@ -81,20 +91,20 @@ def test_units_alphas_and_per_task_values(tmp_path):
     spec = load_spec(write_spec(tmp_path, n={"ioi": 4, "default": 6}, alphas=[0.5, -0.0, 0.01]))
     units = spec.units()
     assert len(units) == 2 * 2 * 2 * 2
-    assert units[0].seed == 0 and units[-1].seed == 1          # seed by seed
+    assert units[0].seed == 0 and units[-1].seed == 1  # seed by seed
     assert {u.n for u in units if u.task == "ioi"} == {4} and {u.n for u in units if u.task == "greater-than"} == {6}
-    assert units[0].alphas == (0.0, 0.01, 0.5) and str(units[0].alphas[0]) == "0.0"   # -0 stored as 0, sorted
+    assert units[0].alphas == (0.0, 0.01, 0.5) and str(units[0].alphas[0]) == "0.0"  # -0 stored as 0, sorted
     assert spec.store == (tmp_path / "results" / "small").resolve()
 
 
 def test_unit_keys_follow_settings_and_prompts(tmp_path):
     keys = [p.key for p in plan(load_spec(write_spec(tmp_path)))]
     assert len(set(keys)) == len(keys)
-    assert keys == [p.key for p in plan(load_spec(write_spec(tmp_path)))]            # stable
+    assert keys == [p.key for p in plan(load_spec(write_spec(tmp_path)))]  # stable
     changed = {p.key for p in plan(load_spec(write_spec(tmp_path, n_test=8)))}
-    assert not changed & set(keys)                                                   # a changed setting: new units
+    assert not changed & set(keys)  # a changed setting: new units
     device = [p.key for p in plan(load_spec(write_spec(tmp_path, device="cuda")))]
-    assert device == keys                                                            # the device is not a setting
+    assert device == keys  # the device is not a setting
 
 
 def test_a_log_spaced_grid_has_the_same_bits_on_every_machine():
@@ -102,13 +112,23 @@ def test_a_log_spaced_grid_has_the_same_bits_on_every_machine():
     # 9.999999999999999e-06 and 0.001519911082952933 here on a CPU with AVX-512, which changed the
     # key of every unit of the book's study; these are the values its committed units were made with.
     assert log_spaced(1e-5, 10, 12) == [
-        1e-05, 3.511191734215127e-05, 0.0001232846739442066, 0.0004328761281083057, 0.0015199110829529332,
-        0.005336699231206307, 0.01873817422860383, 0.06579332246575675, 0.2310129700083158,
-        0.8111308307896856, 2.848035868435799, 10.0]
+        1e-05,
+        3.511191734215127e-05,
+        0.0001232846739442066,
+        0.0004328761281083057,
+        0.0015199110829529332,
+        0.005336699231206307,
+        0.01873817422860383,
+        0.06579332246575675,
+        0.2310129700083158,
+        0.8111308307896856,
+        2.848035868435799,
+        10.0,
+    ]
     grid = log_spaced(1e-5, 1, 30)
     assert grid[0] == 1e-5 and grid[-1] == 1.0 and grid == sorted(grid)
-    assert grid == pytest.approx(list(np.logspace(-5, 0, 30)), rel=1e-15)            # numpy's grid, to the last bit or so
-    assert log_spaced(0.3, 0.3, 1) == [0.3] and log_spaced(0.3, 3, 2) == [0.3, 3.0]       # the ends as given
+    assert grid == pytest.approx(list(np.logspace(-5, 0, 30)), rel=1e-15)  # numpy's grid, to the last bit or so
+    assert log_spaced(0.3, 0.3, 1) == [0.3] and log_spaced(0.3, 3, 2) == [0.3, 3.0]  # the ends as given
     with pytest.raises(ValueError, match="0 < start <= stop"):
         log_spaced(0, 1, 5)
 
@@ -134,18 +154,20 @@ def test_serial_and_two_worker_dask_runs_make_equal_stores(tmp_path, capsys):
     dask = load_spec(write_spec(tmp_path, "dask", **small))
     assert run_study(serial, workers=0, progress=False)["failed"] == []
     Store(dask.store).check_writable()
-    Store(dask.store).write_running("0" * 16, {"unit": "a unit of a killed run", "pid": 2 ** 22 + 12345,
-                                               "host": os.uname().nodename, "done": 1, "total": 9})
+    Store(dask.store).write_running(
+        "0" * 16,
+        {"unit": "a unit of a killed run", "pid": 2**22 + 12345, "host": os.uname().nodename, "done": 1, "total": 9},
+    )
     with socket.socket() as other, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:                            # another program on Dask's default port: the study must not care
+        try:  # another program on Dask's default port: the study must not care
             other.bind(("127.0.0.1", 8787))
             other.listen()
         except OSError:
-            pass                        # something already holds it, which is the same test
+            pass  # something already holds it, which is the same test
         assert run_study(dask, workers=2, progress=True)["failed"] == []
     assert not [w for w in caught if "8787" in str(w.message)], [str(w.message) for w in caught]
-    assert "a unit of a killed run" not in capsys.readouterr().err    # the bar shows this run's units only
+    assert "a unit of a killed run" not in capsys.readouterr().err  # the bar shows this run's units only
     a, b = study_table(serial), study_table(dask)
     assert len(a) == 4 * 3
     assert comparable(a.drop(columns="study")).equals(comparable(b.drop(columns="study")))
@@ -155,20 +177,26 @@ def test_serial_and_two_worker_dask_runs_make_equal_stores(tmp_path, capsys):
     assert row["test_accuracy"] == pytest.approx(sum(row["test_correct"]) / 7)
     # a rerun finds nothing to do and changes nothing
     before = {p: p.stat().st_mtime_ns for p in (serial.store / "units").iterdir()}
-    assert run_study(serial, workers=0, progress=False) == {"done": [], "failed": [], "elsewhere": [],
-                                                             "quarantined": []}
+    assert run_study(serial, workers=0, progress=False) == {
+        "done": [],
+        "failed": [],
+        "elsewhere": [],
+        "quarantined": [],
+    }
     assert {p: p.stat().st_mtime_ns for p in (serial.store / "units").iterdir()} == before
     status = study_status(serial)
     assert (status["done"], status["pending"], status["failed"]) == (4, 0, 0)
     # a marker left by a process that no longer runs (a killed worker) does not count as running
     more = load_spec(write_spec(tmp_path, "more", store=str(serial.store), seeds=3, **small))
     pending = plan(more)[-1]
-    for pid, running, total in ((2 ** 22 + 12345, 0, 10), (os.getpid(), 1, None), (os.getpid(), 1, 10)):
-        Store(serial.store).write_running(pending.key, {"unit": "x", "pid": pid, "host": os.uname().nodename,
-                                                        "done": 3 if total else 0, "total": total})
+    for pid, running, total in ((2**22 + 12345, 0, 10), (os.getpid(), 1, None), (os.getpid(), 1, 10)):
+        Store(serial.store).write_running(
+            pending.key,
+            {"unit": "x", "pid": pid, "host": os.uname().nodename, "done": 3 if total else 0, "total": total},
+        )
         status = study_status(more)
         assert (status["done"], status["running"], status["pending"]) == (4, running, 2 - running)
-        if running:   # a unit still loading its model has no candidate count yet
+        if running:  # a unit still loading its model has no candidate count yet
             shown = next(u for u in status["unit_states"] if u["key"] == pending.key)
             assert shown["progress"] == ("3/10" if total else None)
     summary = summary_table(a)
@@ -196,7 +224,7 @@ def test_a_failed_unit_is_recorded_and_retried(tmp_path, monkeypatch):
     assert "simulated out-of-memory" in [u for u in status["unit_states"] if u["state"] == "failed"][0]["error"]
     monkeypatch.setattr(runner, "_compute", real)
     result = run_study(spec, workers=0, progress=False)
-    assert [r["status"] for r in result["done"]] == ["done"] and not result["failed"]   # only the failed one
+    assert [r["status"] for r in result["done"]] == ["done"] and not result["failed"]  # only the failed one
     assert study_status(spec)["done"] == 2 and not Store(spec.store).failures()
 
 
@@ -242,8 +270,9 @@ def test_a_unit_another_live_run_computes_is_left_to_it(tmp_path, other_run, mon
     import circuitlib.studies.runner as runner
 
     live, dead = other_run
-    spec = load_spec(write_spec(tmp_path, tasks=["ioi", "greater-than"], ablations=["zero"], include_mlps=[False],
-                                seeds=1))
+    spec = load_spec(
+        write_spec(tmp_path, tasks=["ioi", "greater-than"], ablations=["zero"], include_mlps=[False], seeds=1)
+    )
     ioi, greater_than = plan(spec)
     store = Store(spec.store)
     store.check_writable()
@@ -257,7 +286,8 @@ def test_a_unit_another_live_run_computes_is_left_to_it(tmp_path, other_run, mon
     assert cli.returncode == 2 and "being computed by another run" in err and not store.done()
     # the other units can run meanwhile; the live run's claim stays
     assert [r["label"] for r in run_study(spec, workers=0, progress=False, tasks=["greater-than"])["done"]] == [
-        greater_than.unit.label]
+        greater_than.unit.label
+    ]
     assert store.running()[ioi.key]["pid"] == live
     # a run that claims the unit after this one looked leaves it alone too, its marker intact
     monkeypatch.setattr(runner, "_compute", _no_computing)
@@ -285,8 +315,15 @@ def test_an_unwritable_store_is_refused_before_any_work(tmp_path):
 
 def _cli(*args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "circuitlib", "study", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "circuitlib", "study", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def test_killing_a_run_midway_and_rerunning_completes_only_the_missing_units(tmp_path, interruptible):
@@ -322,9 +359,10 @@ def test_sigterm_ends_a_run_with_one_line_and_releases_its_claims(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
-    assert "Traceback" not in err and err.count("interrupted") == 1     # above it: progress bars only
-    assert err.splitlines()[-1] == ("interrupted by SIGTERM: nothing half-written was left behind "
-                                    "(finished results are kept)")
+    assert "Traceback" not in err and err.count("interrupted") == 1  # above it: progress bars only
+    assert err.splitlines()[-1] == (
+        "interrupted by SIGTERM: nothing half-written was left behind (finished results are kept)"
+    )
     assert 1 <= len(store.done()) < 24 and not list((store.root / "running").iterdir())
     assert not list((store.root / "units").glob(".*"))
 
@@ -349,9 +387,15 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
     """`study status SPEC | head -1`: the reader goes away; no traceback, the shell's SIGPIPE status."""
     spec_path = write_spec(tmp_path, "pipe", tasks=["ioi"], ablations=["mean"], include_mlps=[False], seeds=1)
     read_end, write_end = os.pipe()
-    os.close(read_end)                  # a reader that has already gone: every write fails
-    done = subprocess.run([sys.executable, "-m", "circuitlib", "study", "status", str(spec_path)],
-                          stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)
+    os.close(read_end)  # a reader that has already gone: every write fails
+    done = subprocess.run(
+        [sys.executable, "-m", "circuitlib", "study", "status", str(spec_path)],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     os.close(write_end)
     assert done.returncode == 141 and done.stderr == "", done.stderr
 
@@ -381,7 +425,9 @@ def test_a_run_can_be_limited_to_some_settings_first(tmp_path):
     done = _cli("run", str(tmp_path / "filtered.yml"), "--workers", "0", "--ablation", "zero", "--include-mlps", "true")
     assert done.wait(timeout=300) == 0, done.stderr.read()
     assert set(study_table(spec)[["ablation", "include_mlps"]].itertuples(index=False, name=None)) == {
-        ("mean", False), ("zero", True)}
+        ("mean", False),
+        ("zero", True),
+    }
 
 
 def test_a_unit_cut_off_resumes_from_its_last_layer(tmp_path, monkeypatch):
@@ -390,14 +436,18 @@ def test_a_unit_cut_off_resumes_from_its_last_layer(tmp_path, monkeypatch):
     import circuitlib.discovery.greedy as extract_module
 
     small = dict(tasks=["ioi"], ablations=["mean"], include_mlps=[True], seeds=1, n=4, n_test=4)
-    spec, whole_spec = load_spec(write_spec(tmp_path, "cut", **small)), load_spec(write_spec(tmp_path, "whole", **small))
+    spec, whole_spec = (
+        load_spec(write_spec(tmp_path, "cut", **small)),
+        load_spec(write_spec(tmp_path, "whole", **small)),
+    )
     assert run_study(whole_spec, workers=0, progress=False)["failed"] == []
     real = extract_module.sweep
 
     def cut_after_one_layer(*args, on_layer=None, **kw):
         def stop(snapshot):
             on_layer(snapshot)
-            raise KeyboardInterrupt       # the session ends after the first saved layer
+            raise KeyboardInterrupt  # the session ends after the first saved layer
+
         return real(*args, on_layer=stop, **kw)
 
     monkeypatch.setattr(extract_module, "sweep", cut_after_one_layer)
@@ -415,11 +465,12 @@ def test_a_unit_cut_off_resumes_from_its_last_layer(tmp_path, monkeypatch):
 
     monkeypatch.setattr(extract_module, "sweep", spy)
     assert run_study(spec, workers=0, progress=False)["failed"] == []
-    assert resumed_from == [saved["snapshot"]["next_layer"]]          # it went on from the saved layer
+    assert resumed_from == [saved["snapshot"]["next_layer"]]  # it went on from the saved layer
     assert Store(spec.store).read_partial(key) is None
     assert comparable(study_table(spec).drop(columns="study")).equals(
-        comparable(study_table(whole_spec).drop(columns="study")))
-    assert (study_table(spec)["unit_cpu_seconds"] > saved["cpu_seconds"]).all()   # the saved part is counted
+        comparable(study_table(whole_spec).drop(columns="study"))
+    )
+    assert (study_table(spec)["unit_cpu_seconds"] > saved["cpu_seconds"]).all()  # the saved part is counted
 
 
 def test_a_unit_records_its_cpu_time_unless_it_resumed_without_one(tmp_path, monkeypatch):
@@ -440,6 +491,7 @@ def test_a_unit_records_its_cpu_time_unless_it_resumed_without_one(tmp_path, mon
         def stop(snapshot):
             on_layer(snapshot)
             raise KeyboardInterrupt
+
         return real(*args, on_layer=stop, **kw)
 
     monkeypatch.setattr(extract_module, "sweep", cut_after_one_layer)
@@ -460,11 +512,12 @@ def test_a_unit_records_its_cpu_time_unless_it_resumed_without_one(tmp_path, mon
 def test_the_estimate_of_time_left_counts_saved_progress(tmp_path):
     spec = load_spec(write_spec(tmp_path, tasks=["ioi"], ablations=["mean"], include_mlps=[True], seeds=2))
     run_study(spec, workers=0, max_units=1, progress=False)
-    spent = study_status(spec, workers=1)["cpu_seconds_spent"]      # the estimate counts CPU time
+    spent = study_status(spec, workers=1)["cpu_seconds_spent"]  # the estimate counts CPU time
     assert 0 < spent and study_status(spec, workers=1)["seconds_left_estimate"] == pytest.approx(spent)
     pending = [u for u in study_status(spec)["unit_states"] if u["state"] == "pending"][0]["key"]
-    Store(spec.store).write_partial(pending, {"snapshot": {"states": [{"decisions": [[], []]}]},
-                                              "seconds": spent, "cpu_seconds": spent / 4})
+    Store(spec.store).write_partial(
+        pending, {"snapshot": {"states": [{"decisions": [[], []]}]}, "seconds": spent, "cpu_seconds": spent / 4}
+    )
     status = study_status(spec, workers=1)
     assert status["seconds_left_estimate"] == pytest.approx(spent * 3 / 4)
     assert [u["saved"] for u in status["unit_states"] if u["key"] == pending][0].startswith("2 candidates, ")
@@ -474,14 +527,15 @@ def test_a_saved_snapshot_of_other_settings_is_not_resumed(tmp_path):
     small = dict(tasks=["ioi"], ablations=["mean"], include_mlps=[False], seeds=1, n=4, n_test=4)
     spec, whole_spec = load_spec(write_spec(tmp_path, "odd", **small)), load_spec(write_spec(tmp_path, "ref", **small))
     [key] = [p.key for p in plan(spec)]
-    Store(spec.store).write_partial(key, {"snapshot": {"format": 1, "alphas": [0.5], "next_layer": 0, "states": []},
-                                          "seconds": 99.0})
+    Store(spec.store).write_partial(
+        key, {"snapshot": {"format": 1, "alphas": [0.5], "next_layer": 0, "states": []}, "seconds": 99.0}
+    )
     assert run_study(spec, workers=0, progress=False)["failed"] == []
     assert run_study(whole_spec, workers=0, progress=False)["failed"] == []
     assert comparable(study_table(spec).drop(columns="study")).equals(
-        comparable(study_table(whole_spec).drop(columns="study")))
+        comparable(study_table(whole_spec).drop(columns="study"))
+    )
     assert Store(spec.store).read_partial(key) is None
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,23 +548,24 @@ def _no_computing(*args, **kw):
 
 def test_head_effects_are_computed_once_into_the_store(tmp_path, monkeypatch):
     import circuitlib.studies.analysis as study_module
-    from circuitlib.studies.derived import head_effects
     from circuitlib.models.loading import load_model
+    from circuitlib.studies.derived import head_effects
     from circuitlib.tasks import get_task
 
     spec = load_spec(write_spec(tmp_path))
     effects = head_effects(spec, "ioi", "mean", seed=1)
     model, tokenizer = load_model("tiny-gpt2")
     data = get_task("ioi").generate(tokenizer, n=spec.n["ioi"], seed=1, n_test=spec.n_test["ioi"])
-    direct = study_module.single_head_effects(model, data.patching.tokens, data.validation.tokens, "mean",
-                                              progress=False)
+    direct = study_module.single_head_effects(
+        model, data.patching.tokens, data.validation.tokens, "mean", progress=False
+    )
     assert effects == direct
     records = list((spec.store / "effects").glob("*.json"))
     assert len(records) == 1 and json.loads(records[0].read_text())["settings"]["seed"] == 1
 
     monkeypatch.setattr(study_module, "single_head_effects", _no_computing)
-    assert head_effects(spec, "ioi", "mean", seed=1) == effects            # read back, not recomputed
-    with pytest.raises(AssertionError, match="recomputed"):                # other settings: a new record
+    assert head_effects(spec, "ioi", "mean", seed=1) == effects  # read back, not recomputed
+    with pytest.raises(AssertionError, match="recomputed"):  # other settings: a new record
         head_effects(spec, "ioi", "zero", seed=1)
     with pytest.raises(ValueError, match="not in the spec"):
         head_effects(spec, "acronyms", "mean")
@@ -529,12 +584,13 @@ def test_random_baselines_rebuild_the_row_and_are_stored_once(tmp_path, monkeypa
     import circuitlib.studies.analysis as study_module
     from circuitlib.studies.derived import random_baselines
 
-    spec = load_spec(write_spec(tmp_path, tasks=["ioi"], ablations=["mean"], include_mlps=[True], seeds=1,
-                                alphas=[4.0e-6, 1.0e-3]))
+    spec = load_spec(
+        write_spec(tmp_path, tasks=["ioi"], ablations=["mean"], include_mlps=[True], seeds=1, alphas=[4.0e-6, 1.0e-3])
+    )
     run_study(spec, workers=0, progress=False)
     table = study_table(spec)
     row = table.sort_values("alpha").iloc[0]
-    assert 0 < row["heads"] < spec_heads(spec)                 # a circuit that random draws of its size can differ from
+    assert 0 < row["heads"] < spec_heads(spec)  # a circuit that random draws of its size can differ from
     circuits = random_baselines(spec, "ioi", row, 3)
     assert [c["circuit"] for c in circuits] == ["extracted"] + ["random"] * 3
     assert circuits[0]["test_accuracy"] == row["test_accuracy"]
@@ -544,9 +600,19 @@ def test_random_baselines_rebuild_the_row_and_are_stored_once(tmp_path, monkeypa
     assert heads == [row["heads"]] * 3 and len({tuple(c["kept"]) for c in circuits[1:]}) > 1
 
     monkeypatch.setattr(study_module, "evaluate_kept", _no_computing)
-    assert random_baselines(spec, "ioi", row, 3) == circuits               # read back, not recomputed
-    other = load_spec(write_spec(tmp_path, name="other", tasks=["ioi"], ablations=["mean"], include_mlps=[True],
-                                 seeds=1, alphas=[4.0e-6, 1.0e-3], n=6))
+    assert random_baselines(spec, "ioi", row, 3) == circuits  # read back, not recomputed
+    other = load_spec(
+        write_spec(
+            tmp_path,
+            name="other",
+            tasks=["ioi"],
+            ablations=["mean"],
+            include_mlps=[True],
+            seeds=1,
+            alphas=[4.0e-6, 1.0e-3],
+            n=6,
+        )
+    )
     with pytest.raises(ValueError, match="other prompts"):
         random_baselines(other, "ioi", row, 3)
     with pytest.raises(ValueError, match="n_random"):
@@ -556,12 +622,12 @@ def test_random_baselines_rebuild_the_row_and_are_stored_once(tmp_path, monkeypa
 def test_standard_metrics_rebuild_every_circuit_and_are_stored_once(tmp_path, monkeypatch):
     import circuitlib.studies.derived as derived
     from circuitlib.core.ablation import mean_activations
-    from circuitlib.models.loading import load_model
     from circuitlib.core.metrics import normalised_faithfulness
-    from circuitlib.tasks.measures import standard_metric
-    from circuitlib.studies.analysis import evaluate_kept
     from circuitlib.core.surgery import prune
+    from circuitlib.models.loading import load_model
+    from circuitlib.studies.analysis import evaluate_kept
     from circuitlib.tasks import get_task
+    from circuitlib.tasks.measures import standard_metric
 
     spec = load_spec(write_spec(tmp_path, ablations=["mean"], seeds=1, alphas=[4.0e-6, 1.0e-3]))
     run_study(spec, workers=0, progress=False)
@@ -580,24 +646,24 @@ def test_standard_metrics_rebuild_every_circuit_and_are_stored_once(tmp_path, mo
         assert r["value_per_prompt"] == standard_metric(task, tokenizer, data.test, logits).tolist()
         assert r["value"] == pytest.approx(np.mean(r["value_per_prompt"]), rel=1e-12)
         assert r["faithfulness"] == normalised_faithfulness(r["value"], r["full_value"], r["empty_value"])
-        empty = evaluate_kept(model, task, data, [], "mean", means)           # the existing evaluate path
+        empty = evaluate_kept(model, task, data, [], "mean", means)  # the existing evaluate path
         assert r["empty_accuracy"] == empty["test"]["accuracy"]
         assert r["size"] == (r["heads"] + r["mlps"] * r["include_mlps"]) / (16 + 4 * r["include_mlps"])
     gt = metrics[metrics.task == "greater-than"].iloc[0]
     assert gt["constant_accuracy"] == 1.0 and gt["constant_value"] == 1.0 and gt["constant_answer"] == "99"
-    assert metrics[metrics.task == "ioi"]["constant_value"].isna().all()        # a logit difference: none
+    assert metrics[metrics.task == "ioi"]["constant_value"].isna().all()  # a logit difference: none
 
     areas = derived.faithfulness_area_table(metrics)
     assert len(areas) == table["key"].nunique() and areas[["cpr", "cmd"]].notna().all().all()
 
     monkeypatch.setattr(derived, "_measure_kept", _no_computing)
-    again = derived.standard_metrics_table(spec, table=table)                     # read back, not recomputed
+    again = derived.standard_metrics_table(spec, table=table)  # read back, not recomputed
     assert again.drop(columns="value_per_prompt").equals(metrics.drop(columns="value_per_prompt"))
     tampered = table[table.key == table.key.iloc[0]].copy()
     tampered["test_accuracy"] = tampered["test_accuracy"] + 0.5
     monkeypatch.undo()
     monkeypatch.setattr(derived, "_cached", lambda spec, kind, settings, compute, device: compute(model))
-    with pytest.raises(RuntimeError, match="rebuilt here reaches"):                # its stored record bypassed
+    with pytest.raises(RuntimeError, match="rebuilt here reaches"):  # its stored record bypassed
         derived.circuit_metrics(spec, tampered)
     with pytest.raises(ValueError, match="exactly one unit"):
         derived.circuit_metrics(spec, table)
@@ -613,8 +679,8 @@ def test_order_spec_is_book_specs_mean_heads_only_units_in_the_other_order():
     assert len(units) == 9 and {(u.task, u.seed) for u in units} == set(twins)
     for u in units:
         twin = twins[(u.task, u.seed)]
-        assert dataclasses.replace(u, order=twin.order) == twin                  # only the order differs
-        assert u.key("same prompts") != twin.key("same prompts")                 # and it makes another unit
+        assert dataclasses.replace(u, order=twin.order) == twin  # only the order differs
+        assert u.key("same prompts") != twin.key("same prompts")  # and it makes another unit
 
 
 def test_faithfulness_areas_per_unit_start_from_the_searchs_smallest_circuit():
@@ -623,15 +689,25 @@ def test_faithfulness_areas_per_unit_start_from_the_searchs_smallest_circuit():
     from circuitlib.studies.derived import faithfulness_area_table
 
     base = {"task": "ioi", "ablation": "mean", "seed": 0, "metric": "m", "full_value": 3.0, "empty_value": 1.0}
-    table = pd.DataFrame([
-        {**base, "key": "heads", "include_mlps": False, "no_heads_value": 2.0, "size": 0.5, "faithfulness": 1.0},
-        {**base, "key": "all", "include_mlps": True, "no_heads_value": 2.0, "size": 0.5, "faithfulness": 1.0},
-        {**base, "key": "flat", "include_mlps": True, "no_heads_value": 2.0, "size": 0.5, "faithfulness": float("nan"),
-         "full_value": 1.0}])
+    table = pd.DataFrame(
+        [
+            {**base, "key": "heads", "include_mlps": False, "no_heads_value": 2.0, "size": 0.5, "faithfulness": 1.0},
+            {**base, "key": "all", "include_mlps": True, "no_heads_value": 2.0, "size": 0.5, "faithfulness": 1.0},
+            {
+                **base,
+                "key": "flat",
+                "include_mlps": True,
+                "no_heads_value": 2.0,
+                "size": 0.5,
+                "faithfulness": float("nan"),
+                "full_value": 1.0,
+            },
+        ]
+    )
     areas = faithfulness_area_table(table).set_index("key")
     # heads only: the curve starts at the circuit without heads, faithfulness (2 - 1) / (3 - 1) = 0.5
     assert (areas.loc["heads", "cpr"], areas.loc["heads", "cmd"]) == (0.5 * 0.75 + 0.5, 0.5 * 0.25)
-    assert (areas.loc["all", "cpr"], areas.loc["all", "cmd"]) == (0.75, 0.25)           # from the empty circuit
+    assert (areas.loc["all", "cpr"], areas.loc["all", "cmd"]) == (0.75, 0.25)  # from the empty circuit
     assert np.isnan(areas.loc["flat", "cpr"]) and np.isnan(areas.loc["flat", "cmd"])
 
 
@@ -643,7 +719,7 @@ def test_standard_metrics_script_refuses_bad_input_in_one_line(tmp_path, capsys,
     assert script.main([str(spec), "--csv", str(tmp_path / "no-such-folder" / "out.csv")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the folder of --csv") and err.count("\n") == 1
-    assert not (tmp_path / "results").exists()                                   # nothing computed or written
+    assert not (tmp_path / "results").exists()  # nothing computed or written
 
 
 def test_every_committed_unit_still_resolves():
@@ -688,7 +764,7 @@ def test_an_unreadable_unit_file_is_quarantined_counted_and_recomputed(tmp_path,
     before = comparable(study_table(spec))
     path = store.unit_path(first.key)
     good = path.read_bytes()
-    bad = {"truncated": good[:len(good) // 2], "empty": b"", "foreign": b"PK\x03\x04 a zip, not Parquet" * 9}[damage]
+    bad = {"truncated": good[: len(good) // 2], "empty": b"", "foreign": b"PK\x03\x04 a zip, not Parquet" * 9}[damage]
     path.write_bytes(bad)
     with pytest.raises(ValueError, match=f"unit file {path} cannot be read .*study run SPEC"):
         study_table(spec)
@@ -696,7 +772,7 @@ def test_an_unreadable_unit_file_is_quarantined_counted_and_recomputed(tmp_path,
     # show: the readable unit's rows, and one line naming the unreadable one
     assert main(["study", "show", str(spec_path), "--json"]) == 0
     out, err = capsys.readouterr()
-    assert len(json.loads(out)) == 3 and err.count("\n") == 1     # one unit, its 3 alphas
+    assert len(json.loads(out)) == 3 and err.count("\n") == 1  # one unit, its 3 alphas
     assert err.startswith(f"left out: unit file {path} cannot be read ({len(bad)} bytes;")
 
     # status: counted as damaged, not done; nothing moved yet
@@ -723,11 +799,17 @@ def test_an_unreadable_unit_file_is_quarantined_counted_and_recomputed(tmp_path,
     assert study_status(spec)["done"] == 2 and study_status(spec)["quarantined"] == 0
 
 
-@pytest.mark.parametrize("marker, partial", [
-    ("null", "[]"),
-    ('{"updated": "yesterday", "pid": "x", "done": [1], "total": {}, "host": 3}', '{"seconds": "x"}'),
-    ('{"updated": Infinity, "pid": 1.5}', '{"seconds": 1, "snapshot": {"next_layer": 0, "alphas": [], "states": []}}'),
-])
+@pytest.mark.parametrize(
+    "marker, partial",
+    [
+        ("null", "[]"),
+        ('{"updated": "yesterday", "pid": "x", "done": [1], "total": {}, "host": 3}', '{"seconds": "x"}'),
+        (
+            '{"updated": Infinity, "pid": 1.5}',
+            '{"seconds": 1, "snapshot": {"next_layer": 0, "alphas": [], "states": []}}',
+        ),
+    ],
+)
 def test_damaged_claims_and_partial_records_do_not_stop_status_or_run(tmp_path, capsys, marker, partial):
     """Found by tests/test_fuzz.py: a running/ or partial/ file of another shape crashed `study status`."""
     from circuitlib.cli import main

@@ -6,13 +6,22 @@ import pytest
 import torch
 
 from circuitlib.core.ablation import mean_activations
-from circuitlib.pipeline.extraction import run_extraction
+from circuitlib.core.metrics import kl_divergence
+from circuitlib.core.surgery import prune
 from circuitlib.discovery.greedy import Circuit, Decision, sweep
 from circuitlib.models.loading import load_model
-from circuitlib.core.metrics import kl_divergence
-from circuitlib.studies.analysis import (alpha_study, evaluate_circuits, evaluate_kept, paper_alphas,
-                              random_kept, single_head_effects, time_pair, top_heads, tpr_fpr_by_alpha)
-from circuitlib.core.surgery import prune
+from circuitlib.pipeline.extraction import run_extraction
+from circuitlib.studies.analysis import (
+    alpha_study,
+    evaluate_circuits,
+    evaluate_kept,
+    paper_alphas,
+    random_kept,
+    single_head_effects,
+    time_pair,
+    top_heads,
+    tpr_fpr_by_alpha,
+)
 from circuitlib.tasks import TaskData, TaskSplit, get_task
 
 
@@ -23,10 +32,12 @@ def tiny():
 
 def _data(model, patching, validation):
     """TaskData on random tokens whose answers are the full model's own argmax."""
+
     def split(tokens):
         with torch.inference_mode():
             answers = model(tokens, last_only=True).argmax(-1)
         return TaskSplit([str(i) for i in range(len(tokens))], tokens, answers)
+
     return TaskData(split(patching), split(validation), split(validation.flip(0)))
 
 
@@ -34,8 +45,8 @@ def test_paper_alphas():
     ioi, gt = paper_alphas("ioi"), paper_alphas("greater-than")
     assert len(ioi) == len(gt) == 30
     assert ioi[0] == pytest.approx(1e-5) and ioi[-1] == pytest.approx(1.0) and gt[-1] == pytest.approx(10.0)
-    assert min(abs(a / 8.53e-3 - 1) for a in ioi) < 0.01       # Table 1's IOI alpha is a grid point
-    assert min(abs(a / 8.53e-2 - 1) for a in gt) < 0.01        # and greater-than's
+    assert min(abs(a / 8.53e-3 - 1) for a in ioi) < 0.01  # Table 1's IOI alpha is a grid point
+    assert min(abs(a / 8.53e-2 - 1) for a in gt) < 0.01  # and greater-than's
     assert ioi == sorted(ioi)
 
 
@@ -43,8 +54,15 @@ def test_paper_alphas():
 def test_evaluated_circuit_matches_its_own_kl(models, data, arch, ablation):
     model = models[arch]
     d = _data(model, *data)
-    circuits = sweep(model, d.patching.tokens, d.validation.tokens, [0.0, 0.05, 0.5, 100.0], ablation=ablation,
-                     include_mlps=True, progress=False)
+    circuits = sweep(
+        model,
+        d.patching.tokens,
+        d.validation.tokens,
+        [0.0, 0.05, 0.5, 100.0],
+        ablation=ablation,
+        include_mlps=True,
+        progress=False,
+    )
     rows = evaluate_circuits(model, get_task("ioi"), d, circuits)
     assert [r["alpha"] for r in rows] == [0.0, 0.05, 0.5, 100.0]
     full = model.count_parameters()["parameters"]
@@ -71,15 +89,35 @@ def test_alpha_study_matches_separate_extractions(tiny):
     model, tok = tiny
     task = get_task("ioi")
     alphas = [1e-3, 3e-2]
-    table, circuits = alpha_study(model, tok, task, alphas, n=8, seeds=(0, 1), ablations=("mean", "zero"),
-                                  include_mlps=(False, True), progress=False, keep_circuits=True)
+    table, circuits = alpha_study(
+        model,
+        tok,
+        task,
+        alphas,
+        n=8,
+        seeds=(0, 1),
+        ablations=("mean", "zero"),
+        include_mlps=(False, True),
+        progress=False,
+        keep_circuits=True,
+    )
     assert len(table) == 2 * 4 * len(alphas)
     assert set(circuits) == {(s, a, m) for s in (0, 1) for a in ("mean", "zero") for m in (False, True)}
-    for (seed, ablation, mlps, alpha) in [(0, "mean", False, 3e-2), (1, "zero", True, 1e-3)]:
-        e = run_extraction("tiny-gpt2", "ioi", alpha=alpha, ablation=ablation, include_mlps=mlps, n=8, seed=seed,
-                           progress=False, loaded=(model, tok))
-        row = table[(table.seed == seed) & (table.ablation == ablation) & (table.include_mlps == mlps)
-                    & (table.alpha == alpha)].iloc[0]
+    for seed, ablation, mlps, alpha in [(0, "mean", False, 3e-2), (1, "zero", True, 1e-3)]:
+        e = run_extraction(
+            "tiny-gpt2",
+            "ioi",
+            alpha=alpha,
+            ablation=ablation,
+            include_mlps=mlps,
+            n=8,
+            seed=seed,
+            progress=False,
+            loaded=(model, tok),
+        )
+        row = table[
+            (table.seed == seed) & (table.ablation == ablation) & (table.include_mlps == mlps) & (table.alpha == alpha)
+        ].iloc[0]
         assert row.heads == len(e.circuit.kept_heads)
         assert row.val_accuracy == pytest.approx(e.metrics["pruned"]["validation"]["accuracy"])
         assert row.test_kl == pytest.approx(e.metrics["pruned"]["test"]["kl"], abs=1e-6)
@@ -115,8 +153,9 @@ def test_single_head_effects_are_exact(models, data, arch):
         everything = model.kept_heads() + [f"MLP {l}" for l in range(model.cfg.n_layers)]
         for head in ("0.1", f"{model.cfg.n_layers - 1}.2"):
             pruned = prune(model, [c for c in everything if c != head], "mean", means)
-            assert effects[head] == pytest.approx(kl_divergence(full, pruned(validation, last_only=True)),
-                                                  rel=1e-3, abs=1e-6)
+            assert effects[head] == pytest.approx(
+                kl_divergence(full, pruned(validation, last_only=True)), rel=1e-3, abs=1e-6
+            )
     top = top_heads(effects, 3)
     assert len(top) == 3 and effects[top[0]] == max(effects.values())
 
@@ -151,7 +190,7 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_prompts():
     assert bootstrap_interval([few], seed=3) == bootstrap_interval([few], seed=3)
     assert bootstrap_interval([[1.0] * 5]) == (1.0, 1.0, 1.0)
     two = bootstrap_interval([[1.0] * 10, [0.0] * 10])
-    assert two == (0.5, 0.5, 0.5)                       # no prompt-level spread inside either batch
+    assert two == (0.5, 0.5, 0.5)  # no prompt-level spread inside either batch
     with pytest.raises(ValueError, match="non-empty"):
         bootstrap_interval([[]])
 
@@ -174,15 +213,36 @@ def test_choose_alpha_takes_the_largest_alpha_within_the_tolerance():
     from circuitlib.studies.analysis import choose_alpha
 
     rows = []
-    for seed, accs in ((0, [0.95, 0.93, 0.80]), (1, [0.97, 0.89, 0.70])):   # mean 0.96, 0.91, 0.75
+    for seed, accs in ((0, [0.95, 0.93, 0.80]), (1, [0.97, 0.89, 0.70])):  # mean 0.96, 0.91, 0.75
         for alpha, acc in zip([0.001, 0.01, 0.1], accs):
-            rows.append({"task": "ioi", "ablation": "mean", "include_mlps": False, "seed": seed, "alpha": alpha,
-                         "val_accuracy": acc, "full_val_accuracy": 0.96})
-            rows.append({"task": "ioi", "ablation": "zero", "include_mlps": True, "seed": seed, "alpha": alpha,
-                         "val_accuracy": 0.5, "full_val_accuracy": 0.96})
+            rows.append(
+                {
+                    "task": "ioi",
+                    "ablation": "mean",
+                    "include_mlps": False,
+                    "seed": seed,
+                    "alpha": alpha,
+                    "val_accuracy": acc,
+                    "full_val_accuracy": 0.96,
+                }
+            )
+            rows.append(
+                {
+                    "task": "ioi",
+                    "ablation": "zero",
+                    "include_mlps": True,
+                    "seed": seed,
+                    "alpha": alpha,
+                    "val_accuracy": 0.5,
+                    "full_val_accuracy": 0.96,
+                }
+            )
     chosen = choose_alpha(pd.DataFrame(rows))
     assert chosen == {("ioi", "mean", False): 0.01, ("ioi", "zero", True): None}
-    assert choose_alpha(pd.DataFrame(rows), tolerance=0.01) == {("ioi", "mean", False): 0.001, ("ioi", "zero", True): None}
+    assert choose_alpha(pd.DataFrame(rows), tolerance=0.01) == {
+        ("ioi", "mean", False): 0.001,
+        ("ioi", "zero", True): None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,10 +253,24 @@ def _table(order="heads-ascending", kept=None):
     import pandas as pd
 
     kept = kept or {0: ["0.0", "0.1"], 1: ["0.0"], 2: []}
-    return pd.DataFrame([{"task": "ioi", "ablation": "mean", "include_mlps": False, "alpha": 0.1, "seed": s,
-                          "order": order, "heads": len(h), "test_accuracy": [0.5, 0.7, 0.9][s], "kept_heads": h,
-                          "kept_mlps": [0, 1][:s], "test_correct": [[1, 0], [1, 1], [0, 0, 0, 1]][s]}
-                         for s, h in kept.items()])
+    return pd.DataFrame(
+        [
+            {
+                "task": "ioi",
+                "ablation": "mean",
+                "include_mlps": False,
+                "alpha": 0.1,
+                "seed": s,
+                "order": order,
+                "heads": len(h),
+                "test_accuracy": [0.5, 0.7, 0.9][s],
+                "kept_heads": h,
+                "kept_mlps": [0, 1][:s],
+                "test_correct": [[1, 0], [1, 1], [0, 0, 0, 1]][s],
+            }
+            for s, h in kept.items()
+        ]
+    )
 
 
 def test_spread_over_batches_and_kept_overlap():
@@ -210,9 +284,10 @@ def test_spread_over_batches_and_kept_overlap():
     overlap = kept_overlap(_table()).iloc[0]
     assert overlap["pairs"] == 3 and overlap["jaccard_mean"] == pytest.approx((0.5 + 0.0 + 0.0) / 3)
     assert overlap["jaccard_min"] == 0.0
-    with_mlps = kept_overlap(_table(), components="all").iloc[0]             # {0.0, 0.1}, {0.0, MLP 0}, {MLP 0, MLP 1}
+    with_mlps = kept_overlap(_table(), components="all").iloc[0]  # {0.0, 0.1}, {0.0, MLP 0}, {MLP 0, MLP 1}
     assert with_mlps["jaccard_mean"] == pytest.approx((1 / 3 + 0 + 1 / 3) / 3)
     import pandas as pd
+
     with pytest.raises(ValueError, match="two rows of seed 0"):
         spread_over_batches(pd.concat([_table(), _table("heads-descending")]), ["heads"])
 
@@ -261,17 +336,18 @@ def test_prompt_flips_are_exactly_the_pruned_models(models, data, arch, ablation
     kept = ["0.1", "2.0", "MLP 1"]
     circuit = prune(model, kept, ablation, means)
     with torch.inference_mode():
-        answers = circuit(validation, last_only=True).argmax(-1)          # the circuit is right on every prompt
+        answers = circuit(validation, last_only=True).argmax(-1)  # the circuit is right on every prompt
         full = model(validation, last_only=True).argmax(-1)
     split = TaskSplit([str(i) for i in range(len(validation))], validation, answers)
-    task = get_task("ioi")                                                 # only its argmax rule is used
+    task = get_task("ioi")  # only its argmax rule is used
     flips = prompt_flips(model, task, split, kept, ablation, means)
     assert flips["circuit_accuracy"] == 1.0 and flips["lost"] == []
     assert flips["gained"] == torch.nonzero(full != answers).flatten().tolist() and flips["gained"]
     assert flips["full_accuracy"] == (len(validation) - len(flips["gained"])) / len(validation)
     cfg = model.cfg
-    removed = [f"{l}.{h}" for l in range(cfg.n_layers) for h in range(cfg.n_heads)] + \
-              [f"MLP {l}" for l in range(cfg.n_layers)]
+    removed = [f"{l}.{h}" for l in range(cfg.n_layers) for h in range(cfg.n_heads)] + [
+        f"MLP {l}" for l in range(cfg.n_layers)
+    ]
     brute = {}
     for c in [c for c in removed if c not in kept]:
         with torch.inference_mode():
@@ -287,11 +363,12 @@ def test_attention_targets_find_the_tasks_positions():
     from circuitlib.studies.analysis import attention_targets
 
     tok = gpt2_tokenizer()
-    for name, target, want in [("ioi", "indirect object", lambda p: [" " + p.split()[3]]),
-                               ("ioi", "subject", lambda p: [" " + p.split()[1].rstrip(",")] * 2),
-                               ("greater-than", "start year", lambda p: [p.split()[-3][2:]]),
-                               ("acronyms", "capital letters", lambda p: [" " + w[0] for w in p.split()[1:4]]
-                                + list(p.split("(")[1]))]:
+    for name, target, want in [
+        ("ioi", "indirect object", lambda p: [" " + p.split()[3]]),
+        ("ioi", "subject", lambda p: [" " + p.split()[1].rstrip(",")] * 2),
+        ("greater-than", "start year", lambda p: [p.split()[-3][2:]]),
+        ("acronyms", "capital letters", lambda p: [" " + w[0] for w in p.split()[1:4]] + list(p.split("(")[1])),
+    ]:
         split = get_task(name).generate(tok, 4, seed=0).test
         masks = attention_targets(get_task(name), tok, split)
         assert masks["first token"][:, 0].all() and masks["current token"][:, -1].all()
@@ -307,7 +384,7 @@ def test_attention_mass_sums_the_pattern_from_the_last_position(models, data):
     targets = {"first token": torch.zeros(n, S, dtype=torch.bool), "everything": torch.ones(n, S, dtype=torch.bool)}
     targets["first token"][:, 0] = True
     table = attention_mass(model, tokens, ["0.0", "2.3"], targets)
-    pattern = model.attention_patterns(tokens, ["0.0", "2.3"])                    # [n, 2, S, S]
+    pattern = model.attention_patterns(tokens, ["0.0", "2.3"])  # [n, 2, S, S]
     assert table["head"].tolist() == ["0.0", "2.3"]
     assert table["first token"].tolist() == pytest.approx(pattern[:, :, -1, 0].double().mean(0).tolist(), rel=1e-12)
     assert table["everything"].tolist() == pytest.approx([1.0, 1.0], abs=1e-6)

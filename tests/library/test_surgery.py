@@ -12,8 +12,9 @@ from circuitlib.core.surgery import prune
 
 def components(model):
     cfg = model.cfg
-    return [f"{l}.{h}" for l in range(cfg.n_layers) for h in range(cfg.n_heads)] + \
-        [f"MLP {l}" for l in range(cfg.n_layers)]
+    return [f"{l}.{h}" for l in range(cfg.n_layers) for h in range(cfg.n_heads)] + [
+        f"MLP {l}" for l in range(cfg.n_layers)
+    ]
 
 
 @pytest.mark.parametrize("scheme", ["mean", "zero"])
@@ -82,13 +83,16 @@ def test_a_layer_without_heads_runs_on_the_last_position_alone(arch, models, dat
             pruned.layers[0].forward_positionwise(x, slice(0, S))
 
 
-@pytest.mark.parametrize("kept, message", [
-    (["0.1", "1.2", "0.1"], "name '0.1' twice"),
-    (["1.2", "1.02"], "name '1.02' twice \\(as '1.2'\\)"),
-    (["MLP 1", "MLP 1"], "name 'MLP 1' twice"),
-    ("0.1", "not one string"),
-    ([3], "must be strings"),
-])
+@pytest.mark.parametrize(
+    "kept, message",
+    [
+        (["0.1", "1.2", "0.1"], "name '0.1' twice"),
+        (["1.2", "1.02"], "name '1.02' twice \\(as '1.2'\\)"),
+        (["MLP 1", "MLP 1"], "name 'MLP 1' twice"),
+        ("0.1", "not one string"),
+        ([3], "must be strings"),
+    ],
+)
 def test_repeated_or_malformed_kept_lists_are_refused(models, data, kept, message):
     # a repeated head used to be built twice, and its layer's mean-ablation bias silently dropped
     model, (patching, _) = models["gpt2"], data

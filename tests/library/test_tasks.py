@@ -7,13 +7,21 @@ import pytest
 import torch
 
 from circuitlib.models.loading import gpt2_tokenizer
-from circuitlib.tasks import (TASK_NAMES, TASKS, Task, get_task, is_gpt2_tokenizer, make_split, register_task,
-                              split_acronyms)
+from circuitlib.tasks import (
+    TASK_NAMES,
+    TASKS,
+    Task,
+    get_task,
+    is_gpt2_tokenizer,
+    make_split,
+    register_task,
+    split_acronyms,
+)
 from circuitlib.tasks.builtin import _start_years
 
 N = 40
 # GPT-2's first two acronyms validation prompts at n = 250, seed 0, as generated before the SmolLM2 port
-PAPER_ACRONYMS_SEED0 = ['The Zinc Yarn Aversion (ZY', 'The Wrench Laughter Eaves (WL']
+PAPER_ACRONYMS_SEED0 = ["The Zinc Yarn Aversion (ZY", "The Wrench Laughter Eaves (WL"]
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +146,13 @@ def test_greater_than_digit_port_uses_start_years_ending_in_9(tok):
 
 def test_greater_than_correct_is_strictly_greater(tok):
     task = get_task("greater-than")
-    split = make_split(tok, ["The war lasted from the year 1732 to 17"] * 4, ["33"] * 4,
-                       candidates=[f"{v:02d}" for v in range(100)],
-                       accepted=(torch.arange(100) > 32).expand(4, 100))
+    split = make_split(
+        tok,
+        ["The war lasted from the year 1732 to 17"] * 4,
+        ["33"] * 4,
+        candidates=[f"{v:02d}" for v in range(100)],
+        accepted=(torch.arange(100) > 32).expand(4, 100),
+    )
     predictions = [tok.encode(x)[0] for x in ("33", "99", "32", "05")]
     assert task.correct(split, one_hot_logits(predictions)).tolist() == [True, True, False, False]
     # A non-year token is never correct.
@@ -268,8 +280,9 @@ def test_smollm2_ports(smol_tok):
         data = get_task(name).generate(smol_tok, N, seed=0)
         for split in splits(data):
             assert split.tokens.shape[0] == N
-            assert all(smol_tok.encode(smol_tok.decode([a]), add_special_tokens=False) == [a]
-                       for a in split.answers.tolist())
+            assert all(
+                smol_tok.encode(smol_tok.decode([a]), add_special_tokens=False) == [a] for a in split.answers.tolist()
+            )
         lengths[name] = data.validation.tokens.shape[1]
     assert lengths == {"acronyms": 11, "ioi": 15, "greater-than": 15}
 
@@ -313,13 +326,22 @@ def test_the_example_task_file_makes_seeded_disjoint_splits(tok):
 
 
 def test_csv_task_file_and_several_accepted_answers(tok, tmp_path):
-    csv_path = write(tmp_path, "sums.csv", ["prompt,answer", "Two plus two is, four", '"One, two,", three',
-                                            "Three plus one is, four"])
+    csv_path = write(
+        tmp_path,
+        "sums.csv",
+        ["prompt,answer", "Two plus two is, four", '"One, two,", three', "Three plus one is, four"],
+    )
     data = get_task(csv_path).generate(tok, 1, seed=0)
     assert get_task(csv_path).name == "sums" and {p for s in splits(data) for p in s.prompts} == {
-        "Two plus two is", "One, two,", "Three plus one is"}
-    path = write(tmp_path, "primes.jsonl", jsonl([
-        {"prompt": f"A prime below {k} is", "answer": " 2", "answers": [" 3", " 5"]} for k in (10, 11, 12)]))
+        "Two plus two is",
+        "One, two,",
+        "Three plus one is",
+    }
+    path = write(
+        tmp_path,
+        "primes.jsonl",
+        jsonl([{"prompt": f"A prime below {k} is", "answer": " 2", "answers": [" 3", " 5"]} for k in (10, 11, 12)]),
+    )
     task = get_task(path)
     split = task.generate(tok, 1, seed=0).validation
     assert [tok.decode([c]) for c in split.candidates.tolist()] == [" 2", " 3", " 5"] and split.accepted.all()
@@ -329,13 +351,19 @@ def test_csv_task_file_and_several_accepted_answers(tok, tmp_path):
 
 
 def test_every_problem_of_a_task_file_is_named_in_one_message(tok, tmp_path):
-    path = write(tmp_path, "bad.jsonl", jsonl([
-        {"prompt": "The capital of France is", "answer": " Paris"},
-        {"prompt": "The capital of Germany is", "answer": " Berlin"},
-        {"prompt": "The capital of the United States is", "answer": " Washington"},
-        {"prompt": "The capital of France is", "answer": " Paris"},
-        {"prompt": "The capital of Burkina Faso is", "answer": " Ouagadougou"},
-    ]))
+    path = write(
+        tmp_path,
+        "bad.jsonl",
+        jsonl(
+            [
+                {"prompt": "The capital of France is", "answer": " Paris"},
+                {"prompt": "The capital of Germany is", "answer": " Berlin"},
+                {"prompt": "The capital of the United States is", "answer": " Washington"},
+                {"prompt": "The capital of France is", "answer": " Paris"},
+                {"prompt": "The capital of Burkina Faso is", "answer": " Ouagadougou"},
+            ]
+        ),
+    )
     with pytest.raises(ValueError) as error:
         get_task(path).generate(tok, 2, seed=0)
     message = str(error.value)
@@ -346,19 +374,28 @@ def test_every_problem_of_a_task_file_is_named_in_one_message(tok, tmp_path):
     assert "6 prompts are needed" in message and "the file has 5 rows; lower n to at most 1" in message
 
 
-@pytest.mark.parametrize("name, lines, message", [
-    ("empty.jsonl", [""], "holds no rows"),
-    ("broken.jsonl", ['{"prompt": "A", "answer": " b"}', '{"prompt": "A"'], "line 2 is not JSON"),
-    ("list.jsonl", ['["A", " b"]'], "line 1 is not a JSON object"),
-    ("fields.jsonl", ['{"prompt": "A", "anser": " b"}'], "line 1: unknown field 'anser'.*'answer' must be a non-empty "
-                                                       "string \\(missing\\)"),
-    ("types.jsonl", ['{"prompt": 3, "answer": " b", "answers": " b"}'],
-     "'prompt' must be a non-empty string; 'answers' must be a non-empty list"),
-    ("header.csv", ["question,answer", "A, b"], "line 1 must be the header 'prompt,answer'"),
-    ("columns.csv", ["prompt,answer", "A, b, c"], "line 2 has 3 values, not 2"),
-    ("empty.csv", [""], "holds no rows"),
-    ("task.txt", ["A"], "must end in .jsonl or .csv"),
-])
+@pytest.mark.parametrize(
+    "name, lines, message",
+    [
+        ("empty.jsonl", [""], "holds no rows"),
+        ("broken.jsonl", ['{"prompt": "A", "answer": " b"}', '{"prompt": "A"'], "line 2 is not JSON"),
+        ("list.jsonl", ['["A", " b"]'], "line 1 is not a JSON object"),
+        (
+            "fields.jsonl",
+            ['{"prompt": "A", "anser": " b"}'],
+            "line 1: unknown field 'anser'.*'answer' must be a non-empty string \\(missing\\)",
+        ),
+        (
+            "types.jsonl",
+            ['{"prompt": 3, "answer": " b", "answers": " b"}'],
+            "'prompt' must be a non-empty string; 'answers' must be a non-empty list",
+        ),
+        ("header.csv", ["question,answer", "A, b"], "line 1 must be the header 'prompt,answer'"),
+        ("columns.csv", ["prompt,answer", "A, b, c"], "line 2 has 3 values, not 2"),
+        ("empty.csv", [""], "holds no rows"),
+        ("task.txt", ["A"], "must end in .jsonl or .csv"),
+    ],
+)
 def test_malformed_task_files_are_refused(tmp_path, name, lines, message):
     path = write(tmp_path, name, lines)
     with pytest.raises(ValueError, match=message):

@@ -34,15 +34,15 @@ INFO_FILE = "program.json"
 class CompiledInfo:
     """What the compiler knew about a compiled program (JSON-ready)."""
 
-    program: str                  # built-in name, or "file-<hash>"
-    vocab: list                   # input tokens (without BOS/PAD), sorted by id
-    token_ids: list               # [[token, id], ...] for every input token, BOS and PAD
+    program: str  # built-in name, or "file-<hash>"
+    vocab: list  # input tokens (without BOS/PAD), sorted by id
+    token_ids: list  # [[token, id], ...] for every input token, BOS and PAD
     bos_id: int
-    max_seq_len: int              # without BOS
-    categorical: bool             # categorical output (else numerical: one value per position)
-    output_values: list           # categorical: the value of each output column; numerical: [None]
-    residual_labels: list[str]    # one per residual dimension, "name:value" or "name"
-    structure: dict = field(default_factory=dict)   # truth.read_structure
+    max_seq_len: int  # without BOS
+    categorical: bool  # categorical output (else numerical: one value per position)
+    output_values: list  # categorical: the value of each output column; numerical: [None]
+    residual_labels: list[str]  # one per residual dimension, "name:value" or "name"
+    structure: dict = field(default_factory=dict)  # truth.read_structure
     source: str = ""
 
     def encode(self, tokens) -> list[int]:
@@ -67,9 +67,15 @@ class Compiled:
 
 def compile_program(program: Program) -> Compiled:
     """Compile `program` with Tracr now (no cache), convert it, and read its structure."""
-    from tracr.compiler import (basis_inference, craft_graph_to_model, craft_model_to_transformer,
-                                expr_to_craft_graph, rasp_to_graph, validating)
-    from tracr.compiler import nodes
+    from tracr.compiler import (
+        basis_inference,
+        craft_graph_to_model,
+        craft_model_to_transformer,
+        expr_to_craft_graph,
+        nodes,
+        rasp_to_graph,
+        validating,
+    )
     from tracr.craft import bases
     from tracr.rasp import rasp
 
@@ -85,20 +91,30 @@ def compile_program(program: Program) -> Compiled:
         graph, sources, sink = extracted.graph, extracted.sources, extracted.sink
         basis_inference.infer_bases(graph, sink, set(program.vocab), program.max_seq_len)
         expr_to_craft_graph.add_craft_components_to_rasp_graph(
-            graph, bos_dir=bases.BasisDirection(rasp.tokens.label, BOS), mlp_exactness=100)
+            graph, bos_dir=bases.BasisDirection(rasp.tokens.label, BOS), mlp_exactness=100
+        )
         craft_model = craft_graph_to_model.craft_graph_to_model(graph, sources)
         assembled = craft_model_to_transformer.craft_model_to_transformer(
-            craft_model=craft_model, graph=graph, sink=sink, max_seq_len=program.max_seq_len,
-            compiler_bos=BOS, compiler_pad=PAD, causal=False)
+            craft_model=craft_model,
+            graph=graph,
+            sink=sink,
+            max_seq_len=program.max_seq_len,
+            compiler_bos=BOS,
+            compiler_pad=PAD,
+            causal=False,
+        )
     except ProgramError:
         raise
     except Exception as e:  # Tracr signals unsupported programs with many exception types
         where = program.source or program.name
-        raise ProgramError(f"Tracr cannot compile the program {where}: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else 'no message'}") from None
+        raise ProgramError(
+            f"Tracr cannot compile the program {where}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no message'}"
+        ) from None
     # The residual space exactly as Tracr's assembler builds it (checked against its labels).
     tokens_space = bases.VectorSpaceWithBasis.from_values(
-        rasp.tokens.label, graph.nodes[rasp.tokens.label][nodes.VALUE_SET].union({BOS, PAD}))
+        rasp.tokens.label, graph.nodes[rasp.tokens.label][nodes.VALUE_SET].union({BOS, PAD})
+    )
     indices_space = bases.VectorSpaceWithBasis.from_values(rasp.indices.label, range(program.max_seq_len))
     output_space = bases.VectorSpaceWithBasis(sink[nodes.OUTPUT_BASIS])
     residual = bases.join_vector_spaces(craft_model.residual_space, tokens_space, indices_space, output_space)
@@ -113,9 +129,14 @@ def compile_program(program: Program) -> Compiled:
         program=program.name,
         vocab=sorted(program.vocab, key=lambda t: encoding[t]),
         token_ids=sorted(([t, i] for t, i in encoding.items()), key=lambda p: p[1]),
-        bos_id=encoding[BOS], max_seq_len=program.max_seq_len, categorical=categorical,
+        bos_id=encoding[BOS],
+        max_seq_len=program.max_seq_len,
+        categorical=categorical,
         output_values=[d.value for d in output_space.basis] if categorical else [None],
-        residual_labels=labels, structure=read_structure(graph, sources, craft_model, sink), source=program.source)
+        residual_labels=labels,
+        structure=read_structure(graph, sources, craft_model, sink),
+        source=program.source,
+    )
     model = from_tracr(assembled, output_columns, name, program.max_seq_len)
     return Compiled(model, info, program, assembled)
 
@@ -134,8 +155,8 @@ def load_compiled(name_or_path: str, cache_dir: str | os.PathLike | None = None)
     the same program is loaded once.
     """
     text = str(name_or_path)
-    if text.startswith(MODEL_PREFIX) and text[len(MODEL_PREFIX):] in BUILTIN:
-        text = text[len(MODEL_PREFIX):]
+    if text.startswith(MODEL_PREFIX) and text[len(MODEL_PREFIX) :] in BUILTIN:
+        text = text[len(MODEL_PREFIX) :]
     is_file = text.endswith(".py") or "/" in text
     if is_file and not Path(text).expanduser().is_file():
         resolve(text)  # raises the error naming the missing file
@@ -158,8 +179,9 @@ def _read(folder: Path) -> Compiled:
     try:
         info = CompiledInfo(**json.loads((folder / INFO_FILE).read_text()))
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{folder / INFO_FILE} is not a valid compiled-program description ({e}); "
-                         f"delete {folder} to compile again") from None
+        raise ValueError(
+            f"{folder / INFO_FILE} is not a valid compiled-program description ({e}); delete {folder} to compile again"
+        ) from None
     return Compiled(Transformer.load(folder), info)
 
 

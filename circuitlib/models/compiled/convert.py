@@ -28,15 +28,28 @@ def from_tracr(assembled, output_columns: list[int], name: str, max_seq_len: int
     """
     params = {k: {n: np.asarray(v, dtype=np.float32) for n, v in d.items()} for k, d in assembled.params.items()}
     c = assembled.model_config
-    W_E = params["token_embed"]["embeddings"]                       # [V_in, D]
+    W_E = params["token_embed"]["embeddings"]  # [V_in, D]
     V, D = W_E.shape
     H, E, L = c.num_heads, c.key_size, c.num_layers
-    cfg = ModelConfig(name=name, arch="gpt2", n_layers=L, d_model=D, n_heads=H, d_head=E, d_mlp=c.mlp_hidden_size,
-                      d_vocab=V, n_ctx=max_seq_len + 1, causal=bool(c.causal), normalization=False,
-                      activation="relu", d_vocab_out=len(output_columns))
+    cfg = ModelConfig(
+        name=name,
+        arch="gpt2",
+        n_layers=L,
+        d_model=D,
+        n_heads=H,
+        d_head=E,
+        d_mlp=c.mlp_hidden_size,
+        d_vocab=V,
+        n_ctx=max_seq_len + 1,
+        causal=bool(c.causal),
+        normalization=False,
+        activation="relu",
+        d_vocab_out=len(output_columns),
+    )
     if c.layer_norm:
-        raise ValueError("this Tracr model uses layer norm; circuitlib converts Tracr's compiled models, "
-                         "which have none")
+        raise ValueError(
+            "this Tracr model uses layer norm; circuitlib converts Tracr's compiled models, which have none"
+        )
     W_U = np.zeros((D, len(output_columns)), dtype=np.float32)
     W_U[output_columns, np.arange(len(output_columns))] = 1.0
     state = {"W_E": W_E, "W_pos": params["pos_embed"]["embeddings"], "W_U": W_U}

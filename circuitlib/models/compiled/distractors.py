@@ -34,15 +34,29 @@ def side_by_side(target: Compiled, distractor: Compiled) -> tuple[Compiled, list
     distractor's token id for each of the target's token ids."""
     a, b, ia, ib = target.model, distractor.model, target.info, distractor.info
     if len(ia.vocab) != len(ib.vocab):
-        raise ValueError(f"the programs' vocabularies differ in size ({len(ia.vocab)} vs {len(ib.vocab)}); "
-                         "pair programs whose vocabularies have the same size")
+        raise ValueError(
+            f"the programs' vocabularies differ in size ({len(ia.vocab)} vs {len(ib.vocab)}); "
+            "pair programs whose vocabularies have the same size"
+        )
     A, B = a.cfg, b.cfg
     L, H, E = max(A.n_layers, B.n_layers), A.n_heads + B.n_heads, max(A.d_head, B.d_head)
     D, M = A.d_model + B.d_model, A.d_mlp + B.d_mlp
     n_ctx = min(A.n_ctx, B.n_ctx)
-    cfg = ModelConfig(name=f"{A.name}+{B.name}", arch="gpt2", n_layers=L, d_model=D, n_heads=H, d_head=E, d_mlp=M,
-                      d_vocab=A.d_vocab, n_ctx=n_ctx, causal=False, normalization=False, activation="relu",
-                      d_vocab_out=A.d_vocab_out)
+    cfg = ModelConfig(
+        name=f"{A.name}+{B.name}",
+        arch="gpt2",
+        n_layers=L,
+        d_model=D,
+        n_heads=H,
+        d_head=E,
+        d_mlp=M,
+        d_vocab=A.d_vocab,
+        n_ctx=n_ctx,
+        causal=False,
+        normalization=False,
+        activation="relu",
+        d_vocab_out=A.d_vocab_out,
+    )
     model = Transformer(cfg).eval()
     ids_b, order_a = {t: i for t, i in ib.token_ids}, {t: k for k, t in enumerate(ia.vocab)}
     # target token id -> distractor token id (the i-th vocabulary token to the i-th; BOS, PAD to themselves)
@@ -53,22 +67,30 @@ def side_by_side(target: Compiled, distractor: Compiled) -> tuple[Compiled, list
     model.W_E[:, db] = b.W_E[to_b]
     model.W_pos[:, da], model.W_pos[:, db] = a.W_pos[:n_ctx], b.W_pos[:n_ctx]
     model.W_U[da] = a.W_U
-    for src, rows, heads, hidden, n in ((a, da, slice(0, A.n_heads), slice(0, A.d_mlp), A),
-                                        (b, db, slice(A.n_heads, H), slice(A.d_mlp, M), B)):
+    for src, rows, heads, hidden, n in (
+        (a, da, slice(0, A.n_heads), slice(0, A.d_mlp), A),
+        (b, db, slice(A.n_heads, H), slice(A.d_mlp, M), B),
+    ):
         for l in range(n.n_layers):
             new, old = model.layers[l], src.layers[l]
             for name in ("W_Q", "W_K", "W_V"):
-                getattr(new, name)[heads, rows, :n.d_head] = getattr(old, name)
-                getattr(new, name.replace("W", "b"))[heads, :n.d_head] = getattr(old, name.replace("W", "b"))
-            new.W_O[heads, :n.d_head, rows] = old.W_O
+                getattr(new, name)[heads, rows, : n.d_head] = getattr(old, name)
+                getattr(new, name.replace("W", "b"))[heads, : n.d_head] = getattr(old, name.replace("W", "b"))
+            new.W_O[heads, : n.d_head, rows] = old.W_O
             new.b_O[rows] += old.b_O
             new.W_in[rows, hidden], new.b_in[hidden] = old.W_in, old.b_in
             new.W_out[hidden, rows] = old.W_out
             new.b_out[rows] += old.b_out
     structure = copy.deepcopy(ia.structure)
-    info = CompiledInfo(**{**ia.__dict__, "program": f"{ia.program}+{ib.program}", "max_seq_len": n_ctx - 1,
-                           "residual_labels": ia.residual_labels + [f"distractor/{x}" for x in ib.residual_labels],
-                           "structure": structure})
+    info = CompiledInfo(
+        **{
+            **ia.__dict__,
+            "program": f"{ia.program}+{ib.program}",
+            "max_seq_len": n_ctx - 1,
+            "residual_labels": ia.residual_labels + [f"distractor/{x}" for x in ib.residual_labels],
+            "structure": structure,
+        }
+    )
     others = []
     for name in ib.structure["components"]:
         layer, head = parse_component(name)

@@ -41,12 +41,12 @@ class ProgramError(ValueError):
 class Program:
     """A RASP program to compile. `make()` builds the RASP expression (imports Tracr)."""
 
-    name: str                                # "reverse", or "file-<sha256 prefix>" for a user's file
+    name: str  # "reverse", or "file-<sha256 prefix>" for a user's file
     make: Callable[[], object]
     vocab: frozenset
     max_seq_len: int
-    valid: Callable[[tuple], bool] | None = None   # inputs outside the program's domain (None: all valid)
-    source: str = ""                         # where a user's program came from
+    valid: Callable[[tuple], bool] | None = None  # inputs outside the program's domain (None: all valid)
+    source: str = ""  # where a user's program came from
 
 
 def _reverse():
@@ -88,21 +88,26 @@ def _distinct(tokens: tuple) -> bool:
     return len(set(tokens)) == len(tokens)
 
 
-BUILTIN: dict[str, Program] = {p.name: p for p in (
-    Program("reverse", _reverse, frozenset({1, 2, 3}), 5),
-    Program("xproportion", _xproportion, frozenset({"w", "x", "y", "z"}), 5),
-    Program("hist", _hist, frozenset({"a", "b", "c"}), 4),
-    Program("sort_unique", _sort_unique, frozenset({1, 2, 3, 4, 5}), 4, valid=_distinct),
-    Program("shuffle_dyck2", _shuffle_dyck2, frozenset({"(", ")", "{", "}"}), 4),
-)}
+BUILTIN: dict[str, Program] = {
+    p.name: p
+    for p in (
+        Program("reverse", _reverse, frozenset({1, 2, 3}), 5),
+        Program("xproportion", _xproportion, frozenset({"w", "x", "y", "z"}), 5),
+        Program("hist", _hist, frozenset({"a", "b", "c"}), 4),
+        Program("sort_unique", _sort_unique, frozenset({1, 2, 3, 4, 5}), 4, valid=_distinct),
+        Program("shuffle_dyck2", _shuffle_dyck2, frozenset({"(", ")", "{", "}"}), 4),
+    )
+}
 
 MODEL_PREFIX = "tracr-"
 
 
 def builtin(name: str) -> Program:
     if name not in BUILTIN:
-        raise ProgramError(f"unknown Tracr program {name!r}; built-in programs: {', '.join(BUILTIN)} "
-                           "(or give the path of a .py file defining program, vocab and max_seq_len)")
+        raise ProgramError(
+            f"unknown Tracr program {name!r}; built-in programs: {', '.join(BUILTIN)} "
+            "(or give the path of a .py file defining program, vocab and max_seq_len)"
+        )
     return BUILTIN[name]
 
 
@@ -128,8 +133,10 @@ def load_file(path: str | Path) -> Program:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ProgramError(f"program file {path} does not exist; give a built-in program ({', '.join(BUILTIN)}) "
-                           "or a .py file defining program, vocab and max_seq_len")
+        raise ProgramError(
+            f"program file {path} does not exist; give a built-in program ({', '.join(BUILTIN)}) "
+            "or a .py file defining program, vocab and max_seq_len"
+        )
     from tracr.rasp import rasp
 
     try:
@@ -138,14 +145,21 @@ def load_file(path: str | Path) -> Program:
         raise ProgramError(f"program file {path} failed to run: {type(e).__name__}: {e}") from None
     missing = [n for n in ("program", "vocab", "max_seq_len") if n not in namespace]
     if missing:
-        raise ProgramError(f"program file {path} does not define {', '.join(missing)}; it must define "
-                           "program (a RASP expression), vocab (a set of tokens) and max_seq_len (an int)")
+        raise ProgramError(
+            f"program file {path} does not define {', '.join(missing)}; it must define "
+            "program (a RASP expression), vocab (a set of tokens) and max_seq_len (an int)"
+        )
     program, vocab, max_seq_len = namespace["program"], namespace["vocab"], namespace["max_seq_len"]
     if not isinstance(program, rasp.SOp):
-        raise ProgramError(f"in {path}, program is a {type(program).__name__}, not a RASP SOp "
-                           "(e.g. program = rasp.Map(lambda x: x + 1, rasp.tokens))")
-    if not isinstance(vocab, (set, frozenset)) or not vocab or \
-            not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in vocab):
+        raise ProgramError(
+            f"in {path}, program is a {type(program).__name__}, not a RASP SOp "
+            "(e.g. program = rasp.Map(lambda x: x + 1, rasp.tokens))"
+        )
+    if (
+        not isinstance(vocab, (set, frozenset))
+        or not vocab
+        or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in vocab)
+    ):
         raise ProgramError(f"in {path}, vocab must be a non-empty set of ints or strings, got {vocab!r}")
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ProgramError(f"in {path}, max_seq_len must be an int >= 1, got {max_seq_len!r}")

@@ -45,6 +45,7 @@ KINDS = ("q", "k", "v")
 
 # ---- reading the compiler (needs Tracr; runs once, at compile time) ------------------------------
 
+
 def read_structure(graph, sources, craft_model, sink) -> dict:
     """Per component, the RASP operations it carries and the directions it writes and reads (JSON-ready).
 
@@ -55,15 +56,21 @@ def read_structure(graph, sources, craft_model, sink) -> dict:
     from tracr.compiler import assemble, craft_graph_to_model, nodes
     from tracr.craft import transformers
 
-
     def labels(space) -> list[str]:
         return sorted(direction_label(d) for d in space.basis)
 
     _, module_names = assemble._get_model_config_and_module_names(craft_model)
     allocation = craft_graph_to_model._allocate_modules_to_layers(graph, sources)
-    half_layers = sorted({a + i for node_id, a in allocation.items() if a >= 0
-                          for i in range(2 if isinstance(graph.nodes[node_id].get(nodes.MODEL_BLOCK),
-                                                         transformers.SeriesWithResiduals) else 1)})
+    half_layers = sorted(
+        {
+            a + i
+            for node_id, a in allocation.items()
+            if a >= 0
+            for i in range(
+                2 if isinstance(graph.nodes[node_id].get(nodes.MODEL_BLOCK), transformers.SeriesWithResiduals) else 1
+            )
+        }
+    )
     layer_of_half = {h: int(name.split("_")[1].split("/")[0]) for h, name in zip(half_layers, module_names)}
     components: dict[str, dict] = {}
 
@@ -89,11 +96,20 @@ def read_structure(graph, sources, craft_model, sink) -> dict:
             order = list(module.as_multi().heads())
             for head in part.as_multi().heads():
                 h = next(i for i, other in enumerate(order) if other is head)
-                add(head_name(layer, h), op, labels(head.w_ov.output_space),
-                    {"q": labels(head.w_qk.left_space), "k": labels(head.w_qk.right_space),
-                     "v": labels(head.w_ov.input_space)})
-    return {"components": dict(sorted(components.items(), key=lambda kv: _rank(kv[0]))),
-            "output": sorted(direction_label(d) for d in sink[nodes.OUTPUT_BASIS])}
+                add(
+                    head_name(layer, h),
+                    op,
+                    labels(head.w_ov.output_space),
+                    {
+                        "q": labels(head.w_qk.left_space),
+                        "k": labels(head.w_qk.right_space),
+                        "v": labels(head.w_ov.input_space),
+                    },
+                )
+    return {
+        "components": dict(sorted(components.items(), key=lambda kv: _rank(kv[0]))),
+        "output": sorted(direction_label(d) for d in sink[nodes.OUTPUT_BASIS]),
+    }
 
 
 def direction_label(direction) -> str:
@@ -106,7 +122,7 @@ def _rank(name: str) -> tuple:
     if name in (EMBED, POS):
         return (-1, 0, 0)
     if name == LOGITS:
-        return (10 ** 6, 0, 0)
+        return (10**6, 0, 0)
     layer, head = parse_component(name)
     return (layer, 0 if head is not None else 1, head or 0)
 
@@ -123,6 +139,7 @@ def precedes(writer: str, reader: str) -> bool:
 
 # ---- the truth (no Tracr needed) -------------------------------------------------------------------
 
+
 def truth_components(info) -> list[str]:
     """Heads "L.H" and MLPs "MLP L" that carry a RASP operation, in computation order."""
     return list(info.structure["components"])
@@ -131,8 +148,10 @@ def truth_components(info) -> list[str]:
 def writer_directions(info) -> dict[str, set[str]]:
     """What each writer writes: the embeddings' directions, then every component's declared output space."""
     labels = info.residual_labels
-    out = {EMBED: {d for d in labels if d.startswith("tokens:") or d == "one"},
-           POS: {d for d in labels if d.startswith("indices:")}}
+    out = {
+        EMBED: {d for d in labels if d.startswith("tokens:") or d == "one"},
+        POS: {d for d in labels if d.startswith("indices:")},
+    }
     for name, c in info.structure["components"].items():
         out[name] = set(c["writes"])
     return out
@@ -188,6 +207,7 @@ def merge_embeddings(edges: list[str]) -> list[str]:
 
 # ---- a forward pass with edges removed -------------------------------------------------------------
 
+
 def writers_of(model: Transformer) -> list[str]:
     cfg = model.cfg
     names = [EMBED, POS]
@@ -219,7 +239,7 @@ def edge_forward(model: Transformer, tokens: torch.Tensor, removed: set[str] | f
         q = torch.einsum("hbsd,hde->bhse", torch.stack(q), layer.W_Q) + layer.b_Q[:, None]
         k = torch.einsum("hbsd,hde->bhse", torch.stack(k), layer.W_K) + layer.b_K[:, None]
         v = torch.einsum("hbsd,hde->bhse", torch.stack(v), layer.W_V) + layer.b_V[:, None]
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal)          # [B, H, S, E]
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal)  # [B, H, S, E]
         heads = torch.einsum("bhse,hed->hbsd", z, layer.W_O)
         for h in range(cfg.n_heads):
             outs[head_name(l, h)] = heads[h]
@@ -235,14 +255,16 @@ def output_changed(info, full: torch.Tensor, other: torch.Tensor, atol: float = 
     return ((full[:, 1:, 0] - other[:, 1:, 0]).abs() > atol).any(-1)
 
 
-def functional_edges(info, model: Transformer, inputs: list[torch.Tensor], bos_plumbing: bool = True,
-                     atol: float = 1e-3) -> list[str]:
+def functional_edges(
+    info, model: Transformer, inputs: list[torch.Tensor], bos_plumbing: bool = True, atol: float = 1e-3
+) -> list[str]:
     """The structural edges whose single zero-ablation changes the output on some input (batches by length)."""
     found = []
     full = [model(tokens) for tokens in inputs]
     for edge in structural_edges(info, model, bos_plumbing):
-        if any(output_changed(info, f, edge_forward(model, tokens, {edge}), atol).any()
-               for f, tokens in zip(full, inputs)):
+        if any(
+            output_changed(info, f, edge_forward(model, tokens, {edge}), atol).any() for f, tokens in zip(full, inputs)
+        ):
             found.append(edge)
     return found
 
