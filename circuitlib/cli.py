@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 
-from circuitlib.core.ablation import SCHEMES
+from circuitlib.core.ablation import ABLATIONS
 from circuitlib.discovery.greedy import METHODS, ORDERS
 from circuitlib.studies.store import RunningElsewhere
 
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         ".jsonl or .csv file (see examples/capitals.jsonl)",
     )
     ex.add_argument("--alpha", required=True, type=str, help="KL threshold, a number >= 0 (e.g. 0.01)")
-    ex.add_argument("--ablation", default="mean", choices=SCHEMES)
+    ex.add_argument("--ablation", default="mean", choices=ABLATIONS)
     ex.add_argument("--include-mlps", action="store_true", help="also consider MLPs for removal")
     ex.add_argument(
         "--order",
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     gt.add_argument("--method", default="greedy", choices=("greedy", "edges"))
     gt.add_argument("--seed", type=int, default=0, help="seed of the inputs drawn per length")
     gt.add_argument("--alpha", type=str, default="0.001", help="greedy threshold (KL or squared error), default 0.001")
-    gt.add_argument("--ablation", default="mean", choices=SCHEMES)
+    gt.add_argument("--ablation", default="mean", choices=ABLATIONS)
     gt.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 

@@ -213,7 +213,7 @@ def plot_vs_alpha(
 ):
     """One panel per (column, axis label) against alpha (log scale); one line per configuration.
 
-    Colours are the ablation scheme, solid/dashed lines heads only / heads and MLPs (as in the
+    Colours are the ablation, solid/dashed lines heads only / heads and MLPs (as in the
     paper's figures). The line is the mean over seeds (batches). The band: for a column named in
     `per_prompt` (column -> its per-prompt list column, e.g. "test_accuracy" -> "test_correct"),
     the 95 % bootstrap interval over prompts (`with_intervals`); otherwise, with several seeds,

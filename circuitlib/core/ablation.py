@@ -18,13 +18,13 @@ import torch
 from circuitlib.core.components import head_name, parse_component
 from circuitlib.core.model import Transformer
 
-SCHEMES = ("mean", "zero")
+ABLATIONS = ("mean", "zero")
 
 
-def check_scheme(scheme: str) -> str:
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown ablation scheme {scheme!r}; choose 'mean' or 'zero'")
-    return scheme
+def check_ablation(ablation: str) -> str:
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; choose 'mean' or 'zero'")
+    return ablation
 
 
 @dataclass
@@ -65,10 +65,10 @@ def mean_activations(model: Transformer, tokens: torch.Tensor, batch_size: int =
     return Means(z=(z_sum / n).float(), mlp=(mlp_sum / n).float())
 
 
-def ablation_hooks(ablated: list[str], scheme: str, means: Means | None) -> list[tuple[str, callable]]:
+def ablation_hooks(ablated: list[str], ablation: str, means: Means | None) -> list[tuple[str, callable]]:
     """TransformerLens forward hooks that ablate the named components."""
-    check_scheme(scheme)
-    if scheme == "mean" and means is None:
+    check_ablation(ablation)
+    if ablation == "mean" and means is None:
         raise ValueError("mean ablation needs the means of the patching set (see mean_activations)")
     heads_by_layer: dict[int, list[int]] = {}
     hooks = []
@@ -77,7 +77,7 @@ def ablation_hooks(ablated: list[str], scheme: str, means: Means | None) -> list
         if head is None:
 
             def mlp_hook(out, hook, layer=layer):  # out: [B, S, D]
-                return torch.zeros_like(out) if scheme == "zero" else means.mlp[layer, : out.shape[1]].expand_as(out)
+                return torch.zeros_like(out) if ablation == "zero" else means.mlp[layer, : out.shape[1]].expand_as(out)
 
             hooks.append((f"blocks.{layer}.hook_mlp_out", mlp_hook))
         else:
@@ -86,7 +86,7 @@ def ablation_hooks(ablated: list[str], scheme: str, means: Means | None) -> list
 
         def z_hook(z, hook, layer=layer, heads=heads):  # z: [B, S, H, E]
             z = z.clone()
-            z[:, :, heads] = 0.0 if scheme == "zero" else means.z[layer, heads, : z.shape[1]].transpose(0, 1)
+            z[:, :, heads] = 0.0 if ablation == "zero" else means.z[layer, heads, : z.shape[1]].transpose(0, 1)
             return z
 
         hooks.append((f"blocks.{layer}.attn.hook_z", z_hook))
@@ -95,11 +95,11 @@ def ablation_hooks(ablated: list[str], scheme: str, means: Means | None) -> list
 
 @torch.inference_mode()
 def hooked_last_logits(
-    hooked, tokens: torch.Tensor, ablated: list[str], scheme: str, means: Means | None
+    hooked, tokens: torch.Tensor, ablated: list[str], ablation: str, means: Means | None
 ) -> torch.Tensor:
     """Last-position logits [n, V] of a HookedTransformer with `ablated` components switched off.
 
     A full forward pass computing logits at every position, as in the authors' code.
     """
-    logits = hooked.run_with_hooks(tokens, fwd_hooks=ablation_hooks(ablated, scheme, means))
+    logits = hooked.run_with_hooks(tokens, fwd_hooks=ablation_hooks(ablated, ablation, means))
     return logits[:, -1]

@@ -303,7 +303,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.plan = plan if plan is not None else full_plan(cfg)
-        self.ablation = ablation  # the scheme behind the ablation biases: None (full model), "mean" or "zero"
+        self.ablation = ablation  # how removed parts are replaced: None (full model), "mean" or "zero"
         if len(self.plan) != cfg.n_layers:
             raise ValueError(f"plan has {len(self.plan)} layers, config says {cfg.n_layers}")
         self.W_E = nn.Parameter(torch.zeros(cfg.d_vocab, cfg.d_model))

@@ -17,12 +17,12 @@ from collections.abc import Iterable
 
 import torch
 
-from circuitlib.core.ablation import Means, check_scheme
+from circuitlib.core.ablation import Means, check_ablation
 from circuitlib.core.components import parse_component
 from circuitlib.core.model import Layer, LayerPlan, Transformer
 
 
-def plan_for(model: Transformer, kept: Iterable[str], scheme: str, seq_len: int) -> list[LayerPlan]:
+def plan_for(model: Transformer, kept: Iterable[str], ablation: str, seq_len: int) -> list[LayerPlan]:
     """Layer plans keeping the components named in `kept` ('L.H' heads, 'MLP L').
 
     Refuses, before building anything, names that are not components of this model and names
@@ -49,7 +49,7 @@ def plan_for(model: Transformer, kept: Iterable[str], scheme: str, seq_len: int)
             mlps.add(layer)
         else:
             heads[layer].append(head)
-    mean = scheme == "mean"
+    mean = ablation == "mean"
     return [
         LayerPlan(
             heads=sorted(heads[l]),
@@ -63,13 +63,13 @@ def plan_for(model: Transformer, kept: Iterable[str], scheme: str, seq_len: int)
 
 
 @torch.no_grad()
-def prune(model: Transformer, kept: Iterable[str], scheme: str, means: Means | None = None) -> Transformer:
+def prune(model: Transformer, kept: Iterable[str], ablation: str, means: Means | None = None) -> Transformer:
     """A new, smaller `Transformer` keeping only `kept` components of the full `model`.
 
     kept:   component names, heads 'L.H' and MLPs 'MLP L' (everything else is removed)
-    scheme: 'mean' (removed parts replaced by their per-position mean, needs `means`) or 'zero'
+    ablation: 'mean' (removed parts replaced by their per-position mean, needs `means`) or 'zero'
     """
-    pruned = Transformer(model.cfg, _plans(model, kept, scheme, means), ablation=scheme).to(model.W_E.device)
+    pruned = Transformer(model.cfg, _plans(model, kept, ablation, means), ablation=ablation).to(model.W_E.device)
     pruned.W_E.copy_(model.W_E)
     if model.W_pos is not None:
         pruned.W_pos.copy_(model.W_pos)
@@ -82,23 +82,23 @@ def prune(model: Transformer, kept: Iterable[str], scheme: str, means: Means | N
 
 
 @torch.no_grad()
-def prune_layer(model: Transformer, layer: int, kept: Iterable[str], scheme: str, means: Means | None) -> Layer:
+def prune_layer(model: Transformer, layer: int, kept: Iterable[str], ablation: str, means: Means | None) -> Layer:
     """Layer `layer` of the full `model`, keeping only those of its components named in `kept`."""
-    plan = _plans(model, kept, scheme, means)[layer]
+    plan = _plans(model, kept, ablation, means)[layer]
     new, old = Layer(model.cfg, plan).to(model.W_E.device), model.layers[layer]
     _copy_layer(new, old, layer, means)
     return new.eval()
 
 
-def _plans(model: Transformer, kept: Iterable[str], scheme: str, means: Means | None) -> list[LayerPlan]:
-    check_scheme(scheme)
+def _plans(model: Transformer, kept: Iterable[str], ablation: str, means: Means | None) -> list[LayerPlan]:
+    check_ablation(ablation)
     if isinstance(kept, str):
         raise ValueError(f"kept must be a list of component names, not one string ({kept!r}); e.g. ['9.6', 'MLP 0']")
-    if scheme == "mean" and means is None:
+    if ablation == "mean" and means is None:
         raise ValueError(
             "mean-ablation pruning needs the patching-set means (circuitlib.core.ablation.mean_activations)"
         )
-    return plan_for(model, kept, scheme, means.z.shape[2] if means is not None else 0)
+    return plan_for(model, kept, ablation, means.z.shape[2] if means is not None else 0)
 
 
 def _copy_layer(new, old, layer: int, means: Means | None) -> None:

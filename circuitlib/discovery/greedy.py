@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from circuitlib.core.ablation import (
     Means,
-    check_scheme,
+    check_ablation,
     hooked_last_logits,
     mean_activations,
 )
@@ -242,23 +242,23 @@ def extract(
             means=means,
             batch_candidates=batch_candidates,
         )[0]
-    alpha, scheme = check_alpha(alpha), check_scheme(ablation)
+    alpha, ablation = check_alpha(alpha), check_ablation(ablation)
     patching, validation = _check_batches(model, patching, validation, means)
     from circuitlib.core.convert import to_hooked
 
     hooked = to_hooked(model)
     patching, validation = patching.to(model.device), validation.to(model.device)
-    if scheme == "mean" and means is None:
+    if ablation == "mean" and means is None:
         means = mean_activations(model, patching)
-    full = log_probs(hooked_last_logits(hooked, validation, [], scheme, means))
-    circuit = Circuit(model.cfg.name, model.cfg.n_layers, model.cfg.n_heads, alpha, scheme, include_mlps, order)
+    full = log_probs(hooked_last_logits(hooked, validation, [], ablation, means))
+    circuit = Circuit(model.cfg.name, model.cfg.n_layers, model.cfg.n_heads, alpha, ablation, include_mlps, order)
     ablated, kl = [], 0.0
     for name in tqdm(
         traversal(model.cfg.n_layers, model.cfg.n_heads, include_mlps, order),
         desc=f"extract (plain, alpha={alpha:g})",
         disable=not progress,
     ):
-        kl_new = kl_to(full, hooked_last_logits(hooked, validation, ablated + [name], scheme, means))
+        kl_new = kl_to(full, hooked_last_logits(hooked, validation, ablated + [name], ablation, means))
         pruned = kl_new - kl < alpha
         circuit.decisions.append(Decision(name, kl, kl_new, pruned))
         if pruned:
@@ -303,8 +303,10 @@ class FastPath:
             only; see the module docstring); 0 recomputes every position.
     """
 
-    def __init__(self, model: Transformer, validation: torch.Tensor, scheme: str, means: Means | None, prefix: int = 0):
-        self.model, self.scheme, self.means, self.prefix = model, scheme, means, prefix
+    def __init__(
+        self, model: Transformer, validation: torch.Tensor, ablation: str, means: Means | None, prefix: int = 0
+    ):
+        self.model, self.ablation, self.means, self.prefix = model, ablation, means, prefix
         self.resid = []  # resid[l]: [n, S, D], input of layer l in f
         x = model.embed(validation)
         for layer in model.layers:
@@ -321,7 +323,7 @@ class FastPath:
         self.head_out = torch.einsum("bshe,hed->hbsd", z, L.W_O)  # [H, n, S, D]
         self.attn_full = self.head_out.sum(0) + (L.b_O if L.b_O is not None else 0.0)
         S, H = x.shape[1], self.model.cfg.n_heads
-        if self.scheme == "mean":
+        if self.ablation == "mean":
             self.head_repl = torch.einsum("hse,hed->hsd", self.means.z[layer], L.W_O)  # [H, S, D]
             self.mlp_repl = self.means.mlp[layer]  # [S, D]
         else:
@@ -372,7 +374,7 @@ class FastPath:
             kept = [
                 c for c in [head_name(layer, h) for h in range(cfg.n_heads)] + [mlp_name(layer)] if c not in ablated
             ]
-            self.layer_cache[key] = prune_layer(self.model, layer, kept, self.scheme, self.means)
+            self.layer_cache[key] = prune_layer(self.model, layer, kept, self.ablation, self.means)
         return self.layer_cache[key]
 
 
@@ -411,19 +413,19 @@ def sweep(
     alphas = [check_alpha(a) for a in alphas]
     if not alphas:
         raise ValueError("give at least one alpha")
-    scheme = check_scheme(ablation)
+    ablation = check_ablation(ablation)
     patching, validation = _check_batches(model, patching, validation, means)
     cfg = model.cfg
     names = traversal(cfg.n_layers, cfg.n_heads, include_mlps, order)
     patching, validation = patching.to(model.device), validation.to(model.device)
-    if scheme == "mean" and means is None:
+    if ablation == "mean" and means is None:
         means = mean_activations(model, patching)
     if batch_candidates is None:
         batch_candidates = model.device.type == "cuda"
     # A shared start is left alone only where attention is causal (later tokens cannot change it).
-    shared = scheme == "mean" and model.cfg.causal
+    shared = ablation == "mean" and model.cfg.causal
     fast = FastPath(
-        model, validation, scheme, means, prefix=shared_prefix_length(patching, validation) if shared else 0
+        model, validation, ablation, means, prefix=shared_prefix_length(patching, validation) if shared else 0
     )
     states, start = [_State(list(range(len(alphas))), [], 0.0, [])], cfg.n_layers - 1
     if resume is not None:
@@ -473,7 +475,7 @@ def sweep(
     for s in states:
         for i in s.alphas:
             circuits[i] = Circuit(
-                cfg.name, cfg.n_layers, cfg.n_heads, alphas[i], scheme, include_mlps, order, list(s.decisions)
+                cfg.name, cfg.n_layers, cfg.n_heads, alphas[i], ablation, include_mlps, order, list(s.decisions)
             )
     return circuits
 

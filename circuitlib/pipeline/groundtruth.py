@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from circuitlib.core.ablation import Means, check_scheme
+from circuitlib.core.ablation import Means, check_ablation
 from circuitlib.core.components import head_name, mlp_name
 from circuitlib.discovery.greedy import Circuit, Decision, check_alpha, traversal
 from circuitlib.core.model import Transformer
@@ -98,9 +98,9 @@ def greedy(compiled: Compiled, patching: list[torch.Tensor], validation: list[to
     patching:   batches [n_L, S_L] whose pooled per-position means replace ablated components (mean ablation)
     validation: batches on which the metric is measured
     """
-    alpha, scheme = check_alpha(alpha), check_scheme(ablation)
+    alpha, ablation = check_alpha(alpha), check_ablation(ablation)
     model, cfg = compiled.model, compiled.model.cfg
-    means = pooled_means(model, patching) if scheme == "mean" else None
+    means = pooled_means(model, patching) if ablation == "mean" else None
     if means is not None and means.z.shape[2] < max(t.shape[1] for t in validation):
         raise ValueError("the validation inputs are longer than the patching inputs; the means cover too few "
                          "positions: draw both from the same lengths")
@@ -108,11 +108,11 @@ def greedy(compiled: Compiled, patching: list[torch.Tensor], validation: list[to
     names = traversal(cfg.n_layers, cfg.n_heads, include_mlps=True, order=order)
     every = [head_name(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)] + \
         [mlp_name(l) for l in range(cfg.n_layers)]
-    circuit = Circuit(cfg.name, cfg.n_layers, cfg.n_heads, alpha, scheme, True, order)
+    circuit = Circuit(cfg.name, cfg.n_layers, cfg.n_heads, alpha, ablation, True, order)
     removed, current = set(), 0.0
     for name in names:
         kept = [c for c in every if c not in removed and c != name]
-        value = metric(compiled, prune(model, kept, scheme, means), validation, full, position)
+        value = metric(compiled, prune(model, kept, ablation, means), validation, full, position)
         pruned = value - current < alpha
         circuit.decisions.append(Decision(name, current, value, pruned))
         if pruned:
@@ -174,10 +174,10 @@ def failure_modes(compiled: Compiled) -> dict:
     model, every, out = compiled.model, components_of(compiled.model), {}
     for data_name, inputs in datasets.items():
         full = [model(t) for t in inputs]
-        for scheme in ("mean", "zero"):
-            means = pooled_means(model, inputs) if scheme == "mean" else None
-            out[f"{scheme}, {data_name}"] = {
-                c: metric(compiled, prune(model, [x for x in every if x != c], scheme, means), inputs, full)
+        for ablation in ("mean", "zero"):
+            means = pooled_means(model, inputs) if ablation == "mean" else None
+            out[f"{ablation}, {data_name}"] = {
+                c: metric(compiled, prune(model, [x for x in every if x != c], ablation, means), inputs, full)
                 for c in truth_components(compiled.info)}
     return out
 
@@ -200,7 +200,7 @@ def groundtruth_report(program: str, method: str = "greedy", seed: int = 0, alph
 
     if method not in ("greedy", "edges"):
         raise ValueError(f"unknown method {method!r}; choose 'greedy' or 'edges'")
-    alpha, ablation = check_alpha(alpha), check_scheme(ablation)
+    alpha, ablation = check_alpha(alpha), check_ablation(ablation)
     compiled = load_compiled(program)
     if method == "edges":
         raise ValueError("Edge Pruning on compiled models is not available yet: circuitlib.discovery.edges.graph assumes causal "

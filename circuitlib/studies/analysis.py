@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from circuitlib.core.ablation import Means, check_scheme, mean_activations
+from circuitlib.core.ablation import Means, check_ablation, mean_activations
 from circuitlib.core.components import head_name, mlp_name, parse_component
 from circuitlib.core.metrics import time_forward, tpr_fpr
 from circuitlib.core.model import Transformer
@@ -96,11 +96,11 @@ def evaluate_kept(
     "n_params" (count_parameters of the pruned model), "parameter_reduction"} where the reduction
     is 1 - pruned / full parameters (embeddings and ablation biases not counted, as in the paper).
     """
-    scheme = check_scheme(ablation)
-    if scheme == "mean" and means is None:
+    ablation = check_ablation(ablation)
+    if ablation == "mean" and means is None:
         means = mean_activations(model, data.patching.tokens)
     full_resid = full_resid if full_resid is not None else full_reference(model, data)
-    pruned = prune(model, list(kept), scheme, means if scheme == "mean" else None)
+    pruned = prune(model, list(kept), ablation, means if ablation == "mean" else None)
     size = pruned.count_parameters()
     return {
         "kept_heads": pruned.kept_heads(),
@@ -301,9 +301,9 @@ def single_head_effects(
     The same exact computation as the first step of Algorithm 1 for each head (only the layers
     from the head's upward are re-run). Returns {"L.H": KL}.
     """
-    scheme = check_scheme(ablation)
-    means = mean_activations(model, patching) if scheme == "mean" else None
-    fast = FastPath(model, validation, scheme, means)
+    ablation = check_ablation(ablation)
+    means = mean_activations(model, patching) if ablation == "mean" else None
+    fast = FastPath(model, validation, ablation, means)
     cfg = model.cfg
     effects = {}
     bar = tqdm(total=cfg.n_layers * cfg.n_heads, desc="single-head ablations", disable=not progress)
@@ -561,13 +561,13 @@ def prompt_flips(
     `surgery.prune(model, kept + [c])`) and lists the gained prompts that are then wrong again:
     the components whose removal the gains come from. Components that undo none are left out.
     """
-    scheme = check_scheme(ablation)
+    ablation = check_ablation(ablation)
     kept = list(kept)
-    if scheme == "mean" and means is None:
+    if ablation == "mean" and means is None:
         raise ValueError("mean ablation needs the patching-set means (ablation.mean_activations)")
     tokens = split.tokens.to(model.device)
     full_correct = task.correct(split, model(tokens, last_only=True)).cpu()  # [n]
-    pruned = prune(model, kept, scheme, means)
+    pruned = prune(model, kept, ablation, means)
     circuit_correct = task.correct(split, pruned(tokens, last_only=True)).cpu()  # [n]
     gained = torch.nonzero(circuit_correct & ~full_correct).flatten()
     lost = torch.nonzero(full_correct & ~circuit_correct).flatten()
@@ -581,7 +581,7 @@ def prompt_flips(
         for c in [c for c in everything if parse_component(c) not in kept_set]:
             layer = parse_component(c)[0]
             original = pruned.layers[layer]
-            pruned.layers[layer] = prune_layer(model, layer, kept + [c], scheme, means)
+            pruned.layers[layer] = prune_layer(model, layer, kept + [c], ablation, means)
             try:
                 still = task.correct(sub, pruned(sub.tokens.to(model.device), last_only=True)).cpu()
             finally:

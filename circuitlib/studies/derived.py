@@ -43,10 +43,10 @@ def head_effects(
     The batch is the one a unit of `seed` (default: the spec's first) searches with: its patching
     set gives the means, its validation set the KL (`study.single_head_effects`).
     """
-    from circuitlib.core.ablation import check_scheme
+    from circuitlib.core.ablation import check_ablation
     from circuitlib.studies.analysis import single_head_effects
 
-    check_scheme(ablation)
+    check_ablation(ablation)
     seed = _check_seed(spec, seed)
     the_task, data = _batch(spec, task, seed)
     settings = {
@@ -196,7 +196,7 @@ def _cached(spec: Spec, kind: str, settings: dict, compute, device: str | None):
 def reference_metrics(
     spec: Spec, task: str, seed: int, ablation: str, *, split: str = "test", device: str | None = None
 ) -> dict:
-    """The baselines of one batch and ablation scheme, measured on `split` with the task's standard measure.
+    """The baselines of one batch and ablation, measured on `split` with the task's standard measure.
 
     Returns {"metric": its name, "n_layers", "n_heads", "split", and for each of "full" (the
     full model), "empty" (every head and MLP ablated: the zero of normalised faithfulness) and
@@ -205,12 +205,12 @@ def reference_metrics(
     model)}, and "constant": the best constant answer {"token", "answer" (its text), "accuracy",
     "metric" (`metrics.constant_answer_metric`: None for a measure in logits)}}.
     """
-    from circuitlib.core.ablation import check_scheme, mean_activations
+    from circuitlib.core.ablation import check_ablation, mean_activations
     from circuitlib.core.components import mlp_name
     from circuitlib.models.loading import load_tokenizer
     from circuitlib.tasks.measures import best_constant_answer, constant_answer_metric, standard_metric_name
 
-    check_scheme(ablation)
+    check_ablation(ablation)
     seed = _check_seed(spec, seed)
     the_task, data = _batch(spec, task, seed)
     prompts = _split(data, split)

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from decimal import Decimal, localcontext
 from pathlib import Path
 
-from circuitlib.core.ablation import SCHEMES
+from circuitlib.core.ablation import ABLATIONS
 from circuitlib.discovery.greedy import ORDERS, check_alpha
 
 FIELDS = (
@@ -194,8 +194,8 @@ def parse_spec(raw: dict, *, default_name: str = "study", base: Path = Path(".")
             fail("tasks", f"names a task that does not exist: {e}")
     ablations = _string_list(raw.get("ablations", ["mean"]), "ablations", fail)
     for a in ablations:
-        if a not in SCHEMES:
-            fail("ablations", f"has {a!r}; choose from {', '.join(SCHEMES)}")
+        if a not in ABLATIONS:
+            fail("ablations", f"has {a!r}; choose from {', '.join(ABLATIONS)}")
     mlps = raw.get("include_mlps", [False])
     mlps = mlps if isinstance(mlps, list) else [mlps]
     if not mlps or any(not isinstance(m, bool) for m in mlps) or len(set(mlps)) != len(mlps):

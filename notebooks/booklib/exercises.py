@@ -436,11 +436,11 @@ def reference_greedy(components, kl_of, alpha):
     return pruned
 
 
-def _kl_function(model: Transformer, patching, validation, scheme: str):
+def _kl_function(model: Transformer, patching, validation, ablation: str):
     """kl_of(ablated): KL(f || g) of the model with the `ablated` components physically pruned."""
     from circuitlib.core.surgery import prune
 
-    means = mean_activations(model, patching) if scheme == "mean" else None
+    means = mean_activations(model, patching) if ablation == "mean" else None
     everything = model.kept_heads() + [f"MLP {l}" for l in range(model.cfg.n_layers)]
     with torch.inference_mode():
         full = model(validation, last_only=True)
@@ -448,7 +448,7 @@ def _kl_function(model: Transformer, patching, validation, scheme: str):
     def kl_of(ablated):
         gone = set(ablated)
         with torch.inference_mode():
-            g = prune(model, [c for c in everything if c not in gone], scheme, means)
+            g = prune(model, [c for c in everything if c not in gone], ablation, means)
             return kl_divergence(full, g(validation, last_only=True))
 
     return kl_of
@@ -468,20 +468,20 @@ def check_greedy_extraction(fn: Callable, record: bool = True) -> bool:
     ]
 
     def run():
-        for arch, scheme, mlps, alpha in cases:
+        for arch, ablation, mlps, alpha in cases:
             model = _tiny(arch)
             patching, validation = _tokens(16, 6, seed=1), _tokens(8, 6, seed=2)
             components = traversal(model.cfg.n_layers, model.cfg.n_heads, mlps)
-            base = _kl_function(model, patching, validation, scheme)
+            base = _kl_function(model, patching, validation, ablation)
             got = list(fn(list(components), lambda ablated: base(list(ablated)), alpha))
             want = extract(
-                model, patching, validation, alpha=alpha, ablation=scheme, include_mlps=mlps, progress=False
+                model, patching, validation, alpha=alpha, ablation=ablation, include_mlps=mlps, progress=False
             ).pruned
             if got != want:
                 missing = [c for c in want if c not in got][:4]
                 extra = [c for c in got if c not in want][:4]
                 raise _Fail(
-                    f"{arch} model, {scheme} ablation, alpha={alpha}: circuitlib prunes {len(want)} "
+                    f"{arch} model, {ablation} ablation, alpha={alpha}: circuitlib prunes {len(want)} "
                     f"components, you prune {len(got)} (you keep {missing or 'none'} that it prunes, "
                     f"prune {extra or 'none'} that it keeps)"
                 )

@@ -125,7 +125,7 @@ def test_threshold_origin_names_the_paper_and_the_rule():
     assert threshold_origin("ioi", True, 0.0152, chosen) == "rule"
     assert threshold_origin("ioi", True, 0.01519911082952933, chosen) == "rule"  # the exact pick
     assert threshold_origin("ioi", True, 0.0153, chosen) == ""
-    assert threshold_origin("ioi", True, 0.0152, chosen, ablation="zero") == ""  # the pick of another scheme
+    assert threshold_origin("ioi", True, 0.0152, chosen, ablation="zero") == ""  # the pick of another ablation
     assert threshold_origin("ioi", True, 0.0152) == ""  # no rule given
     assert threshold_origin("greater-than", True, 0.0853, chosen) == "paper"  # no pick: only the paper
     assert threshold_origin("acronyms", True, 0.035, {("acronyms", "mean", True): 0.0350001}) == "paper, rule"

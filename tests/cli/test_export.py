@@ -55,11 +55,11 @@ def test_export_writes_an_onnx_file_that_onnxruntime_runs_like_torch(run_dir, ca
         assert (got - reference[: len(batch)]).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("scheme", ["mean", "zero"])
-def test_a_pruned_llama_shaped_model_exports_exactly(models, data, tmp_path, scheme):
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_a_pruned_llama_shaped_model_exports_exactly(models, data, tmp_path, ablation):
     model, (patching, validation) = models["llama"], data  # rotary positions, grouped K/V, gated MLP
     names = [f"{l}.{h}" for l in range(3) for h in range(6)] + [f"MLP {l}" for l in range(3)]
-    pruned = prune(model, random.Random(0).sample(names, 12), scheme, mean_activations(model, patching))
+    pruned = prune(model, random.Random(0).sample(names, 12), ablation, mean_activations(model, patching))
     write_onnx(pruned, validation[:2], tmp_path / "m.onnx")
     with torch.inference_mode():
         reference = pruned(validation, last_only=True)

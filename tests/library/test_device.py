@@ -27,23 +27,23 @@ def test_a_missing_or_unknown_device_is_refused_before_loading():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("scheme", ["mean", "zero"])
-def test_sweep_prune_and_measure_on_device_agree_with_cpu(models, data, arch, scheme, device):
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_sweep_prune_and_measure_on_device_agree_with_cpu(models, data, arch, ablation, device):
     cpu_model = models[arch]
     model = copy.deepcopy(cpu_model).to(device)
     patching, validation = data
-    expected = sweep(cpu_model, patching, validation, ALPHAS, ablation=scheme, include_mlps=True, progress=False)
-    got = sweep(model, patching, validation, ALPHAS, ablation=scheme, include_mlps=True, progress=False)
+    expected = sweep(cpu_model, patching, validation, ALPHAS, ablation=ablation, include_mlps=True, progress=False)
+    got = sweep(model, patching, validation, ALPHAS, ablation=ablation, include_mlps=True, progress=False)
     assert [c.kept for c in got] == [c.kept for c in expected]
     for g, e in zip(got, expected):
         assert [d.kl_after for d in g.decisions] == pytest.approx([d.kl_after for d in e.decisions], abs=1e-5)
-    means_cpu = mean_activations(cpu_model, patching) if scheme == "mean" else None
-    means = mean_activations(model, patching) if scheme == "mean" else None
+    means_cpu = mean_activations(cpu_model, patching) if ablation == "mean" else None
+    means = mean_activations(model, patching) if ablation == "mean" else None
     if means is not None:
         assert means.z.device.type == torch.device(device).type
     kept = got[1].kept
-    on_device = prune(model, kept, scheme, means)
-    on_cpu = prune(cpu_model, kept, scheme, means_cpu)
+    on_device = prune(model, kept, ablation, means)
+    on_cpu = prune(cpu_model, kept, ablation, means_cpu)
     assert next(on_device.parameters()).device.type == torch.device(device).type
     with torch.inference_mode():
         torch.testing.assert_close(

@@ -30,15 +30,15 @@ def test_kl_of_the_full_model_is_zero(models, data):
     assert kl_divergence(logits, logits) == 0.0
 
 
-@pytest.mark.parametrize("scheme", ["mean", "zero"])
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
 @pytest.mark.parametrize("include_mlps", [False, True])
-def test_fast_path_makes_the_plain_path_decisions(arch, models, data, scheme, include_mlps):
+def test_fast_path_makes_the_plain_path_decisions(arch, models, data, ablation, include_mlps):
     model = models[arch]
-    alpha = alpha_at(model, data, 0.5, ablation=scheme, include_mlps=include_mlps)
+    alpha = alpha_at(model, data, 0.5, ablation=ablation, include_mlps=include_mlps)
     plain = extract(
-        model, *data, alpha=alpha, ablation=scheme, include_mlps=include_mlps, method="plain", progress=False
+        model, *data, alpha=alpha, ablation=ablation, include_mlps=include_mlps, method="plain", progress=False
     )
-    fast = extract(model, *data, alpha=alpha, ablation=scheme, include_mlps=include_mlps, progress=False)
+    fast = extract(model, *data, alpha=alpha, ablation=ablation, include_mlps=include_mlps, progress=False)
     assert 0 < len(fast.pruned) < len(fast.decisions)  # the test exercises both outcomes
     assert [(d.component, d.pruned) for d in fast.decisions] == [(d.component, d.pruned) for d in plain.decisions]
     for a, b in zip(fast.decisions, plain.decisions):
@@ -97,7 +97,7 @@ def test_bad_alpha_is_refused(models, data, alpha):
 
 
 def test_bad_settings_are_refused(models, data):
-    with pytest.raises(ValueError, match="unknown ablation scheme"):
+    with pytest.raises(ValueError, match="unknown ablation"):
         extract(models["gpt2"], *data, alpha=0.1, ablation="resample", progress=False)
     with pytest.raises(ValueError, match="unknown method"):
         extract(models["gpt2"], *data, alpha=0.1, method="slow", progress=False)

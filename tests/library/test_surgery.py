@@ -17,26 +17,26 @@ def components(model):
     ]
 
 
-@pytest.mark.parametrize("scheme", ["mean", "zero"])
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
 @pytest.mark.parametrize("seed", range(4))
-def test_pruned_model_equals_hook_ablation(arch, models, data, scheme, seed):
+def test_pruned_model_equals_hook_ablation(arch, models, data, ablation, seed):
     model, (patching, validation) = models[arch], data
     rng = random.Random(seed)
     kept = [c for c in components(model) if rng.random() < 0.5]
     ablated = [c for c in components(model) if c not in kept]
     means = mean_activations(model, patching)
-    pruned = prune(model, kept, scheme, means)
+    pruned = prune(model, kept, ablation, means)
     with torch.no_grad():
         ours = pruned(validation)[:, -1]
-    reference = hooked_last_logits(to_hooked(model), validation, ablated, scheme, means)
+    reference = hooked_last_logits(to_hooked(model), validation, ablated, ablation, means)
     assert torch.allclose(ours, reference, atol=1e-4)
     assert sorted(pruned.kept_heads()) == sorted(c for c in kept if not c.startswith("MLP"))
 
 
 def test_pruning_nothing_gives_the_full_model(arch, models, data):
     model, (patching, validation) = models[arch], data
-    for scheme in ("mean", "zero"):
-        same = prune(model, components(model), scheme, mean_activations(model, patching))
+    for ablation in ("mean", "zero"):
+        same = prune(model, components(model), ablation, mean_activations(model, patching))
         assert same.count_parameters() == model.count_parameters()
         with torch.no_grad():
             assert torch.allclose(same(validation), model(validation), atol=1e-6)
@@ -63,15 +63,15 @@ def test_unknown_components_are_refused(models, bad):
 
 
 def test_unknown_scheme_is_refused(models):
-    with pytest.raises(ValueError, match="unknown ablation scheme 'resample'"):
+    with pytest.raises(ValueError, match="unknown ablation 'resample'"):
         prune(models["gpt2"], [], "resample")
 
 
-@pytest.mark.parametrize("scheme", ["mean", "zero"])
-def test_a_layer_without_heads_runs_on_the_last_position_alone(arch, models, data, scheme):
+@pytest.mark.parametrize("ablation", ["mean", "zero"])
+def test_a_layer_without_heads_runs_on_the_last_position_alone(arch, models, data, ablation):
     model, (patching, validation) = models[arch], data
     kept = [c for c in components(model) if not c.startswith("1.") and c != "MLP 2"]
-    pruned = prune(model, kept, scheme, mean_activations(model, patching))
+    pruned = prune(model, kept, ablation, mean_activations(model, patching))
     S = validation.shape[1]
     with torch.no_grad():
         x = pruned.embed(validation)
