@@ -59,6 +59,11 @@ normalised copies, for the backward pass. In all, training holds about
 `(n_writers + 2 L (H + 2 K + 1)) B S D` floats; for GPT-2 Small (L = H = K = 12, D = 768, split
 embeddings) 1,046 B S D floats, 1.4 GiB for 32 prompts of 15 tokens.
 
+**Other architectures.** The masked forward follows the model's configuration: bidirectional
+attention where `cfg.causal` is False, no norms where `cfg.normalization` is False, the MLP's own
+activation (ReLU in Tracr-compiled models) and an untied unembedding `W_U`; `all_positions`
+gives the outputs at every position (Tracr programs output a sequence).
+
 Memory and time grow linearly with the batch, so batches are small (`edges_train.train_edges`
 draws 32 prompts per step by default).
 
@@ -336,8 +341,9 @@ def writer_outputs(model: Transformer, tokens: torch.Tensor, split_embedding: bo
 
 def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor, repl: Replacement,
                   node_gates: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-                  graph: EdgeGraph | None = None) -> torch.Tensor:
-    """Last-position logits [B, V] of the model in which every edge passes `gates` of its writer.
+                  graph: EdgeGraph | None = None, all_positions: bool = False) -> torch.Tensor:
+    """Last-position logits [B, V] (every position's [B, S, V] if `all_positions`) of the model in
+    which every edge passes `gates` of its writer.
 
     tokens:     [B, S]
     gates:      [n_edges] in [0, 1] (1 = the writer's output, 0 = its replacement), in
@@ -409,6 +415,8 @@ def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor,
         put(w, gated((m - R[w])[None], node(w - n_embed, 1)))
         base = base + R[w]
         w += 1
+    if all_positions:
+        return model.unembed(read(g.out_gates(gates)[None], base)[0])    # [B, S, V]
     resid = read(g.out_gates(gates)[None], base[:, -1:], last=True)[0]   # [B, 1, D]
     return model.unembed(resid[:, -1])
 
@@ -492,7 +500,10 @@ def _prefix(deltas: torch.Tensor, W: int, last: bool) -> torch.Tensor:
 
 
 def _norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """The layer's norm on many reader inputs at once (fused kernels: less memory kept for backward)."""
+    """The layer's norm on many reader inputs at once (fused kernels: less memory kept for backward);
+    the identity in a model without normalisation."""
+    if not norm.enabled:
+        return x
     if norm.rms:
         return F.rms_norm(x, x.shape[-1:], norm.w, norm.eps)
     return F.layer_norm(x, x.shape[-1:], norm.w, norm.b, norm.eps)
@@ -517,7 +528,7 @@ def _heads(layer, cfg, h: torch.Tensor, n_kv_readers: int) -> torch.Tensor:
         v = v + layer.b_V[kv][:, None]
     if cfg.arch == "llama":
         q, k = rotate(q, cfg.rotary_base), rotate(k, cfg.rotary_base)
-    z = F.scaled_dot_product_attention(q, k, v, is_causal=True)    # [B, H, S, E]
+    z = F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal)   # [B, H, S, E]
     return torch.einsum("bhse,hed->hbsd", z, layer.W_O)
 
 

@@ -147,7 +147,8 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
                 warmup: int | None = None, batch_size: int = 32, seed: int = 0, init: float = 10.0,
                 weight_decay: float = 0.01, lr_warmup: int | None = None, sparsity_term: str = "sampled",
                 clip_grad_norm: float | None = 1.0, graph: EdgeGraph | None = None, progress: bool = True,
-                checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 50) -> EdgeTraining:
+                checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 50,
+                all_positions: bool = False, loss_fn=kl_loss) -> EdgeTraining:
     """Learn hard-concrete gates on `tokens` [n, S] (the full model `model` is frozen).
 
     repl:             the replacement (`edges.make_replacement`); a corrupted one is paired row by row
@@ -160,6 +161,11 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
     clip_grad_norm:   the gradients of the gates and the multipliers together are clipped to this
                       norm before each step (the authors' Hugging Face trainer: 1.0); None: not clipped
     graph:            the edge graph (default `edges.graph_for(model)`); `repl` must be made for it
+    all_positions:    train on the outputs at every position [B, S, V] (programs that output a
+                      sequence) instead of the last position's [B, V]
+    loss_fn:          loss_fn(full outputs, masked outputs) -> scalar, differentiable in the second
+                      (default `edges.kl_loss`, the last position's KL); its name is part of the
+                      checkpoint's settings when it is not the default
     lr_warmup:        steps over which the learning rates rise linearly from 0, after which they fall
                       linearly to 0 at the last step (default: 1/15 of `steps`, as the authors' 200 of 3000)
     checkpoint_path:  a file for the training's state, written (atomically) every `checkpoint_every`
@@ -226,7 +232,7 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
         return (q_edge + q_writer - q_edge * q_writer).mean(), q_node.mean()      # P(edge or writer closed)
 
     with torch.no_grad():
-        full = model(tokens, last_only=True)
+        full = model(tokens) if all_positions else model(tokens, last_only=True)
     curve = {k: [] for k in ("step", "loss", "kl", "edge_sparsity", "target", "lambda1", "lambda2", "lr")}
     if node_target is not None:
         curve |= {"node_sparsity": [], "node_target": []}
@@ -238,6 +244,8 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
     legacy_graph = graph_for(model, "per-query-head", False)
     if (sparsity_term, clip_grad_norm) != LEGACY_TRAINING or g is not legacy_graph:   # older checkpoints resume
         settings |= {"sparsity_term": sparsity_term, "clip_grad_norm": clip_grad_norm, "n_edges": g.n_edges}
+    if all_positions or loss_fn is not kl_loss:
+        settings |= {"all_positions": all_positions, "loss": loss_fn.__name__}
     saved = load_checkpoint(checkpoint_path, settings)
     if saved is not None:
         with torch.no_grad():
@@ -276,8 +284,8 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
             gates = sample_gates(log_alpha, gen)
             node_gates = None if node_log_alpha is None else sample_gates(node_log_alpha, gen)
             logits = masked_logits(model, batch, gates, repl, node_gates, rows=rows if repl.per_prompt else None,
-                                   graph=g)
-            kl = kl_loss(full if rows is None else full[rows], logits)
+                                   graph=g, all_positions=all_positions)
+            kl = loss_fn(full if rows is None else full[rows], logits)
             s_edge, s_node = sparsities(log_alpha, node_log_alpha, gates, node_gates)
             gap = ramp * target - s_edge
             lagrangian = lambdas[0] * gap + lambdas[1] * gap ** 2
@@ -530,15 +538,16 @@ class EdgeCircuit:
 
 @torch.no_grad()
 def edge_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor, repl: Replacement,
-                batch_size: int = 64, graph: EdgeGraph | None = None) -> torch.Tensor:
-    """Last-position logits [n, V] of the masked model, in batches (rows paired for corrupted)."""
+                batch_size: int = 64, graph: EdgeGraph | None = None, all_positions: bool = False) -> torch.Tensor:
+    """Last-position logits [n, V] (every position's [n, S, V] if `all_positions`) of the masked
+    model, in batches (rows paired for corrupted)."""
     dev = model.W_E.device
     tokens = tokens.to(dev)
     out = []
     for start in range(0, len(tokens), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(tokens)), device=dev)
         out.append(masked_logits(model, tokens[rows], gates, repl, rows=rows if repl.per_prompt else None,
-                                 graph=graph))
+                                 graph=graph, all_positions=all_positions))
     return torch.cat(out)
 
 
