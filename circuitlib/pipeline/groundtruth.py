@@ -274,8 +274,8 @@ AUTHORS_SETTINGS = {
 def edge_settings(compiled: Compiled) -> EdgeSettings:
     """The authors' settings for reverse and xproportion; for another program, reverse's recipe
     (categorical output) or xproportion's (numerical) on inputs one token shorter than max_seq_len."""
-    if compiled.name in AUTHORS_SETTINGS:
-        return AUTHORS_SETTINGS[compiled.name]
+    if compiled.info.program in AUTHORS_SETTINGS:          # the built-in program's name ("reverse")
+        return AUTHORS_SETTINGS[compiled.info.program]
     recipe = AUTHORS_SETTINGS["reverse" if compiled.info.categorical else "xproportion"]
     return EdgeSettings(**(asdict(recipe) | {"length": max(1, compiled.info.max_seq_len - 1)}))
 
@@ -332,7 +332,8 @@ def edge_pruning(compiled: Compiled, seed: int = 0, settings: EdgeSettings | Non
     -> {"settings", "seed", "found_edges" (truth's names), "closed_nodes", "found_components" (the
     heads and MLPs that reach the logits), "n_edges", "truth" and "scores" per truth definition
     (`edge_truths`, `edge_scores`), "accuracy" (on the training inputs, the authors' criterion),
-    "accuracy_all_lengths" (every input of the input space), "seconds" (the training's wall clock)}
+    "accuracy_all_lengths" (every input of the input space), "final" (the last step's loss, sampled
+    edge sparsity and multipliers), "seconds" (the training's wall clock)}
     """
     from circuitlib.tasks.compiled import CompiledTask, accuracy
 
@@ -362,6 +363,7 @@ def edge_pruning(compiled: Compiled, seed: int = 0, settings: EdgeSettings | Non
             "found_edges": found, "closed_nodes": closed, "found_components": remove_dead(graph, kept, closed)[1],
             "truth": truths, "scores": {k: edge_scores(found, v) for k, v in truths.items()},
             "accuracy": circuit_accuracy([tokens]), "accuracy_all_lengths": circuit_accuracy(task.inputs()),
+            "final": {k: training.curve[k][-1] for k in ("kl", "edge_sparsity", "lambda1", "lambda2")},
             "seconds": training.seconds}
 
 
