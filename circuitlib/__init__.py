@@ -110,6 +110,8 @@ _API = {
     "export_onnx": "pipeline.export",
     "groundtruth_report": "pipeline.groundtruth",
     "failure_modes": "pipeline.groundtruth",
+    "edge_recovery_table": "pipeline.groundtruth",
+    "load_edge_runs": "pipeline.groundtruth",
     # studies
     "load_spec": "studies.spec",
     "parse_spec": "studies.spec",

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from circuitlib.core.ablation import ablation_hooks, mean_activations
+from circuitlib.core.convert import to_hooked
+from circuitlib.core.surgery import prune
 from circuitlib.models.compiled import truth
 from circuitlib.models.compiled.compile import compile_program, load_compiled
 from circuitlib.models.compiled.programs import BUILTIN
 from circuitlib.tasks.compiled import CompiledTask, accuracy
-from circuitlib.core.convert import to_hooked
-from circuitlib.core.surgery import prune
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ def test_conversion_equals_tracr_on_every_input(compiled, name):
     import jax.numpy as jnp
 
     c = compiled[name]
-    n, forward = 0, jax.jit(c.tracr_model.forward)   # Tracr's own forward pass, compiled by JAX
+    n, forward = 0, jax.jit(c.tracr_model.forward)  # Tracr's own forward pass, compiled by JAX
     for tokens in all_inputs(c):
         out = forward(c.tracr_model.params, jnp.asarray(tokens.numpy()))
         theirs = out.transformer_output
@@ -48,8 +48,9 @@ def test_conversion_equals_tracr_on_every_input(compiled, name):
             x = x + layer.attn_out(x)
             np.testing.assert_allclose(x.detach().numpy(), np.asarray(theirs.residuals[2 * l]), atol=1e-5, rtol=1e-5)
             x = x + layer.mlp_out(x)
-            np.testing.assert_allclose(x.detach().numpy(), np.asarray(theirs.residuals[2 * l + 1]), atol=1e-5,
-                                       rtol=1e-5)
+            np.testing.assert_allclose(
+                x.detach().numpy(), np.asarray(theirs.residuals[2 * l + 1]), atol=1e-5, rtol=1e-5
+            )
         ours = c.model(tokens).detach()
         if c.info.categorical:
             assert torch.equal(ours.argmax(-1), torch.tensor(np.asarray(out.unembedded_output)))
@@ -73,13 +74,14 @@ def test_models_have_the_architecture_the_issue_asks_for(compiled):
     assert kinds == {True, False}
     bos = {name: dict(c.info.token_ids)["BOS"] for name, c in compiled.items()}
     assert bos == {name: c.info.bos_id for name, c in compiled.items()} and len(set(bos.values())) > 1
-    assert {name: c.model.cfg.d_vocab_out for name, c in compiled.items()} == \
-        {name: len(c.info.output_values) for name, c in compiled.items()}
+    assert {name: c.model.cfg.d_vocab_out for name, c in compiled.items()} == {
+        name: len(c.info.output_values) for name, c in compiled.items()
+    }
 
 
 def test_input_space_respects_the_programs_domain(compiled):
     sizes = [len(t) for t in CompiledTask(compiled["sort_unique"]).inputs()]
-    assert sizes == [5, 20, 60, 120]      # distinct tokens only: 5, 5*4, 5*4*3, 5*4*3*2
+    assert sizes == [5, 20, 60, 120]  # distinct tokens only: 5, 5*4, 5*4*3, 5*4*3*2
     assert [len(t) for t in CompiledTask(compiled["reverse"]).inputs()] == [3, 9, 27, 81, 243]
 
 
@@ -88,17 +90,21 @@ def test_cache_round_trip_without_jax(compiled, tmp_path):
     assert (tmp_path / "tracr").is_dir() and not list((tmp_path / "tracr").glob(".*"))  # no temp folder left
     fresh = compiled["reverse"].model.state_dict()
     assert all(torch.equal(v, fresh[k]) for k, v in c.model.state_dict().items())
-    code = ("import sys; from circuitlib.models.loading import load_model; "
-            f"m, info = load_model('tracr-reverse', cache_dir={str(tmp_path)!r}); "
-            "assert 'jax' not in sys.modules and 'tracr' not in sys.modules; print(m.cfg.name, info.bos_id)")
+    code = (
+        "import sys; from circuitlib.models.loading import load_model; "
+        f"m, info = load_model('tracr-reverse', cache_dir={str(tmp_path)!r}); "
+        "assert 'jax' not in sys.modules and 'tracr' not in sys.modules; print(m.cfg.name, info.bos_id)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["tracr-reverse", str(c.info.bos_id)]
 
 
 def test_import_circuitlib_does_not_import_jax():
-    code = ("import sys, circuitlib, circuitlib.models.compiled, circuitlib.tasks, circuitlib.cli; "
-            "assert 'jax' not in sys.modules and 'tracr' not in sys.modules")
+    code = (
+        "import sys, circuitlib, circuitlib.models.compiled, circuitlib.tasks, circuitlib.cli; "
+        "assert 'jax' not in sys.modules and 'tracr' not in sys.modules"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
 
@@ -110,11 +116,28 @@ PUBLISHED_COMPONENTS = {"reverse": {"0.0", "3.0", "MLP 0", "MLP 1", "MLP 2"}, "x
 # ACDC's edge lists (get_tracr_reverse_edges, get_tracr_proportion_edges), in circuitlib's names:
 # hook_embed -> "embed", hook_pos_embed -> "pos", blocks.L.hook_resid_post -> "logits".
 ACDC_EDGES = {
-    "reverse": {"embed -> 0.0.v", "0.0 -> MLP 0", "embed -> MLP 0", "MLP 0 -> MLP 1", "embed -> MLP 1",
-                "pos -> MLP 1", "MLP 1 -> MLP 2", "MLP 2 -> 3.0.q", "pos -> 3.0.k", "embed -> 3.0.v",
-                "3.0 -> logits"},
-    "xproportion": {"embed -> MLP 0", "MLP 0 -> 1.0.v", "embed -> 1.0.q", "pos -> 1.0.q", "embed -> 1.0.k",
-                    "pos -> 1.0.k", "1.0 -> logits"},
+    "reverse": {
+        "embed -> 0.0.v",
+        "0.0 -> MLP 0",
+        "embed -> MLP 0",
+        "MLP 0 -> MLP 1",
+        "embed -> MLP 1",
+        "pos -> MLP 1",
+        "MLP 1 -> MLP 2",
+        "MLP 2 -> 3.0.q",
+        "pos -> 3.0.k",
+        "embed -> 3.0.v",
+        "3.0 -> logits",
+    },
+    "xproportion": {
+        "embed -> MLP 0",
+        "MLP 0 -> 1.0.v",
+        "embed -> 1.0.q",
+        "pos -> 1.0.q",
+        "embed -> 1.0.k",
+        "pos -> 1.0.k",
+        "1.0 -> logits",
+    },
 }
 
 
@@ -157,7 +180,7 @@ def test_xproportion_structural_edges_equal_acdc_and_bos_plumbing_is_what_differ
     assert with_bos == ACDC_EDGES["xproportion"]
     assert with_bos - without == {"embed -> 1.0.q", "embed -> 1.0.k"}
     functional = set(truth.functional_edges(c.info, c.model, all_inputs(c)))
-    assert functional == without   # the BOS-only edges change no output when removed alone
+    assert functional == without  # the BOS-only edges change no output when removed alone
 
 
 def test_reverse_functional_edges_equal_acdc(compiled):
@@ -177,8 +200,9 @@ def test_edge_forward_is_the_model_and_node_removal_is_zero_ablation(compiled, n
     for node in comps:
         removed = {e for e in truth.all_edges(c.model) if e.split(" -> ")[0] == node}
         kept = [x for x in comps if x != node]
-        assert torch.allclose(truth.edge_forward(c.model, tokens, removed), prune(c.model, kept, "zero")(tokens),
-                              atol=1e-4)
+        assert torch.allclose(
+            truth.edge_forward(c.model, tokens, removed), prune(c.model, kept, "zero")(tokens), atol=1e-4
+        )
 
 
 @pytest.mark.parametrize("scheme", ["zero", "mean"])
@@ -205,7 +229,7 @@ def test_pruned_equals_hook_ablation_with_means_pooled_over_lengths(compiled):
     hooked = to_hooked(c.model)
     pruned = prune(c.model, ["1.0", "MLP 1"], "mean", means)
     with torch.no_grad():
-        for tokens in inputs:                     # every length reads the first S rows of the pooled means
+        for tokens in inputs:  # every length reads the first S rows of the pooled means
             want = hooked.run_with_hooks(tokens, fwd_hooks=ablation_hooks(["0.0", "MLP 0"], "mean", means))
             assert torch.allclose(pruned(tokens), want, atol=1e-4)
 
@@ -224,6 +248,7 @@ def test_model_and_task_resolve_by_name(compiled):
 
 # ---- Algorithm 1 on compiled models --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(BUILTIN))
 @pytest.mark.parametrize("ablation", ["mean", "zero"])
 def test_greedy_recovers_the_true_components_on_mixed_lengths(compiled, name, ablation):
@@ -241,7 +266,7 @@ def test_greedy_recovers_the_true_components_on_mixed_lengths(compiled, name, ab
 def test_greedy_head_order_and_last_position_variant(compiled):
     from circuitlib.pipeline import groundtruth as scoring
 
-    c = compiled["shuffle_dyck2"]             # four heads in layer 1: the head order matters here if anywhere
+    c = compiled["shuffle_dyck2"]  # four heads in layer 1: the head order matters here if anywhere
     inputs = CompiledTask(c).inputs(cap=40)
     truth_set = set(c.info.structure["components"])
     for order in ("heads-ascending", "heads-descending"):
@@ -255,7 +280,7 @@ def test_one_length_data_hides_reverse_length_computation(compiled):
     found = scoring.failure_modes(compiled["reverse"])
     hidden = {"0.0", "MLP 0", "MLP 1", "MLP 2"}
     assert {c for c, v in found["mean, full length only"].items() if v == 0} == hidden
-    assert {c for c, v in found["zero, full length only"].items() if v == 0} == {"0.0"}   # max length decoded
+    assert {c for c, v in found["zero, full length only"].items() if v == 0} == {"0.0"}  # max length decoded
     assert all(v > 0.01 for key in ("mean, mixed lengths", "zero, mixed lengths") for v in found[key].values())
 
 
@@ -266,13 +291,14 @@ def test_pooled_means_equal_per_length_means_weighted(compiled):
     inputs = CompiledTask(c).inputs()
     pooled = scoring.pooled_means(c.model, inputs)
     last = mean_activations(c.model, inputs[-1])
-    assert torch.allclose(pooled.z[..., -1, :], last.z[..., -1, :], atol=1e-6)   # only the longest reach it
+    assert torch.allclose(pooled.z[..., -1, :], last.z[..., -1, :], atol=1e-6)  # only the longest reach it
     counts = torch.tensor([len(t) for t in inputs], dtype=torch.float64)
     want = sum(mean_activations(c.model, t).mlp[:, 0].double() * n for t, n in zip(inputs, counts)) / counts.sum()
     assert torch.allclose(pooled.mlp[:, 0].double(), want, atol=1e-5)
 
 
 # ---- the command line --------------------------------------------------------------------------
+
 
 def test_cli_groundtruth_json(compiled, capsys):
     from circuitlib.cli import main
@@ -300,19 +326,27 @@ def test_cli_groundtruth_user_program_file(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("CIRCUITLIB_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "double.py"
-    path.write_text("from tracr.rasp import rasp\nprogram = rasp.numerical(rasp.Map(lambda x: 2 * x, rasp.tokens))\n"
-                    "vocab = {1, 2, 3}\nmax_seq_len = 3\n")
+    path.write_text(
+        "from tracr.rasp import rasp\nprogram = rasp.numerical(rasp.Map(lambda x: 2 * x, rasp.tokens))\n"
+        "vocab = {1, 2, 3}\nmax_seq_len = 3\n"
+    )
     assert main(["groundtruth", str(path), "--json", "--alpha", "1e-6"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["truth_components"] == ["MLP 0"] and report["exact"] is True
 
 
-@pytest.mark.parametrize("text, message", [
-    ("x = 1\n", "does not define program, vocab, max_seq_len"),
-    ("raise RuntimeError('boom')\n", "failed to run: RuntimeError: boom"),
-    ("from tracr.rasp import rasp\nprogram = rasp.Aggregate(rasp.Select(rasp.tokens, rasp.tokens, "
-     "rasp.Comparison.EQ), rasp.numerical(rasp.tokens))\nvocab = {1, 2}\nmax_seq_len = 3\n", "Tracr cannot compile"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("x = 1\n", "does not define program, vocab, max_seq_len"),
+        ("raise RuntimeError('boom')\n", "failed to run: RuntimeError: boom"),
+        (
+            "from tracr.rasp import rasp\nprogram = rasp.Aggregate(rasp.Select(rasp.tokens, rasp.tokens, "
+            "rasp.Comparison.EQ), rasp.numerical(rasp.tokens))\nvocab = {1, 2}\nmax_seq_len = 3\n",
+            "Tracr cannot compile",
+        ),
+    ],
+)
 def test_cli_groundtruth_bad_program_file(tmp_path, capsys, monkeypatch, text, message):
     from circuitlib.cli import main
 
@@ -334,27 +368,27 @@ def test_cli_groundtruth_unknown_program(capsys):
 
 # ---- distractors -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("pair", [("reverse", "hist"), ("xproportion", "shuffle_dyck2")])
 def test_distractor_model_computes_both_programs_and_greedy_prunes_the_distractor(compiled, pair):
-    from circuitlib.pipeline import groundtruth as scoring
     from circuitlib.models.compiled.distractors import side_by_side
+    from circuitlib.pipeline import groundtruth as scoring
 
     target, other = compiled[pair[0]], compiled[pair[1]]
     both, distractor, to_other = side_by_side(target, other)
     inputs = CompiledTask(both).inputs(cap=60)
-    for tokens in inputs:     # the target's output is unchanged, and the distractor's block computes its program
+    for tokens in inputs:  # the target's output is unchanged, and the distractor's block computes its program
         assert torch.allclose(both.model(tokens), target.model(tokens), atol=1e-5)
         theirs = other.model.residual(torch.tensor(to_other)[tokens])
-        assert torch.allclose(both.model.residual(tokens)[..., target.model.cfg.d_model:], theirs, atol=1e-5)
+        assert torch.allclose(both.model.residual(tokens)[..., target.model.cfg.d_model :], theirs, atol=1e-5)
     busy_heads = [c for c in distractor if not c.startswith("MLP")]
     target_layers = {int(c.split(".")[0]) for c in target.info.structure["components"] if not c.startswith("MLP")}
-    assert {int(c.split(".")[0]) for c in busy_heads} & target_layers   # both programs' heads in one layer
+    assert {int(c.split(".")[0]) for c in busy_heads} & target_layers  # both programs' heads in one layer
     circuit = scoring.greedy(both, inputs, inputs, 1e-3, ablation="mean")
     truth = set(target.info.structure["components"])
     shared_mlps = {c for c in distractor if c.startswith("MLP") and c in truth}
     assert set(circuit.kept) == truth, (circuit.kept, truth, shared_mlps)
     assert not set(circuit.kept) & (set(distractor) - shared_mlps)
-
 
 
 def test_divergence_metrics():
@@ -364,8 +398,8 @@ def test_divergence_metrics():
     full, other = torch.randn(3, 4, 5), torch.randn(3, 4, 5)
     assert torch.allclose(divergence(True, full, full), torch.zeros(3, dtype=torch.float64))
     p, q = full.double().log_softmax(-1), other.double().log_softmax(-1)
-    kl = (p.exp() * (p - q)).sum(-1)                                     # [3, 4]
-    assert torch.allclose(divergence(True, full, other), kl[:, 1:].mean(-1))      # BOS left out
+    kl = (p.exp() * (p - q)).sum(-1)  # [3, 4]
+    assert torch.allclose(divergence(True, full, other), kl[:, 1:].mean(-1))  # BOS left out
     assert torch.allclose(divergence(True, full, other, "last"), kl[:, -1])
     a, b = full[..., :1], other[..., :1]
     assert torch.allclose(divergence(False, a, b), (b - a).double().pow(2)[:, 1:, 0].mean(-1))
@@ -377,11 +411,12 @@ def test_extract_fast_path_equals_plain_on_a_bidirectional_model(compiled):
     from circuitlib.discovery.greedy import extract
 
     c = compiled["reverse"]
-    tokens = CompiledTask(c).inputs([5])[0]        # one length, BOS shared by every input
+    tokens = CompiledTask(c).inputs([5])[0]  # one length, BOS shared by every input
     for ablation in ("mean", "zero"):
         fast = extract(c.model, tokens, tokens, alpha=1e-3, ablation=ablation, include_mlps=True, progress=False)
-        plain = extract(c.model, tokens, tokens, alpha=1e-3, ablation=ablation, include_mlps=True, method="plain",
-                        progress=False)
+        plain = extract(
+            c.model, tokens, tokens, alpha=1e-3, ablation=ablation, include_mlps=True, method="plain", progress=False
+        )
         assert [d.pruned for d in fast.decisions] == [d.pruned for d in plain.decisions]
         assert [d.kl_after for d in fast.decisions] == pytest.approx([d.kl_after for d in plain.decisions], abs=1e-6)
 
@@ -389,18 +424,28 @@ def test_extract_fast_path_equals_plain_on_a_bidirectional_model(compiled):
 @pytest.mark.parametrize("causal", [False, True])
 def test_extract_fast_path_equals_plain_with_a_shared_start(causal):
     """A bidirectional model's shared first token is not the same in g as in f: the fast path must recompute it."""
-    from circuitlib.discovery.greedy import extract
     from circuitlib.core.model import ModelConfig, Transformer
+    from circuitlib.discovery.greedy import extract
 
-    cfg = ModelConfig(name="random-bidirectional", arch="gpt2", n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32,
-                      d_vocab=11, n_ctx=8, causal=causal)
+    cfg = ModelConfig(
+        name="random-bidirectional",
+        arch="gpt2",
+        n_layers=2,
+        d_model=16,
+        n_heads=2,
+        d_head=8,
+        d_mlp=32,
+        d_vocab=11,
+        n_ctx=8,
+        causal=causal,
+    )
     model = Transformer(cfg)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if p.dim() == 1 and p.shape[0] == 16 else 0.0))
     tokens = torch.randint(0, 10, (24, 6), generator=gen)
-    tokens[:, :2] = 10                       # two leading positions shared by every prompt
+    tokens[:, :2] = 10  # two leading positions shared by every prompt
     fast = extract(model, tokens[:12], tokens[12:], alpha=1e-3, include_mlps=True, progress=False)
     plain = extract(model, tokens[:12], tokens[12:], alpha=1e-3, include_mlps=True, method="plain", progress=False)
     assert [d.kl_after for d in fast.decisions] == pytest.approx([d.kl_after for d in plain.decisions], abs=1e-5)

@@ -13,16 +13,33 @@ from unittest import mock
 import pytest
 import torch
 
-from circuitlib.core.ablation import hooked_last_logits, mean_activations
 from circuitlib.cli import main
+from circuitlib.core.ablation import hooked_last_logits, mean_activations
 from circuitlib.core.convert import to_hooked
-from circuitlib.discovery.edges.graph import (EdgeGraph, all_open, edges_among, expected_closed, expected_open, gates_from_edges,
-                              graph_for, make_replacement, masked_logits, remove_dead)
-from circuitlib.discovery.edges.train import EdgeCircuit, ResultInProgress, binarize, check_sparsity, standalone_model, train_edges
-from circuitlib.pipeline.edges import edge_result, edge_result_path, gates_path, load_gates, run_edges
-from circuitlib.discovery.greedy import extract
 from circuitlib.core.metrics import kl_divergence
 from circuitlib.core.surgery import prune
+from circuitlib.discovery.edges.graph import (
+    EdgeGraph,
+    all_open,
+    edges_among,
+    expected_closed,
+    expected_open,
+    gates_from_edges,
+    graph_for,
+    make_replacement,
+    masked_logits,
+    remove_dead,
+)
+from circuitlib.discovery.edges.train import (
+    EdgeCircuit,
+    ResultInProgress,
+    binarize,
+    check_sparsity,
+    standalone_model,
+    train_edges,
+)
+from circuitlib.discovery.greedy import extract
+from circuitlib.pipeline.edges import edge_result, edge_result_path, gates_path, load_gates, run_edges
 from circuitlib.tasks import get_task
 
 
@@ -56,14 +73,14 @@ def closing_outgoing(model, nodes):
 
 
 def test_edge_counts_match_the_paper():
-    assert EdgeGraph.build(12, 12).n_edges == 32491          # GPT-2 Small, as Bhaskar et al. count them
+    assert EdgeGraph.build(12, 12).n_edges == 32491  # GPT-2 Small, as Bhaskar et al. count them
     g = EdgeGraph.build(2, 3)
     assert g.writers == ["embed", "0.0", "0.1", "0.2", "MLP 0", "1.0", "1.1", "1.2", "MLP 1"]
     assert g.readers[:3] == ["0.0.q", "0.1.q", "0.2.q"] and g.readers[-1] == "logits"
     for e in range(g.n_edges):
         assert g.parse_edge(g.edge_name(e)) == e
     with pytest.raises(ValueError, match="bad edge"):
-        g.parse_edge("1.0 -> 0.0.q")                         # edges only go forward
+        g.parse_edge("1.0 -> 0.0.q")  # edges only go forward
 
 
 @pytest.mark.parametrize("scheme", ["mean", "zero", "corrupted"])
@@ -85,14 +102,16 @@ def test_closing_a_nodes_outgoing_edges_ablates_it(arch, models, data, means, sc
         with torch.no_grad():
             ours = masked_logits(model, validation, closing_outgoing(model, nodes), r)
             reference = prune(model, [n for n in g.nodes if n not in nodes], scheme, means[arch])(
-                validation, last_only=True)
+                validation, last_only=True
+            )
         assert torch.allclose(ours, reference, atol=1e-4), nodes
         assert not torch.allclose(ours, full, atol=1e-3), f"ablating {nodes} should change the logits"
         # a closed node gate does the same
         node_gates = torch.tensor([0.0 if n in nodes else 1.0 for n in g.nodes])
         with torch.no_grad():
-            assert torch.allclose(masked_logits(model, validation, all_open(model), r, node_gates), reference,
-                                  atol=1e-4)
+            assert torch.allclose(
+                masked_logits(model, validation, all_open(model), r, node_gates), reference, atol=1e-4
+            )
 
 
 def test_node_ablation_matches_transformer_lens_hooks(arch, models, data, means):
@@ -100,8 +119,9 @@ def test_node_ablation_matches_transformer_lens_hooks(arch, models, data, means)
     ablated = ["0.2", "1.0", "MLP 0", "2.1"]
     for scheme in ("mean", "zero"):
         with torch.no_grad():
-            ours = masked_logits(model, validation, closing_outgoing(model, ablated),
-                                 repl(model, scheme, patching, means[arch]))
+            ours = masked_logits(
+                model, validation, closing_outgoing(model, ablated), repl(model, scheme, patching, means[arch])
+            )
         reference = hooked_last_logits(to_hooked(model), validation, ablated, scheme, means[arch])
         assert torch.allclose(ours, reference, atol=1e-4)
 
@@ -127,21 +147,26 @@ def test_corrupted_replacement_patches_in_the_corrupted_run(arch, models, data):
         ours = masked_logits(model, validation, closing_outgoing(model, ["1.2"]), r)
         assert torch.allclose(ours, reference, atol=1e-4)
         rows = torch.tensor([3, 7])
-        assert torch.allclose(masked_logits(model, validation[rows], closing_outgoing(model, ["1.2"]), r, rows=rows),
-                              reference[rows], atol=1e-4)
+        assert torch.allclose(
+            masked_logits(model, validation[rows], closing_outgoing(model, ["1.2"]), r, rows=rows),
+            reference[rows],
+            atol=1e-4,
+        )
 
 
 @pytest.mark.parametrize("scheme", ["mean", "zero"])
 def test_edges_of_a_node_circuit_reproduce_its_kl(arch, models, data, means, scheme):
     model, (patching, validation) = models[arch], data
     alpha = {"gpt2": 0.03, "llama": 0.1}[arch]
-    circuit = extract(model, patching, validation, alpha=alpha, ablation=scheme, include_mlps=True, progress=False,
-                      means=means[arch])
+    circuit = extract(
+        model, patching, validation, alpha=alpha, ablation=scheme, include_mlps=True, progress=False, means=means[arch]
+    )
     assert 0 < len(circuit.kept) < len(graph_for(model).nodes)
     edges = edges_among(graph_for(model), circuit.kept)
     with torch.no_grad():
-        ours = masked_logits(model, validation, gates_from_edges(model, edges), repl(model, scheme, patching,
-                                                                                     means[arch]))
+        ours = masked_logits(
+            model, validation, gates_from_edges(model, edges), repl(model, scheme, patching, means[arch])
+        )
     assert kl_divergence(model(validation, last_only=True), ours) == pytest.approx(circuit.final_kl, abs=1e-5)
 
 
@@ -164,8 +189,12 @@ def test_gradients_of_edge_and_node_gates_are_exact(arch, hf_models, data):
         gates[edges], node_gates[nodes] = e, n
         return masked_logits(model, validation[:3], gates, r, node_gates)[:, :7]
 
-    assert torch.autograd.gradcheck(f, (base_gates[edges].clone().requires_grad_(True),
-                                        base_nodes[nodes].clone().requires_grad_(True)), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(
+        f,
+        (base_gates[edges].clone().requires_grad_(True), base_nodes[nodes].clone().requires_grad_(True)),
+        eps=1e-6,
+        atol=1e-5,
+    )
 
 
 def test_dead_node_removal_changes_no_logit(arch, models, data, means):
@@ -192,11 +221,11 @@ def test_training_is_reproducible_and_reaches_the_target(arch, models, data, mea
     assert a.curve == b.curve and torch.equal(a.log_alpha, b.log_alpha)
     assert not torch.equal(a.log_alpha, c.log_alpha)
     assert set(a.curve) >= {"loss", "kl", "edge_sparsity", "target", "lambda1"} and len(a.curve["kl"]) == 12
-    assert all(p.requires_grad for p in model.parameters())          # the model is left as it was
+    assert all(p.requires_grad for p in model.parameters())  # the model is left as it was
     g = graph_for(model)
-    read = binarize(g, a.log_alpha, 0.8, readout="forced-count")     # circuitlib's read-off before issue 28
+    read = binarize(g, a.log_alpha, 0.8, readout="forced-count")  # circuitlib's read-off before issue 28
     assert 0 < len(read.edges) <= 0.2 * g.n_edges
-    assert remove_dead(g, read.edges)[0] == read.edges                 # nothing dead left
+    assert remove_dead(g, read.edges)[0] == read.edges  # nothing dead left
     # node gates: trained alongside, with their own target
     d = train_edges(model, validation, r, seed=3, node_target_sparsity=0.5, **kw)
     assert d.node_log_alpha.shape == (len(g.nodes),) and "node_sparsity" in d.curve
@@ -207,10 +236,10 @@ def test_no_gate_freezes_beyond_the_sparsity_gradient():
     la = torch.tensor([-5.0, 0.0, 5.0, 20.0], requires_grad=True)
     assert torch.allclose(expected_closed(la.detach()), 1 - expected_open(la.detach()), atol=1e-6)
     (1 - expected_open(la)).sum().backward()
-    assert la.grad[3] == 0                                             # the old formula: frozen at 20
+    assert la.grad[3] == 0  # the old formula: frozen at 20
     la.grad = None
     expected_closed(la).sum().backward()
-    assert (la.grad < 0).all()                                         # every gate can still close
+    assert (la.grad < 0).all()  # every gate can still close
 
 
 def test_the_optimizer_is_the_authors(models, data, means):
@@ -220,9 +249,11 @@ def test_the_optimizer_is_the_authors(models, data, means):
     r = repl(model, "mean", patching, means["gpt2"])
     kw = dict(target_sparsity=0.8, steps=12, batch_size=6, progress=False, seed=3, lr=0.8, lr_warmup=3)
     plain = train_edges(model, validation, r, weight_decay=0.0, **kw)
-    assert plain.curve["lr"] == pytest.approx([0.8 * s / 3 for s in range(3)] + [0.8 * (12 - s) / 9 for s in range(3, 12)])
-    assert plain.log_alpha.min() > 5                                   # started at 10: the gradient alone moved them little
-    decayed = train_edges(model, validation, r, weight_decay=1 / 0.8, **kw)   # lr x decay = 1 at the peak
+    assert plain.curve["lr"] == pytest.approx(
+        [0.8 * s / 3 for s in range(3)] + [0.8 * (12 - s) / 9 for s in range(3, 12)]
+    )
+    assert plain.log_alpha.min() > 5  # started at 10: the gradient alone moved them little
+    decayed = train_edges(model, validation, r, weight_decay=1 / 0.8, **kw)  # lr x decay = 1 at the peak
     assert decayed.log_alpha.abs().max() < 3.5
     for bad in (-1, 12, 2.5):
         with pytest.raises(ValueError, match="lr_warmup must be a whole number of steps"):
@@ -232,7 +263,7 @@ def test_the_optimizer_is_the_authors(models, data, means):
 
 
 def test_bad_settings_are_refused(models, data):
-    model, (patching, validation) = models["gpt2"], data
+    model, (_, validation) = models["gpt2"], data
     r = make_replacement(model, "zero")
     for bad in (2.0, -0.1, float("nan"), "x"):
         with pytest.raises(ValueError, match="target sparsity must be a number in"):
@@ -250,11 +281,30 @@ def test_bad_settings_are_refused(models, data):
 
 # ---- end to end: the command line on tiny-gpt2 --------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("edges") / "ioi"
-    assert main(["edges", "--model", "tiny-gpt2", "--task", "ioi", "--target-sparsity", "0.9", "--steps", "8",
-                 "--n", "8", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "edges",
+                "--model",
+                "tiny-gpt2",
+                "--task",
+                "ioi",
+                "--target-sparsity",
+                "0.9",
+                "--steps",
+                "8",
+                "--n",
+                "8",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -262,7 +312,7 @@ def test_cli_writes_a_complete_run_folder(run_dir):
     record = json.loads((run_dir / "edges.json").read_text())
     assert record["settings"]["target_sparsity"] == 0.9 and record["settings"]["steps"] == 8
     assert record["n_edges_total"] == graph_for_tiny_gpt2_edges()
-    m = record["metrics"]                                # the authors' read-off: the training sets the size
+    m = record["metrics"]  # the authors' read-off: the training sets the size
     assert record["settings"]["readout"] == "authors" and 0 <= m["training_edge_sparsity"] <= 1
     assert len(record["edges"]) <= m["n_edges_thresholded"]
     assert len(record["curve"]["kl"]) == 8
@@ -270,19 +320,19 @@ def test_cli_writes_a_complete_run_folder(run_dir):
         assert set(record["metrics"][name]) == {"validation", "test"}
     for name in ("model.safetensors", "model.json", "tokenizer.json", "edges.gates.pt"):
         assert (run_dir / name).is_file()
-    assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")]   # no temporary left
+    assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")]  # no temporary left
     result = EdgeCircuit.load_json(run_dir / "edges.json")
     assert result.edges == record["edges"] and result.nodes == record["nodes"]
     assert load_gates(run_dir / "edges.gates.pt")["log_alpha"].shape == (record["n_edges_total"],)
 
 
 def graph_for_tiny_gpt2_edges():
-    return EdgeGraph.build(4, 4, split_embedding=True).n_edges       # token and position embeddings: two writers
+    return EdgeGraph.build(4, 4, split_embedding=True).n_edges  # token and position embeddings: two writers
 
 
 def test_cli_pruned_model_is_the_node_circuit(run_dir):
-    from circuitlib.models.loading import load_model
     from circuitlib.core.model import Transformer
+    from circuitlib.models.loading import load_model
     from circuitlib.tasks import get_task
 
     record = json.loads((run_dir / "edges.json").read_text())
@@ -295,18 +345,21 @@ def test_cli_pruned_model_is_the_node_circuit(run_dir):
     assert kl == pytest.approx(record["metrics"]["pruned_model"]["test"]["kl"], rel=1e-4, abs=1e-7)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--target-sparsity", "2.5"], "--target-sparsity must be a number in [0, 2)"),
-    (["--steps", "0"], "--steps must be a positive number"),
-    (["--n", "0"], "--n must be a positive number"),
-    (["--lr", "0"], "--lr must be a number > 0"),
-    (["--device", "tpu"], "--device"),
-    (["--model", "gpt3"], "unknown model"),
-    (["--batch-size", "9"], "--batch-size 9 is larger than the 8 prompts a step draws from (--n)"),
-    (["--n", None, "--batch-size", "151"], "--batch-size 151 is larger than the 150 prompts"),   # IOI's default n
-    (["--warmup", "3"], "--warmup 3 is longer than the run (--steps 2)"),
-    (["--node-target-sparsity", "1"], "(the fraction of nodes removed)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target-sparsity", "2.5"], "--target-sparsity must be a number in [0, 2)"),
+        (["--steps", "0"], "--steps must be a positive number"),
+        (["--n", "0"], "--n must be a positive number"),
+        (["--lr", "0"], "--lr must be a number > 0"),
+        (["--device", "tpu"], "--device"),
+        (["--model", "gpt3"], "unknown model"),
+        (["--batch-size", "9"], "--batch-size 9 is larger than the 8 prompts a step draws from (--n)"),
+        (["--n", None, "--batch-size", "151"], "--batch-size 151 is larger than the 150 prompts"),  # IOI's default n
+        (["--warmup", "3"], "--warmup 3 is longer than the run (--steps 2)"),
+        (["--node-target-sparsity", "1"], "(the fraction of nodes removed)"),
+    ],
+)
 def test_cli_refuses_bad_input_and_writes_nothing(tmp_path, capsys, args, message):
     base = {"--model": "tiny-gpt2", "--task": "ioi", "--target-sparsity": "0.9", "--steps": "2", "--n": "8"}
     base.update(dict(zip(args[::2], args[1::2])))
@@ -328,7 +381,7 @@ def test_evaluate_and_export_read_an_edges_folder(run_dir, tmp_path, capsys):
         assert report["kept_heads"] == record["kept_heads"]
     assert main(["export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
     assert "max abs logit difference" in capsys.readouterr().out and (tmp_path / "m.onnx").is_file()
-    old = tmp_path / "old"                       # a folder of an older circuitlib: no reference.safetensors
+    old = tmp_path / "old"  # a folder of an older circuitlib: no reference.safetensors
     shutil.copytree(run_dir, old)
     (old / "reference.safetensors").unlink()
     assert main(["evaluate", str(old)]) == 2
@@ -339,15 +392,28 @@ def test_evaluate_and_export_read_an_edges_folder(run_dir, tmp_path, capsys):
 def test_cli_steps_default_to_the_authors_3000():
     from circuitlib.cli import _parser
 
-    args = _parser().parse_args(["edges", "--model", "tiny-gpt2", "--task", "ioi", "--target-sparsity", "0.9",
-                                 "--out", "x"])
+    args = _parser().parse_args(
+        ["edges", "--model", "tiny-gpt2", "--task", "ioi", "--target-sparsity", "0.9", "--out", "x"]
+    )
     assert args.steps == 3000 and args.warmup is None
 
 
 def test_cli_refuses_an_occupied_out_unless_forced(run_dir, tmp_path, capsys):
     before = (run_dir / "edges.json").read_text()
-    argv = ["edges", "--model", "tiny-gpt2", "--task", "ioi", "--target-sparsity", "0.5", "--steps", "2",
-            "--n", "8", "--out"]
+    argv = [
+        "edges",
+        "--model",
+        "tiny-gpt2",
+        "--task",
+        "ioi",
+        "--target-sparsity",
+        "0.5",
+        "--steps",
+        "2",
+        "--n",
+        "8",
+        "--out",
+    ]
     assert main(argv + [str(run_dir)]) == 2
     assert "pass --force" in capsys.readouterr().err
     assert (run_dir / "edges.json").read_text() == before
@@ -360,6 +426,7 @@ def test_cli_refuses_an_occupied_out_unless_forced(run_dir, tmp_path, capsys):
 
 
 # ---- resumable training and edge results as data (tiny-gpt2) ------------------------------------
+
 
 class Cut(Exception):
     """Stands in for a process killed in the middle of a training."""
@@ -398,11 +465,20 @@ def without_times(result):
 
 @pytest.mark.parametrize("ablation, node_target", [("mean", None), ("mean", 0.5), ("corrupted", None)])
 def test_a_cut_off_training_resumes_to_the_uninterrupted_result(tiny, tmp_path, ablation, node_target):
-    kw = dict(target_sparsity=0.9, steps=9, ablation=ablation, n=8, batch_size=4, seed=1, progress=False,
-              node_target_sparsity=node_target, loaded=tiny)
+    kw = dict(
+        target_sparsity=0.9,
+        steps=9,
+        ablation=ablation,
+        n=8,
+        batch_size=4,
+        seed=1,
+        progress=False,
+        node_target_sparsity=node_target,
+        loaded=tiny,
+    )
     whole = run_edges("tiny-gpt2", "ioi", **kw)
     checkpoint = tmp_path / "run.ckpt"
-    with cut_at_step(6), pytest.raises(Cut):                    # steps 1-5 done, the last checkpoint after 4
+    with cut_at_step(6), pytest.raises(Cut):  # steps 1-5 done, the last checkpoint after 4
         run_edges("tiny-gpt2", "ioi", checkpoint_path=checkpoint, checkpoint_every=2, **kw)
     assert torch.load(checkpoint, weights_only=True)["step"] == 4
     resumed = run_edges("tiny-gpt2", "ioi", checkpoint_path=checkpoint, checkpoint_every=2, **kw)
@@ -411,7 +487,7 @@ def test_a_cut_off_training_resumes_to_the_uninterrupted_result(tiny, tmp_path, 
         assert torch.equal(resumed.training.node_log_alpha, whole.training.node_log_alpha)
     assert resumed.training.curve == whole.training.curve and len(resumed.training.curve["step"]) == 9
     assert without_times(resumed.result) == without_times(whole.result)
-    assert not checkpoint.exists()                              # deleted once the training is done
+    assert not checkpoint.exists()  # deleted once the training is done
     assert resumed.result.metrics["training_cpu_seconds"] > 0 and whole.result.metrics["training_cpu_seconds"] > 0
 
 
@@ -420,8 +496,9 @@ def cut_training(tiny, checkpoint):
     model, tokenizer = tiny
     data = get_task("ioi").generate(tokenizer, n=8, seed=0)
     r = make_replacement(model, "zero")
-    kw = dict(target_sparsity=0.9, steps=6, batch_size=4, progress=False, checkpoint_path=checkpoint,
-              checkpoint_every=2)
+    kw = dict(
+        target_sparsity=0.9, steps=6, batch_size=4, progress=False, checkpoint_path=checkpoint, checkpoint_every=2
+    )
     with cut_at_step(4), pytest.raises(Cut):
         train_edges(model, data.validation.tokens, r, **kw)
     return model, data, r, kw
@@ -443,11 +520,11 @@ def test_a_checkpoint_of_other_settings_is_refused(tiny, tmp_path):
     model, data, r, kw = cut_training(tiny, checkpoint)
     with pytest.raises(ValueError, match=r"run.ckpt belongs to another training: lr 0.8 \(checkpoint\) vs 0.5"):
         train_edges(model, data.validation.tokens, r, **{**kw, "lr": 0.5})
-    with pytest.raises(ValueError, match="tokens"):                # other prompts
+    with pytest.raises(ValueError, match="tokens"):  # other prompts
         train_edges(model, data.test.tokens, r, **kw)
     with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
         train_edges(model, data.validation.tokens, r, **{**kw, "checkpoint_every": 0})
-    assert checkpoint.exists()                                     # a refused checkpoint is left alone
+    assert checkpoint.exists()  # a refused checkpoint is left alone
     train_edges(model, data.validation.tokens, r, **kw)
     assert not checkpoint.exists()
 
@@ -459,8 +536,12 @@ def test_an_edge_result_is_computed_once_then_read(tiny, tmp_path, monkeypatch):
     kw = dict(target_sparsity=0.9, steps=4, n=8, batch_size=4, progress=False)
     first = edge_result(tmp_path, model, tokenizer, "ioi", **kw)
     path = tmp_path / "ioi-mean-seed0-n8-bs4-steps4-target0.9-sampled-clip1-authors-splitembed.json"
-    assert edge_result_path(tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")},
-                            model=model) == path
+    assert (
+        edge_result_path(
+            tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")}, model=model
+        )
+        == path
+    )
     gates = gates_path(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, gates.name])  # no checkpoint, no temporary
     # the stored gate locations are the ones the binary circuit was cut from
@@ -476,7 +557,7 @@ def test_an_edge_result_is_computed_once_then_read(tiny, tmp_path, monkeypatch):
     assert edge_result(tmp_path, model, tokenizer, "ioi", **kw).to_dict() == first.to_dict()
     with pytest.raises(ValueError, match=r"holds a result of other settings: lr 0.8 \(stored\) vs 0.5 \(asked\)"):
         edge_result(tmp_path, model, tokenizer, "ioi", lr=0.5, **kw)
-    assert EdgeCircuit.load_json(path).to_dict() == first.to_dict()        # never overwritten
+    assert EdgeCircuit.load_json(path).to_dict() == first.to_dict()  # never overwritten
 
 
 def test_a_result_in_training_is_refused_to_a_second_process(tiny, tmp_path):
@@ -484,9 +565,10 @@ def test_a_result_in_training_is_refused_to_a_second_process(tiny, tmp_path):
 
     model, tokenizer = tiny
     kw = dict(target_sparsity=0.9, steps=4, n=8, batch_size=4, progress=False)
-    path = edge_result_path(tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")},
-                            model=model)
-    with FileLock(path.with_suffix(".lock")):         # as a first process holds it while it trains
+    path = edge_result_path(
+        tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")}, model=model
+    )
+    with FileLock(path.with_suffix(".lock")):  # as a first process holds it while it trains
         with pytest.raises(ResultInProgress, match="another process is computing .*target0.9-.*json"):
             edge_result(tmp_path, model, tokenizer, "ioi", **kw)
         assert not path.exists() and not path.with_suffix(".ckpt").exists()
@@ -500,8 +582,9 @@ def test_a_result_that_arrives_during_training_is_kept(tiny, tmp_path, monkeypat
 
     model, tokenizer = tiny
     kw = dict(target_sparsity=0.9, steps=4, n=8, batch_size=4, progress=False)
-    path = edge_result_path(tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")},
-                            model=model)
+    path = edge_result_path(
+        tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")}, model=model
+    )
     real = edges_train.run_edges
 
     def trained_while_a_copy_arrives(*args, **kwargs):
@@ -512,15 +595,24 @@ def test_a_result_that_arrives_during_training_is_kept(tiny, tmp_path, monkeypat
     monkeypatch.setattr(edges_train, "run_edges", trained_while_a_copy_arrives)
     with pytest.warns(UserWarning, match="appeared while this process trained"):
         kept = edge_result(tmp_path, model, tokenizer, "ioi", **kw)
-    assert kept.threshold == -1.0 == EdgeCircuit.load_json(path).threshold     # the arrived file, unchanged
+    assert kept.threshold == -1.0 == EdgeCircuit.load_json(path).threshold  # the arrived file, unchanged
 
 
 @pytest.mark.parametrize("ablation", ["mean", "zero"])
 def test_the_rebuilt_standalone_model_is_the_runs(tiny, tmp_path, ablation):
     model, tokenizer = tiny
-    run = run_edges("tiny-gpt2", "ioi", target_sparsity=0.8, steps=4, ablation=ablation, n=8, batch_size=4,
-                    progress=False, loaded=tiny)
-    assert run.result.metrics["torch_threads"] == torch.get_num_threads()    # timings carry their thread count
+    run = run_edges(
+        "tiny-gpt2",
+        "ioi",
+        target_sparsity=0.8,
+        steps=4,
+        ablation=ablation,
+        n=8,
+        batch_size=4,
+        progress=False,
+        loaded=tiny,
+    )
+    assert run.result.metrics["torch_threads"] == torch.get_num_threads()  # timings carry their thread count
     run.result.save_json(tmp_path / "edges.json")
     rebuilt = standalone_model(EdgeCircuit.load_json(tmp_path / "edges.json"), model, tokenizer)
     assert rebuilt.kept_heads() == run.pruned.kept_heads() and rebuilt.kept_mlps() == run.pruned.kept_mlps()
@@ -540,29 +632,51 @@ def test_the_edge_runs_script_computes_what_is_missing(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         script.main(["--help"])
     assert done.value.code == 0 and "--targets" in capsys.readouterr().out
-    argv = ["--model", "tiny-gpt2", "--n", "8", "--steps", "3", "--batch-size", "4", "--legacy", "--targets", "0.9",
-            "--out-dir", str(tmp_path)]                       # --legacy: the names of the chapter's committed results
+    argv = [
+        "--model",
+        "tiny-gpt2",
+        "--n",
+        "8",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--legacy",
+        "--targets",
+        "0.9",
+        "--out-dir",
+        str(tmp_path),
+    ]  # --legacy: the names of the chapter's committed results
     assert script.main(argv) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ioi-mean-seed0-n8-bs4-steps3-target0.9.gates.pt",
-                                                          "ioi-mean-seed0-n8-bs4-steps3-target0.9.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ioi-mean-seed0-n8-bs4-steps3-target0.9.gates.pt",
+        "ioi-mean-seed0-n8-bs4-steps3-target0.9.json",
+    ]
     assert "0 of 1 results already" in capsys.readouterr().out
     assert script.main(argv) == 0
     assert "1 of 1 results already" in capsys.readouterr().out
     from filelock import FileLock
 
     busy = tmp_path / "ioi-mean-seed0-n8-bs4-steps3-target0.95.lock"
-    with FileLock(busy):                  # another edge_runs.py trains 0.95: this one skips it, does 0.98
+    with FileLock(busy):  # another edge_runs.py trains 0.95: this one skips it, does 0.98
         assert script.main(argv[:-3] + ["0.95", "0.98", "--out-dir", str(tmp_path)]) == 0
     assert "target 0.95: skipped, another process is computing" in capsys.readouterr().out
-    assert not busy.with_suffix(".json").exists() and busy.with_name(busy.name.replace("0.95.lock", "0.98.json")).exists()
+    assert (
+        not busy.with_suffix(".json").exists() and busy.with_name(busy.name.replace("0.95.lock", "0.98.json")).exists()
+    )
     with pytest.raises(SystemExit) as refused:
         script.main(["--targets", "2.5"])
     assert refused.value.code == 2 and "target sparsity must be a number in [0, 2)" in capsys.readouterr().err
-    authors = tmp_path / "authors"                                 # the default recipe: the authors', named so
-    assert script.main(argv[:-3] + ["1.02", "--out-dir", str(authors)]) == 2     # the forced count keeps no edge
+    authors = tmp_path / "authors"  # the default recipe: the authors', named so
+    assert script.main(argv[:-3] + ["1.02", "--out-dir", str(authors)]) == 2  # the forced count keeps no edge
     assert "forced-count readout" in capsys.readouterr().err and not authors.exists()
     assert script.main([a for a in argv[:-3] if a != "--legacy"] + ["1.02", "--out-dir", str(authors)]) == 0
-    record = json.loads((authors / "ioi-mean-seed0-n8-bs4-steps3-target1.02-sampled-clip1-authors-splitembed.json")
-                        .read_text())
-    assert {k: record["settings"][k] for k in ("sparsity_term", "clip_grad_norm", "readout", "split_embedding")} == \
-        {"sparsity_term": "sampled", "clip_grad_norm": 1.0, "readout": "authors", "split_embedding": True}
+    record = json.loads(
+        (authors / "ioi-mean-seed0-n8-bs4-steps3-target1.02-sampled-clip1-authors-splitembed.json").read_text()
+    )
+    assert {k: record["settings"][k] for k in ("sparsity_term", "clip_grad_norm", "readout", "split_embedding")} == {
+        "sparsity_term": "sampled",
+        "clip_grad_norm": 1.0,
+        "readout": "authors",
+        "split_embedding": True,
+    }

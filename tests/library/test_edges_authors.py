@@ -9,10 +9,18 @@ import pytest
 import torch
 
 from circuitlib.core.ablation import mean_activations
-from circuitlib.discovery.edges.graph import (EdgeGraph, all_open, deterministic_mask, expected_closed, graph_for,
-                              make_replacement, masked_logits, sample_gates)
-from circuitlib.discovery.edges.train import EdgeCircuit, binarize, check_sparsity, train_edges
 from circuitlib.core.surgery import prune
+from circuitlib.discovery.edges.graph import (
+    EdgeGraph,
+    all_open,
+    deterministic_mask,
+    expected_closed,
+    graph_for,
+    make_replacement,
+    masked_logits,
+    sample_gates,
+)
+from circuitlib.discovery.edges.train import EdgeCircuit, binarize, check_sparsity, train_edges
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,6 +32,7 @@ def one_thread():
 
 
 # ---- graphs and their edge counts -----------------------------------------------------------------
+
 
 def authors_gpt2_edges(n_layers, n_heads, embedding_writers):
     """Edge-Pruning modeling_fpt2.get_num_edges, written out: layer l's q, k and v readers read the
@@ -51,8 +60,8 @@ def authors_llama_edges(n_layers, n_heads, n_kv_heads):
 def test_edge_counts_of_gpt2_small_and_the_stand_in():
     # GPT-2 Small: 12 layers x 12 heads (a shape only, no weights)
     split, one = EdgeGraph.build(12, 12, split_embedding=True), EdgeGraph.build(12, 12)
-    assert split.n_edges == authors_gpt2_edges(12, 12, 2) == 32_936        # their runs (--with_embedding_nodes)
-    assert one.n_edges == authors_gpt2_edges(12, 12, 1) == 32_491          # the paper's text
+    assert split.n_edges == authors_gpt2_edges(12, 12, 2) == 32_936  # their runs (--with_embedding_nodes)
+    assert one.n_edges == authors_gpt2_edges(12, 12, 1) == 32_491  # the paper's text
     assert split.writers[:3] == ["tok_embed", "pos_embed", "0.0"] and len(split.writers) == 158
     # SmolLM2-135M's shape: 30 layers, 9 query heads sharing 3 K/V heads, one embedding writer
     kv, per_query = EdgeGraph.build(30, 9, 3), EdgeGraph.build(30, 9, 3, kv_readers="per-query-head")
@@ -68,15 +77,19 @@ def test_edge_counts_of_gpt2_small_and_the_stand_in():
 
 
 def test_the_default_graphs(models):
-    assert graph_for(models["gpt2"]).split_embedding                       # learned positions: two writers
+    assert graph_for(models["gpt2"]).split_embedding  # learned positions: two writers
     llama = graph_for(models["llama"])
-    assert not llama.split_embedding and llama.n_kv_readers == 2           # 6 query heads, 2 K/V heads
+    assert not llama.split_embedding and llama.n_kv_readers == 2  # 6 query heads, 2 K/V heads
     with pytest.raises(ValueError, match="no position embedding"):
         graph_for(models["llama"], split_embedding=True)
 
 
-GRAPHS = [("gpt2", "per-kv-head", True), ("gpt2", "per-kv-head", False), ("llama", "per-kv-head", None),
-          ("llama", "per-query-head", None)]
+GRAPHS = [
+    ("gpt2", "per-kv-head", True),
+    ("gpt2", "per-kv-head", False),
+    ("llama", "per-kv-head", None),
+    ("llama", "per-query-head", None),
+]
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +104,17 @@ def test_every_graph_is_exact_open_and_node_ablated(models, data, means, arch, k
     g = graph_for(model, kv_readers, split)
     r = make_replacement(model, "mean", patching=patching, means=means[arch], graph=g)
     with torch.no_grad():
-        assert torch.allclose(masked_logits(model, validation, all_open(model, g), r, graph=g),
-                              model(validation, last_only=True), atol=1e-4)
+        assert torch.allclose(
+            masked_logits(model, validation, all_open(model, g), r, graph=g),
+            model(validation, last_only=True),
+            atol=1e-4,
+        )
         for node in ("0.1", "1.4" if arch == "llama" else "1.3", "MLP 1"):
             gates = all_open(model, g).clone()
             gates[[e for e, (w, _) in enumerate(g.edges) if g.writers[w] == node]] = 0.0
             reference = prune(model, [n for n in g.nodes if n != node], "mean", means[arch])(validation, last_only=True)
             assert torch.allclose(masked_logits(model, validation, gates, r, graph=g), reference, atol=1e-4)
-    if arch == "gpt2":                                  # a replacement of the other embedding convention is refused
+    if arch == "gpt2":  # a replacement of the other embedding convention is refused
         other = make_replacement(model, "zero", graph=graph_for(model, split_embedding=not split))
         with pytest.raises(ValueError, match="make it with make_replacement"):
             masked_logits(model, validation, all_open(model, g), other, graph=g)
@@ -134,10 +150,11 @@ def forward_with_edited_reader(model, tokens, layer_idx, kv_head, kind, delta):
 @pytest.mark.parametrize("kind", ["k", "v"])
 def test_removing_one_kv_reader_edge_is_exact(models, data, means, kind):
     model, (patching, validation) = models["llama"], data
-    g = graph_for(model)                                                   # one reader per K/V head
+    g = graph_for(model)  # one reader per K/V head
     with torch.no_grad():
-        assert torch.allclose(forward_with_edited_reader(model, validation, 0, 0, kind, 0.0),
-                              model(validation, last_only=True), atol=1e-5)
+        assert torch.allclose(
+            forward_with_edited_reader(model, validation, 0, 0, kind, 0.0), model(validation, last_only=True), atol=1e-5
+        )
         # embed -> 1.kv1.<kind>, zero replacement: the reader loses the embedding
         zero = make_replacement(model, "zero", graph=g)
         gates = all_open(model, g).clone()
@@ -148,9 +165,9 @@ def test_removing_one_kv_reader_edge_is_exact(models, data, means, kind):
         assert not torch.allclose(ours, model(validation, last_only=True), atol=1e-3)
         # head 0.4 -> 2.kv0.<kind>, mean replacement: the reader gets the head's mean output instead of its output
         layer0 = model.layers[0]
-        z = layer0.z(model.embed(validation))                              # [B, S, H, E]
-        out = z[:, :, 4] @ layer0.W_O[4]                                   # [B, S, D]
-        mean_out = means["llama"].z[0][4] @ layer0.W_O[4]                  # [S, D]
+        z = layer0.z(model.embed(validation))  # [B, S, H, E]
+        out = z[:, :, 4] @ layer0.W_O[4]  # [B, S, D]
+        mean_out = means["llama"].z[0][4] @ layer0.W_O[4]  # [S, D]
         r = make_replacement(model, "mean", patching=patching, means=means["llama"], graph=g)
         gates = all_open(model, g).clone()
         gates[g.parse_edge(f"0.4 -> 2.kv0.{kind}")] = 0.0
@@ -168,7 +185,7 @@ def test_split_embedding_edges_are_exact(models, data):
         x = model.embed(validation)
         layer = model.layers[0]
         x = x + layer.attn_out(x)
-        x = x + layer.mlp_out(x - model.W_pos[:validation.shape[1]])
+        x = x + layer.mlp_out(x - model.W_pos[: validation.shape[1]])
         for layer in model.layers[1:]:
             x = x + layer.attn_out(x)
             x = x + layer.mlp_out(x)
@@ -178,6 +195,7 @@ def test_split_embedding_edges_are_exact(models, data):
 
 
 # ---- the read-off ---------------------------------------------------------------------------------
+
 
 def test_the_authors_readoff_by_hand():
     """One layer, one head: 8 edges in 5 of the authors' parameter tensors.
@@ -200,15 +218,16 @@ def test_the_authors_readoff_by_hand():
     g = EdgeGraph.build(1, 1)
     assert g.groups == [(0, 1), (1, 1), (2, 1), (3, 2), (5, 3)]
     la = torch.tensor([10.0, -10, 0, 10, -10, 2, -10, 10])
-    assert math.isclose(float(expected_closed(torch.tensor(0.0))), 1 / (1 + math.exp(-2 / 3 * math.log(1 / 11))),
-                        rel_tol=1e-6)
+    assert math.isclose(
+        float(expected_closed(torch.tensor(0.0))), 1 / (1 + math.exp(-2 / 3 * math.log(1 / 11))), rel_tol=1e-6
+    )
     s12, s24 = 1 / (1 + math.exp(-12)), 1 / (1 + math.exp(-2.4))
     assert deterministic_mask(la, g.groups).tolist() == pytest.approx([s12, 0, 0.5, s12, 0, s24, 0, s12], abs=1e-6)
     read = binarize(g, la)
     assert read.training_sparsity == pytest.approx(1 - (3 * s12 + 0.5 + s24) / 8, abs=1e-6)
     assert read.n_thresholded == 5
     assert read.edges == [3, 5, 7] and read.nodes == ["MLP 0"]
-    assert read.threshold == 0.0                                           # the smallest kept log_alpha (edge 2)
+    assert read.threshold == 0.0  # the smallest kept log_alpha (edge 2)
     # the forced count keeps (1 - target) x 8 edges after dead-node removal, whatever the training chose
     forced = binarize(g, la, 0.75, readout="forced-count")
     assert len(forced.edges) <= 2 and forced.training_sparsity is None
@@ -223,14 +242,20 @@ def test_committed_results_load_with_their_settings():
 
     path = Path(__file__).resolve().parents[2] / "results/edges/ioi-mean-seed0-n32-bs8-steps3000-target0.9.json"
     result = EdgeCircuit.load_json(path)
-    assert {k: result.settings[k] for k in ("sparsity_term", "clip_grad_norm", "readout", "kv_readers",
-                                            "split_embedding")} == \
-        {"sparsity_term": "expected", "clip_grad_norm": None, "readout": "forced-count",
-         "kv_readers": "per-query-head", "split_embedding": False}
+    assert {
+        k: result.settings[k] for k in ("sparsity_term", "clip_grad_norm", "readout", "kv_readers", "split_embedding")
+    } == {
+        "sparsity_term": "expected",
+        "clip_grad_norm": None,
+        "readout": "forced-count",
+        "kv_readers": "per-query-head",
+        "split_embedding": False,
+    }
     assert result.n_edges_total == EdgeGraph.build(30, 9, 3, kv_readers="per-query-head").n_edges
 
 
 # ---- the training: sparsity term, targets above 1, clipping ------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def zero_repl(models):
@@ -244,12 +269,14 @@ def test_the_sparsity_terms_by_hand(models, data, zero_repl):
     g = graph_for(model)
     kw = dict(target_sparsity=0.5, steps=1, batch_size=4, seed=7, progress=False)
     gen = torch.Generator().manual_seed(7)
-    la = 10.0 + 0.01 * torch.randn(g.n_edges, generator=gen)               # the initial gates
-    sampled = sample_gates(la, gen)                                        # step 1's gates
-    assert train_edges(model, validation, zero_repl, **kw).curve["edge_sparsity"][0] == \
-        pytest.approx(1 - sampled.mean().item(), abs=1e-7)
-    assert train_edges(model, validation, zero_repl, sparsity_term="expected", **kw).curve["edge_sparsity"][0] == \
-        pytest.approx(expected_closed(la).mean().item(), abs=1e-7)
+    la = 10.0 + 0.01 * torch.randn(g.n_edges, generator=gen)  # the initial gates
+    sampled = sample_gates(la, gen)  # step 1's gates
+    assert train_edges(model, validation, zero_repl, **kw).curve["edge_sparsity"][0] == pytest.approx(
+        1 - sampled.mean().item(), abs=1e-7
+    )
+    assert train_edges(model, validation, zero_repl, sparsity_term="expected", **kw).curve["edge_sparsity"][
+        0
+    ] == pytest.approx(expected_closed(la).mean().item(), abs=1e-7)
     with pytest.raises(ValueError, match="unknown sparsity_term"):
         train_edges(model, validation, zero_repl, sparsity_term="l0", **kw)
 
@@ -277,13 +304,14 @@ def test_gradients_are_clipped_to_norm_one_over_gates_and_multipliers(models, da
         def step(self, *args, **kwargs):
             seen.setdefault(clip, []).append([p.grad.clone() for group in self.param_groups for p in group["params"]])
             return real(self, *args, **kwargs)
+
         return step
 
-    kw = dict(target_sparsity=1.9, warmup=1, steps=2, batch_size=4, seed=1, progress=False)   # a large gap: norm > 1
+    kw = dict(target_sparsity=1.9, warmup=1, steps=2, batch_size=4, seed=1, progress=False)  # a large gap: norm > 1
     for clip in (None, 1.0):
         with mock.patch.object(torch.optim.AdamW, "step", recording(clip)):
             train_edges(model, validation, zero_repl, clip_grad_norm=clip, **kw)
-    raw = seen[None][0] + seen[None][1]                                    # step 1: gates, then multipliers
+    raw = seen[None][0] + seen[None][1]  # step 1: gates, then multipliers
     clipped = seen[1.0][0] + seen[1.0][1]
     norm = torch.linalg.vector_norm(torch.cat([x.flatten() for x in raw])).item()
     assert norm > 1
@@ -295,6 +323,7 @@ def test_gradients_are_clipped_to_norm_one_over_gates_and_multipliers(models, da
 
 # ---- IOI as the authors train on it ---------------------------------------------------------------
 
+
 def test_ioi_mixed_has_both_orders_many_templates_and_counterfactuals():
     from circuitlib.models.loading import gpt2_tokenizer
     from circuitlib.tasks import IOI_TEMPLATES, get_task
@@ -302,7 +331,7 @@ def test_ioi_mixed_has_both_orders_many_templates_and_counterfactuals():
     tok = gpt2_tokenizer()
     task = get_task("ioi-mixed")
     templates = task.templates(tok)
-    assert len(templates) == 6 and set(templates) < set(IOI_TEMPLATES)    # the 15-token ones
+    assert len(templates) == 6 and set(templates) < set(IOI_TEMPLATES)  # the 15-token ones
     data = task.generate(tok, n=100, seed=0)
     split = data.validation
     assert split.corrupted.shape == split.tokens.shape == (100, 15)
@@ -313,12 +342,12 @@ def test_ioi_mixed_has_both_orders_many_templates_and_counterfactuals():
         names = [i for i, w in enumerate(words) if w != other[i]]  # the counterfactual differs in names only
         assert len(words) == len(other) and len(names) == 3
         first, second, third = (words[i].rstrip(",.") for i in names)
-        assert a in (first, second) and third == ({first, second} - {a}).pop()          # A and B, then B again
+        assert a in (first, second) and third == ({first, second} - {a}).pop()  # A and B, then B again
         new = [other[i].rstrip(",.") for i in names]
-        assert len(set(new)) == 3 and not set(new) & {first, second}      # three other names, none repeated
+        assert len(set(new)) == 3 and not set(new) & {first, second}  # three other names, none repeated
         orders["abba" if first == a else "baba"] += 1
-    assert min(orders.values()) > 30                                       # both orders
-    assert data.test[:5].corrupted.shape == (5, 15)                        # slicing keeps the pairs
+    assert min(orders.values()) > 30  # both orders
+    assert data.test[:5].corrupted.shape == (5, 15)  # slicing keeps the pairs
 
 
 def test_edge_pruning_uses_the_tasks_counterfactuals(models):
@@ -329,7 +358,7 @@ def test_edge_pruning_uses_the_tasks_counterfactuals(models):
     split = get_task("ioi-mixed").generate(gpt2_tokenizer(), n=8, seed=0).validation
     assert corrupt(split) is split.corrupted
     ioi = get_task("ioi").generate(gpt2_tokenizer(), n=8, seed=0).validation
-    assert torch.equal(corrupt(ioi), ioi.tokens.roll(1, 0))                # no counterfactuals: another prompt
+    assert torch.equal(corrupt(ioi), ioi.tokens.roll(1, 0))  # no counterfactuals: another prompt
 
 
 def test_cli_edges_takes_a_task_file(tmp_path, capsys):
@@ -339,12 +368,46 @@ def test_cli_edges_takes_a_task_file(tmp_path, capsys):
 
     task = Path(__file__).resolve().parents[2] / "examples" / "capitals.jsonl"
     out = tmp_path / "run"
-    assert main(["edges", "--model", "tiny-gpt2", "--task", str(task), "--target-sparsity", "1.05", "--steps", "2",
-                 "--n", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "edges",
+                "--model",
+                "tiny-gpt2",
+                "--task",
+                str(task),
+                "--target-sparsity",
+                "1.05",
+                "--steps",
+                "2",
+                "--n",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / "edges.json").is_file()
-    assert "the training chose sparsity" in capsys.readouterr().out     # the size the read-off took
-    assert main(["edges", "--model", "tiny-gpt2", "--task", "no-such-task", "--target-sparsity", "0.9", "--steps",
-                 "2", "--out", str(tmp_path / "other")]) == 2
+    assert "the training chose sparsity" in capsys.readouterr().out  # the size the read-off took
+    assert (
+        main(
+            [
+                "edges",
+                "--model",
+                "tiny-gpt2",
+                "--task",
+                "no-such-task",
+                "--target-sparsity",
+                "0.9",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "other"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "unknown task 'no-such-task'" in err and err.count("\n") == 1 and not (tmp_path / "other").exists()
 
@@ -360,30 +423,31 @@ def test_the_greedy_method_runs_on_ioi_mixed():
     assert set(circuit.kept) <= set(graph_for(model).nodes)
 
 
-@pytest.mark.parametrize("arch, kv_readers", [("gpt2", "per-kv-head"), ("llama", "per-kv-head"),
-                                              ("llama", "per-query-head")])
+@pytest.mark.parametrize(
+    "arch, kv_readers", [("gpt2", "per-kv-head"), ("llama", "per-kv-head"), ("llama", "per-query-head")]
+)
 def test_step_flops_are_counted_exactly(models, data, arch, kv_readers):
     """`step_flops` against torch's FLOP counter over one training step (attention by its math
     kernel, which the counter sees as matrix products; in-place addmm_ counted as addmm)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from circuitlib.discovery.edges.train import step_flops
-
-    from circuitlib.discovery.edges.train import _frozen
+    from circuitlib.discovery.edges.train import _frozen, step_flops
 
     model, (_, validation) = models[arch], data
     g = graph_for(model, kv_readers)
     r = make_replacement(model, "zero", graph=g)
     with torch.no_grad():
-        full = model(validation[:4], last_only=True)                       # once per training, not per step
-    def addmm_(out, a, b, out_shape=None, **kwargs):                      # [m, n] += [m, k] @ [k, n]
+        full = model(validation[:4], last_only=True)  # once per training, not per step
+
+    def addmm_(out, a, b, out_shape=None, **kwargs):  # [m, n] += [m, k] @ [k, n]
         return 2 * a[0] * a[1] * b[1]
 
     counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_})
-    with _frozen(model), sdpa_kernel(SDPBackend.MATH), counter:           # as train_edges: the weights frozen
+    with _frozen(model), sdpa_kernel(SDPBackend.MATH), counter:  # as train_edges: the weights frozen
         gates = torch.full((g.n_edges,), 0.7, requires_grad=True)
         logits = masked_logits(model, validation[:4], gates, r, graph=g)
-        torch.nn.functional.kl_div(logits.log_softmax(-1), full.log_softmax(-1), log_target=True,
-                                   reduction="batchmean").backward()
+        torch.nn.functional.kl_div(
+            logits.log_softmax(-1), full.log_softmax(-1), log_target=True, reduction="batchmean"
+        ).backward()
     assert counter.get_total_flops() == step_flops(model, g, 4, validation.shape[1])["total"]

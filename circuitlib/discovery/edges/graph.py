@@ -59,6 +59,11 @@ normalised copies, for the backward pass. In all, training holds about
 `(n_writers + 2 L (H + 2 K + 1)) B S D` floats; for GPT-2 Small (L = H = K = 12, D = 768, split
 embeddings) 1,046 B S D floats, 1.4 GiB for 32 prompts of 15 tokens.
 
+**Other architectures.** The masked forward follows the model's configuration: bidirectional
+attention where `cfg.causal` is False, no norms where `cfg.normalization` is False, the MLP's own
+activation (ReLU in Tracr-compiled models) and an untied unembedding `W_U`; `all_positions`
+gives the outputs at every position (Tracr programs output a sequence).
+
 Memory and time grow linearly with the batch, so batches are small (`edges_train.train_edges`
 draws 32 prompts per step by default).
 
@@ -119,8 +124,15 @@ class EdgeGraph:
     edges: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, n_layers: int, n_heads: int, n_kv_heads: int | None = None, *, kv_readers: str = "per-kv-head",
-              split_embedding: bool = False) -> "EdgeGraph":
+    def build(
+        cls,
+        n_layers: int,
+        n_heads: int,
+        n_kv_heads: int | None = None,
+        *,
+        kv_readers: str = "per-kv-head",
+        split_embedding: bool = False,
+    ) -> "EdgeGraph":
         if kv_readers not in KV_READERS:
             raise ValueError(f"unknown kv_readers {kv_readers!r}; choose one of {', '.join(KV_READERS)}")
         n_kv = n_kv_heads or n_heads
@@ -130,10 +142,10 @@ class EdgeGraph:
         g.embed_writers = [TOKEN_EMBED, POS_EMBED] if split_embedding else [EMBED]
         g.writers = list(g.embed_writers)
         g.reader_nodes = []
-        g._attn, g._mlp = [], []       # offsets into the gate vector: (start, n_writers read)
+        g._attn, g._mlp = [], []  # offsets into the gate vector: (start, n_writers read)
         g.groups = []
         per_kv = kv_readers == "per-kv-head" and n_kv < n_heads
-        g.n_kv_readers = n_kv if per_kv else n_heads      # key (and value) readers per layer
+        g.n_kv_readers = n_kv if per_kv else n_heads  # key (and value) readers per layer
         group = n_heads // n_kv
         for l in range(n_layers):
             W = len(g.writers)
@@ -142,8 +154,9 @@ class EdgeGraph:
                 g.groups.append((len(g.edges), (n_heads if kind == "q" else g.n_kv_readers) * W))
                 if kind != "q" and per_kv:
                     for j in range(n_kv):
-                        g._add_reader(f"{l}.kv{j}.{kind}", W, tuple(head_name(l, h) for h in
-                                                                   range(j * group, (j + 1) * group)))
+                        g._add_reader(
+                            f"{l}.kv{j}.{kind}", W, tuple(head_name(l, h) for h in range(j * group, (j + 1) * group))
+                        )
                 else:
                     for h in range(n_heads):
                         g._add_reader(f"{l}.{h}.{kind}", W, (head_name(l, h),))
@@ -177,7 +190,7 @@ class EdgeGraph:
     @property
     def nodes(self) -> list[str]:
         """Gated nodes: the heads and MLPs (every writer but the embeddings), in writer order."""
-        return self.writers[len(self.embed_writers):]
+        return self.writers[len(self.embed_writers) :]
 
     def edge_name(self, e: int) -> str:
         w, r = self.edges[e]
@@ -188,23 +201,24 @@ class EdgeGraph:
             w, r = (p.strip() for p in name.split("->"))
             return self.edge_index[(self.writer_index[w], self.readers.index(r))]
         except (ValueError, KeyError):
-            raise ValueError(f"bad edge {name!r}: write 'WRITER -> READER', e.g. 'embed -> 0.1.q', "
-                             "'0.3 -> MLP 1', 'MLP 2 -> logits'") from None
+            raise ValueError(
+                f"bad edge {name!r}: write 'WRITER -> READER', e.g. 'embed -> 0.1.q', '0.3 -> MLP 1', 'MLP 2 -> logits'"
+            ) from None
 
     # Views of a gate vector [n_edges] per reader block.
     def attn_gates(self, gates: torch.Tensor, layer: int) -> torch.Tensor:
         """[H + 2 K, W] gates of layer `layer`'s q, k and v readers (K = `n_kv_readers`) over its W
         preceding writers."""
         start, W = self._attn[layer]
-        return gates[start:start + self.n_attn_readers * W].view(self.n_attn_readers, W)
+        return gates[start : start + self.n_attn_readers * W].view(self.n_attn_readers, W)
 
     def mlp_gates(self, gates: torch.Tensor, layer: int) -> torch.Tensor:
         start, W = self._mlp[layer]
-        return gates[start:start + W]
+        return gates[start : start + W]
 
     def out_gates(self, gates: torch.Tensor) -> torch.Tensor:
         start, W = self._out
-        return gates[start:start + W]
+        return gates[start : start + W]
 
     def node_of_reader(self, r: int) -> str:
         """The node a reader belongs to: 'L.H' for 'L.H.q/k/v', 'MLP L', or 'logits' (a K/V-head
@@ -235,12 +249,14 @@ def graph_for(model: Transformer, kv_readers: str = "per-kv-head", split_embeddi
         raise ValueError(f"{cfg.name} has no position embedding to split off; use split_embedding=False")
     key = (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, kv_readers, bool(split_embedding))
     if key not in _GRAPHS:
-        _GRAPHS[key] = EdgeGraph.build(cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, kv_readers=kv_readers,
-                                       split_embedding=bool(split_embedding))
+        _GRAPHS[key] = EdgeGraph.build(
+            cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, kv_readers=kv_readers, split_embedding=bool(split_embedding)
+        )
     return _GRAPHS[key]
 
 
 # ---- replacements ----------------------------------------------------------------------------
+
 
 @dataclass
 class Replacement:
@@ -266,15 +282,24 @@ class Replacement:
 
 def check_full(model: Transformer) -> None:
     cfg = model.cfg
-    if model.kept_heads() != [head_name(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)] \
-            or model.kept_mlps() != list(range(cfg.n_layers)) or model.ablation is not None:
+    if (
+        model.kept_heads() != [head_name(l, h) for l in range(cfg.n_layers) for h in range(cfg.n_heads)]
+        or model.kept_mlps() != list(range(cfg.n_layers))
+        or model.ablation is not None
+    ):
         raise ValueError("Edge Pruning works on the full model, not on a pruned one")
 
 
 @torch.no_grad()
-def make_replacement(model: Transformer, kind: str, *, patching: torch.Tensor | None = None,
-                     means: Means | None = None, corrupted: torch.Tensor | None = None,
-                     graph: EdgeGraph | None = None) -> Replacement:
+def make_replacement(
+    model: Transformer,
+    kind: str,
+    *,
+    patching: torch.Tensor | None = None,
+    means: Means | None = None,
+    corrupted: torch.Tensor | None = None,
+    graph: EdgeGraph | None = None,
+) -> Replacement:
     """The replacement of every writer of `graph` (default `graph_for(model)`).
 
     mean:      per-position means over `patching` [n_a, S] (or the given `means` plus `patching`
@@ -293,16 +318,17 @@ def make_replacement(model: Transformer, kind: str, *, patching: torch.Tensor | 
     if kind == "corrupted":
         if corrupted is None:
             raise ValueError("corrupted replacement needs corrupted tokens [n, S], paired with the clean prompts")
-        outs = writer_outputs(model, corrupted.to(dev), graph.split_embedding)   # [n_writers, n, S, D]
+        outs = writer_outputs(model, corrupted.to(dev), graph.split_embedding)  # [n_writers, n, S, D]
         return Replacement(kind, outs)
     if patching is None:
         raise ValueError("mean replacement needs the patching prompts (for the embedding's mean)")
     if means is None:
         from circuitlib.core.ablation import mean_activations
+
         means = mean_activations(model, patching)
     patching = patching.to(dev)
     S = patching.shape[1]
-    if graph.split_embedding:                                          # token part's mean; positions are constant
+    if graph.split_embedding:  # token part's mean; positions are constant
         values = [model.W_E[patching].double().mean(0).to(dtype), model.W_pos[:S]]
     else:
         values = [model.embed(patching).double().mean(0).to(dtype)]
@@ -320,9 +346,9 @@ def writer_outputs(model: Transformer, tokens: torch.Tensor, split_embedding: bo
     """Every writer's output in the full model: [n_writers, n, S, D] (the embedding as token and
     position parts if `split_embedding`)."""
     x = model.embed(tokens)
-    outs = [model.W_E[tokens], model.W_pos[:tokens.shape[1]].expand_as(x)] if split_embedding else [x]
+    outs = [model.W_E[tokens], model.W_pos[: tokens.shape[1]].expand_as(x)] if split_embedding else [x]
     for layer in model.layers:
-        z = layer.z(x)                                                        # [n, S, H, E]
+        z = layer.z(x)  # [n, S, H, E]
         heads = torch.einsum("bshe,hed->hbsd", z, layer.W_O)
         outs += list(heads)
         x = x + heads.sum(0) + layer.attn_bias(slice(0, x.shape[1]))
@@ -334,10 +360,19 @@ def writer_outputs(model: Transformer, tokens: torch.Tensor, split_embedding: bo
 
 # ---- the masked forward pass -----------------------------------------------------------------
 
-def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor, repl: Replacement,
-                  node_gates: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-                  graph: EdgeGraph | None = None) -> torch.Tensor:
-    """Last-position logits [B, V] of the model in which every edge passes `gates` of its writer.
+
+def masked_logits(
+    model: Transformer,
+    tokens: torch.Tensor,
+    gates: torch.Tensor,
+    repl: Replacement,
+    node_gates: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    graph: EdgeGraph | None = None,
+    all_positions: bool = False,
+) -> torch.Tensor:
+    """Last-position logits [B, V] (every position's [B, S, V] if `all_positions`) of the model in
+    which every edge passes `gates` of its writer.
 
     tokens:     [B, S]
     gates:      [n_edges] in [0, 1] (1 = the writer's output, 0 = its replacement), in
@@ -352,10 +387,12 @@ def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor,
     if gates.shape != (g.n_edges,):
         raise ValueError(f"gates must have shape [{g.n_edges}] (the edges of this model); got {list(gates.shape)}")
     if repl.values.shape[0] != len(g.writers):
-        raise ValueError(f"the replacement has {repl.values.shape[0]} writers, the graph {len(g.writers)}: "
-                         "make it with make_replacement(..., graph=graph)")
-    R = repl.rows(rows)                                            # [n_writers, B or 1, S', D]
-    if R.shape[2] != 1:                                            # 1: the same for every position (zero)
+        raise ValueError(
+            f"the replacement has {repl.values.shape[0]} writers, the graph {len(g.writers)}: "
+            "make it with make_replacement(..., graph=graph)"
+        )
+    R = repl.rows(rows)  # [n_writers, B or 1, S', D]
+    if R.shape[2] != 1:  # 1: the same for every position (zero)
         if R.shape[2] < S:
             raise ValueError(f"the replacement covers {R.shape[2]} positions; the prompts have {S}")
         R = R[:, :, :S]
@@ -363,12 +400,12 @@ def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor,
     # deltas[w] = out[w] - repl[w] (times w's node gate): what writer w adds over its replacement.
     # One buffer, filled writer by writer; a reader block is then one matrix product over its prefix.
     deltas = torch.empty(len(g.writers), B, S, D, device=model.W_E.device, dtype=model.W_E.dtype)
-    chunks = []   # the same deltas as autograd tensors, in order, so gradients reach the writers
+    chunks = []  # the same deltas as autograd tensors, in order, so gradients reach the writers
     grads = _GradientSum(deltas)
 
     def put(w: int, delta: torch.Tensor) -> None:
         with torch.no_grad():
-            deltas[w:w + delta.shape[0]] = delta
+            deltas[w : w + delta.shape[0]] = delta
         chunks.append(delta)
 
     def read(block: torch.Tensor, base: torch.Tensor, last: bool = False) -> torch.Tensor:
@@ -383,7 +420,7 @@ def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor,
         return base + _MaskedSum.apply(block, deltas, W, last, grads.claim(len(used), k), *used)
 
     def node(i0: int, k: int) -> torch.Tensor | None:
-        return None if node_gates is None else node_gates[i0:i0 + k].view(k, 1, 1, 1)
+        return None if node_gates is None else node_gates[i0 : i0 + k].view(k, 1, 1, 1)
 
     def gated(delta: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         return delta if gate is None else delta * gate
@@ -395,21 +432,23 @@ def masked_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor,
     else:
         put(0, (x - R[0])[None].expand(1, B, S, D))
     w = n_embed = len(g.embed_writers)
-    base = R[:w].sum(0)                                              # sum of replacements and biases so far
+    base = R[:w].sum(0)  # sum of replacements and biases so far
     for l, layer in enumerate(model.layers):
-        inp = read(g.attn_gates(gates, l), base)                     # [H + 2 K, B, S, D]
-        heads = _heads(layer, cfg, _norm(layer.ln1, inp), g.n_kv_readers)   # [H, B, S, D]
-        put(w, gated(heads - R[w:w + H], node(w - n_embed, H)))
-        base = base + R[w:w + H].sum(0)
+        inp = read(g.attn_gates(gates, l), base)  # [H + 2 K, B, S, D]
+        heads = _heads(layer, cfg, _norm(layer.ln1, inp), g.n_kv_readers)  # [H, B, S, D]
+        put(w, gated(heads - R[w : w + H], node(w - n_embed, H)))
+        base = base + R[w : w + H].sum(0)
         if layer.b_O is not None:
             base = base + layer.b_O
         w += H
-        m_in = read(g.mlp_gates(gates, l)[None], base)[0]            # [B, S, D]
+        m_in = read(g.mlp_gates(gates, l)[None], base)[0]  # [B, S, D]
         m = layer.mlp_out(m_in)
         put(w, gated((m - R[w])[None], node(w - n_embed, 1)))
         base = base + R[w]
         w += 1
-    resid = read(g.out_gates(gates)[None], base[:, -1:], last=True)[0]   # [B, 1, D]
+    if all_positions:
+        return model.unembed(read(g.out_gates(gates)[None], base)[0])  # [B, S, V]
+    resid = read(g.out_gates(gates)[None], base[:, -1:], last=True)[0]  # [B, 1, D]
     return model.unembed(resid[:, -1])
 
 
@@ -462,26 +501,26 @@ class _MaskedSum(torch.autograd.Function):
         ctx.save_for_backward(block)
         ctx.deltas, ctx.W, ctx.last, ctx.claim = deltas, W, last, claim
         ctx.sizes = [c.shape[0] for c in chunks]
-        flat = _prefix(deltas, W, last)                              # [W, B * s * D]
+        flat = _prefix(deltas, W, last)  # [W, B * s * D]
         out = block @ flat
         return out.view(block.shape[0], deltas.shape[1], 1 if last else deltas.shape[2], deltas.shape[3])
 
     @staticmethod
     def backward(ctx, grad):
         (block,) = ctx.saved_tensors
-        g = grad.reshape(grad.shape[0], -1)                          # [r, B * s * D]
+        g = grad.reshape(grad.shape[0], -1)  # [r, B * s * D]
         grad_block = g @ _prefix(ctx.deltas, ctx.W, ctx.last).T if ctx.needs_input_grad[0] else None
         parts = [None] * len(ctx.sizes)
         grads, first, covered, index = ctx.claim
-        if index == grads.n_blocks - 1:                              # the logits' block: a backward pass begins
+        if index == grads.n_blocks - 1:  # the logits' block: a backward pass begins
             grads.buffer = None
         if any(ctx.needs_input_grad[5:]):
             grads.add(block, g, ctx.last)
             if covered > ctx.W and first < len(ctx.sizes):
                 raise RuntimeError("a chunk of writers is first read by a block that covers only part of it")
             start = sum(ctx.sizes[:first])
-            for i in range(first, len(ctx.sizes)):                   # this block is these chunks' first reader
-                parts[i] = grads.buffer[start:start + ctx.sizes[i]]
+            for i in range(first, len(ctx.sizes)):  # this block is these chunks' first reader
+                parts[i] = grads.buffer[start : start + ctx.sizes[i]]
                 start += ctx.sizes[i]
         return (grad_block, None, None, None, None, *parts)
 
@@ -492,7 +531,10 @@ def _prefix(deltas: torch.Tensor, W: int, last: bool) -> torch.Tensor:
 
 
 def _norm(norm, x: torch.Tensor) -> torch.Tensor:
-    """The layer's norm on many reader inputs at once (fused kernels: less memory kept for backward)."""
+    """The layer's norm on many reader inputs at once (fused kernels: less memory kept for backward);
+    the identity in a model without normalisation."""
+    if not norm.enabled:
+        return x
     if norm.rms:
         return F.rms_norm(x, x.shape[-1:], norm.w, norm.eps)
     return F.layer_norm(x, x.shape[-1:], norm.w, norm.b, norm.eps)
@@ -502,13 +544,13 @@ def _heads(layer, cfg, h: torch.Tensor, n_kv_readers: int) -> torch.Tensor:
     """Head outputs [H, B, S, D] from normalised reader inputs h [H + 2 K, B, S, D]: H query
     inputs, then K key and K value inputs, K = H (one per query head) or the K/V head count."""
     H = cfg.n_heads
-    kv = layer.kv_of_head                                           # each query head's K/V head
-    hq, hk, hv = h[:H], h[H:H + n_kv_readers], h[H + n_kv_readers:]
+    kv = layer.kv_of_head  # each query head's K/V head
+    hq, hk, hv = h[:H], h[H : H + n_kv_readers], h[H + n_kv_readers :]
     q = torch.einsum("hbsd,hde->bhse", hq, layer.W_Q)
-    if n_kv_readers == H:                                           # per query head: its K/V weights on its input
+    if n_kv_readers == H:  # per query head: its K/V weights on its input
         k = torch.einsum("hbsd,hde->bhse", hk, layer.W_K[kv])
         v = torch.einsum("hbsd,hde->bhse", hv, layer.W_V[kv])
-    else:                                                           # per K/V head, shared by its query heads
+    else:  # per K/V head, shared by its query heads
         k = torch.einsum("kbsd,kde->bkse", hk, layer.W_K)[:, kv]
         v = torch.einsum("kbsd,kde->bkse", hv, layer.W_V)[:, kv]
     if layer.b_Q is not None:
@@ -517,17 +559,22 @@ def _heads(layer, cfg, h: torch.Tensor, n_kv_readers: int) -> torch.Tensor:
         v = v + layer.b_V[kv][:, None]
     if cfg.arch == "llama":
         q, k = rotate(q, cfg.rotary_base), rotate(k, cfg.rotary_base)
-    z = F.scaled_dot_product_attention(q, k, v, is_causal=True)    # [B, H, S, E]
+    z = F.scaled_dot_product_attention(q, k, v, is_causal=cfg.causal)  # [B, H, S, E]
     return torch.einsum("bhse,hed->hbsd", z, layer.W_O)
 
 
 def kl_loss(full_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(f || g) at the last position, summed over the vocabulary, mean over prompts (differentiable)."""
-    return F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(full_logits.float(), -1),
-                    log_target=True, reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(logits.float(), -1),
+        F.log_softmax(full_logits.float(), -1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
 # ---- binary circuits: edges <-> nodes --------------------------------------------------------
+
 
 def all_open(model: Transformer, graph: EdgeGraph | None = None) -> torch.Tensor:
     return torch.ones((graph or graph_for(model)).n_edges, device=model.W_E.device)
@@ -550,8 +597,11 @@ def edges_among(graph: EdgeGraph, nodes: Iterable[str]) -> list[int]:
     nodes = set(nodes) | always
     for n in nodes - always:
         parse_component(n)
-    return [e for e, (w, r) in enumerate(graph.edges)
-            if graph.writers[w] in nodes and any(n in nodes for n in graph.reader_nodes[r])]
+    return [
+        e
+        for e, (w, r) in enumerate(graph.edges)
+        if graph.writers[w] in nodes and any(n in nodes for n in graph.reader_nodes[r])
+    ]
 
 
 def remove_dead(graph: EdgeGraph, kept: Iterable[int], closed_nodes: Iterable[str] = ()) -> tuple[list[int], list[str]]:
@@ -574,8 +624,11 @@ def remove_dead(graph: EdgeGraph, kept: Iterable[int], closed_nodes: Iterable[st
             continue
         if any(n in alive for e in out_edges.get(w, []) for n in graph.reader_nodes[graph.edges[e][1]]):
             alive.add(name)
-    edges = sorted(e for e in kept if graph.writers[graph.edges[e][0]] in alive
-                   and any(n in alive for n in graph.reader_nodes[graph.edges[e][1]]))
+    edges = sorted(
+        e
+        for e in kept
+        if graph.writers[graph.edges[e][0]] in alive and any(n in alive for n in graph.reader_nodes[graph.edges[e][1]])
+    )
     nodes = [n for n in graph.nodes if n in alive]
     return edges, nodes
 
@@ -631,11 +684,11 @@ def deterministic_mask(log_alpha: torch.Tensor, groups: Iterable[tuple[int, int]
     log_alpha = log_alpha.detach().float()
     out = torch.empty_like(log_alpha)
     for start, size in groups if groups is not None else [(0, log_alpha.numel())]:
-        la = log_alpha[start:start + size]
+        la = log_alpha[start : start + size]
         closed = expected_closed(la).clamp(CDF_EPS, 1 - CDF_EPS)
         n_zeros = int(torch.round(size - (1 - closed).sum()).item())
         soft = torch.sigmoid(la / BETA * SOFT_FACTOR)
         if n_zeros > 0:
             soft[torch.topk(soft, k=min(n_zeros, size), largest=False).indices] = 0.0
-        out[start:start + size] = soft
+        out[start : start + size] = soft
     return out

@@ -83,13 +83,33 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from circuitlib.version import __version__
-from circuitlib.discovery.edges.graph import (EdgeGraph, Replacement, check_full, deterministic_gates, deterministic_mask,
-                    expected_closed, gates_from_edges, graph_for, kl_loss, masked_logits, node_circuit, remove_dead, sample_gates)
 from circuitlib.core.io import atomic_write
 from circuitlib.core.model import Transformer
-from circuitlib.core.resumable import ResultInProgress, load_checkpoint, result_lock, save_checkpoint, tokens_digest  # noqa: F401
-                                      # (ResultInProgress: edge_result raises it; importable from here)
+from circuitlib.core.resumable import (  # noqa: F401
+    ResultInProgress,
+    load_checkpoint,
+    result_lock,
+    save_checkpoint,
+    tokens_digest,
+)
+from circuitlib.discovery.edges.graph import (
+    EdgeGraph,
+    Replacement,
+    check_full,
+    deterministic_gates,
+    deterministic_mask,
+    expected_closed,
+    gates_from_edges,
+    graph_for,
+    kl_loss,
+    masked_logits,
+    node_circuit,
+    remove_dead,
+    sample_gates,
+)
+from circuitlib.version import __version__
+
+# (ResultInProgress: edge_result raises it; importable from here)
 
 RESULT_FILE = "edges.json"
 # (sparsity_term, clip_grad_norm) of every training before issue 28: a checkpoint or result without
@@ -97,7 +117,7 @@ RESULT_FILE = "edges.json"
 LEGACY_TRAINING = ("expected", None)
 
 
-MAX_SPARSITY = 2.0       # targets above 1 are the authors' way to push the sparsity (their sweeps reach 1.4)
+MAX_SPARSITY = 2.0  # targets above 1 are the authors' way to push the sparsity (their sweeps reach 1.4)
 
 
 def check_sparsity(value, name: str = "target sparsity") -> float:
@@ -110,8 +130,11 @@ def check_sparsity(value, name: str = "target sparsity") -> float:
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number in [0, {top:g}), got {value!r}") from None
     if math.isnan(value) or not 0 <= value < top:
-        why = "the fraction of nodes removed" if nodes else ("the fraction of edges removed; the authors push with "
-                                                             "targets up to 1.4")
+        why = (
+            "the fraction of nodes removed"
+            if nodes
+            else ("the fraction of edges removed; the authors push with targets up to 1.4")
+        )
         raise ValueError(f"{name} must be a number in [0, {top:g}) ({why}), got {value}; try e.g. 0.95")
     return value
 
@@ -128,8 +151,12 @@ def edges_memory(cfg, n: int, batch_size: int, seq_len: int, ablation: str) -> t
     L, S, D, H, M, V = cfg.n_layers, seq_len, cfg.d_model, cfg.n_heads, cfg.d_mlp, cfg.d_vocab
     writers, readers = 1 + L * (H + 1), 3 * H + 1
     fixed = 4 * (writers + 2 * L * readers) * min(batch_size, n) * S * D
-    per_prompt = 4 * ((writers + 2 * readers + (2 * writers if ablation == "corrupted" else 0)) * S * D
-                      + 2 * H * S * S + 3 * S * M + 6 * V)
+    per_prompt = 4 * (
+        (writers + 2 * readers + (2 * writers if ablation == "corrupted" else 0)) * S * D
+        + 2 * H * S * S
+        + 3 * S * M
+        + 6 * V
+    )
     return fixed, per_prompt
 
 
@@ -153,20 +180,39 @@ def _frozen(model: Transformer):
 class EdgeTraining:
     """Trained gate locations and the training curve (one entry per step)."""
 
-    log_alpha: torch.Tensor                   # [n_edges]
-    node_log_alpha: torch.Tensor | None       # [n_nodes] or None (no node gates)
+    log_alpha: torch.Tensor  # [n_edges]
+    node_log_alpha: torch.Tensor | None  # [n_nodes] or None (no node gates)
     curve: dict = field(default_factory=dict)  # step, loss, kl, edge_sparsity, target, lambda1, lambda2, ...
-    seconds: float = 0.0                      # wall clock, checkpointed runs included
-    cpu_seconds: float | None = None          # CPU time of the training; None if it resumed from a checkpoint
-                                              # that predates CPU-time records
+    seconds: float = 0.0  # wall clock, checkpointed runs included
+    cpu_seconds: float | None = None  # CPU time of the training; None if it resumed from a checkpoint
+    # that predates CPU-time records
 
 
-def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, target_sparsity: float,
-                steps: int, node_target_sparsity: float | None = None, lr: float = 0.8, reg_lr: float = 0.8,
-                warmup: int | None = None, batch_size: int = 32, seed: int = 0, init: float = 10.0,
-                weight_decay: float = 0.01, lr_warmup: int | None = None, sparsity_term: str = "sampled",
-                clip_grad_norm: float | None = 1.0, graph: EdgeGraph | None = None, progress: bool = True,
-                checkpoint_path: str | os.PathLike | None = None, checkpoint_every: int = 50) -> EdgeTraining:
+def train_edges(
+    model: Transformer,
+    tokens: torch.Tensor,
+    repl: Replacement,
+    *,
+    target_sparsity: float,
+    steps: int,
+    node_target_sparsity: float | None = None,
+    lr: float = 0.8,
+    reg_lr: float = 0.8,
+    warmup: int | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    init: float = 10.0,
+    weight_decay: float = 0.01,
+    lr_warmup: int | None = None,
+    sparsity_term: str = "sampled",
+    clip_grad_norm: float | None = 1.0,
+    graph: EdgeGraph | None = None,
+    progress: bool = True,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 50,
+    all_positions: bool = False,
+    loss_fn=kl_loss,
+) -> EdgeTraining:
     """Learn hard-concrete gates on `tokens` [n, S] (the full model `model` is frozen).
 
     repl:             the replacement (`edges.make_replacement`); a corrupted one is paired row by row
@@ -179,6 +225,11 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
     clip_grad_norm:   the gradients of the gates and the multipliers together are clipped to this
                       norm before each step (the authors' Hugging Face trainer: 1.0); None: not clipped
     graph:            the edge graph (default `edges.graph_for(model)`); `repl` must be made for it
+    all_positions:    train on the outputs at every position [B, S, V] (programs that output a
+                      sequence) instead of the last position's [B, V]
+    loss_fn:          loss_fn(full outputs, masked outputs) -> scalar, differentiable in the second
+                      (default `edges.kl_loss`, the last position's KL); its name is part of the
+                      checkpoint's settings when it is not the default
     lr_warmup:        steps over which the learning rates rise linearly from 0, after which they fall
                       linearly to 0 at the last step (default: 1/15 of `steps`, as the authors' 200 of 3000)
     checkpoint_path:  a file for the training's state, written (atomically) every `checkpoint_every`
@@ -195,18 +246,22 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     lr_warmup = round(steps / 15) if lr_warmup is None else lr_warmup
     if not isinstance(lr_warmup, int) or not 0 <= lr_warmup < steps:
-        raise ValueError(f"lr_warmup must be a whole number of steps in [0, steps) = [0, {steps}), got {lr_warmup!r}; "
-                         f"the default is 1/15 of the steps ({round(steps / 15)})")
+        raise ValueError(
+            f"lr_warmup must be a whole number of steps in [0, steps) = [0, {steps}), got {lr_warmup!r}; "
+            f"the default is 1/15 of the steps ({round(steps / 15)})"
+        )
     if sparsity_term not in SPARSITY_TERMS:
         raise ValueError(f"unknown sparsity_term {sparsity_term!r}; choose one of {', '.join(SPARSITY_TERMS)}")
     if clip_grad_norm is not None and not (isinstance(clip_grad_norm, (int, float)) and clip_grad_norm > 0):
-        raise ValueError(f"clip_grad_norm must be a number > 0 or None (no clipping), got {clip_grad_norm!r}; "
-                         "the authors' is 1.0")
+        raise ValueError(
+            f"clip_grad_norm must be a number > 0 or None (no clipping), got {clip_grad_norm!r}; the authors' is 1.0"
+        )
     if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}; the authors' is 0.01")
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be a positive int (steps between checkpoints), "
-                         f"got {checkpoint_every!r}")
+        raise ValueError(
+            f"checkpoint_every must be a positive int (steps between checkpoints), got {checkpoint_every!r}"
+        )
     check_full(model)
     warmup = max(1, round(steps * 5 / 6) if warmup is None else warmup)
     g, dev = graph or graph_for(model), model.W_E.device
@@ -235,28 +290,44 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
 
     def sparsities(log_alpha, node_log_alpha, gates, node_gates):
         """(edge sparsity, node sparsity or None) that the Lagrangian pushes to the targets."""
-        if sparsity_term == "sampled":                       # the authors': 1 - mean of the sampled gates
+        if sparsity_term == "sampled":  # the authors': 1 - mean of the sampled gates
             return 1 - gates.mean(), None if node_gates is None else 1 - node_gates.mean()
-        q_edge = expected_closed(log_alpha)                  # [n_edges] P(edge gate = 0)
+        q_edge = expected_closed(log_alpha)  # [n_edges] P(edge gate = 0)
         if node_log_alpha is None:
             return q_edge.mean(), None
         q_node = expected_closed(node_log_alpha)
-        q_writer = torch.cat([torch.zeros(1, device=dev), q_node])[edge_writer]   # the embedding has no gate
-        return (q_edge + q_writer - q_edge * q_writer).mean(), q_node.mean()      # P(edge or writer closed)
+        q_writer = torch.cat([torch.zeros(1, device=dev), q_node])[edge_writer]  # the embedding has no gate
+        return (q_edge + q_writer - q_edge * q_writer).mean(), q_node.mean()  # P(edge or writer closed)
 
     with torch.no_grad():
-        full = model(tokens, last_only=True)
+        full = model(tokens) if all_positions else model(tokens, last_only=True)
     curve = {k: [] for k in ("step", "loss", "kl", "edge_sparsity", "target", "lambda1", "lambda2", "lr")}
     if node_target is not None:
         curve |= {"node_sparsity": [], "node_target": []}
     first_step, seconds_before, cpu_before = 0, 0.0, 0.0
-    settings = {"model": model.cfg.name, "replacement": repl.kind, "device": dev.type, "target_sparsity": target,
-                "steps": steps, "lr": lr, "reg_lr": reg_lr, "warmup": warmup, "batch_size": batch_size,
-                "seed": seed, "init": init, "node_target_sparsity": node_target, "n_prompts": n,
-                "weight_decay": weight_decay, "lr_warmup": lr_warmup, "tokens": tokens_digest(tokens)}
+    settings = {
+        "model": model.cfg.name,
+        "replacement": repl.kind,
+        "device": dev.type,
+        "target_sparsity": target,
+        "steps": steps,
+        "lr": lr,
+        "reg_lr": reg_lr,
+        "warmup": warmup,
+        "batch_size": batch_size,
+        "seed": seed,
+        "init": init,
+        "node_target_sparsity": node_target,
+        "n_prompts": n,
+        "weight_decay": weight_decay,
+        "lr_warmup": lr_warmup,
+        "tokens": tokens_digest(tokens),
+    }
     legacy_graph = graph_for(model, "per-query-head", False)
-    if (sparsity_term, clip_grad_norm) != LEGACY_TRAINING or g is not legacy_graph:   # older checkpoints resume
+    if (sparsity_term, clip_grad_norm) != LEGACY_TRAINING or g is not legacy_graph:  # older checkpoints resume
         settings |= {"sparsity_term": sparsity_term, "clip_grad_norm": clip_grad_norm, "n_edges": g.n_edges}
+    if all_positions or loss_fn is not kl_loss:
+        settings |= {"all_positions": all_positions, "loss": loss_fn.__name__}
     saved = load_checkpoint(checkpoint_path, settings)
     if saved is not None:
         with torch.no_grad():
@@ -276,15 +347,31 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
         return None if cpu_before is None else cpu_before + time.process_time() - cpu_started
 
     def checkpoint(steps_done: int) -> None:
-        save_checkpoint(checkpoint_path, settings, {
-            "step": steps_done, "log_alpha": log_alpha.detach().cpu(),
-            "node_log_alpha": None if node_log_alpha is None else node_log_alpha.detach().cpu(),
-            "lambdas": lambdas.detach().cpu(), "opt": opt.state_dict(), "reg_opt": reg_opt.state_dict(),
-            "gen": gen.get_state(), "batch_gen": batch_gen.get_state(), "curve": curve,
-            "seconds": seconds_before + time.perf_counter() - started, "cpu_seconds": cpu_so_far()})
+        save_checkpoint(
+            checkpoint_path,
+            settings,
+            {
+                "step": steps_done,
+                "log_alpha": log_alpha.detach().cpu(),
+                "node_log_alpha": None if node_log_alpha is None else node_log_alpha.detach().cpu(),
+                "lambdas": lambdas.detach().cpu(),
+                "opt": opt.state_dict(),
+                "reg_opt": reg_opt.state_dict(),
+                "gen": gen.get_state(),
+                "batch_gen": batch_gen.get_state(),
+                "curve": curve,
+                "seconds": seconds_before + time.perf_counter() - started,
+                "cpu_seconds": cpu_so_far(),
+            },
+        )
 
-    bar = tqdm(range(first_step, steps), initial=first_step, total=steps, desc=f"edge pruning (target {target:g})",
-               disable=not progress)
+    bar = tqdm(
+        range(first_step, steps),
+        initial=first_step,
+        total=steps,
+        desc=f"edge pruning (target {target:g})",
+        disable=not progress,
+    )
     with _frozen(model):
         for step in bar:
             rows = None
@@ -294,15 +381,23 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
             ramp = min(1.0, (step + 1) / warmup)
             gates = sample_gates(log_alpha, gen)
             node_gates = None if node_log_alpha is None else sample_gates(node_log_alpha, gen)
-            logits = masked_logits(model, batch, gates, repl, node_gates, rows=rows if repl.per_prompt else None,
-                                   graph=g)
-            kl = kl_loss(full if rows is None else full[rows], logits)
+            logits = masked_logits(
+                model,
+                batch,
+                gates,
+                repl,
+                node_gates,
+                rows=rows if repl.per_prompt else None,
+                graph=g,
+                all_positions=all_positions,
+            )
+            kl = loss_fn(full if rows is None else full[rows], logits)
             s_edge, s_node = sparsities(log_alpha, node_log_alpha, gates, node_gates)
             gap = ramp * target - s_edge
-            lagrangian = lambdas[0] * gap + lambdas[1] * gap ** 2
+            lagrangian = lambdas[0] * gap + lambdas[1] * gap**2
             if node_log_alpha is not None:
                 gap_n = ramp * node_target - s_node
-                lagrangian = lagrangian + lambdas[2] * gap_n + lambdas[3] * gap_n ** 2
+                lagrangian = lagrangian + lambdas[2] * gap_n + lambdas[3] * gap_n**2
             loss = kl + lagrangian
             opt.zero_grad()
             reg_opt.zero_grad()
@@ -315,9 +410,16 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
             opt.step()
             reg_opt.step()
             sparsity = s_edge.item()
-            for k, v in (("step", step + 1), ("loss", loss.item()), ("kl", kl.item()), ("edge_sparsity", sparsity),
-                         ("target", ramp * target), ("lambda1", lambdas[0].item()), ("lambda2", lambdas[1].item()),
-                         ("lr", lr * lr_factor(step))):
+            for k, v in (
+                ("step", step + 1),
+                ("loss", loss.item()),
+                ("kl", kl.item()),
+                ("edge_sparsity", sparsity),
+                ("target", ramp * target),
+                ("lambda1", lambdas[0].item()),
+                ("lambda2", lambdas[1].item()),
+                ("lr", lr * lr_factor(step)),
+            ):
                 curve[k].append(v)
             if node_log_alpha is not None:
                 curve["node_sparsity"].append(s_node.item())
@@ -328,8 +430,13 @@ def train_edges(model: Transformer, tokens: torch.Tensor, repl: Replacement, *, 
     bar.close()
     if checkpoint_path is not None:
         Path(checkpoint_path).unlink(missing_ok=True)
-    return EdgeTraining(log_alpha.detach(), None if node_log_alpha is None else node_log_alpha.detach(), curve,
-                        seconds_before + time.perf_counter() - started, cpu_so_far())
+    return EdgeTraining(
+        log_alpha.detach(),
+        None if node_log_alpha is None else node_log_alpha.detach(),
+        curve,
+        seconds_before + time.perf_counter() - started,
+        cpu_so_far(),
+    )
 
 
 def step_flops(model: Transformer, graph: EdgeGraph, batch: int, seq: int) -> dict:
@@ -366,7 +473,7 @@ def step_flops(model: Transformer, graph: EdgeGraph, batch: int, seq: int) -> di
     parts["unembedding"] = 2 * B * D * cfg.d_vocab
     backward = {"masked sums": 2, "attention": 2}
     parts = {k: (v, v * backward.get(k, 1)) for k, v in parts.items()}
-    first = 2 * (H + 2 * K) * graph._attn[0][1] * N                   # layer 0's attention readers: no writer gradient
+    first = 2 * (H + 2 * K) * graph._attn[0][1] * N  # layer 0's attention readers: no writer gradient
     parts["masked sums"] = (parts["masked sums"][0], parts["masked sums"][1] - first)
     forward = sum(f for f, _ in parts.values())
     back = sum(b for _, b in parts.values())
@@ -418,8 +525,14 @@ def node_groups(graph: EdgeGraph) -> list[tuple[int, int]]:
     return groups
 
 
-def binarize(graph: EdgeGraph, log_alpha: torch.Tensor, target_sparsity: float | None = None,
-             node_log_alpha: torch.Tensor | None = None, *, readout: str = "authors") -> ReadOff:
+def binarize(
+    graph: EdgeGraph,
+    log_alpha: torch.Tensor,
+    target_sparsity: float | None = None,
+    node_log_alpha: torch.Tensor | None = None,
+    *,
+    readout: str = "authors",
+) -> ReadOff:
     """The binary circuit of trained gates.
 
     readout="authors" (default; Edge-Pruning src/eval/ioi.py): the gates' deterministic values
@@ -453,8 +566,9 @@ def binarize(graph: EdgeGraph, log_alpha: torch.Tensor, target_sparsity: float |
     return ReadOff(edges, nodes, threshold, own, n_thresholded)
 
 
-def _forced_count(graph: EdgeGraph, log_alpha: torch.Tensor, target_sparsity: float | None,
-                  node_log_alpha: torch.Tensor | None) -> ReadOff:
+def _forced_count(
+    graph: EdgeGraph, log_alpha: torch.Tensor, target_sparsity: float | None, node_log_alpha: torch.Tensor | None
+) -> ReadOff:
     target = check_sparsity(target_sparsity)
     closed = []
     if node_log_alpha is not None:
@@ -466,7 +580,7 @@ def _forced_count(graph: EdgeGraph, log_alpha: torch.Tensor, target_sparsity: fl
     def survivors(k):
         return remove_dead(graph, order[:k], closed)
 
-    lo, hi = 0, graph.n_edges          # survivors(lo) fits; find the largest k that fits
+    lo, hi = 0, graph.n_edges  # survivors(lo) fits; find the largest k that fits
     if len(survivors(hi)[0]) <= want:
         lo = hi
     while hi - lo > 1:
@@ -509,27 +623,37 @@ class EdgeCircuit:
         return [int(n[4:]) for n in self.nodes if n.startswith("MLP")]
 
     def to_dict(self) -> dict:
-        return {"circuitlib_version": __version__, **asdict(self), "n_edges": len(self.edges),
-                "sparsity": self.sparsity, "kept_heads": self.kept_heads, "kept_mlps": self.kept_mlps}
+        return {
+            "circuitlib_version": __version__,
+            **asdict(self),
+            "n_edges": len(self.edges),
+            "sparsity": self.sparsity,
+            "kept_heads": self.kept_heads,
+            "kept_mlps": self.kept_mlps,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "EdgeCircuit":
         """A result of any circuitlib version: settings an older file lacks get the value that
         older version used (`LEGACY_SETTINGS`)."""
         d = dict(d, settings={**LEGACY_SETTINGS, **d["settings"]})
-        return cls(**{k: d[k] for k in ("settings", "n_edges_total", "edges", "nodes", "threshold", "curve",
-                                        "metrics")})
+        return cls(
+            **{k: d[k] for k in ("settings", "n_edges_total", "edges", "nodes", "threshold", "curve", "metrics")}
+        )
 
     def graph(self, model: Transformer) -> EdgeGraph:
         """The edge graph this result was computed on (checked against the model)."""
         st = self.settings
         if st["model"] != model.cfg.name:
-            raise ValueError(f"this edge result was computed on {st['model']!r}, not on {model.cfg.name!r}; "
-                             "load that model")
+            raise ValueError(
+                f"this edge result was computed on {st['model']!r}, not on {model.cfg.name!r}; load that model"
+            )
         graph = graph_for(model, st["kv_readers"], st["split_embedding"])
         if graph.n_edges != self.n_edges_total:
-            raise ValueError(f"this edge result has {self.n_edges_total:,} edges in all, {model.cfg.name!r}'s "
-                             f"graph {graph.n_edges:,}")
+            raise ValueError(
+                f"this edge result has {self.n_edges_total:,} edges in all, {model.cfg.name!r}'s "
+                f"graph {graph.n_edges:,}"
+            )
         return graph
 
     def save_json(self, path: str | os.PathLike) -> Path:
@@ -548,16 +672,33 @@ class EdgeCircuit:
 
 
 @torch.no_grad()
-def edge_logits(model: Transformer, tokens: torch.Tensor, gates: torch.Tensor, repl: Replacement,
-                batch_size: int = 64, graph: EdgeGraph | None = None) -> torch.Tensor:
-    """Last-position logits [n, V] of the masked model, in batches (rows paired for corrupted)."""
+def edge_logits(
+    model: Transformer,
+    tokens: torch.Tensor,
+    gates: torch.Tensor,
+    repl: Replacement,
+    batch_size: int = 64,
+    graph: EdgeGraph | None = None,
+    all_positions: bool = False,
+) -> torch.Tensor:
+    """Last-position logits [n, V] (every position's [n, S, V] if `all_positions`) of the masked
+    model, in batches (rows paired for corrupted)."""
     dev = model.W_E.device
     tokens = tokens.to(dev)
     out = []
     for start in range(0, len(tokens), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(tokens)), device=dev)
-        out.append(masked_logits(model, tokens[rows], gates, repl, rows=rows if repl.per_prompt else None,
-                                 graph=graph))
+        out.append(
+            masked_logits(
+                model,
+                tokens[rows],
+                gates,
+                repl,
+                rows=rows if repl.per_prompt else None,
+                graph=graph,
+                all_positions=all_positions,
+            )
+        )
     return torch.cat(out)
 
 
@@ -577,12 +718,19 @@ def check_readout(readout: str, target: float | None) -> None:
     if readout not in READOUTS:
         raise ValueError(f"unknown readout {readout!r}; choose one of {', '.join(READOUTS)}")
     if readout == "forced-count" and (target is None or target >= 1):
-        raise ValueError(f"the forced-count readout keeps (1 - target) x all edges: it needs a target below 1, got "
-                         f"{target}; use readout='authors' (the training's own sparsity)")
+        raise ValueError(
+            f"the forced-count readout keeps (1 - target) x all edges: it needs a target below 1, got "
+            f"{target}; use readout='authors' (the training's own sparsity)"
+        )
 
 
-LEGACY_SETTINGS = {"sparsity_term": "expected", "clip_grad_norm": None, "readout": "forced-count",
-                   "kv_readers": "per-query-head", "split_embedding": False}
+LEGACY_SETTINGS = {
+    "sparsity_term": "expected",
+    "clip_grad_norm": None,
+    "readout": "forced-count",
+    "kv_readers": "per-query-head",
+    "split_embedding": False,
+}
 
 
 def standalone_model(result: EdgeCircuit, model: Transformer, tokenizer) -> Transformer:
@@ -594,7 +742,7 @@ def standalone_model(result: EdgeCircuit, model: Transformer, tokenizer) -> Tran
     from circuitlib.tasks import get_task
 
     settings = result.settings
-    result.graph(model)                                # the model it was computed on
+    result.graph(model)  # the model it was computed on
     data = get_task(settings["task"]).generate(tokenizer, n=settings["n"], seed=settings["seed"])
     means = mean_activations(model, data.patching.tokens.to(model.W_E.device))
     return prune(model, node_circuit(result.nodes), settings["standalone_scheme"], means)
