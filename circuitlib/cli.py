@@ -539,9 +539,19 @@ def _main(args) -> int:
         return 2
     except KeyboardInterrupt as e:
         by = " by SIGTERM" if isinstance(e, Terminated) else ""
+        _close_progress_bars()  # a bar left open would redraw itself below the message when collected
         print(f"interrupted{by}: nothing half-written was left behind (finished results are kept)", file=sys.stderr)
         return 143 if by else 130
     return 0
+
+
+def _close_progress_bars() -> None:
+    """Close every progress bar still open (a computation cut off), so that nothing is printed after the
+    interruption's one line."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _groundtruth(args) -> int:
