@@ -2,6 +2,7 @@
 
 import importlib.util
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,14 @@ def load_script():
         return module
 
     return load
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)

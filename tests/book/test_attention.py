@@ -1,7 +1,6 @@
 """booklib.attention: offline, deterministic CircuitsVis attention figures in the book's pages."""
 
 import re
-import socket
 
 import matplotlib
 
@@ -12,18 +11,9 @@ import pytest  # noqa: E402
 
 from booklib import attention  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("no_network")  # figures must not reach for the network
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to open a network connection fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.fixture(autouse=True)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from published_circuits import ACDC_EDGES
 
 from circuitlib.discovery.edges.graph import all_open, graph_for, make_replacement, masked_logits
 from circuitlib.models.compiled import truth
@@ -23,32 +24,6 @@ from circuitlib.pipeline.groundtruth import (
     truth_edge_name,
 )
 from circuitlib.tasks.compiled import CompiledTask
-
-# ACDC's published Tracr edge lists (as in test_compiled.py), which Edge Pruning's authors compare with
-ACDC_EDGES = {
-    "reverse": {
-        "embed -> 0.0.v",
-        "0.0 -> MLP 0",
-        "embed -> MLP 0",
-        "MLP 0 -> MLP 1",
-        "embed -> MLP 1",
-        "pos -> MLP 1",
-        "MLP 1 -> MLP 2",
-        "MLP 2 -> 3.0.q",
-        "pos -> 3.0.k",
-        "embed -> 3.0.v",
-        "3.0 -> logits",
-    },
-    "xproportion": {
-        "embed -> MLP 0",
-        "MLP 0 -> 1.0.v",
-        "embed -> 1.0.q",
-        "pos -> 1.0.q",
-        "embed -> 1.0.k",
-        "pos -> 1.0.k",
-        "1.0 -> logits",
-    },
-}
 
 
 @pytest.fixture(scope="module", autouse=True)

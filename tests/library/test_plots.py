@@ -1,7 +1,5 @@
 """circuitlib.plots: circuit grids and ROC curves."""
 
-import socket
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -11,18 +9,9 @@ import pytest  # noqa: E402
 
 from circuitlib import plots  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("no_network")  # figures must not reach for the network
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to open a network connection fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def _cells(fig, prefix):
