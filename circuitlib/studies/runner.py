@@ -327,7 +327,7 @@ def run_study(
     Refused before any work when another live run is computing one of the units this call would
     run (its `running/` marker): wait for it, or limit this call to other units. A serial run also
     refuses, before any prompt is made, a spec whose n (of the chosen tasks) would not fit in memory
-    (`experiment.check_memory`); on Dask each worker checks its unit before starting it (a unit that
+    (`circuitlib.pipeline.extraction.check_memory`); on Dask each worker checks its unit before starting it (a unit that
     does not fit fails, named so).
     The store's folders are made only once all of this passed.
     """
@@ -404,7 +404,8 @@ def run_study(
 
 def _check_memory_of_units(spec: Spec, device: str, tasks: list[str] | None) -> None:
     """Refuse a spec whose units (of `tasks`, default all) would not fit in this process's memory, before
-    any prompt is made (`experiment.check_memory`; the prompt length from one prompt of each task)."""
+    any prompt is made (`circuitlib.pipeline.extraction.check_memory`; the prompt length from one prompt of
+    each task)."""
     from circuitlib.pipeline.extraction import check_memory
     from circuitlib.tasks import get_task
 

@@ -1,6 +1,6 @@
 """Edge Pruning (Bhaskar et al. 2024): circuits made of edges, found by gradient descent on gates.
 
-Algorithm 1 (`extract.py`) removes *nodes*: a head or an MLP either runs or is replaced by its
+Algorithm 1 (`circuitlib.discovery.greedy`) removes *nodes*: a head or an MLP either runs or is replaced by its
 mean. Edge Pruning asks a finer question: which *connections* between components matter? To ask
 it, the residual stream is taken apart. In the ordinary model every component reads the sum of
 everything written before it. Here that sum is kept as a list of separate writer outputs, and
@@ -17,7 +17,7 @@ every reader gets its own masked sum of them:
 A gate g = 1 passes the writer's real output along that edge, g = 0 passes its replacement
 instead. `repl` is what Algorithm 1 would ablate a node to, so the two methods speak the same
 language: the per-position **mean** of the writer over the patching set (`Means`, exactly the
-hook_z / hook_mlp_out means of `ablation.py`), **zero**, or the writer's output on a
+hook_z / hook_mlp_out means of `circuitlib.core.ablation`), **zero**, or the writer's output on a
 **corrupted** input (paired prompt by prompt; interchange ablation, the paper's default). The
 gates are computed as `repl + g * (out - repl)`, so the masked sum costs one matrix product per
 reader block. The attention output bias b_O is not a head's output (hook_z ablation keeps it),
@@ -64,10 +64,10 @@ attention where `cfg.causal` is False, no norms where `cfg.normalization` is Fal
 activation (ReLU in Tracr-compiled models) and an untied unembedding `W_U`; `all_positions`
 gives the outputs at every position (Tracr programs output a sequence).
 
-Memory and time grow linearly with the batch, so batches are small (`edges_train.train_edges`
+Memory and time grow linearly with the batch, so batches are small (`train.train_edges`
 draws 32 prompts per step by default).
 
-`edges_train.py` trains the gates (hard-concrete, with a Lagrangian sparsity target), reads off a
+`circuitlib.discovery.edges.train` trains the gates (hard-concrete, with a Lagrangian sparsity target), reads off a
 binary circuit, and turns it into a physically smaller model.
 """
 

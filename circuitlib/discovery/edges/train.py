@@ -2,7 +2,7 @@
 
 Every edge (and, optionally, every node) gets a hard-concrete gate (Louizos et al. 2018) with a
 learned location `log_alpha`. Each training step samples the gates, runs the masked model of
-`edges.py` on a batch of prompts and minimises
+`circuitlib.discovery.edges.graph` on a batch of prompts and minimises
 
     KL(f || masked) + lambda1 (t - s) + lambda2 (t - s)^2
 

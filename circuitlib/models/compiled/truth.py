@@ -12,7 +12,7 @@ and value separately). Heads Tracr pads a layer with (all-zero weights) carry no
 **Edges** go from a writer ("embed": token embedding, which also writes the constant direction
 `one`; "pos": position embedding; a head "L.H"; an MLP "MLP L") to a reader ("L.H.q", "L.H.k",
 "L.H.v", "MLP L", "logits"), as in `circuitlib.discovery.edges.graph`, except that the two embeddings are two
-writers (`merge_embeddings` joins them into edges.py's single "embed").
+writers (`merge_embeddings` joins them into Edge Pruning's single "embed" writer).
 
 - *structural* (`structural_edges`): the reader's weights are nonzero on a residual direction the
   writer writes (the reader's rows in W_Q, W_K, W_V or W_in; the logits read the output space).
@@ -221,7 +221,8 @@ def edge_forward(model: Transformer, tokens: torch.Tensor, removed: set[str] | f
     """Outputs [B, S, V] of a full compiled model in which every edge in `removed` is zero-ablated.
 
     Each reader gets its own sum of the writers' outputs, without those along removed edges. The
-    attention output bias b_O reaches every later reader (it belongs to no head, as in `edges.py`).
+    attention output bias b_O reaches every later reader (it belongs to no head, as in
+    `circuitlib.discovery.edges.graph`).
     Only models without normalisation (Tracr's) are handled; attention follows `cfg.causal`.
     """
     cfg = model.cfg
