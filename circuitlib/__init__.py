@@ -102,6 +102,7 @@ _API = {
     "reread": "pipeline.edges",
     "LEGACY_SETTINGS": "discovery.edges.train",
     # pipeline
+    "ExtractionConfig": "pipeline.extraction",
     "run_extraction": "pipeline.extraction",
     "load_run": "pipeline.extraction",
     "evaluate_saved": "pipeline.extraction",

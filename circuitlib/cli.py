@@ -467,13 +467,13 @@ def _main(args) -> int:
 
             from circuitlib.core.io import check_out_dir
             from circuitlib.discovery.greedy import check_alpha
-            from circuitlib.pipeline.extraction import run_extraction
+            from circuitlib.pipeline.extraction import ExtractionConfig, run_extraction
 
             alpha = check_alpha(args.alpha)
             check_out_dir(Path(args.out), args.force)
             if args.n is not None and args.n < 1:
                 raise ValueError(f"--n must be a positive number of prompts, got {args.n}")
-            result = run_extraction(
+            config = ExtractionConfig(
                 args.model,
                 args.task,
                 alpha=alpha,
@@ -483,8 +483,8 @@ def _main(args) -> int:
                 n=args.n,
                 order=args.order,
                 method=args.method,
-                device=args.device,
             )
+            result = run_extraction(config, device=args.device)
             out = result.save(args.out, force=args.force)
             if args.json:
                 print(

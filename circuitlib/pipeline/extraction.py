@@ -19,19 +19,19 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from circuitlib.core.ablation import Means, mean_activations
+from circuitlib.core.ablation import Means, check_ablation, mean_activations
 from circuitlib.core.io import write_folder
 from circuitlib.core.memory import check_fits, out_of_memory_as_error
 from circuitlib.core.metrics import accuracy, kl_divergence
 from circuitlib.core.model import Transformer
 from circuitlib.core.resumable import tokens_digest
 from circuitlib.core.surgery import prune
-from circuitlib.discovery.greedy import Circuit, check_alpha, extract
+from circuitlib.discovery.greedy import METHODS, ORDERS, Circuit, check_alpha, extract
 from circuitlib.tasks import SPLITS, TaskData, TaskSplit, get_task
 from circuitlib.tasks.files import FileTask, load_task_file
 from circuitlib.version import __version__
@@ -166,65 +166,82 @@ def extraction_out_of_memory_as_error(
     )
 
 
-def run_extraction(
-    model_name: str,
-    task_name: str,
-    *,
-    alpha: float,
-    ablation: str = "mean",
-    include_mlps: bool = False,
-    seed: int = 0,
-    n: int | None = None,
-    order: str = "heads-ascending",
-    method: str = "fast",
-    progress: bool = True,
-    loaded=None,
-    device: str = "cpu",
-) -> Extraction:
-    """Load `model_name`, make `task_name`'s prompts (n per split, seeded), extract and prune.
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """The settings of one extraction; with the device and thread count that ran it, they are what
+    `circuit.json` records as "settings" (the model and the task by the names they resolved to).
 
-    `task_name`: a built-in task or a .jsonl/.csv task file (`circuitlib.tasks.files`).
+    model: "gpt2", "smollm2-135m", "tiny-gpt2" or a local model folder; task: a built-in task or a
+    .jsonl/.csv task file; alpha: the KL threshold (>= 0); ablation: "mean" or "zero"; n: prompts per
+    split (None: the task's default); order and method as in `circuitlib.discovery.greedy.extract`.
+    Checked when made, so a config that exists is one that can run.
+    """
+
+    model: str
+    task: str
+    alpha: float
+    ablation: str = "mean"
+    include_mlps: bool = False
+    seed: int = 0
+    n: int | None = None
+    order: str = "heads-ascending"
+    method: str = "fast"
+
+    def __post_init__(self):
+        object.__setattr__(self, "model", os.fspath(self.model))
+        object.__setattr__(self, "task", os.fspath(self.task))
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
+        check_ablation(self.ablation)
+        if self.n is not None and (not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1):
+            raise ValueError(f"n must be a positive number of prompts per split, got {self.n!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.model.startswith("tracr-") or self.task.startswith("tracr-"):
+            raise ValueError(
+                "Tracr-compiled programs have inputs of several lengths and outputs at every position, "
+                "which this text-task pipeline does not take; use `python -m circuitlib groundtruth PROGRAM` "
+                "(or circuitlib.pipeline.groundtruth in code)"
+            )
+
+
+def run_extraction(config: ExtractionConfig, *, progress: bool = True, loaded=None, device: str = "cpu") -> Extraction:
+    """Load the model, make the task's prompts (n per split, seeded), extract and prune, as `config` says.
+
     `loaded`: an already loaded (model, tokenizer) pair, to skip loading in notebooks and tests.
     `device`: where the model runs ("cpu", "cuda", "cuda:N"); a `loaded` model stays where it is.
-    Everything that can be checked is checked before the work it guards: the settings and the
-    task's prompts under the tokenizer before the model is loaded, the memory n needs before
-    the prompts are made.
+    Everything that can be checked is checked before the work it guards: the settings when the
+    config is made, the task's prompts under the tokenizer before the model is loaded, the memory n
+    needs before the prompts are made.
     """
     from circuitlib.models.loading import check_device, load_model, load_tokenizer
 
-    alpha = check_alpha(alpha)
     device = check_device(device)
-    if str(model_name).startswith("tracr-") or str(task_name).startswith("tracr-"):
-        raise ValueError(
-            "Tracr-compiled programs have inputs of several lengths and outputs at every position, "
-            "which this text-task pipeline does not take; use `python -m circuitlib groundtruth PROGRAM` "
-            "(or circuitlib.pipeline.groundtruth in code)"
-        )
-    task = get_task(task_name)
-    n = task.default_n if n is None else n
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"n must be a positive number of prompts per split, got {n!r}")
-    seq_len = task.check(loaded[1] if loaded is not None else load_tokenizer(model_name), 3 * n)
-    model, tokenizer = loaded if loaded is not None else load_model(model_name, device=device)
-    check_memory(model, n, seq_len, method)
-    with extraction_out_of_memory_as_error(model, n, seq_len, method, "the extraction"):
-        data = task.generate(tokenizer, n=n, seed=seed)
-        means = mean_activations(model, data.patching.tokens) if ablation == "mean" else None
+    c = config
+    task = get_task(c.task)
+    n = task.default_n if c.n is None else c.n
+    seq_len = task.check(loaded[1] if loaded is not None else load_tokenizer(c.model), 3 * n)
+    model, tokenizer = loaded if loaded is not None else load_model(c.model, device=device)
+    check_memory(model, n, seq_len, c.method)
+    with extraction_out_of_memory_as_error(model, n, seq_len, c.method, "the extraction"):
+        data = task.generate(tokenizer, n=n, seed=c.seed)
+        means = mean_activations(model, data.patching.tokens) if c.ablation == "mean" else None
         started = time.perf_counter()
         circuit = extract(
             model,
             data.patching.tokens,
             data.validation.tokens,
-            alpha=alpha,
-            ablation=ablation,
-            include_mlps=include_mlps,
-            order=order,
-            method=method,
+            alpha=c.alpha,
+            ablation=c.ablation,
+            include_mlps=c.include_mlps,
+            order=c.order,
+            method=c.method,
             progress=progress,
             means=means,
         )
         seconds = time.perf_counter() - started
-        pruned = prune(model, circuit.kept, ablation, means)
+        pruned = prune(model, circuit.kept, c.ablation, means)
         full_resid = full_reference(model, data)
         full_size, pruned_size = model.count_parameters(), pruned.count_parameters()
         metrics = {
@@ -233,16 +250,12 @@ def run_extraction(
             "parameter_reduction": 1 - pruned_size["parameters"] / full_size["parameters"],
             "extraction_seconds": seconds,
         }
+    # the config's fields, with the names the model and the task resolved to, and what ran it
     settings = {
+        **asdict(c),
         "model": model.cfg.name,
         "task": task.name,
-        "alpha": alpha,
-        "ablation": ablation,
-        "include_mlps": include_mlps,
-        "seed": seed,
         "n": n,
-        "order": order,
-        "method": method,
         "device": str(model.device),
         "torch_threads": torch.get_num_threads(),
     }

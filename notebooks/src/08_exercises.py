@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from IPython.display import Markdown, display
 
-from circuitlib import get_task, load_model, run_extraction
+from circuitlib import ExtractionConfig, get_task, load_model, run_extraction
 from booklib import exercises as ex, report
 
 settings = {"model": model, "task": task, "alpha": alpha, "ablation": ablation,
@@ -487,8 +487,8 @@ def mean_of_5(forward):
 if ex.requires("put it together", ["accuracy", "timer"]):
     with ex.timed("put it together"):
         full, tokenizer = load_model(model, device=device)
-        extraction = run_extraction(model, task, alpha=alpha, ablation=ablation, include_mlps=include_mlps,
-                                    n=n, seed=seed, loaded=(full, tokenizer), progress=False)
+        extraction = run_extraction(ExtractionConfig(model, task, alpha=alpha, ablation=ablation, include_mlps=include_mlps,
+                                    n=n, seed=seed), loaded=(full, tokenizer), progress=False)
         pruned, the_task, split = extraction.pruned, get_task(task), extraction.data.validation
         measured = {}
         for name, m in (("full", full), ("extracted", pruned)):

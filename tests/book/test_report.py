@@ -4,7 +4,7 @@ import pytest
 
 from booklib import report
 from circuitlib.models.loading import load_model
-from circuitlib.pipeline.extraction import run_extraction
+from circuitlib.pipeline.extraction import ExtractionConfig, run_extraction
 from circuitlib.tasks import get_task
 
 SETTINGS = {
@@ -25,7 +25,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def extraction(tiny):
-    return run_extraction("tiny-gpt2", "ioi", alpha=0.05, n=6, progress=False, loaded=tiny)
+    return run_extraction(ExtractionConfig("tiny-gpt2", "ioi", alpha=0.05, n=6), progress=False, loaded=tiny)
 
 
 def test_provenance_lists_every_setting_and_the_commit():

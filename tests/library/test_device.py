@@ -56,9 +56,9 @@ def test_sweep_prune_and_measure_on_device_agree_with_cpu(models, data, arch, ab
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_run_extraction_on_device(device):
-    from circuitlib.pipeline.extraction import run_extraction
+    from circuitlib.pipeline.extraction import ExtractionConfig, run_extraction
 
-    result = run_extraction("tiny-gpt2", "ioi", alpha=0.01, n=4, progress=False, device=device)
+    result = run_extraction(ExtractionConfig("tiny-gpt2", "ioi", alpha=0.01, n=4), progress=False, device=device)
     assert result.settings["device"].startswith(device)
     assert result.pruned.device.type == device
     assert 0.0 <= result.metrics["pruned"]["test"]["accuracy"] <= 1.0

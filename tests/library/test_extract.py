@@ -103,3 +103,27 @@ def test_bad_settings_are_refused(models, data):
         extract(models["gpt2"], *data, alpha=0.1, method="slow", progress=False)
     with pytest.raises(ValueError, match="LongTensor"):
         extract(models["gpt2"], [[1, 2], [3]], data[1], alpha=0.1, progress=False)
+
+
+def test_an_extraction_config_is_checked_when_made_and_is_what_the_run_records():
+    import dataclasses
+
+    from circuitlib.pipeline.extraction import ExtractionConfig, run_extraction
+
+    for bad, message in [
+        (dict(alpha=-1), "alpha"),
+        (dict(alpha=0.1, ablation="resample"), "unknown ablation"),
+        (dict(alpha=0.1, n=0), "n must be a positive number"),
+        (dict(alpha=0.1, order="random"), "unknown order"),
+        (dict(alpha=0.1, method="slow"), "unknown method"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ExtractionConfig("tiny-gpt2", "ioi", **bad)
+    with pytest.raises(ValueError, match="groundtruth"):
+        ExtractionConfig("tracr-reverse", "tracr-reverse", alpha=0.1)
+    config = ExtractionConfig("tiny-gpt2", "ioi", alpha=0.05, n=4, seed=1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.alpha = 0.1
+    run = run_extraction(config, progress=False)
+    recorded = {k: run.settings[k] for k in dataclasses.asdict(config)}
+    assert recorded == dataclasses.asdict(config) and run.settings["torch_threads"] >= 1

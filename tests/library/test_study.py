@@ -10,7 +10,7 @@ from circuitlib.core.metrics import kl_divergence
 from circuitlib.core.surgery import prune
 from circuitlib.discovery.greedy import Circuit, Decision, sweep
 from circuitlib.models.loading import load_model
-from circuitlib.pipeline.extraction import run_extraction
+from circuitlib.pipeline.extraction import ExtractionConfig, run_extraction
 from circuitlib.studies.analysis import (
     alpha_study,
     evaluate_circuits,
@@ -104,17 +104,8 @@ def test_alpha_study_matches_separate_extractions(tiny):
     assert len(table) == 2 * 4 * len(alphas)
     assert set(circuits) == {(s, a, m) for s in (0, 1) for a in ("mean", "zero") for m in (False, True)}
     for seed, ablation, mlps, alpha in [(0, "mean", False, 3e-2), (1, "zero", True, 1e-3)]:
-        e = run_extraction(
-            "tiny-gpt2",
-            "ioi",
-            alpha=alpha,
-            ablation=ablation,
-            include_mlps=mlps,
-            n=8,
-            seed=seed,
-            progress=False,
-            loaded=(model, tok),
-        )
+        config = ExtractionConfig("tiny-gpt2", "ioi", alpha=alpha, ablation=ablation, include_mlps=mlps, n=8, seed=seed)
+        e = run_extraction(config, progress=False, loaded=(model, tok))
         row = table[
             (table.seed == seed) & (table.ablation == ablation) & (table.include_mlps == mlps) & (table.alpha == alpha)
         ].iloc[0]
