@@ -9,6 +9,10 @@ whose sessions end, or a cluster job with a time limit, they must survive being 
   differences, a checkpoint made with other settings.
 - `result_lock`: while a process computes a result file it holds <name>.lock, so a second
   process asking for the same result gets `ResultInProgress` instead of computing it twice.
+- `computed_once`: the one settings-checked cache. A result file is returned when it was made with
+  the settings asked for, refused (one error naming every difference) when it was made with others,
+  and otherwise computed under the lock and written atomically. Derived study records, distilled
+  students and Edge Pruning results all go through it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from filelock import FileLock, Timeout
@@ -95,3 +102,57 @@ def result_lock(path: str | os.PathLike, hint: str):
     finally:
         Path(lock.lock_file).unlink(missing_ok=True)
         lock.release()
+
+
+Result = TypeVar("Result")
+
+
+def computed_once(
+    path: str | os.PathLike,
+    settings: Mapping,
+    *,
+    compute: Callable[[], Result],
+    read: Callable[[Path], Result],
+    write: Callable[[Path, Result], None],
+    settings_of: Callable[[Result], Mapping],
+    busy_hint: str,
+    replace: bool = False,
+) -> Result:
+    """The result stored at `path` if it was made with `settings`; else compute it, write it, return it.
+
+    read(path) loads a stored result and settings_of(result) gives the settings it records; every key
+    of `settings` must match, else one ValueError names each difference (a stored result is never
+    replaced silently: delete it to recompute). While computing, the process holds `result_lock(path)`
+    (a second process gets `ResultInProgress`, with `busy_hint`). replace=True computes anew and writes
+    over a stored result of any settings (which stays readable until then). write(path, result) must write
+    atomically (`core.io.atomic_write`); a file that appears at `path` during the computation (a copy
+    from another machine) is kept and returned, with a warning, and this computation is dropped.
+    """
+    path = Path(path)
+
+    def stored() -> Result:
+        result = read(path)
+        recorded = settings_of(result)
+        differ = [f"{k}: {recorded.get(k)!r} there, {v!r} asked" for k, v in settings.items() if recorded.get(k) != v]
+        if differ:
+            raise ValueError(
+                f"{path} holds a result of other settings ({'; '.join(differ)}); ask for its settings, "
+                "or give another output folder (or delete the file to recompute it)"
+            )
+        return result
+
+    if path.exists() and not replace:
+        return stored()
+    with result_lock(path, busy_hint):
+        if path.exists() and not replace:  # finished by the process that held the lock a moment ago
+            return stored()
+        result = compute()
+        if path.exists() and not replace:
+            warnings.warn(
+                f"{path} appeared while this process computed the same settings; the file there is kept "
+                "and returned, this computation is dropped",
+                stacklevel=2,
+            )
+            return stored()
+        write(path, result)
+        return result

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -164,33 +165,40 @@ def _check_seed(spec: Spec, seed: int | None) -> int:
 
 
 def _cached(spec: Spec, kind: str, settings: dict, compute, device: str | None):
-    """The stored result of `settings` under <store>/<kind>/, or compute(model), store it and return it."""
+    """The record of `settings` under <store>/<kind>/<key>.json (`core.resumable.computed_once`), or
+    compute(model) measured on the spec's model, stored with its provenance and returned."""
+    from circuitlib.core.io import atomic_write
+    from circuitlib.core.resumable import computed_once
     from circuitlib.models.loading import check_device
     from circuitlib.studies.provenance import provenance
     from circuitlib.studies.runner import cached_model
 
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    store = Store(spec.store)
-    found = store.read_record(kind, key)
-    if found and found.get("settings") == settings:
-        return found["result"]
     device = device or spec.device
-    check_device(device)
-    model, _ = cached_model(spec.model, device)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        result = json.loads(json.dumps(compute(model)))  # exactly what a later read returns
-    store.write_record(
-        kind,
-        key,
-        {
+
+    def measure() -> dict:
+        check_device(device)
+        model, _ = cached_model(spec.model, device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            result = json.loads(json.dumps(compute(model)))  # exactly what a later read returns
+        return {
             "settings": settings,
             "result": result,
             "seconds": time.perf_counter() - started,
             **provenance(device, torch.get_num_threads()),
-        },
+        }
+
+    record = computed_once(
+        Store(spec.store).root / kind / f"{key}.json",
+        settings,
+        compute=measure,
+        read=lambda path: json.loads(path.read_text()),
+        write=lambda path, rec: atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(rec, indent=1))),
+        settings_of=lambda rec: rec["settings"],
+        busy_hint=f"another process is measuring this {kind} record; wait for it",
     )
-    return result
+    return record["result"]
 
 
 def reference_metrics(

@@ -46,7 +46,13 @@ from tqdm.auto import tqdm
 from circuitlib.core.memory import check_fits
 from circuitlib.core.metrics import accuracy
 from circuitlib.core.model import ModelConfig, Transformer, full_plan
-from circuitlib.core.resumable import load_checkpoint, parameters_digest, result_lock, save_checkpoint, tokens_digest
+from circuitlib.core.resumable import (
+    computed_once,
+    load_checkpoint,
+    parameters_digest,
+    save_checkpoint,
+    tokens_digest,
+)
 
 
 def _layer_parameters(cfg: ModelConfig) -> int:
@@ -466,24 +472,7 @@ def distilled_student(
         raise TypeError(f"unknown distillation setting(s) {sorted(unknown)}; choose from {BASELINE_SETTINGS}")
     path = baseline_path(out_dir, row)
 
-    def stored() -> dict:
-        record = json.loads(path.read_text())
-        differ = {k: (record.get(k), v) for k, v in settings.items() if record.get(k) != v}
-        if record.get("study_key") != row["key"]:
-            differ["study_key"] = (record.get("study_key"), row["key"])
-        if differ:
-            raise ValueError(
-                f"{path} was trained with other settings "
-                f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
-                "delete it to retrain, or give another output folder"
-            )
-        return record
-
-    if path.exists() and not replace:
-        return stored()
-    with result_lock(path, "wait for it, or train another configuration meanwhile"):
-        if path.exists() and not replace:  # finished by the process that held the lock a moment ago
-            return stored()
+    def train() -> dict:
         record = distill_baseline(
             teacher,
             tokenizer,
@@ -497,5 +486,15 @@ def distilled_student(
             **provenance(str(device), threads),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record)))
         return record
+
+    return computed_once(
+        path,
+        {**settings, "study_key": row["key"]},
+        compute=train,
+        read=lambda p: json.loads(p.read_text()),
+        write=lambda p, record: atomic_write(p, lambda tmp: Path(tmp).write_text(json.dumps(record))),
+        settings_of=lambda record: record,
+        busy_hint="wait for it, or train another configuration meanwhile",
+        replace=replace,
+    )

@@ -171,18 +171,6 @@ class Store:
     def clear_partial(self, key: str) -> None:
         (self.root / "partial" / f"{key}.json").unlink(missing_ok=True)
 
-    def read_record(self, kind: str, key: str) -> dict | None:
-        """A derived result stored under `<store>/<kind>/<key>.json` (see `circuitlib.studies.derived`), or None."""
-        return _read_json(self.root / kind / f"{key}.json") or None
-
-    def write_record(self, kind: str, key: str, record: dict) -> None:
-        """Write a derived result atomically; an existing one is never replaced."""
-        path = self.root / kind / f"{key}.json"
-        if path.exists():
-            raise FileExistsError(f"{kind}/{key}.json is already in {self.root}; delete it by hand to recompute it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
-
     def read(self, keys=None, *, damaged: dict | None = None):
         """The rows of the finished units (all, or those in `keys`) as one pandas DataFrame.
 

@@ -231,7 +231,7 @@ def test_baseline_reuses_a_record_of_the_same_settings_and_refuses_another(tmp_p
     assert first["steps_run"] <= 4 and first["provenance"]["commit"]
     again = distilled_student(tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=4, eval_every=2)
     assert again == first  # read back, not retrained
-    with pytest.raises(ValueError, match="max_steps: 4 there, 6 now"):
+    with pytest.raises(ValueError, match="max_steps: 4 there, 6 asked"):
         distilled_student(tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=6, eval_every=2)
     replaced = distilled_student(
         tmp_path / "out", teacher, tokenizer, row, progress=False, max_steps=6, eval_every=2, replace=True
