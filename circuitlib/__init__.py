@@ -149,6 +149,7 @@ _API = {
     # figures
     "circuit_grid": "plots",
     "roc_plot": "plots",
+    "circuit_graph": "plots",
     "plot_vs_alpha": "plots",
     "plot_accuracy_vs_size": "plots",
 }
