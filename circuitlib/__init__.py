@@ -77,6 +77,7 @@ _API = {
     "structural_edges": "models.compiled.truth",
     "functional_edges": "models.compiled.truth",
     "side_by_side": "models.compiled.distractors",
+    "CompiledTask": "tasks.compiled",
     # discovery
     "extract": "discovery.greedy",
     "sweep": "discovery.greedy",
