@@ -13,6 +13,7 @@ No backend is forced: figures are drawn on whatever matplotlib backend is active
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -235,7 +236,7 @@ def _edge_ends(edge: str) -> tuple[str, str, str | None]:
     return writer, reader, None
 
 
-def _draw_graph(ax, where, true_nodes, true_edges, found_nodes, found_edges, title) -> None:
+def _draw_graph(ax, where, true_nodes, true_edges, found_nodes, found_edges, title, columns: int) -> None:
     """One panel of `circuit_graph`: the truth alone (found_* None) or a found circuit against it."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
@@ -300,7 +301,7 @@ def _draw_graph(ax, where, true_nodes, true_edges, found_nodes, found_edges, tit
     ax.set_aspect("equal")
     ax.axis("off")
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(textwrap.fill(title, int(13 * ax.figure.get_figwidth())), fontsize=8)
     if compare:
         n = {
             k: (
@@ -320,7 +321,7 @@ def _draw_graph(ax, where, true_nodes, true_edges, found_nodes, found_edges, tit
         Line2D([], [], color=_GRAPH_STYLE[k][0], linestyle=_GRAPH_STYLE[k][1], linewidth=2, label=text)
         for k, text in labels.items()
     ]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=3, fontsize=7, frameon=False)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=columns, fontsize=7, frameon=False)
 
 
 def circuit_graph(
@@ -364,13 +365,15 @@ def circuit_graph(
     width = max(x for x, _ in where.values()) + 1.2
     height = max(y for _, y in where.values()) - min(y for _, y in where.values()) + 1.5
     panels = 2 if compare else 1
-    size = min(8.0, 0.42 * width + 0.4)
-    fig, axes = plt.subplots(panels, 1, figsize=(size, panels * (size * height / width + 0.5)), layout="constrained")
+    scale = min(0.42, 7.6 / width)  # inches per unit: at most the page's width
+    size = max(3.8, scale * width + 0.4)
+    fig, axes = plt.subplots(panels, 1, figsize=(size, panels * (scale * height + 0.9)), layout="constrained")
     plt.close(fig)
     axes = [axes] if panels == 1 else list(axes)
-    _draw_graph(axes[0], where, true_nodes, true_edges, None, None, truth_title if compare else title)
+    columns = 3 if size >= 5.5 else 1  # the legend's entries side by side when they fit
+    _draw_graph(axes[0], where, true_nodes, true_edges, None, None, truth_title if compare else title, columns)
     if compare:
-        _draw_graph(axes[1], where, true_nodes, true_edges, set(found_components), set(found_edges), title)
+        _draw_graph(axes[1], where, true_nodes, true_edges, set(found_components), set(found_edges), title, columns)
     return fig
 
 
