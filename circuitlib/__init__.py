@@ -77,6 +77,7 @@ _API = {
     "structural_edges": "models.compiled.truth",
     "functional_edges": "models.compiled.truth",
     "side_by_side": "models.compiled.distractors",
+    "CompiledTask": "tasks.compiled",
     # discovery
     "extract": "discovery.greedy",
     "sweep": "discovery.greedy",
@@ -149,6 +150,7 @@ _API = {
     # figures
     "circuit_grid": "plots",
     "roc_plot": "plots",
+    "circuit_graph": "plots",
     "plot_vs_alpha": "plots",
     "plot_accuracy_vs_size": "plots",
 }

@@ -3,6 +3,8 @@
 * :func:`circuit_grid` - a layers x heads grid (plus an MLP column) of the components an
   extraction kept, optionally compared with a reference circuit (true/false positives, misses).
 * :func:`roc_plot` - ROC curves (FPR vs TPR over an alpha sweep) with their AUCs.
+* :func:`circuit_graph` - a compiled model's circuit as a graph of components and edges, optionally
+  a found circuit against the true one (hits, misses and extras marked).
 * :func:`plot_vs_alpha`, :func:`plot_accuracy_vs_size` - a study's measures against alpha and
   against circuit size, one line per configuration.
 
@@ -11,14 +13,15 @@ No backend is forced: figures are drawn on whatever matplotlib backend is active
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from circuitlib.core.components import parse_head
+from circuitlib.core.components import parse_component, parse_head
 from circuitlib.studies.analysis import config_label, with_intervals
 
-__all__ = ["circuit_grid", "roc_plot", "plot_vs_alpha", "plot_accuracy_vs_size"]
+__all__ = ["circuit_grid", "roc_plot", "circuit_graph", "plot_vs_alpha", "plot_accuracy_vs_size"]
 
 # --------------------------------------------------------------------------------------
 # small helpers
@@ -198,6 +201,179 @@ def roc_plot(curves: Mapping[str, tuple[Iterable[float], Iterable[float], float 
     ax.grid(alpha=0.3)
     # below the axes: labels with references and AUCs are long, and inside they hid curves and ticks
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, frameon=False)
+    return fig
+
+
+# --------------------------------------------------------------------------------------
+# a circuit as a graph (compiled models: components and edges)
+
+_PORTS = {"q": 0.2, "k": 0.0, "v": -0.2}  # where a head's query, key and value inputs enter its box
+_GRAPH_STYLE = {  # status -> (colour, line style, line width)
+    "truth": ("#555555", "-", 1.2),
+    "hit": (_TP, "-", 1.4),
+    "miss": (_FN, "--", 1.4),
+    "extra": (_FP, "-", 1.4),
+}
+
+
+def _graph_layout(components: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """Node centres: embeddings in column 0, then per layer a column of heads and one for its MLP, logits last."""
+    parsed = {c: parse_component(c) for c in components}  # (layer, head or None)
+    n_layers = 1 + max(layer for layer, _ in parsed.values())
+    n_heads = 1 + max((head for _, head in parsed.values() if head is not None), default=0)
+    where = {"embed": (0.0, 0.6), "pos": (0.0, -0.6), "logits": (2.0 * n_layers + 1, 0.0)}
+    for c, (layer, head) in parsed.items():
+        where[c] = (2.0 * layer + 2, 0.0) if head is None else (2.0 * layer + 1, (n_heads - 1) / 2 - head)
+    return where
+
+
+def _edge_ends(edge: str) -> tuple[str, str, str | None]:
+    """ "W -> L.H.q" -> ("W", "L.H", "q"); "W -> MLP 1" -> ("W", "MLP 1", None)."""
+    writer, reader = edge.split(" -> ")
+    if reader.count(".") == 2:
+        node, kind = reader.rsplit(".", 1)
+        return writer, node, kind
+    return writer, reader, None
+
+
+def _draw_graph(ax, where, true_nodes, true_edges, found_nodes, found_edges, title, columns: int) -> None:
+    """One panel of `circuit_graph`: the truth alone (found_* None) or a found circuit against it."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    compare = found_nodes is not None
+
+    def status(item, truth: set, got: set | None) -> str:
+        if not compare:
+            return "truth" if item in truth else "off"
+        return {(True, True): "hit", (True, False): "miss", (False, True): "extra"}.get(
+            (item in truth, item in got), "off"
+        )
+
+    edges = sorted(true_edges | (found_edges if compare else set()))
+    for edge in edges:
+        writer, node, kind = _edge_ends(edge)
+        (x0, y0), (x1, y1) = where[writer], where[node]
+        s = status(edge, true_edges, found_edges)
+        colour, style, width = _GRAPH_STYLE[s]
+        ax.add_patch(
+            FancyArrowPatch(
+                (x0 + 0.35, y0),
+                (x1 - 0.35, y1 + (_PORTS[kind] if kind else 0.0)),
+                connectionstyle=f"arc3,rad={-0.25 if x1 - x0 > 1.5 else 0.0}",  # long edges arc over the boxes
+                arrowstyle="-|>",
+                mutation_scale=8,
+                color=colour,
+                linestyle=style,
+                linewidth=width,
+                zorder=1,
+                gid=f"edge {edge} {s}",
+            )
+        )
+    components = [n for n in where if n not in ("embed", "pos", "logits")]
+    for name, (x, y) in where.items():
+        ends = name not in components
+        s = ("hit" if compare else "truth") if ends else status(name, true_nodes, found_nodes)
+        colour = _GRAPH_STYLE[s][0] if s != "off" else "#BBBBBB"
+        hollow = s in ("off", "miss")
+        ax.add_patch(
+            FancyBboxPatch(
+                (x - 0.35, y - 0.3),
+                0.7,
+                0.6,
+                boxstyle="round,pad=0.02",
+                facecolor="white" if hollow else colour,
+                edgecolor=colour,
+                linestyle="--" if s == "miss" else "-",
+                linewidth=1.5,
+                zorder=2,
+                gid=f"node {name} {s}",
+            )
+        )
+        label = name.replace("MLP ", "MLP\n")
+        ax.text(x, y, label, ha="center", va="center", fontsize=6, color="#333333" if hollow else "white", zorder=3)
+        if not ends and not name.startswith("MLP") and s != "off":
+            for kind, dy in _PORTS.items():
+                ax.text(x - 0.4, y + dy, kind, ha="right", va="center", fontsize=5, color="#333333", zorder=3)
+    xs, ys = [x for x, _ in where.values()], [y for _, y in where.values()]
+    ax.set_xlim(min(xs) - 0.6, max(xs) + 0.6)
+    ax.set_ylim(min(ys) - 0.5, max(ys) + 1.0)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    if title:
+        ax.set_title(textwrap.fill(title, int(13 * ax.figure.get_figwidth())), fontsize=8)
+    if compare:
+        n = {
+            k: (
+                sum(status(c, true_nodes, found_nodes) == k for c in components),
+                sum(status(e, true_edges, found_edges) == k for e in edges),
+            )
+            for k in ("hit", "miss", "extra")
+        }
+        labels = {
+            "hit": f"in both ({n['hit'][0]} components, {n['hit'][1]} edges)",
+            "miss": f"missed ({n['miss'][0]}, {n['miss'][1]})",
+            "extra": f"extra ({n['extra'][0]}, {n['extra'][1]})",
+        }
+    else:
+        labels = {"truth": f"true circuit ({len(true_nodes)} components, {len(true_edges)} edges)"}
+    handles = [
+        Line2D([], [], color=_GRAPH_STYLE[k][0], linestyle=_GRAPH_STYLE[k][1], linewidth=2, label=text)
+        for k, text in labels.items()
+    ]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=columns, fontsize=7, frameon=False)
+
+
+def circuit_graph(
+    components: Sequence[str],
+    truth_components: Sequence[str],
+    truth_edges: Sequence[str],
+    found_components: Sequence[str] | None = None,
+    found_edges: Sequence[str] | None = None,
+    title: str | None = None,
+    truth_title: str = "true circuit (from the compiler)",
+):
+    """Draw a compiled model's true circuit as a graph and, when a found circuit is given, that one under it.
+
+    components: every head ``"L.H"`` and MLP ``"MLP L"`` of the model (those in no circuit are drawn
+    pale). Edges are ``"WRITER -> READER"``: writers ``"embed"``, ``"pos"``, heads and MLPs; readers
+    a head's query, key or value (``"L.H.q"``, ``".k"``, ``".v"``, entering its box at three ports,
+    top to bottom), an MLP or ``"logits"`` (``circuitlib.models.compiled.truth``'s names). Columns
+    follow the computation: embeddings, then per layer its heads and its MLP, then the logits.
+
+    The top panel is the truth (grey). With ``found_components`` and ``found_edges``, the second
+    panel marks what is in both (green), what only the truth has (missed: vermillion, dashed) and
+    what only the found circuit has (extra: orange). Every box and arrow carries a ``gid``:
+    ``"node NAME STATUS"`` and ``"edge W -> R STATUS"``, STATUS one of truth, hit, miss, extra or off
+    (a component in neither). Returns the Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    where = _graph_layout(list(components))
+    true_nodes, true_edges = set(truth_components), set(truth_edges)
+    compare = found_components is not None
+    if compare != (found_edges is not None):
+        raise ValueError("give both found_components and found_edges, or neither")
+    named = (
+        true_nodes
+        | set(found_components or [])
+        | {n for e in true_edges | set(found_edges or []) for n in _edge_ends(e)[:2]}
+    )
+    unknown = sorted(named - set(where))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} not among the model's components ({len(components)} given)")
+    width = max(x for x, _ in where.values()) + 1.2
+    height = max(y for _, y in where.values()) - min(y for _, y in where.values()) + 1.5
+    panels = 2 if compare else 1
+    scale = min(0.42, 7.6 / width)  # inches per unit: at most the page's width
+    size = max(3.8, scale * width + 0.4)
+    fig, axes = plt.subplots(panels, 1, figsize=(size, panels * (scale * height + 0.9)), layout="constrained")
+    plt.close(fig)
+    axes = [axes] if panels == 1 else list(axes)
+    columns = 3 if size >= 5.5 else 1  # the legend's entries side by side when they fit
+    _draw_graph(axes[0], where, true_nodes, true_edges, None, None, truth_title if compare else title, columns)
+    if compare:
+        _draw_graph(axes[1], where, true_nodes, true_edges, set(found_components), set(found_edges), title, columns)
     return fig
 
 

@@ -507,6 +507,19 @@ def load_edge_runs(directory) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(Path(directory).glob("edges-*.json"))]
 
 
+def edges_among(compiled: Compiled, kept: list[str]) -> list[str]:
+    """The edges of a node circuit: the structural edges (without BOS plumbing) whose ends are kept heads
+    or MLPs, the embeddings or the logits (always there: a node method keeps or removes heads and MLPs only)."""
+    from circuitlib.models.compiled import truth
+
+    ends = {"embed", "pos", "logits"} | set(kept)
+    return [
+        e
+        for e in truth.structural_edges(compiled.info, compiled.model, bos_plumbing=False)
+        if e.split(" -> ")[0] in ends and truth.node_of(e.split(" -> ")[1]) in ends
+    ]
+
+
 GREEDY_ALPHA = 1e-3  # the CLI's default threshold (KL or squared error, every position but BOS)
 INPUTS_PER_LENGTH = 100
 
@@ -565,13 +578,7 @@ def groundtruth_report(
     model, info = compiled.model, compiled.info
     true_components = truth.truth_components(info)
     structural = truth.structural_edges(info, model)
-    found = set(circuit.kept)
-    ends = ("embed", "pos", "logits")  # always there: a node method keeps or removes heads and MLPs only
-    found_edges = [
-        e
-        for e in truth.structural_edges(info, model, bos_plumbing=False)
-        if all(end in ends or end in found for end in (e.split(" -> ")[0], truth.node_of(e.split(" -> ")[1])))
-    ]
+    found_edges = edges_among(compiled, circuit.kept)
     truth_edges = truth.functional_edges(info, model, task.inputs(), bos_plumbing=False)
     every = task.inputs()
     means = pooled_means(model, every) if ablation == "mean" else None

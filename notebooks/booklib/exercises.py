@@ -12,6 +12,8 @@ a hint), and returns True or False. A student function that raises is a FAIL, no
     check_head_parameter_count(fn)  fn(cfg, removed_heads) -> int
     check_accuracy(fn)              fn(task, split, last_logits [n, V]) -> float
     check_timer(fn)                 fn(callable, warmup, repeats) -> seconds
+    check_circuit_prediction(fn)    fn() -> (components, edges) of sort_unique's compiled circuit
+    check_diagnosis(fn)             fn(ablation, data, truth, kept) -> (missed, extra, reason)
 
 Every checker records its verdict and its computing time under its exercise (`RESULTS`, `TIMES`;
 `record=False` for demonstrations of wrong answers); `summary()` prints them, one exercise a
@@ -24,7 +26,8 @@ The student and the solution notebook are both generated from one source,
 
 The cases run on small random models (circuitlib's "tiny-gpt2" and a tiny Llama-shaped model)
 and on configurations of GPT-2 Small and SmolLM2-135M built on PyTorch's meta device, so every
-checker takes seconds on a laptop CPU.
+checker takes seconds on a laptop CPU. Exercises 9 and 10 use transformers compiled with Tracr
+(`circuitlib.models.compiled`): their answers are the compiler's, never typed by hand.
 """
 
 from __future__ import annotations
@@ -65,6 +68,11 @@ __all__ = [
     "check_head_parameter_count",
     "check_accuracy",
     "check_timer",
+    "check_circuit_prediction",
+    "check_diagnosis",
+    "show_program",
+    "reverse_runs",
+    "DIAGNOSES",
     "reference_prune_decision",
     "reference_kl",
     "reference_mean_z",
@@ -72,6 +80,8 @@ __all__ = [
     "reference_head_parameters",
     "reference_accuracy",
     "reference_timer",
+    "reference_sort_unique_circuit",
+    "reference_diagnosis",
     "GPT2_SMALL",
     "SMOLLM2_135M",
 ]
@@ -103,6 +113,8 @@ EXERCISES = (
     "6. accuracy",
     "7. timer",
     "8. put it together",
+    "9. circuit prediction",
+    "10. diagnosis",
 )
 
 
@@ -182,7 +194,7 @@ def timed(name: str):
 
 
 _SUMMARY_HEADER = f"{'exercise':<26} {'result':<8} {'seconds':>9}"
-_SUMMARY_LINE = re.compile(r"^(\d\. .+?)\s+(PASS|FAIL|not run)\s+(\S+)$")
+_SUMMARY_LINE = re.compile(r"^(\d+\. .+?)\s+(PASS|FAIL|not run)\s+(\S+)$")
 
 
 def summary() -> None:
@@ -686,6 +698,209 @@ def check_timer(fn: Callable[[Callable[[], object], int, int], float], record: b
     )
 
 
+# ------------------------------------------------------------------------------------------
+# 9. predict a compiled program's circuit from its RASP source
+
+_COMPONENT = re.compile(r"^(\d+\.\d+|MLP \d+)$")
+_EDGE = re.compile(r"^(embed|pos|\d+\.\d+|MLP \d+) -> (\d+\.\d+\.[qkv]|MLP \d+|logits)$")
+
+
+@lru_cache(maxsize=None)
+def _compiled(program: str):
+    from circuitlib.models.compiled.compile import load_compiled
+
+    return load_compiled(program)
+
+
+def show_program(program: str = "sort_unique") -> None:
+    """Print a built-in program's RASP source (Tracr's own code, read at run time) and its compiled shape."""
+    import inspect
+
+    from circuitlib.models.compiled.programs import BUILTIN
+
+    c = _compiled(program)
+    make = BUILTIN[program].make
+    print(inspect.getsource(make))
+    named = {"sort_unique": "make_sort_unique", "hist": "make_hist", "xproportion": "make_frac_prevs"}
+    if program in named:  # the built-in calls Tracr's library: print that function too
+        from tracr.compiler import lib
+
+        print(inspect.getsource(getattr(lib, named[program])))
+    cfg = c.model.cfg
+    print(
+        f'compiled: {cfg.n_layers} layers x {cfg.n_heads} head(s) (heads "L.H", MLPs "MLP L"); '
+        f"inputs: BOS then 1 to {c.info.max_seq_len} tokens of {sorted(c.info.vocab)}"
+    )
+
+
+def reference_sort_unique_circuit() -> tuple[list[str], list[str]]:
+    """sort_unique's circuit as the compiler wires it: its true components and its structural edges
+    without BOS plumbing (`circuitlib.models.compiled.truth`)."""
+    from circuitlib.models.compiled.truth import structural_edges, truth_components
+
+    c = _compiled("sort_unique")
+    return truth_components(c.info), structural_edges(c.info, c.model, bos_plumbing=False)
+
+
+def check_circuit_prediction(fn: Callable[[], tuple], record: bool = True) -> bool:
+    """fn() -> (components, edges): the heads and MLPs of sort_unique's compiled circuit and the edges between them.
+
+    Compared with the compiler's truth. A wrong answer is told how many it misses and which of its
+    names are wrong, not the answer itself.
+    """
+
+    def run():
+        got = fn()
+        if not (isinstance(got, tuple) and len(got) == 2):
+            raise _Fail(f"return a pair (components, edges) of two lists; got {type(got).__name__}")
+        components, edges = [str(x).strip() for x in got[0]], [str(x).strip() for x in got[1]]
+        bad = [x for x in components if not _COMPONENT.match(x)] + [x for x in edges if not _EDGE.match(x)]
+        if bad:
+            raise _Fail(
+                f"{bad[0]!r} is not a name: components are 'L.H' or 'MLP L', edges 'WRITER -> READER' with "
+                "writers embed, pos, 'L.H', 'MLP L' and readers 'L.H.q', 'L.H.k', 'L.H.v', 'MLP L', logits"
+            )
+        want_components, want_edges = map(set, reference_sort_unique_circuit())
+        missed, extra = want_components - set(components), set(components) - want_components
+        if missed or extra:
+            raise _Fail(
+                f"components: the compiler uses {len(want_components)}; you miss {len(missed)}"
+                + (f" and list {sorted(extra)}, which carry no operation" if extra else "")
+            )
+        missed, extra = want_edges - set(edges), set(edges) - want_edges
+        if missed or extra:
+            readers = sorted({e.split(" -> ")[1] for e in missed})
+            raise _Fail(
+                f"components right; edges: the compiler wires {len(want_edges)}; you miss {len(missed)}"
+                + (f" (into {', '.join(readers)})" if readers else "")
+                + (f" and list {sorted(extra)}, which it does not wire" if extra else "")
+            )
+        return 2
+
+    return _report(
+        "circuit prediction",
+        run,
+        "each Select/Aggregate is a head, each Map an MLP, a SelectorWidth a head and the MLP after it; "
+        "an operation sits in the first layer after its inputs. In Select(keys, queries, predicate) "
+        "the first argument feeds the head's key, the second its query; the Aggregate's values feed "
+        "its value",
+        record,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# 10. explain where a method and the compiler disagree
+
+DIAGNOSES = {
+    "none": "no difference: the method found the true components",
+    "threshold": "alpha is too large: the missed components matter, but change the metric by less than alpha",
+    "zero-weights": "the compiler gave the missed components zero weights",
+    "position-mean": "on inputs of one length, the missed components compute only what depends on position and "
+    "length, which their position-wise mean reproduces exactly",
+    "max-length": "without its head, the length operation reads the longest length, which is right on "
+    "inputs of that length",
+}
+DIAGNOSIS_ALPHA = 1e-3
+
+
+@lru_cache(maxsize=None)
+def _reverse_runs() -> tuple:
+    from circuitlib.models.compiled.truth import truth_components
+    from circuitlib.pipeline.groundtruth import greedy
+    from circuitlib.tasks.compiled import CompiledTask
+
+    c = _compiled("reverse")
+    task, longest = CompiledTask(c), c.info.max_seq_len
+    cases = (
+        ("mean", f"length {longest} only", task.inputs([longest])),
+        ("zero", f"length {longest} only", task.inputs([longest])),
+        ("mean", "every length", task.inputs()),
+    )
+    truth, runs = truth_components(c.info), []
+    for ablation, data, batches in cases:
+        circuit = greedy(c, batches, batches, DIAGNOSIS_ALPHA, ablation=ablation)
+        rises = {d.component: d.kl_after - d.kl_before for d in circuit.decisions}  # the metric's rise at each step
+        runs.append({"ablation": ablation, "data": data, "truth": list(truth), "kept": circuit.kept, "rises": rises})
+    return tuple(runs)
+
+
+def reverse_runs(show: bool = True) -> list[dict]:
+    """Algorithm 1 (alpha 1e-3) on the compiled reverse in three settings: [{ablation, data, truth, kept}].
+
+    show: print each run's settings, the true components and what the walk kept.
+    """
+    runs = [{k: v for k, v in r.items() if k != "rises"} for r in _reverse_runs()]
+    if show:
+        print(f"reverse's true components (from the compiler): {', '.join(runs[0]['truth'])}")
+        for r in runs:
+            print(f"  {r['ablation']} ablation, inputs of {r['data']}: Algorithm 1 keeps {', '.join(r['kept'])}")
+    return runs
+
+
+def reference_diagnosis(ablation: str, data: str, truth: list[str], kept: list[str]) -> tuple[list, list, str]:
+    """(missed, extra, reason): what the walk missed and added, and which of `DIAGNOSES` explains it."""
+    missed, extra = sorted(set(truth) - set(kept)), sorted(set(kept) - set(truth))
+    if not missed and not extra:
+        return missed, extra, "none"
+    if data == "every length":
+        raise ValueError("on inputs of every length the walk on reverse keeps the truth: no other case is known")
+    return missed, extra, "position-mean" if ablation == "mean" else "max-length"
+
+
+def _why_not(reason: str, run: dict) -> str:
+    """What the data say against a wrong reason (one sentence)."""
+    if reason == "threshold":
+        missed = set(run["truth"]) - set(run["kept"])
+        rise = max(run["rises"][c] for c in missed)
+        if rise == 0:
+            return "the metric did not rise at all when they were removed: no alpha above 0 would keep them"
+        return f"removing them raised the metric by at most {rise:.3g}; ask why so little"
+    if reason == "zero-weights":
+        return "their weights are not zero: the compiler gave each of them an operation of the program"
+    if reason == "none":
+        return "the kept set is not the true set"
+    if reason == "position-mean" and run["ablation"] == "zero":
+        return "this run uses zero ablation: nothing here is replaced by a mean"
+    if reason == "max-length" and run["ablation"] == "mean":
+        return "this run uses mean ablation: a removed head writes its mean, not zero"
+    return "another reason fits this run better"
+
+
+def check_diagnosis(fn: Callable, record: bool = True) -> bool:
+    """fn(ablation, data, truth, kept) -> (missed, extra, reason), reason a key of `DIAGNOSES`.
+
+    Run on Algorithm 1's three runs on the compiled reverse (`reverse_runs`); compared with the
+    compiler's truth and with the reason the runs' data support.
+    """
+
+    def run():
+        for r in _reverse_runs():
+            got = fn(r["ablation"], r["data"], list(r["truth"]), list(r["kept"]))
+            if not (isinstance(got, tuple) and len(got) == 3):
+                raise _Fail(f"return a triple (missed, extra, reason); got {type(got).__name__}")
+            missed, extra, reason = got
+            want = reference_diagnosis(r["ablation"], r["data"], r["truth"], r["kept"])
+            where = f"{r['ablation']} ablation, inputs of {r['data']}"
+            if sorted(missed) != want[0] or sorted(extra) != want[1]:
+                raise _Fail(
+                    f"{where}: missed {sorted(missed)} and extra {sorted(extra)} are not what the walk kept "
+                    f"against the truth"
+                )
+            if reason not in DIAGNOSES:
+                raise _Fail(f"{where}: reason {reason!r} is none of {', '.join(DIAGNOSES)}")
+            if reason != want[2]:
+                raise _Fail(f"{where}: {reason!r} does not explain it: {_why_not(reason, r)}")
+        return len(_reverse_runs())
+
+    return _report(
+        "diagnosis",
+        run,
+        "what does each ablation put in place of a removed component, and what do a length and a "
+        "position-wise mean look like on inputs that all have one length?",
+        record,
+    )
+
+
 # The function each exercise asks for, by its name in the notebook, and a reference that passes its checker.
 REFERENCES: dict[str, Callable] = {
     "my_prune_decision": reference_prune_decision,
@@ -695,4 +910,6 @@ REFERENCES: dict[str, Callable] = {
     "my_head_parameters": reference_head_parameters,
     "my_accuracy": reference_accuracy,
     "my_timer": reference_timer,
+    "my_sort_unique_circuit": reference_sort_unique_circuit,
+    "my_diagnosis": reference_diagnosis,
 }

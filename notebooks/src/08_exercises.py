@@ -17,7 +17,9 @@
 # {cite}`garciacarrasco2024extracting` is made of: the pruning rule, the KL divergence, mean
 # ablation, the greedy walk of Algorithm 1, the parameter count of a head, the accuracy of a task
 # with several correct answers and an honest timer. An eighth puts the pieces to work on a real
-# language model.
+# language model. The last two train judgement rather than implementation, on transformers
+# compiled from RASP programs, whose circuit is known (see {doc}`06a_ground_truth`): read a
+# program and predict its circuit, then explain why a method's circuit differs from the truth.
 #
 # Each exercise has the same shape:
 #
@@ -515,6 +517,139 @@ if ex.requires("put it together", ["accuracy", "timer"]):
         f"{e['authors'] / f['authors']:.2f} |\n"
         f"| FLOPs per prompt | {full.flops(seq):,} | {pruned.flops(seq):,} | "
         f"{pruned.flops(seq) / full.flops(seq):.2f} |"))
+
+# %% [markdown]
+# ## Exercise 9: read a compiled program's circuit
+#
+# EXERCISE difficulty=3 importance=5 minutes=25 writes="the heads, MLPs and edges of a compiled program's circuit, from its RASP source"
+#
+# Tracr compiles a RASP program into a transformer whose weights carry the program, operation by
+# operation, so its circuit is known before anyone runs a method on it. You can predict it from
+# the program with four rules of the compiler:
+#
+# - an `Aggregate` (with the `Select` that feeds it) becomes one attention head; a `Map` or
+#   `SequenceMap` becomes an MLP; a `SelectorWidth` becomes a head followed by an MLP in the same
+#   layer (the head attends to BOS as well as to the selected tokens and reads the BOS token in its
+#   value; the MLP reads the head's output and the constant direction `one`, which the token
+#   embedding writes);
+# - every operation goes in the first layer after the operations it reads (a layer is attention,
+#   then MLP); heads are named `"L.H"`, MLPs `"MLP L"`;
+# - in `rasp.Select(keys, queries, predicate)` the **first** argument is what the head's key reads
+#   and the second what its query reads; the `Aggregate`'s second argument is what its value reads;
+# - `rasp.tokens` come from the token embedding (writer `embed`), `rasp.indices` from the position
+#   embedding (writer `pos`), and the program's output is read by `logits`.
+#
+# An edge is `"WRITER -> READER"`: writers `embed`, `pos`, a head or an MLP; readers a head's
+# query, key or value (`"L.H.q"`, `"L.H.k"`, `"L.H.v"`), an MLP, or `logits`. Leave out the
+# compiler's BOS plumbing (the `one` and BOS directions it adds to every `Aggregate`'s query and
+# key): an `Aggregate`'s query or key is an edge only where the program puts an input there.
+#
+# **Task.** The cell below prints the RASP source of *sort_unique* and the shape of its compiled
+# model. Write `my_sort_unique_circuit()` returning `(components, edges)`: the list of heads and
+# MLPs of its circuit and the list of edges between them. The checker compares both with what the
+# compiler wired.
+#
+# HINT
+# Count the operations first: how many `Select`/`Aggregate`, `SelectorWidth` and `Map` does the
+# program have, and which reads the output of which?
+# END HINT
+#
+# HINT
+# `Select(target_pos, rasp.indices, EQ)`: which of the two is the key, and which writer writes it?
+# END HINT
+
+# %%
+ex.show_program("sort_unique")
+
+# %%
+def my_sort_unique_circuit() -> tuple[list[str], list[str]]:
+    # SOLUTION
+    components = ["0.0", "MLP 0", "1.0"]          # SelectorWidth(smaller): head 0.0 + MLP 0; Aggregate: head 1.0
+    edges = [
+        "embed -> 0.0.q", "embed -> 0.0.k",       # smaller = Select(tokens, tokens, LT)
+        "embed -> 0.0.v",                         # SelectorWidth's head reads BOS in its value
+        "0.0 -> MLP 0", "embed -> MLP 0",         # SelectorWidth's MLP: the head's output and `one`
+        "MLP 0 -> 1.0.k", "pos -> 1.0.q",         # Select(target_pos, indices, EQ): keys first
+        "embed -> 1.0.v",                         # Aggregate(..., vals = tokens)
+        "1.0 -> logits",
+    ]
+    return components, edges
+    # END SOLUTION
+    # EXERCISE
+    # # YOUR CODE HERE: return (components, edges)
+    # raise NotImplementedError
+    # END EXERCISE
+
+# %%
+ex.check_circuit_prediction(my_sort_unique_circuit);
+
+# %% solution-only
+# the classic slip: Select's arguments read as (queries, keys)
+components, edges = my_sort_unique_circuit()
+swapped = {"MLP 0 -> 1.0.k": "MLP 0 -> 1.0.q", "pos -> 1.0.q": "pos -> 1.0.k"}
+ex.check_circuit_prediction(lambda: (components, [swapped.get(e, e) for e in edges]), record=False);
+
+# %% [markdown]
+# ## Exercise 10: when the method and the compiler disagree
+#
+# EXERCISE difficulty=3 importance=5 minutes=20 writes="what a method missed and added against the truth, and which reason the data support"
+#
+# Now run a method on a compiled model and compare. The cell below runs Algorithm 1 (circuitlib's,
+# alpha = 0.001, heads and MLPs, the KL over the output values at every position but BOS) on
+# *reverse*, the program of the Edge Pruning paper (length by `SelectorWidth`, then
+# `opp_index = length - indices - 1`, then an `Aggregate` of the tokens at `opp_index`; inputs of
+# 1 to 5 tokens), in three settings: mean ablation on the inputs of length 5 only (like the
+# language tasks' prompts of one length), zero ablation on the same inputs, and mean ablation on
+# every input of every length. It prints the true components and what each run keeps.
+#
+# **Task.** Write `my_diagnosis(ablation, data, truth, kept)` returning `(missed, extra, reason)`:
+# the true components the run did not keep, the kept ones that are not true, and the key of the
+# reason in `ex.DIAGNOSES` that explains the difference (`"none"` when there is none). The
+# checker compares your sets with the compiler's truth and your reason with what the runs' data
+# support; a wrong reason is told what speaks against it.
+#
+# HINT
+# Print `ex.DIAGNOSES`. For each run, ask what the ablation puts in place of a removed component.
+# END HINT
+#
+# HINT
+# On inputs that all have length 5, what is the length at every position, and what is
+# `opp_index` at position 2? What is their mean over the inputs?
+# END HINT
+
+# %%
+runs = ex.reverse_runs()
+for key, text in ex.DIAGNOSES.items():
+    print(f"{key:>14}: {text}")
+
+# %%
+def my_diagnosis(ablation: str, data: str, truth: list[str], kept: list[str]) -> tuple[list[str], list[str], str]:
+    # SOLUTION
+    missed, extra = sorted(set(truth) - set(kept)), sorted(set(kept) - set(truth))
+    if not missed and not extra:
+        return missed, extra, "none"
+    # inputs of one length: a mean reproduces whatever depends only on position and length, and
+    # without its head the length reads as the longest one
+    return missed, extra, "position-mean" if ablation == "mean" else "max-length"
+    # END SOLUTION
+    # EXERCISE
+    # # YOUR CODE HERE
+    # raise NotImplementedError
+    # END EXERCISE
+
+# %%
+ex.check_diagnosis(my_diagnosis);
+
+# %% solution-only
+# "the threshold is too large" is the reflex explanation; the walk's own numbers rule it out
+ex.check_diagnosis(lambda a, d, t, k: (sorted(set(t) - set(k)), sorted(set(k) - set(t)),
+                                       "threshold" if set(t) != set(k) else "none"), record=False);
+
+# %% [markdown] solution-only
+# The lesson transfers to the language tasks: with prompts of one template and position-wise
+# means, anything that depends only on the position (and the prompt's length) is invisible to
+# mean ablation, however important it is. The ground-truth chapter ({doc}`06a_ground_truth`)
+# measures this on every compiled program.
 
 # %% [markdown]
 # ## What passes, and what it cost

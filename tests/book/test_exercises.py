@@ -75,6 +75,20 @@ def timer(forward, warmup, repeats):
     return statistics.median(times)
 
 
+def sort_unique_circuit():  # read off the RASP source by hand, as a student would
+    components = ["0.0", "MLP 0", "1.0"]
+    edges = ["embed -> 0.0.q", "embed -> 0.0.k", "embed -> 0.0.v", "0.0 -> MLP 0", "embed -> MLP 0"]
+    edges += ["MLP 0 -> 1.0.k", "pos -> 1.0.q", "embed -> 1.0.v", "1.0 -> logits"]
+    return components, edges
+
+
+def diagnosis(ablation, data, truth, kept):
+    missed, extra = sorted(set(truth) - set(kept)), sorted(set(kept) - set(truth))
+    if not missed and not extra:
+        return missed, extra, "none"
+    return missed, extra, "position-mean" if ablation == "mean" else "max-length"
+
+
 CORRECT = [
     (ex.check_prune_decision, decision),
     (ex.check_kl, kl),
@@ -83,6 +97,8 @@ CORRECT = [
     (ex.check_head_parameter_count, head_params),
     (ex.check_accuracy, acc),
     (ex.check_timer, timer),
+    (ex.check_circuit_prediction, sort_unique_circuit),
+    (ex.check_diagnosis, diagnosis),
 ]
 
 
@@ -100,6 +116,8 @@ CHECKER_OF = {
     "my_head_parameters": ex.check_head_parameter_count,
     "my_accuracy": ex.check_accuracy,
     "my_timer": ex.check_timer,
+    "my_sort_unique_circuit": ex.check_circuit_prediction,
+    "my_diagnosis": ex.check_diagnosis,
 }
 
 
@@ -184,6 +202,27 @@ def timer_with_grad(forward, warmup, repeats):
     return (time.perf_counter() - t) / repeats
 
 
+def select_arguments_swapped():  # Select(keys, queries, ...) read as (queries, keys)
+    components, edges = sort_unique_circuit()
+    swap = {"MLP 0 -> 1.0.k": "MLP 0 -> 1.0.q", "pos -> 1.0.q": "pos -> 1.0.k"}
+    return components, [swap.get(e, e) for e in edges]
+
+
+def selector_width_as_one_head():  # SelectorWidth's MLP forgotten, with its edges
+    components, edges = sort_unique_circuit()
+    return [c for c in components if c != "MLP 0"], [e for e in edges if "MLP 0" not in e]
+
+
+def diagnosis_blames_alpha(ablation, data, truth, kept):
+    missed, extra, reason = diagnosis(ablation, data, truth, kept)
+    return missed, extra, "threshold" if reason != "none" else reason
+
+
+def diagnosis_one_reason_for_both(ablation, data, truth, kept):  # the mean's story told for zero ablation too
+    missed, extra, reason = diagnosis(ablation, data, truth, kept)
+    return missed, extra, "position-mean" if reason != "none" else reason
+
+
 WRONG = [
     (ex.check_prune_decision, lambda b, a, alpha: a - b <= alpha),  # <= instead of <
     (ex.check_prune_decision, lambda b, a, alpha: abs(a - b) < alpha),  # |delta|
@@ -200,6 +239,12 @@ WRONG = [
     (ex.check_timer, timer_with_grad),
     (ex.check_timer, timer_min),
     (ex.check_timer, timer_mean_after_warmup),
+    (ex.check_circuit_prediction, select_arguments_swapped),
+    (ex.check_circuit_prediction, selector_width_as_one_head),
+    (ex.check_circuit_prediction, lambda: ["0.0", "MLP 0", "1.0"]),  # components only, no edges
+    (ex.check_diagnosis, diagnosis_blames_alpha),
+    (ex.check_diagnosis, diagnosis_one_reason_for_both),
+    (ex.check_diagnosis, lambda a, d, t, k: ([], [], "none")),  # no look at what was kept
 ]
 
 
@@ -268,6 +313,37 @@ def test_a_crashing_solution_is_reported_not_raised(capsys):
     assert "AttributeError" in capsys.readouterr().out
 
 
+def test_wrong_answers_to_the_compiled_exercises_are_told_what_is_wrong_not_the_answer(capsys):
+    assert not ex.check_circuit_prediction(select_arguments_swapped, record=False)
+    out = capsys.readouterr().out
+    assert "you miss 2 (into 1.0.k, 1.0.q)" in out and "'pos -> 1.0.k'" in out
+    assert not ex.check_circuit_prediction(selector_width_as_one_head, record=False)
+    out = capsys.readouterr().out
+    assert "components: the compiler uses 3; you miss 1" in out and "MLP 0" not in out.split("hint:")[0]
+    assert not ex.check_diagnosis(diagnosis_blames_alpha, record=False)
+    assert "the metric did not rise at all when they were removed" in capsys.readouterr().out
+    assert not ex.check_diagnosis(diagnosis_one_reason_for_both, record=False)
+    assert "this run uses zero ablation" in capsys.readouterr().out
+
+
+def test_the_compiled_exercises_answers_come_from_the_compiler():
+    from circuitlib.models.compiled.compile import load_compiled
+    from circuitlib.models.compiled.truth import structural_edges, truth_components
+
+    c = load_compiled("sort_unique")
+    components, edges = ex.reference_sort_unique_circuit()
+    assert components == truth_components(c.info)
+    assert edges == structural_edges(c.info, c.model, bos_plumbing=False)
+    assert set(edges) == set(sort_unique_circuit()[1])  # the hand-read answer is the compiler's
+    runs = ex.reverse_runs(show=False)
+    assert [(r["ablation"], r["data"]) for r in runs] == [
+        ("mean", "length 5 only"),
+        ("zero", "length 5 only"),
+        ("mean", "every length"),
+    ]
+    assert [sorted(set(r["truth"]) - set(r["kept"])) for r in runs] == [["0.0", "MLP 0", "MLP 1", "MLP 2"], ["0.0"], []]
+
+
 # ------------------------------------------------------------------ the notebooks made from the one source
 
 REPO = Path(__file__).resolve().parents[2]
@@ -307,8 +383,8 @@ def test_the_chapter_is_what_the_source_makes_and_every_solution_passed_in_it():
 
 def test_every_exercise_is_rated_and_every_checker_has_its_exercise():
     found = mk.exercises()
-    assert [e.number for e in found] == list(range(1, 9))
-    assert [f"{e.number}. " for e in found] == [name[:3] for name in ex.EXERCISES]
+    assert [e.number for e in found] == list(range(1, len(ex.EXERCISES) + 1))
+    assert [f"{e.number}. " for e in found] == [name.split(". ")[0] + ". " for name in ex.EXERCISES]
     assert all(1 <= e.difficulty <= 5 and 1 <= e.importance <= 5 and e.minutes > 0 and e.writes for e in found)
 
 

@@ -269,6 +269,17 @@ def test_pooled_means_equal_per_length_means_weighted(compiled):
     assert torch.allclose(pooled.mlp[:, 0].double(), want, atol=1e-5)
 
 
+def test_edges_among_kept_components_are_the_structural_edges_between_them(compiled):
+    from circuitlib.pipeline.groundtruth import edges_among
+
+    c = compiled["reverse"]
+    wiring = truth.structural_edges(c.info, c.model, bos_plumbing=False)
+    assert edges_among(c, truth.truth_components(c.info)) == wiring
+    without = edges_among(c, ["0.0", "MLP 0", "MLP 2", "3.0"])  # MLP 1 gone: every edge into or out of it too
+    assert without == [e for e in wiring if "MLP 1" not in e]
+    assert edges_among(c, []) == []  # reverse has no edge from an embedding straight to the logits
+
+
 # ---- the command line --------------------------------------------------------------------------
 
 

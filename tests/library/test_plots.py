@@ -80,3 +80,46 @@ def test_roc_plot_curves_and_auc_labels():
 
 
 # ------------------------------------------------------------------ attention
+
+
+# ------------------------------------------------------------------ circuit graph (compiled models)
+
+GRAPH_COMPONENTS = ["0.0", "0.1", "MLP 0", "1.0", "1.1", "MLP 1"]
+GRAPH_TRUTH = ["0.0", "MLP 0", "1.1"]
+GRAPH_EDGES = ["embed -> 0.0.q", "pos -> 0.0.k", "0.0 -> MLP 0", "MLP 0 -> 1.1.v", "1.1 -> logits"]
+
+
+def test_circuit_graph_draws_the_truth_alone():
+    fig = plots.circuit_graph(GRAPH_COMPONENTS, GRAPH_TRUTH, GRAPH_EDGES)
+    assert len(fig.axes) == 1
+    truth = {f"node {n} truth" for n in ["0.0", "MLP 0", "1.1", "embed", "pos", "logits"]}
+    assert set(_cells(fig, "node ")) == truth | {"node 0.1 off", "node 1.0 off", "node MLP 1 off"}
+    assert sorted(g[len("edge ") :].rsplit(" ", 1)[0] for g in _cells(fig, "edge ")) == sorted(GRAPH_EDGES)
+    assert {g.rsplit(" ", 1)[1] for g in _cells(fig, "edge ")} == {"truth"}
+
+
+def test_circuit_graph_marks_hits_misses_and_extras():
+    found_nodes = ["MLP 0", "1.1", "1.0"]
+    found_edges = ["0.0 -> MLP 0", "MLP 0 -> 1.1.v", "1.1 -> logits", "embed -> 1.0.k"]
+    fig = plots.circuit_graph(GRAPH_COMPONENTS, GRAPH_TRUTH, GRAPH_EDGES, found_nodes, found_edges, title="found")
+    assert len(fig.axes) == 2 and fig.axes[1].get_title() == "found"
+    panel = [p.get_gid() for p in fig.axes[1].patches]
+    assert {"node 0.0 miss", "node MLP 0 hit", "node 1.1 hit", "node 1.0 extra", "node 0.1 off"} <= set(panel)
+    edges = {g[len("edge ") :].rsplit(" ", 1)[0]: g.rsplit(" ", 1)[1] for g in panel if g.startswith("edge ")}
+    assert edges == {
+        "embed -> 0.0.q": "miss",
+        "pos -> 0.0.k": "miss",
+        "0.0 -> MLP 0": "hit",
+        "MLP 0 -> 1.1.v": "hit",
+        "1.1 -> logits": "hit",
+        "embed -> 1.0.k": "extra",
+    }
+    legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert legend == ["in both (2 components, 3 edges)", "missed (1, 2)", "extra (1, 1)"]
+
+
+def test_circuit_graph_refuses_unknown_components_and_half_a_found_circuit():
+    with pytest.raises(ValueError, match="2.0 not among the model's components"):
+        plots.circuit_graph(GRAPH_COMPONENTS, GRAPH_TRUTH, GRAPH_EDGES + ["MLP 1 -> 2.0.q"])
+    with pytest.raises(ValueError, match="both found_components and found_edges"):
+        plots.circuit_graph(GRAPH_COMPONENTS, GRAPH_TRUTH, GRAPH_EDGES, found_components=["0.0"])
