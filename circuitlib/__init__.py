@@ -90,6 +90,7 @@ _API = {
     "deterministic_gates": "discovery.edges.graph",
     "expected_open": "discovery.edges.graph",
     "train_edges": "discovery.edges.train",
+    "EdgeConfig": "pipeline.edges",
     "run_edges": "pipeline.edges",
     "EdgeCircuit": "discovery.edges.train",
     "edge_logits": "discovery.edges.train",
@@ -100,7 +101,6 @@ _API = {
     "standalone_model": "discovery.edges.train",
     "binarize": "discovery.edges.train",
     "reread": "pipeline.edges",
-    "LEGACY_SETTINGS": "discovery.edges.train",
     # pipeline
     "ExtractionConfig": "pipeline.extraction",
     "run_extraction": "pipeline.extraction",
