@@ -94,6 +94,7 @@ _API = {
     "run_edges": "pipeline.edges",
     "EdgeCircuit": "discovery.edges.train",
     "edge_logits": "discovery.edges.train",
+    "corrupt": "discovery.edges.train",
     "edge_result": "pipeline.edges",
     "edge_result_path": "pipeline.edges",
     "gates_path": "pipeline.edges",
