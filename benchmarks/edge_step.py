@@ -70,15 +70,15 @@ def load(name: str):
 def step_seconds(model, tokens, repl, graph, repeats: int) -> list[tuple[float, float]]:
     """(wall, CPU) seconds of `repeats` training steps (after one untimed), as `train_edges` runs them."""
     gen = torch.Generator().manual_seed(0)
-    log_alpha = torch.full((graph.n_edges,), 3.0, requires_grad=True)
+    gate_logits = torch.full((graph.n_edges,), 3.0, requires_grad=True)
     with torch.no_grad():
         full = model(tokens, last_only=True)
 
     def step():
-        gates = sample_gates(log_alpha, gen)
+        gates = sample_gates(gate_logits, gen)
         loss = kl_loss(full, masked_logits(model, tokens, gates, repl, rows=torch.arange(len(tokens)), graph=graph))
         loss = loss + (1 - gates.mean()) ** 2  # a sparsity term's work (negligible)
-        log_alpha.grad = None
+        gate_logits.grad = None
         loss.backward()
 
     with _frozen(model):

@@ -328,40 +328,32 @@ def _edges(args) -> int:
 
     from circuitlib.core.io import check_out_dir
     from circuitlib.discovery.edges.train import check_sparsity
-    from circuitlib.pipeline.edges import run_edges
+    from circuitlib.pipeline.edges import EdgeConfig, run_edges
     from circuitlib.tasks import get_task
 
-    get_task(args.task)  # an unknown name or a bad task file: refused first
+    task = get_task(args.task)  # an unknown name or a bad task file: refused first
     target = check_sparsity(args.target_sparsity, "--target-sparsity")
     node_target = (
         None
         if args.node_target_sparsity is None
         else check_sparsity(args.node_target_sparsity, "--node-target-sparsity")
     )
-    for flag, value, low in (
-        ("--steps", args.steps, 1),
-        ("--n", args.n, 1),
-        ("--batch-size", args.batch_size, 1),
-        ("--warmup", args.warmup, 1),
-    ):
-        if value is not None and value < low:
-            raise ValueError(f"{flag} must be a positive number, got {value}")
-    for flag, value in (("--lr", args.lr), ("--reg-lr", args.reg_lr)):
-        if not value > 0:
-            raise ValueError(f"{flag} must be a number > 0, got {value}")
-    if args.warmup is not None and args.warmup > args.steps:
-        raise ValueError(
-            f"--warmup {args.warmup} is longer than the run (--steps {args.steps}); give at most "
-            f"{args.steps}, or leave it out (5/6 of the steps)"
-        )
-    n = args.n if args.n is not None else get_task(args.task).default_n
-    if args.batch_size is None:
-        args.batch_size = 32  # the authors' batch; train_edges takes all prompts if fewer
-    elif args.batch_size > n:
-        raise ValueError(
-            f"--batch-size {args.batch_size} is larger than the {n} prompts a step draws from (--n); "
-            f"lower --batch-size to at most {n}, or raise --n"
-        )
+    n = args.n if args.n is not None else task.default_n
+    # the authors' batch of 32, or all the prompts if fewer; every other setting is checked by EdgeConfig
+    batch_size = args.batch_size if args.batch_size is not None else min(32, n) if n > 0 else 32
+    config = EdgeConfig(
+        args.task,
+        target,
+        args.steps,
+        ablation=args.ablation,
+        seed=args.seed,
+        n=n,
+        batch_size=batch_size,
+        lr=args.lr,
+        reg_lr=args.reg_lr,
+        warmup=args.warmup,
+        node_target_sparsity=node_target,
+    )
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -371,21 +363,7 @@ def _edges(args) -> int:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {args.device!r} is not supported; use cpu or cuda")
     check_out_dir(Path(args.out), args.force)
-    run = run_edges(
-        args.model,
-        args.task,
-        target_sparsity=target,
-        steps=args.steps,
-        ablation=args.ablation,
-        seed=args.seed,
-        n=args.n,
-        lr=args.lr,
-        reg_lr=args.reg_lr,
-        warmup=args.warmup,
-        batch_size=args.batch_size,
-        node_target_sparsity=node_target,
-        device=str(device),
-    )
+    run = run_edges(args.model, config, device=str(device))
     out = run.save(args.out, force=args.force)
     r, m = run.result, run.result.metrics
     if args.json:

@@ -13,14 +13,15 @@
 
 The recipe (--sparsity-term, --clip-grad-norm, --readout, --kv-readers) defaults to the authors'
 (`circuitlib.discovery.edges.train`); --legacy asks for circuitlib's recipe before issue 28, the one the
-chapter's committed results were trained with (`LEGACY_SETTINGS`), so that they resolve.
+chapter's committed results were trained with (`EdgeConfig.legacy`), so that they resolve.
 
 Two cores, two trainings at once: start one process per core with disjoint --targets (say
 `--targets 0.9 0.98` and `--targets 0.95 0.99`), each with --threads 1. A result another process
 is training is skipped (its .lock), not trained twice.
 
-The defaults are the chapter's parameters. Each result is `circuitlib.pipeline.edges.edge_result`:
-a JSON file <out-dir>/<task>-<ablation>-seed<S>-n<N>-bs<B>-steps<K>-target<T>.json, which the
+The defaults are the chapter's parameters. Each result is `circuitlib.pipeline.edges.edge_result` of
+an `EdgeConfig`: a JSON file <out-dir>/<task>-<ablation>-seed<S>-n<N>-bs<B>-steps<K>-target<T>[-<recipe>].json
+(`edge_result_path`), which the
 chapter reads instead of training. A result already there is kept (and checked against these
 settings); a missing one is trained, with its state saved every --checkpoint-every steps to the
 same name ending in .ckpt, so the script can be killed at any time and started again: it goes on
@@ -37,9 +38,9 @@ from pathlib import Path
 import torch
 
 from circuitlib.discovery.edges.graph import KV_READERS
-from circuitlib.discovery.edges.train import LEGACY_SETTINGS, READOUTS, SPARSITY_TERMS, ResultInProgress, check_sparsity
+from circuitlib.discovery.edges.train import READOUTS, SPARSITY_TERMS, ResultInProgress, check_sparsity
 from circuitlib.models.loading import check_device, load_model
-from circuitlib.pipeline.edges import edge_result, edge_result_path
+from circuitlib.pipeline.edges import EdgeConfig, edge_result, edge_result_path
 from circuitlib.tasks import get_task
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,50 +117,39 @@ def main(argv: list[str] | None = None) -> int:
         help="circuitlib's recipe before issue 28 (the chapter's committed results); overrides the four above",
     )
     args = p.parse_args(argv)
-    recipe = dict(
-        sparsity_term=args.sparsity_term,
-        clip_grad_norm=args.clip_grad_norm,
-        readout=args.readout,
-        kv_readers=args.kv_readers,
-    )
-    if args.legacy:
-        recipe = {k: LEGACY_SETTINGS[k] for k in recipe} | {"split_embedding": LEGACY_SETTINGS["split_embedding"]}
-
     try:
         device = check_device(args.device)
         task = get_task(args.task).name
+        settings = dict(ablation=args.ablation, seed=args.seed, n=args.n, batch_size=args.batch_size)
+        if args.legacy:
+            configs = [EdgeConfig.legacy(task, t, args.steps, **settings) for t in args.targets]
+        else:
+            recipe = dict(
+                sparsity_term=args.sparsity_term,
+                clip_grad_norm=args.clip_grad_norm,
+                readout=args.readout,
+                kv_readers=args.kv_readers,
+            )
+            configs = [EdgeConfig(task, t, args.steps, **settings, **recipe) for t in args.targets]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    settings = dict(
-        steps=args.steps, ablation=args.ablation, seed=args.seed, n=args.n, batch_size=args.batch_size, **recipe
-    )
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, device=device)
-    missing = [
-        t
-        for t in args.targets
-        if not edge_result_path(args.out_dir, task, target_sparsity=t, **settings, model=model).exists()
-    ]
-    print(f"{len(args.targets) - len(missing)} of {len(args.targets)} results already in {args.out_dir}")
+    missing = [c for c in configs if not edge_result_path(args.out_dir, c, model).exists()]
+    print(f"{len(configs) - len(missing)} of {len(configs)} results already in {args.out_dir}")
     if not missing:
         return 0
-    for t in args.targets:
-        path = edge_result_path(args.out_dir, task, target_sparsity=t, **settings, model=model)
+    for config in configs:
+        t = config.target_sparsity
+        path = edge_result_path(args.out_dir, config, model)
         checkpoint = path.with_suffix(".ckpt")
         state = "kept" if path.exists() else "resuming from its checkpoint" if checkpoint.exists() else "training"
         print(f"target {t:g}: {path.name} ({state})", flush=True)
         started = time.perf_counter()
         try:
             result = edge_result(
-                args.out_dir,
-                model,
-                tokenizer,
-                task,
-                target_sparsity=t,
-                **settings,
-                checkpoint_every=args.checkpoint_every,
-                progress=True,
+                args.out_dir, model, tokenizer, config, checkpoint_every=args.checkpoint_every, progress=True
             )
         except ResultInProgress as e:
             print(f"target {t:g}: skipped, {e}", flush=True)

@@ -9,9 +9,10 @@ and `reread` reads a stored training's gates again with another read-off, withou
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +21,10 @@ import torch
 from circuitlib.core.io import atomic_write
 from circuitlib.core.metrics import accuracy, kl_divergence
 from circuitlib.core.model import Transformer
-from circuitlib.core.resumable import (  # noqa: F401
-    ResultInProgress,
-    load_checkpoint,
-    result_lock,
-    save_checkpoint,
-    tokens_digest,
-)
+from circuitlib.core.resumable import ResultInProgress, computed_once  # noqa: F401 (edge_result raises it)
 from circuitlib.discovery.edges.graph import (
+    GATE_FILE_KEYS,
+    KV_READERS,
     REPLACEMENTS,
     EdgeGraph,
     edges_among,
@@ -36,11 +33,10 @@ from circuitlib.discovery.edges.graph import (
     make_replacement,
     node_circuit,
 )
-
-# (ResultInProgress: edge_result raises it; importable from here)
 from circuitlib.discovery.edges.train import (
     LEGACY_SETTINGS,
     RESULT_FILE,
+    SPARSITY_TERMS,
     EdgeCircuit,
     EdgeTraining,
     ReadOff,
@@ -83,27 +79,144 @@ class EdgeRun:
         return write_folder(out_dir, force, fill)
 
 
+@dataclass(frozen=True)
+class EdgeConfig:
+    """The settings of one Edge Pruning training, nanoGPT's `GPTConfig` style: with the model's name,
+    they are what a result records as "settings", what `edge_result` checks a stored result against,
+    and what `edge_result_path` names its file after. Checked when made, so a config that exists is
+    one that can run. The model is given beside it (a name to `run_edges`, a loaded model to
+    `edge_result`), and so are the device and the checkpointing, which do not change the result.
+
+    task:                 a built-in task or a .jsonl/.csv task file
+    target_sparsity:      edge target, in [0, 2) (above 1 pushes harder, as the authors' sweeps)
+    steps:                training steps (the authors' 3000)
+    ablation:             what a closed edge passes: "mean", "zero" or "corrupted" (see `run_edges`)
+    seed, n:              of the prompts (n per split; None: the task's default) and of the gates
+    batch_size:           prompts per step, at most n (the authors' 32)
+    lr, reg_lr:           learning rates of the gates and of the Lagrange multipliers (> 0)
+    warmup, lr_warmup:    steps of the target's ramp and of the learning rates' (None: `train_edges`'
+                          fractions of `steps`)
+    node_target_sparsity: also gate nodes, with this target in [0, 1) (None: edges only)
+    weight_decay:         AdamW's, for the gates and the multipliers (>= 0)
+    sparsity_term, clip_grad_norm: see `train_edges`; readout: see `binarize`
+    kv_readers, split_embedding: the graph (`graph_for`; split_embedding None: the model's default)
+
+    The defaults are the authors' recipe; `EdgeConfig.legacy` gives circuitlib's before issue 28.
+    """
+
+    task: str
+    target_sparsity: float
+    steps: int
+    ablation: str = "mean"
+    seed: int = 0
+    n: int | None = None
+    batch_size: int = 32
+    lr: float = 0.8
+    reg_lr: float = 0.8
+    warmup: int | None = None
+    node_target_sparsity: float | None = None
+    weight_decay: float = 0.01
+    lr_warmup: int | None = None
+    sparsity_term: str = "sampled"
+    clip_grad_norm: float | None = 1.0
+    readout: str = "authors"
+    kv_readers: str = "per-kv-head"
+    split_embedding: bool | None = None
+
+    def __post_init__(self):
+        def whole(name: str, low: int = 1, none_ok: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and none_ok:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                what = "a positive whole number" if low == 1 else f"a whole number >= {low}"
+                raise ValueError(f"{name} must be {what}{' or None' if none_ok else ''}, got {value!r}")
+
+        def number(name: str, positive: bool) -> None:
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or (value <= 0 if positive else value < 0):
+                raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+        object.__setattr__(self, "task", os.fspath(self.task))
+        object.__setattr__(self, "target_sparsity", check_sparsity(self.target_sparsity, "target_sparsity"))
+        if self.node_target_sparsity is not None:
+            node = check_sparsity(self.node_target_sparsity, "node_target_sparsity")
+            object.__setattr__(self, "node_target_sparsity", node)
+        whole("steps")
+        whole("seed", low=0)
+        whole("n", none_ok=True)
+        whole("batch_size")
+        whole("warmup", none_ok=True)
+        whole("lr_warmup", low=0, none_ok=True)
+        for name in ("lr", "reg_lr"):
+            number(name, positive=True)
+        number("weight_decay", positive=False)
+        if self.ablation not in REPLACEMENTS:
+            raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {', '.join(REPLACEMENTS)}")
+        if self.n is not None and self.batch_size > self.n:
+            raise ValueError(
+                f"batch_size {self.batch_size} is larger than the {self.n} prompts a step draws from (n); "
+                f"lower batch_size to at most {self.n}, or raise n"
+            )
+        if self.warmup is not None and self.warmup > self.steps:
+            raise ValueError(
+                f"warmup {self.warmup} is longer than the run (steps {self.steps}); give at most {self.steps}, "
+                "or None (5/6 of the steps)"
+            )
+        if self.lr_warmup is not None and self.lr_warmup >= self.steps:
+            raise ValueError(f"lr_warmup must be below steps ({self.steps}), got {self.lr_warmup}")
+        if self.sparsity_term not in SPARSITY_TERMS:
+            raise ValueError(f"unknown sparsity_term {self.sparsity_term!r}; choose one of {', '.join(SPARSITY_TERMS)}")
+        if self.clip_grad_norm is not None:
+            number("clip_grad_norm", positive=True)
+        check_readout(self.readout, self.target_sparsity)
+        if self.kv_readers not in KV_READERS:
+            raise ValueError(f"unknown kv_readers {self.kv_readers!r}; choose one of {', '.join(KV_READERS)}")
+        if self.split_embedding is not None and not isinstance(self.split_embedding, bool):
+            raise ValueError(f"split_embedding must be True, False or None, got {self.split_embedding!r}")
+
+    @classmethod
+    def legacy(cls, task: str, target_sparsity: float, steps: int, **settings) -> EdgeConfig:
+        """circuitlib's recipe before issue 28 (`LEGACY_SETTINGS`: the "expected" sparsity term, no
+        clipping, the forced-count read-off, per-query-head K/V readers, one embedding writer), the
+        one the chapter's committed results were trained with; `settings` as in `EdgeConfig`."""
+        return cls(task, target_sparsity, steps, **(LEGACY_SETTINGS | settings))
+
+    @classmethod
+    def of(cls, settings: dict) -> EdgeConfig:
+        """The config of a result's recorded settings (`EdgeCircuit.settings`; what it records besides
+        the config's fields, the model, device and times, is left out). A record that lacks a field
+        (one made before that setting existed, with another optimiser) is refused, naming it."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        missing = [k for k in fields if k not in settings]
+        if missing:
+            raise ValueError(f"these settings lack {', '.join(missing)}: not a training an EdgeConfig describes")
+        return cls(**{k: settings[k] for k in fields})
+
+    def replace(self, **changes) -> EdgeConfig:
+        """This config with some settings changed (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    def resolved(self, model: Transformer) -> EdgeConfig:
+        """This config as it runs on `model`: the task by the name it resolves to, n and
+        split_embedding filled in from the task and the model."""
+        from circuitlib.tasks import get_task
+
+        task = get_task(self.task)
+        split = graph_for(model, self.kv_readers, self.split_embedding).split_embedding
+        return self.replace(task=task.name, n=self.n or task.default_n, split_embedding=split)
+
+    def settings(self, model: Transformer) -> dict:
+        """The settings a result of this config on `model` records and is checked by: the model's
+        name and the resolved config's fields."""
+        return {"model": model.cfg.name, **dataclasses.asdict(self.resolved(model))}
+
+
 def run_edges(
     model_name: str,
-    task_name: str,
+    config: EdgeConfig,
     *,
-    target_sparsity: float,
-    steps: int,
-    ablation: str = "mean",
-    seed: int = 0,
-    n: int | None = None,
-    lr: float = 0.8,
-    reg_lr: float = 0.8,
-    warmup: int | None = None,
-    batch_size: int = 32,
-    node_target_sparsity: float | None = None,
-    weight_decay: float = 0.01,
-    lr_warmup: int | None = None,
-    sparsity_term: str = "sampled",
-    clip_grad_norm: float | None = 1.0,
-    readout: str = "authors",
-    kv_readers: str = "per-kv-head",
-    split_embedding: bool | None = None,
     device: str | None = None,
     progress: bool = True,
     loaded=None,
@@ -111,13 +224,11 @@ def run_edges(
     checkpoint_every: int = 50,
 ) -> EdgeRun:
     """Load a model and a task, train edge gates on the validation split (the split Algorithm 1
-    decides on), read off the circuit, prune the model to its nodes, and measure both.
+    decides on), read off the circuit, prune the model to its nodes, and measure both, as `config` says.
 
-    ablation: 'mean' (patching-split means), 'zero', or 'corrupted' (each prompt paired with its
+    config.ablation: 'mean' (patching-split means), 'zero', or 'corrupted' (each prompt paired with its
               corrupted version, `corrupt`); the standalone model replaces removed nodes by
               their means under 'mean' and 'corrupted' (it has no corrupted input), by zero under 'zero'
-    sparsity_term, clip_grad_norm: see `train_edges`; readout: see `binarize`;
-    kv_readers, split_embedding: the graph (`edges.graph_for`)
     `loaded`: an already loaded (model, tokenizer) pair.
     checkpoint_path, checkpoint_every: make the training resumable (see `train_edges`).
     """
@@ -125,19 +236,18 @@ def run_edges(
     from circuitlib.models.loading import load_model
     from circuitlib.tasks import get_task
 
-    target = check_sparsity(target_sparsity)
-    if ablation not in REPLACEMENTS:
-        raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(REPLACEMENTS)}")
-    check_readout(readout, target)
-    task = get_task(task_name)
+    if not isinstance(config, EdgeConfig):
+        raise TypeError(f"config must be an EdgeConfig, got {type(config).__name__}")
+    task = get_task(config.task)
     model, tokenizer = loaded if loaded is not None else load_model(model_name)
     if device is not None:
         model = model.to(device)
     dev = model.W_E.device
-    n = n or task.default_n
-    graph = graph_for(model, kv_readers, split_embedding)
-    data = task.generate(tokenizer, n=n, seed=seed)
-    fixed, per_prompt = edges_memory(model.cfg, n, batch_size, data.validation.tokens.shape[1], ablation)
+    c = config.resolved(model)
+    n, batch_size = c.n, c.batch_size
+    graph = graph_for(model, c.kv_readers, c.split_embedding)
+    data = task.generate(tokenizer, n=n, seed=c.seed)
+    fixed, per_prompt = edges_memory(model.cfg, n, batch_size, data.validation.tokens.shape[1], c.ablation)
     check_fits(
         dev,
         per_prompt,
@@ -148,59 +258,40 @@ def run_edges(
     )
     # an allocation that fails all the same ends as one error naming an --n that should fit
     with out_of_memory_as_error(dev, per_prompt, fixed, n, f"Edge Pruning ({model.cfg.name}, batch {batch_size})"):
-        repls, means = _replacements(model, data, ablation, graph)
+        repls, means = _replacements(model, data, c.ablation, graph)
         training = train_edges(
             model,
             data.validation.tokens,
             repls["validation"],
-            target_sparsity=target,
-            steps=steps,
-            node_target_sparsity=node_target_sparsity,
-            lr=lr,
-            reg_lr=reg_lr,
-            warmup=warmup,
+            target_sparsity=c.target_sparsity,
+            steps=c.steps,
+            node_target_sparsity=c.node_target_sparsity,
+            lr=c.lr,
+            reg_lr=c.reg_lr,
+            warmup=c.warmup,
             batch_size=batch_size,
-            seed=seed,
-            weight_decay=weight_decay,
-            lr_warmup=lr_warmup,
-            sparsity_term=sparsity_term,
-            clip_grad_norm=clip_grad_norm,
+            seed=c.seed,
+            weight_decay=c.weight_decay,
+            lr_warmup=c.lr_warmup,
+            sparsity_term=c.sparsity_term,
+            clip_grad_norm=c.clip_grad_norm,
             graph=graph,
             progress=progress,
             checkpoint_path=checkpoint_path,
             checkpoint_every=checkpoint_every,
         )
         started = time.perf_counter()
-        read = binarize(graph, training.log_alpha, target, training.node_log_alpha, readout=readout)
-        pruned, metrics = _measure(model, task, data, graph, read, repls, means, ablation)
+        read = binarize(graph, training.gate_logits, c.target_sparsity, training.node_gate_logits, readout=c.readout)
+        pruned, metrics = _measure(model, task, data, graph, read, repls, means, c.ablation)
     metrics |= {
         "training_seconds": training.seconds,
-        "seconds_per_step": training.seconds / steps,
+        "seconds_per_step": training.seconds / c.steps,
         "training_cpu_seconds": training.cpu_seconds,  # None when unknown (see EdgeTraining)
         "torch_threads": torch.get_num_threads(),  # of the process that finished the training
         "readout_seconds": time.perf_counter() - started,
     }
-    settings = {
-        "model": model.cfg.name,
-        "task": task.name,
-        "target_sparsity": target,
-        "steps": steps,
-        "ablation": ablation,
-        "standalone_scheme": "zero" if ablation == "zero" else "mean",
-        "seed": seed,
-        "n": n,
-        "lr": lr,
-        "reg_lr": reg_lr,
-        "warmup": warmup,
-        "batch_size": batch_size,
-        "node_target_sparsity": node_target_sparsity,
-        "weight_decay": weight_decay,
-        "lr_warmup": lr_warmup,
-        "sparsity_term": sparsity_term,
-        "clip_grad_norm": clip_grad_norm,
-        "readout": readout,
-        "kv_readers": kv_readers,
-        "split_embedding": graph.split_embedding,
+    settings = config.settings(model) | {
+        "standalone_scheme": "zero" if c.ablation == "zero" else "mean",
         "train_split": "validation",
         "device": str(dev),
     }
@@ -287,7 +378,7 @@ def reread(result_path: str | os.PathLike, model: Transformer, tokenizer, *, rea
     task = get_task(st["task"])
     data = task.generate(tokenizer, n=st["n"], seed=st["seed"])
     repls, means = _replacements(model, data, st["ablation"], graph)
-    read = binarize(graph, gates["log_alpha"], st["target_sparsity"], gates["node_log_alpha"], readout=readout)
+    read = binarize(graph, gates["gate_logits"], st["target_sparsity"], gates["node_gate_logits"], readout=readout)
     _, metrics = _measure(model, task, data, graph, read, repls, means, st["ablation"])
     kept = {k: v for k, v in stored.metrics.items() if k not in metrics}
     return EdgeCircuit(
@@ -301,75 +392,35 @@ def reread(result_path: str | os.PathLike, model: Transformer, tokenizer, *, rea
     )
 
 
-# Settings that make two edge results the same result (the device and the seconds do not).
-RESULT_SETTINGS = (
-    "model",
-    "task",
-    "target_sparsity",
-    "steps",
-    "ablation",
-    "seed",
-    "n",
-    "lr",
-    "reg_lr",
-    "warmup",
-    "batch_size",
-    "node_target_sparsity",
-    "weight_decay",
-    "lr_warmup",
-    "sparsity_term",
-    "clip_grad_norm",
-    "readout",
-    "kv_readers",
-    "split_embedding",
-)
-
-
-# What circuitlib did before these settings existed: a stored result without one was made so.
-def edge_result_path(
-    out_dir: str | os.PathLike,
-    task_name: str,
-    *,
-    target_sparsity: float,
-    steps: int,
-    ablation: str = "mean",
-    seed: int = 0,
-    n: int | None = None,
-    batch_size: int = 32,
-    node_target_sparsity: float | None = None,
-    sparsity_term: str = "sampled",
-    clip_grad_norm: float | None = 1.0,
-    readout: str = "authors",
-    kv_readers: str = "per-kv-head",
-    split_embedding: bool | None = None,
-    model: Transformer | None = None,
-) -> Path:
-    """Where `edge_result` keeps a run:
+def edge_result_path(out_dir: str | os.PathLike, config: EdgeConfig, model: Transformer | None = None) -> Path:
+    """Where `edge_result` keeps the result of `config`:
     <out_dir>/<task>-<ablation>-seed<S>-n<N>-bs<B>-steps<K>-target<T>[-nodes<NT>][-<recipe>].json
     (N: the task's default when None); its training checkpoint is the same name ending in .ckpt.
     The recipe names each of sparsity_term, clip_grad_norm, readout, kv_readers and
-    split_embedding that differs from `LEGACY_SETTINGS`, so that the names of results made
-    before these settings existed still resolve: e.g. "-sampled-clip1-authors-kv" for the defaults
-    on a grouped-K/V model. Given the `model`, the graph parts follow its shape (no "-kv" where
-    its K/V heads are not grouped, "-splitembed" by default where it has position embeddings);
-    without it, split_embedding=None counts as False."""
+    split_embedding that differs from `LEGACY_SETTINGS` (`EdgeConfig.legacy`), so that the names of
+    results made before these settings existed still resolve: e.g. "-sampled-clip1-authors-kv" for
+    the defaults on a grouped-K/V model. Given the `model`, the graph parts follow its shape (no
+    "-kv" where its K/V heads are not grouped, "-splitembed" by default where it has position
+    embeddings); without it, split_embedding=None counts as False."""
     from circuitlib.tasks import get_task
 
+    c = config
+    kv_readers, split_embedding = c.kv_readers, c.split_embedding
     if model is not None:
         split_embedding = graph_for(model, kv_readers, split_embedding).split_embedding
         if model.cfg.n_kv_heads == model.cfg.n_heads:
             kv_readers = LEGACY_SETTINGS["kv_readers"]  # both graphs are one
-    task = get_task(task_name)
-    target = check_sparsity(target_sparsity)
-    name = f"{task.name}-{ablation}-seed{seed}-n{n or task.default_n}-bs{batch_size}-steps{steps}-target{target:g}"
-    if node_target_sparsity is not None:
-        name += f"-nodes{check_sparsity(node_target_sparsity, 'node target sparsity'):g}"
-    if sparsity_term != LEGACY_SETTINGS["sparsity_term"]:
-        name += f"-{sparsity_term}"
-    if clip_grad_norm is not None:
-        name += f"-clip{clip_grad_norm:g}"
-    if readout != LEGACY_SETTINGS["readout"]:
-        name += f"-{readout}"
+    task = get_task(c.task)
+    name = f"{task.name}-{c.ablation}-seed{c.seed}-n{c.n or task.default_n}-bs{c.batch_size}-steps{c.steps}"
+    name += f"-target{c.target_sparsity:g}"
+    if c.node_target_sparsity is not None:
+        name += f"-nodes{c.node_target_sparsity:g}"
+    if c.sparsity_term != LEGACY_SETTINGS["sparsity_term"]:
+        name += f"-{c.sparsity_term}"
+    if c.clip_grad_norm is not None:
+        name += f"-clip{c.clip_grad_norm:g}"
+    if c.readout != LEGACY_SETTINGS["readout"]:
+        name += f"-{c.readout}"
     if kv_readers != LEGACY_SETTINGS["kv_readers"]:
         name += "-kv"
     if split_embedding:
@@ -381,139 +432,51 @@ def edge_result(
     out_dir: str | os.PathLike,
     model: Transformer,
     tokenizer,
-    task_name: str,
+    config: EdgeConfig,
     *,
-    target_sparsity: float,
-    steps: int,
-    ablation: str = "mean",
-    seed: int = 0,
-    n: int | None = None,
-    batch_size: int = 32,
-    lr: float = 0.8,
-    reg_lr: float = 0.8,
-    warmup: int | None = None,
-    node_target_sparsity: float | None = None,
-    weight_decay: float = 0.01,
-    lr_warmup: int | None = None,
-    sparsity_term: str = "sampled",
-    clip_grad_norm: float | None = 1.0,
-    readout: str = "authors",
-    kv_readers: str = "per-kv-head",
-    split_embedding: bool | None = None,
     device: str | None = None,
     progress: bool = True,
     checkpoint_every: int = 50,
 ) -> EdgeCircuit:
-    """The Edge Pruning result of these settings, as data: read from `edge_result_path` when it
-    is there, else computed by `run_edges` on the loaded (`model`, `tokenizer`) and saved there
-    (atomically) before it is returned, with its final gate locations beside it (`gates_path`).
-    While it computes, it holds the file lock <name>.lock (removed when done): another process
-    asking for the same result meanwhile gets `ResultInProgress` (a ValueError) instead of
-    training it a second time; a file that appears there during the training anyway (copied
-    from another machine) is kept, with a warning.
+    """The Edge Pruning result of `config` on the loaded (`model`, `tokenizer`), as data: the one
+    settings-checked cache (`core.resumable.computed_once`) at `edge_result_path`. A stored result
+    made with these settings (`EdgeConfig.settings`) is read; one made with others (lr, say, which
+    the name leaves out) is refused, one ValueError naming each difference, and never replaced;
+    otherwise `run_edges` computes it and it is saved there (atomically), with its final gate
+    locations beside it (`gates_path`), before it is returned. While it computes, the file lock
+    <name>.lock is held: another process asking for the same result gets `ResultInProgress`.
 
     The training checkpoints to the same name ending in .ckpt, so a computation cut off (a killed
-    process, the end of a session) continues where it stopped when asked again. A stored result
-    made with other settings (lr, say, which the name leaves out) is never replaced: a ValueError
-    names the differences. Results made before issue 28 are asked for with their settings
-    (`LEGACY_SETTINGS`: sparsity_term="expected", clip_grad_norm=None, readout="forced-count",
-    kv_readers="per-query-head", split_embedding=False).
+    process, the end of a session) continues where it stopped when asked again. Results made before
+    issue 28 are asked for with `EdgeConfig.legacy`.
     """
-    from circuitlib.tasks import get_task
+    path = edge_result_path(out_dir, config, model)
 
-    task = get_task(task_name)
-    check_readout(readout, check_sparsity(target_sparsity))
-    split_embedding = graph_for(model, kv_readers, split_embedding).split_embedding
-    recipe = dict(
-        sparsity_term=sparsity_term,
-        clip_grad_norm=clip_grad_norm,
-        readout=readout,
-        kv_readers=kv_readers,
-        split_embedding=split_embedding,
-    )
-    path = edge_result_path(
-        out_dir,
-        task.name,
-        target_sparsity=target_sparsity,
-        steps=steps,
-        ablation=ablation,
-        seed=seed,
-        n=n,
-        batch_size=batch_size,
-        node_target_sparsity=node_target_sparsity,
-        **recipe,
-        model=model,
-    )
-    asked = {
-        "model": model.cfg.name,
-        "task": task.name,
-        "target_sparsity": check_sparsity(target_sparsity),
-        "steps": steps,
-        "ablation": ablation,
-        "seed": seed,
-        "n": n or task.default_n,
-        "lr": lr,
-        "reg_lr": reg_lr,
-        "warmup": warmup,
-        "batch_size": batch_size,
-        "node_target_sparsity": node_target_sparsity,
-        "weight_decay": weight_decay,
-        "lr_warmup": lr_warmup,
-        **recipe,
-    }
-
-    def stored() -> EdgeCircuit:
-        result = EdgeCircuit.load_json(path)
-        differ = [
-            f"{k} {result.settings.get(k)!r} (stored) vs {asked[k]!r} (asked)"
-            for k in RESULT_SETTINGS
-            if result.settings.get(k) != asked[k]
-        ]
-        if differ:
-            raise ValueError(
-                f"{path} holds a result of other settings: {'; '.join(differ)}; ask for its settings, "
-                "or give another out_dir (or delete the file to recompute it)"
-            )
-        return result
-
-    if path.exists():
-        return stored()
-    # one process per result: a second one (another worker, a second edge_runs.py) is refused, not run twice
-    with result_lock(path, "wait for it, or ask for other settings (scripts/edge_runs.py: other --targets)"):
-        if path.exists():  # finished by the process that held the lock a moment ago
-            return stored()
-        run = run_edges(
+    def compute() -> EdgeRun:
+        return run_edges(
             model.cfg.name,
-            task.name,
-            target_sparsity=target_sparsity,
-            steps=steps,
-            ablation=ablation,
-            seed=seed,
-            n=n,
-            lr=lr,
-            reg_lr=reg_lr,
-            warmup=warmup,
-            batch_size=batch_size,
-            node_target_sparsity=node_target_sparsity,
-            weight_decay=weight_decay,
-            lr_warmup=lr_warmup,
-            **recipe,
+            config,
             device=device,
             progress=progress,
             loaded=(model, tokenizer),
             checkpoint_path=path.with_suffix(".ckpt"),
             checkpoint_every=checkpoint_every,
         )
-        if path.exists():  # arrived meanwhile from elsewhere (another machine's copy): kept, not replaced
-            warnings.warn(
-                f"{path} appeared while this process trained the same settings; the file there is kept "
-                "and returned, this training's result is dropped",
-                stacklevel=2,
-            )
-            return stored()
+
+    def write(path: Path, run: EdgeRun) -> None:
         save_gates(gates_path(path), run.training)  # before the JSON: a result always has its gates
         run.result.save_json(path)
-        return run.result
+
+    found = computed_once(
+        path,
+        config.settings(model),
+        compute=compute,
+        read=EdgeCircuit.load_json,
+        write=write,
+        settings_of=lambda result: result.settings,
+        busy_hint="wait for it, or ask for other settings (scripts/edge_runs.py: other --targets)",
+    )
+    return found if isinstance(found, EdgeCircuit) else found.result
 
 
 def gates_path(result_path: str | os.PathLike) -> Path:
@@ -522,15 +485,15 @@ def gates_path(result_path: str | os.PathLike) -> Path:
 
 
 def save_gates(path: str | os.PathLike, training: EdgeTraining) -> Path:
-    """The final gate locations (log_alpha [n_edges], node_log_alpha [n_nodes] or None), atomically.
-    A few hundred kB for the stand-in (123,211 float32): what the binary circuit was cut from."""
-    state = {
-        "log_alpha": training.log_alpha.detach().cpu().float(),
-        "node_log_alpha": None if training.node_log_alpha is None else training.node_log_alpha.detach().cpu().float(),
-    }
+    """The final gate locations (gate_logits [n_edges], node_gate_logits [n_nodes] or None), atomically,
+    under the file keys the authors' names give them (`GATE_FILE_KEYS`: "log_alpha", "node_log_alpha"),
+    as every gate file before them. A few hundred kB for the stand-in: what the binary circuit was cut from."""
+    gates = {"gate_logits": training.gate_logits, "node_gate_logits": training.node_gate_logits}
+    state = {GATE_FILE_KEYS[k]: None if v is None else v.detach().cpu().float() for k, v in gates.items()}
     return atomic_write(Path(path), lambda p: torch.save(state, p))
 
 
 def load_gates(path: str | os.PathLike) -> dict:
-    """`save_gates`' file: {"log_alpha": [n_edges], "node_log_alpha": [n_nodes] or None}."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """`save_gates`' file: {"gate_logits": [n_edges], "node_gate_logits": [n_nodes] or None}."""
+    stored = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: stored[key] for k, key in GATE_FILE_KEYS.items()}

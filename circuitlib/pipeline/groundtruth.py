@@ -285,7 +285,14 @@ EMBED_NAMES = {"tok_embed": "embed", "pos_embed": "pos"}  # graph writers -> the
 
 @dataclass(frozen=True)
 class EdgeSettings:
-    """Edge Pruning settings for one compiled program (see the module docstring)."""
+    """Edge Pruning settings for one compiled program (see the module docstring).
+
+    Not `circuitlib.pipeline.edges.EdgeConfig`, which configures a training on a text task: a Tracr
+    program's training reads every output position of every input of one length (`length`, `loss`),
+    is read off at the authors' fixed deterministic threshold (`threshold`) rather than at the
+    training's own sparsity, and follows the authors' per-program Tracr schedules; the knobs both
+    share (target, lr, reg_lr, steps, warmups, batch size, ablation) are `train_edges`' own. Its
+    fields name the saved runs (`edge_run_path`)."""
 
     length: int  # input tokens (without BOS); every input of this length is the data
     target: float  # edge target sparsity
@@ -344,17 +351,17 @@ def truth_edge_name(graph: EdgeGraph, e: int) -> str:
 
 def threshold_readoff(
     graph: EdgeGraph,
-    log_alpha: torch.Tensor,
-    node_log_alpha: torch.Tensor | None = None,
+    gate_logits: torch.Tensor,
+    node_gate_logits: torch.Tensor | None = None,
     threshold: float = EDGE_THRESHOLD,
 ) -> tuple[list[int], list[str]]:
     """The authors' Tracr read-off: (kept edges, closed nodes). An edge is kept if its deterministic
     gate (per parameter tensor, `deterministic_mask`) exceeds `threshold` and its writer's node gate
     (if any) does too (their `get_edges`); nothing else is removed."""
-    kept = (deterministic_mask(log_alpha.cpu(), graph.groups) > threshold).nonzero().flatten().tolist()
+    kept = (deterministic_mask(gate_logits.cpu(), graph.groups) > threshold).nonzero().flatten().tolist()
     closed = []
-    if node_log_alpha is not None:
-        node_mask = deterministic_mask(node_log_alpha.cpu(), node_groups(graph))
+    if node_gate_logits is not None:
+        node_mask = deterministic_mask(node_gate_logits.cpu(), node_groups(graph))
         closed = [n for n, m in zip(graph.nodes, node_mask.tolist()) if not m > threshold]
     return [e for e in kept if graph.writers[graph.edges[e][0]] not in closed], closed
 
@@ -427,7 +434,7 @@ def edge_pruning(compiled: Compiled, seed: int = 0, settings: EdgeSettings | Non
         all_positions=True,
         loss_fn=EDGE_LOSSES[s.loss],
     )
-    kept, closed = threshold_readoff(graph, training.log_alpha, training.node_log_alpha, s.threshold)
+    kept, closed = threshold_readoff(graph, training.gate_logits, training.node_gate_logits, s.threshold)
     found = [truth_edge_name(graph, e) for e in kept]  # computation order
     gates = gates_from_edges(model, kept, graph)
 

@@ -19,6 +19,7 @@ from circuitlib.tasks.builtin import TaskSplit, ioi_subject_tokens, letter_token
 
 STANDARD_METRICS = {
     "ioi": "logit difference, indirect object - subject",
+    "ioi-mixed": "logit difference, indirect object - subject",  # IOI's, on both orders and many templates
     "greater-than": "probability difference, later - not later years",
     "acronyms": "logit difference, right letter - best other letter",
 }
@@ -31,7 +32,7 @@ the corrupted-prompt-free measure in the same units as IOI's (logits, additive i
 stream), and is positive exactly when the model prefers the right letter to every other letter.
 """
 
-LOGIT_METRICS = ("ioi", "acronyms")  # measures in logits: a constant, certain answer has none
+LOGIT_METRICS = ("ioi", "ioi-mixed", "acronyms")  # measures in logits: a constant, certain answer has none
 
 
 def standard_metric_name(task) -> str:
@@ -49,7 +50,7 @@ def standard_metric(task, tokenizer, split: TaskSplit, last_logits: torch.Tensor
             f"last_logits must be [n, vocab] with n = {len(split)} (the last position only); "
             f"got {list(last_logits.shape)}"
         )
-    if task.name == "ioi":
+    if task.name in ("ioi", "ioi-mixed"):
         return logit_difference(last_logits, split.answers, ioi_subject_tokens(tokenizer, split))
     if task.name == "greater-than":
         return probability_difference(last_logits, split.candidates, split.accepted)

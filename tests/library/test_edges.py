@@ -39,7 +39,7 @@ from circuitlib.discovery.edges.train import (
     train_edges,
 )
 from circuitlib.discovery.greedy import extract
-from circuitlib.pipeline.edges import edge_result, edge_result_path, gates_path, load_gates, run_edges
+from circuitlib.pipeline.edges import EdgeConfig, edge_result, edge_result_path, gates_path, load_gates, run_edges
 from circuitlib.tasks import get_task
 
 
@@ -218,17 +218,17 @@ def test_training_is_reproducible_and_reaches_the_target(arch, models, data, mea
     a = train_edges(model, validation, r, seed=3, **kw)
     b = train_edges(model, validation, r, seed=3, **kw)
     c = train_edges(model, validation, r, seed=4, **kw)
-    assert a.curve == b.curve and torch.equal(a.log_alpha, b.log_alpha)
-    assert not torch.equal(a.log_alpha, c.log_alpha)
+    assert a.curve == b.curve and torch.equal(a.gate_logits, b.gate_logits)
+    assert not torch.equal(a.gate_logits, c.gate_logits)
     assert set(a.curve) >= {"loss", "kl", "edge_sparsity", "target", "lambda1"} and len(a.curve["kl"]) == 12
     assert all(p.requires_grad for p in model.parameters())  # the model is left as it was
     g = graph_for(model)
-    read = binarize(g, a.log_alpha, 0.8, readout="forced-count")  # circuitlib's read-off before issue 28
+    read = binarize(g, a.gate_logits, 0.8, readout="forced-count")  # circuitlib's read-off before issue 28
     assert 0 < len(read.edges) <= 0.2 * g.n_edges
     assert remove_dead(g, read.edges)[0] == read.edges  # nothing dead left
     # node gates: trained alongside, with their own target
     d = train_edges(model, validation, r, seed=3, node_target_sparsity=0.5, **kw)
-    assert d.node_log_alpha.shape == (len(g.nodes),) and "node_sparsity" in d.curve
+    assert d.node_gate_logits.shape == (len(g.nodes),) and "node_sparsity" in d.curve
 
 
 def test_no_gate_freezes_beyond_the_sparsity_gradient():
@@ -252,9 +252,9 @@ def test_the_optimizer_is_the_authors(models, data, means):
     assert plain.curve["lr"] == pytest.approx(
         [0.8 * s / 3 for s in range(3)] + [0.8 * (12 - s) / 9 for s in range(3, 12)]
     )
-    assert plain.log_alpha.min() > 5  # started at 10: the gradient alone moved them little
+    assert plain.gate_logits.min() > 5  # started at 10: the gradient alone moved them little
     decayed = train_edges(model, validation, r, weight_decay=1 / 0.8, **kw)  # lr x decay = 1 at the peak
-    assert decayed.log_alpha.abs().max() < 3.5
+    assert decayed.gate_logits.abs().max() < 3.5
     for bad in (-1, 12, 2.5):
         with pytest.raises(ValueError, match="lr_warmup must be a whole number of steps"):
             train_edges(model, validation, r, target_sparsity=0.5, steps=12, lr_warmup=bad)
@@ -323,7 +323,7 @@ def test_cli_writes_a_complete_run_folder(run_dir):
     assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")]  # no temporary left
     result = EdgeCircuit.load_json(run_dir / "edges.json")
     assert result.edges == record["edges"] and result.nodes == record["nodes"]
-    assert load_gates(run_dir / "edges.gates.pt")["log_alpha"].shape == (record["n_edges_total"],)
+    assert load_gates(run_dir / "edges.gates.pt")["gate_logits"].shape == (record["n_edges_total"],)
 
 
 def graph_for_tiny_gpt2_edges():
@@ -349,14 +349,14 @@ def test_cli_pruned_model_is_the_node_circuit(run_dir):
     "args, message",
     [
         (["--target-sparsity", "2.5"], "--target-sparsity must be a number in [0, 2)"),
-        (["--steps", "0"], "--steps must be a positive number"),
-        (["--n", "0"], "--n must be a positive number"),
-        (["--lr", "0"], "--lr must be a number > 0"),
+        (["--steps", "0"], "steps must be a positive whole number"),
+        (["--n", "0"], "n must be a positive whole number"),
+        (["--lr", "0"], "lr must be a finite number > 0"),
         (["--device", "tpu"], "--device"),
         (["--model", "gpt3"], "unknown model"),
-        (["--batch-size", "9"], "--batch-size 9 is larger than the 8 prompts a step draws from (--n)"),
-        (["--n", None, "--batch-size", "151"], "--batch-size 151 is larger than the 150 prompts"),  # IOI's default n
-        (["--warmup", "3"], "--warmup 3 is longer than the run (--steps 2)"),
+        (["--batch-size", "9"], "batch_size 9 is larger than the 8 prompts a step draws from (n)"),
+        (["--n", None, "--batch-size", "151"], "batch_size 151 is larger than the 150 prompts"),  # IOI's default n
+        (["--warmup", "3"], "warmup 3 is longer than the run (steps 2)"),
         (["--node-target-sparsity", "1"], "(the fraction of nodes removed)"),
     ],
 )
@@ -465,26 +465,18 @@ def without_times(result):
 
 @pytest.mark.parametrize("ablation, node_target", [("mean", None), ("mean", 0.5), ("corrupted", None)])
 def test_a_cut_off_training_resumes_to_the_uninterrupted_result(tiny, tmp_path, ablation, node_target):
-    kw = dict(
-        target_sparsity=0.9,
-        steps=9,
-        ablation=ablation,
-        n=8,
-        batch_size=4,
-        seed=1,
-        progress=False,
-        node_target_sparsity=node_target,
-        loaded=tiny,
-    )
-    whole = run_edges("tiny-gpt2", "ioi", **kw)
+    config = EdgeConfig("ioi", 0.9, 9, ablation=ablation, n=8, batch_size=4, seed=1, node_target_sparsity=node_target)
+    kw = dict(progress=False, loaded=tiny)
+    whole = run_edges("tiny-gpt2", config, **kw)
     checkpoint = tmp_path / "run.ckpt"
     with cut_at_step(6), pytest.raises(Cut):  # steps 1-5 done, the last checkpoint after 4
-        run_edges("tiny-gpt2", "ioi", checkpoint_path=checkpoint, checkpoint_every=2, **kw)
-    assert torch.load(checkpoint, weights_only=True)["step"] == 4
-    resumed = run_edges("tiny-gpt2", "ioi", checkpoint_path=checkpoint, checkpoint_every=2, **kw)
-    assert torch.equal(resumed.training.log_alpha, whole.training.log_alpha)
+        run_edges("tiny-gpt2", config, checkpoint_path=checkpoint, checkpoint_every=2, **kw)
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["step"] == 4 and "log_alpha" in saved and "gate_logits" not in saved  # the file keys of old
+    resumed = run_edges("tiny-gpt2", config, checkpoint_path=checkpoint, checkpoint_every=2, **kw)
+    assert torch.equal(resumed.training.gate_logits, whole.training.gate_logits)
     if node_target is not None:
-        assert torch.equal(resumed.training.node_log_alpha, whole.training.node_log_alpha)
+        assert torch.equal(resumed.training.node_gate_logits, whole.training.node_gate_logits)
     assert resumed.training.curve == whole.training.curve and len(resumed.training.curve["step"]) == 9
     assert without_times(resumed.result) == without_times(whole.result)
     assert not checkpoint.exists()  # deleted once the training is done
@@ -533,20 +525,16 @@ def test_an_edge_result_is_computed_once_then_read(tiny, tmp_path, monkeypatch):
     import circuitlib.pipeline.edges as edges_train
 
     model, tokenizer = tiny
-    kw = dict(target_sparsity=0.9, steps=4, n=8, batch_size=4, progress=False)
-    first = edge_result(tmp_path, model, tokenizer, "ioi", **kw)
+    config = EdgeConfig("ioi", 0.9, 4, n=8, batch_size=4)
+    first = edge_result(tmp_path, model, tokenizer, config, progress=False)
     path = tmp_path / "ioi-mean-seed0-n8-bs4-steps4-target0.9-sampled-clip1-authors-splitembed.json"
-    assert (
-        edge_result_path(
-            tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")}, model=model
-        )
-        == path
-    )
+    assert edge_result_path(tmp_path, config, model) == path
     gates = gates_path(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, gates.name])  # no checkpoint, no temporary
-    # the stored gate locations are the ones the binary circuit was cut from
-    log_alpha = load_gates(gates)["log_alpha"]
-    read = binarize(graph_for(model), log_alpha)
+    # the stored gate locations are the ones the binary circuit was cut from, under the authors' file key
+    assert set(torch.load(gates, weights_only=True)) == {"log_alpha", "node_log_alpha"}
+    gate_logits = load_gates(gates)["gate_logits"]
+    read = binarize(graph_for(model), gate_logits)
     assert [graph_for(model).edge_name(e) for e in read.edges] == first.edges and read.nodes == first.nodes
     assert read.threshold == first.threshold
 
@@ -554,9 +542,14 @@ def test_an_edge_result_is_computed_once_then_read(tiny, tmp_path, monkeypatch):
         raise AssertionError("a stored result was computed again")
 
     monkeypatch.setattr(edges_train, "run_edges", no_training)
-    assert edge_result(tmp_path, model, tokenizer, "ioi", **kw).to_dict() == first.to_dict()
-    with pytest.raises(ValueError, match=r"holds a result of other settings: lr 0.8 \(stored\) vs 0.5 \(asked\)"):
-        edge_result(tmp_path, model, tokenizer, "ioi", lr=0.5, **kw)
+    assert edge_result(tmp_path, model, tokenizer, config, progress=False).to_dict() == first.to_dict()
+    for other, difference in (
+        (config.replace(lr=0.5), "lr: 0.8 there, 0.5 asked"),
+        (config.replace(weight_decay=0.0), "weight_decay: 0.01 there, 0.0 asked"),
+        (config.replace(warmup=2), "warmup: None there, 2 asked"),
+    ):  # settings the file name leaves out: the one cache (core.resumable.computed_once) refuses them
+        with pytest.raises(ValueError, match=rf"holds a result of other settings \({difference}\)"):
+            edge_result(tmp_path, model, tokenizer, other, progress=False)
     assert EdgeCircuit.load_json(path).to_dict() == first.to_dict()  # never overwritten
 
 
@@ -564,15 +557,13 @@ def test_a_result_in_training_is_refused_to_a_second_process(tiny, tmp_path):
     from filelock import FileLock
 
     model, tokenizer = tiny
-    kw = dict(target_sparsity=0.9, steps=4, n=8, batch_size=4, progress=False)
-    path = edge_result_path(
-        tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")}, model=model
-    )
+    config = EdgeConfig("ioi", 0.9, 4, n=8, batch_size=4)
+    path = edge_result_path(tmp_path, config, model)
     with FileLock(path.with_suffix(".lock")):  # as a first process holds it while it trains
         with pytest.raises(ResultInProgress, match="another process is computing .*target0.9-.*json"):
-            edge_result(tmp_path, model, tokenizer, "ioi", **kw)
+            edge_result(tmp_path, model, tokenizer, config, progress=False)
         assert not path.exists() and not path.with_suffix(".ckpt").exists()
-    edge_result(tmp_path, model, tokenizer, "ioi", **kw)  # a lock file left by a killed process does not block
+    edge_result(tmp_path, model, tokenizer, config, progress=False)  # a lock left by a killed process does not block
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, gates_path(path).name])
 
 
@@ -581,10 +572,8 @@ def test_a_result_that_arrives_during_training_is_kept(tiny, tmp_path, monkeypat
     import circuitlib.pipeline.edges as edges_train
 
     model, tokenizer = tiny
-    kw = dict(target_sparsity=0.9, steps=4, n=8, batch_size=4, progress=False)
-    path = edge_result_path(
-        tmp_path, "ioi", **{k: kw[k] for k in ("target_sparsity", "steps", "n", "batch_size")}, model=model
-    )
+    config = EdgeConfig("ioi", 0.9, 4, n=8, batch_size=4)
+    path = edge_result_path(tmp_path, config, model)
     real = edges_train.run_edges
 
     def trained_while_a_copy_arrives(*args, **kwargs):
@@ -593,8 +582,8 @@ def test_a_result_that_arrives_during_training_is_kept(tiny, tmp_path, monkeypat
         return run
 
     monkeypatch.setattr(edges_train, "run_edges", trained_while_a_copy_arrives)
-    with pytest.warns(UserWarning, match="appeared while this process trained"):
-        kept = edge_result(tmp_path, model, tokenizer, "ioi", **kw)
+    with pytest.warns(UserWarning, match="appeared while this process computed"):
+        kept = edge_result(tmp_path, model, tokenizer, config, progress=False)
     assert kept.threshold == -1.0 == EdgeCircuit.load_json(path).threshold  # the arrived file, unchanged
 
 
@@ -602,15 +591,7 @@ def test_a_result_that_arrives_during_training_is_kept(tiny, tmp_path, monkeypat
 def test_the_rebuilt_standalone_model_is_the_runs(tiny, tmp_path, ablation):
     model, tokenizer = tiny
     run = run_edges(
-        "tiny-gpt2",
-        "ioi",
-        target_sparsity=0.8,
-        steps=4,
-        ablation=ablation,
-        n=8,
-        batch_size=4,
-        progress=False,
-        loaded=tiny,
+        "tiny-gpt2", EdgeConfig("ioi", 0.8, 4, ablation=ablation, n=8, batch_size=4), progress=False, loaded=tiny
     )
     assert run.result.metrics["torch_threads"] == torch.get_num_threads()  # timings carry their thread count
     run.result.save_json(tmp_path / "edges.json")

@@ -200,7 +200,7 @@ def test_split_embedding_edges_are_exact(models, data):
 def test_the_authors_readoff_by_hand():
     """One layer, one head: 8 edges in 5 of the authors' parameter tensors.
 
-    edge  writer -> reader   log_alpha  tensor
+    edge  writer -> reader   gate_logits  tensor
     0     embed -> 0.0.q        10      q       P(closed) ~ 0: no zero; value sigmoid(12) ~ 1
     1     embed -> 0.0.k       -10      k       P(closed) ~ 1: one zero
     2     embed -> 0.0.v         0      v       P(closed) = sigmoid(2/3 log(1/11)) = 0.168: rounds to no zero; 0.5
@@ -227,7 +227,7 @@ def test_the_authors_readoff_by_hand():
     assert read.training_sparsity == pytest.approx(1 - (3 * s12 + 0.5 + s24) / 8, abs=1e-6)
     assert read.n_thresholded == 5
     assert read.edges == [3, 5, 7] and read.nodes == ["MLP 0"]
-    assert read.threshold == 0.0  # the smallest kept log_alpha (edge 2)
+    assert read.threshold == 0.0  # the smallest kept gate_logits (edge 2)
     # the forced count keeps (1 - target) x 8 edges after dead-node removal, whatever the training chose
     forced = binarize(g, la, 0.75, readout="forced-count")
     assert len(forced.edges) <= 2 and forced.training_sparsity is None

@@ -221,6 +221,23 @@ def test_standard_metrics_of_the_three_tasks_read_the_right_tokens():
     assert standard_metric_name(get_task("ioi")).startswith("logit difference")
 
 
+def test_the_mixed_ioi_task_is_measured_by_ioi_logit_difference_in_both_orders():
+    """ioi-mixed (ABBA and BABA, many templates): the subject read off the prompt's words, whatever the order."""
+    from circuitlib.tasks.builtin import IOI_NAMES
+    from circuitlib.tasks.measures import LOGIT_METRICS, standard_metric, standard_metric_name
+
+    tok = gpt2_tokenizer()
+    task = get_task("ioi-mixed")
+    split = task.generate(tok, 8, seed=0).test
+    logits = torch.zeros(len(split), len(tok))
+    for i, (prompt, io) in enumerate(zip(split.prompts, split.answers.tolist())):
+        words = {w.strip(".,") for w in prompt.split()}
+        (subject,) = {w for w in words if w in IOI_NAMES} - {tok.decode(io).strip()}
+        logits[i, io], logits[i, tok.encode(" " + subject)[0]] = 3.0, 1.0 + i
+    assert standard_metric(task, tok, split, logits).tolist() == [2.0 - i for i in range(len(split))]
+    assert standard_metric_name(task) == standard_metric_name(get_task("ioi")) and task.name in LOGIT_METRICS
+
+
 def test_standard_metric_of_a_task_file_is_accuracy(tmp_path):
     from circuitlib.tasks.files import load_task_file
     from circuitlib.tasks.measures import standard_metric, standard_metric_name

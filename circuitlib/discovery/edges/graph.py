@@ -643,48 +643,52 @@ def count_edges(graph: EdgeGraph, nodes: Iterable[str]) -> int:
     return len(edges_among(graph, nodes))
 
 
-def expected_open(log_alpha: torch.Tensor) -> torch.Tensor:
+def expected_open(gate_logits: torch.Tensor) -> torch.Tensor:
     """P(gate > 0) of hard-concrete gates (their expected L0 norm), elementwise."""
-    return torch.sigmoid(log_alpha - BETA * math.log(-LEFT / RIGHT))
+    return torch.sigmoid(gate_logits - BETA * math.log(-LEFT / RIGHT))
 
 
-def expected_closed(log_alpha: torch.Tensor) -> torch.Tensor:
+def expected_closed(gate_logits: torch.Tensor) -> torch.Tensor:
     """P(gate = 0) = 1 - `expected_open`, elementwise, computed directly: in float32,
     1 - sigmoid(x) rounds to exactly 0 (and so does its gradient) once x > 16.6, which would
     leave a gate that drifted there with no gradient to close it; sigmoid(-x) keeps both."""
-    return torch.sigmoid(BETA * math.log(-LEFT / RIGHT) - log_alpha)
+    return torch.sigmoid(BETA * math.log(-LEFT / RIGHT) - gate_logits)
 
 
-# Hard-concrete gates (Louizos et al. 2018): a stretched, clipped binary concrete variable.
+# Hard-concrete gates (Louizos et al. 2018): a stretched, clipped binary concrete variable. A gate's
+# location, `gate_logits` here, is the logit of its open probability before the stretch: the authors'
+# and Louizos et al.'s `log_alpha` (the key gate files and checkpoints store it under, `GATE_FILE_KEYS`).
 BETA, LEFT, RIGHT = 2 / 3, -0.1, 1.1
+# names in code -> keys in gate files and training checkpoints (the authors' names; every file keeps them)
+GATE_FILE_KEYS = {"gate_logits": "log_alpha", "node_gate_logits": "node_log_alpha"}
 
 
-def sample_gates(log_alpha: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device).clamp(1e-6, 1 - 1e-6)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+def sample_gates(gate_logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    u = torch.rand(gate_logits.shape, generator=generator, device=gate_logits.device).clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + gate_logits) / BETA)
     return (s * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
 
 
-def deterministic_gates(log_alpha: torch.Tensor) -> torch.Tensor:
-    return (torch.sigmoid(log_alpha) * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
+def deterministic_gates(gate_logits: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(gate_logits) * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
 
 
 # The authors' deterministic gate (Edge-Pruning src/modeling/l0.py, `deterministic_z_from_log_alpha`).
 SOFT_FACTOR, CDF_EPS = 0.8, 1e-6
 
 
-def deterministic_mask(log_alpha: torch.Tensor, groups: Iterable[tuple[int, int]] | None = None) -> torch.Tensor:
+def deterministic_mask(gate_logits: torch.Tensor, groups: Iterable[tuple[int, int]] | None = None) -> torch.Tensor:
     """The gates' deterministic values in [0, 1], as the authors evaluate them, per group [n].
 
-    In each group (one of the authors' parameter tensors; `EdgeGraph.groups`; all of `log_alpha`
+    In each group (one of the authors' parameter tensors; `EdgeGraph.groups`; all of `gate_logits`
     if None) the expected number of closed gates, round(sum of P(gate = 0)), is counted; that many
-    of the group's gates with the smallest `log_alpha` are set to 0, the others to
-    sigmoid(0.8 log_alpha / beta). P(gate = 0) is clipped to [1e-6, 1 - 1e-6] as theirs is.
+    of the group's gates with the smallest `gate_logits` are set to 0, the others to
+    sigmoid(0.8 gate_logits / beta). P(gate = 0) is clipped to [1e-6, 1 - 1e-6] as theirs is.
     """
-    log_alpha = log_alpha.detach().float()
-    out = torch.empty_like(log_alpha)
-    for start, size in groups if groups is not None else [(0, log_alpha.numel())]:
-        la = log_alpha[start : start + size]
+    gate_logits = gate_logits.detach().float()
+    out = torch.empty_like(gate_logits)
+    for start, size in groups if groups is not None else [(0, gate_logits.numel())]:
+        la = gate_logits[start : start + size]
         closed = expected_closed(la).clamp(CDF_EPS, 1 - CDF_EPS)
         n_zeros = int(torch.round(size - (1 - closed).sum()).item())
         soft = torch.sigmoid(la / BETA * SOFT_FACTOR)

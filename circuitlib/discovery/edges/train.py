@@ -1,8 +1,9 @@
 """Edge Pruning, part two: train the gates, read off a circuit, make a standalone model of it.
 
 Every edge (and, optionally, every node) gets a hard-concrete gate (Louizos et al. 2018) with a
-learned location `log_alpha`. Each training step samples the gates, runs the masked model of
-`circuitlib.discovery.edges.graph` on a batch of prompts and minimises
+learned location `gate_logits` (the authors' and Louizos et al.'s `log_alpha`). Each training step
+samples the gates, runs the masked model of `circuitlib.discovery.edges.graph` on a batch of
+prompts and minimises
 
     KL(f || masked) + lambda1 (t - s) + lambda2 (t - s)^2
 
@@ -22,7 +23,7 @@ the default:
   multipliers keep pushing.
 - AdamW with its default weight decay (0.01) at learning rate 0.8 for the gates and the
   multipliers alike, warmed up linearly over 1/15 of the steps (their 200 of 3000) and decayed
-  linearly to 0; the weight decay pulls every `log_alpha` back towards 0, which keeps gates from
+  linearly to 0; the weight decay pulls every gate logit back towards 0, which keeps gates from
   freezing open (chapter 06b shows a run without it).
 - gradients clipped to norm 1.0 over all trained parameters (gates and multipliers together),
   as their Hugging Face Trainer does by default (`clip_grad_norm`).
@@ -34,7 +35,7 @@ the default:
 **Deviations that remain**, and why:
 - Their deterministic gates are computed per parameter tensor, and their tensors also hold
   entries for writers a reader cannot see (the [n_writers, n_heads] padding). Those take no
-  gradient, weight decay draws them to log_alpha ~ 0, and each then adds ~0.17 to the tensor's
+  gradient, weight decay draws them to gate_logits ~ 0, and each then adds ~0.17 to the tensor's
   expected number of zeros, so a few more low gates are zeroed there. circuitlib has no padding
   entries; its tensors (`EdgeGraph.groups`) hold the real edges only.
 - Their evaluation counts every thresholded edge; circuitlib then drops edges of nodes that
@@ -58,7 +59,7 @@ nodes, more than the edge circuit, so its KL differs from the edge circuit's; th
 measured and reported (`conversion_kl_change`). `reread` reads a stored training's gates off
 again with another read-off, without training.
 
-Seeded and reproducible: the gate noise and the initial `log_alpha` come from a generator seeded
+Seeded and reproducible: the gate noise and the initial `gate_logits` come from a generator seeded
 with `seed` on the model's device, the batches from one on the cpu.
 
 Resumable: with a `checkpoint_path`, the training saves its whole state every `checkpoint_every`
@@ -67,7 +68,7 @@ again with the same settings continues from it, to exactly the result of an unin
 `edge_result` keeps finished runs as JSON files named after their settings, so that a long run
 is data: computed once (`scripts/edge_runs.py`, in the background), read afterwards. Results
 made before issue 28 keep their names and load with the settings they were made with
-(`LEGACY_SETTINGS`).
+(`LEGACY_SETTINGS`; asked for with `circuitlib.pipeline.edges.EdgeConfig.legacy`).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ from circuitlib.core.resumable import (  # noqa: F401
     tokens_digest,
 )
 from circuitlib.discovery.edges.graph import (
+    GATE_FILE_KEYS,
     EdgeGraph,
     Replacement,
     check_full,
@@ -180,8 +182,8 @@ def _frozen(model: Transformer):
 class EdgeTraining:
     """Trained gate locations and the training curve (one entry per step)."""
 
-    log_alpha: torch.Tensor  # [n_edges]
-    node_log_alpha: torch.Tensor | None  # [n_nodes] or None (no node gates)
+    gate_logits: torch.Tensor  # [n_edges]
+    node_gate_logits: torch.Tensor | None  # [n_nodes] or None (no node gates)
     curve: dict = field(default_factory=dict)  # step, loss, kl, edge_sparsity, target, lambda1, lambda2, ...
     seconds: float = 0.0  # wall clock, checkpointed runs included
     cpu_seconds: float | None = None  # CPU time of the training; None if it resumed from a checkpoint
@@ -218,7 +220,7 @@ def train_edges(
     repl:             the replacement (`edges.make_replacement`); a corrupted one is paired row by row
     warmup:           steps over which the target ramps from 0 (default: 5/6 of `steps`, as the authors)
     batch_size:       prompts per step (all of them if fewer)
-    init:             initial log_alpha (the authors' 10: every gate open, its samples almost always 1)
+    init:             initial gate_logits (the authors' 10: every gate open, its samples almost always 1)
     weight_decay:     AdamW's decoupled weight decay, for the gates and the multipliers (the authors' 0.01)
     sparsity_term:    "sampled" (the authors'): s = 1 - the mean of this step's sampled edge gates;
                       "expected": s = the mean P(edge gate = 0) (circuitlib before issue 28)
@@ -271,12 +273,12 @@ def train_edges(
         raise ValueError(f"the corrupted replacement has {repl.values.shape[1]} prompts, the training set {n}")
     gen = torch.Generator(device=dev).manual_seed(seed)
     batch_gen = torch.Generator(device="cpu").manual_seed(seed)
-    log_alpha = (init + 0.01 * torch.randn(g.n_edges, generator=gen, device=dev)).requires_grad_(True)
-    params = [log_alpha]
-    node_log_alpha = None
+    gate_logits = (init + 0.01 * torch.randn(g.n_edges, generator=gen, device=dev)).requires_grad_(True)
+    params = [gate_logits]
+    node_gate_logits = None
     if node_target is not None:
-        node_log_alpha = (init + 0.01 * torch.randn(len(g.nodes), generator=gen, device=dev)).requires_grad_(True)
-        params.append(node_log_alpha)
+        node_gate_logits = (init + 0.01 * torch.randn(len(g.nodes), generator=gen, device=dev)).requires_grad_(True)
+        params.append(node_gate_logits)
         edge_writer = torch.tensor([w for w, _ in g.edges], device=dev)
     lambdas = torch.zeros(4, device=dev, requires_grad=True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -288,14 +290,14 @@ def train_edges(
             return step / lr_warmup
         return (steps - step) / max(1, steps - lr_warmup)
 
-    def sparsities(log_alpha, node_log_alpha, gates, node_gates):
+    def sparsities(gate_logits, node_gate_logits, gates, node_gates):
         """(edge sparsity, node sparsity or None) that the Lagrangian pushes to the targets."""
         if sparsity_term == "sampled":  # the authors': 1 - mean of the sampled gates
             return 1 - gates.mean(), None if node_gates is None else 1 - node_gates.mean()
-        q_edge = expected_closed(log_alpha)  # [n_edges] P(edge gate = 0)
-        if node_log_alpha is None:
+        q_edge = expected_closed(gate_logits)  # [n_edges] P(edge gate = 0)
+        if node_gate_logits is None:
             return q_edge.mean(), None
-        q_node = expected_closed(node_log_alpha)
+        q_node = expected_closed(node_gate_logits)
         q_writer = torch.cat([torch.zeros(1, device=dev), q_node])[edge_writer]  # the embedding has no gate
         return (q_edge + q_writer - q_edge * q_writer).mean(), q_node.mean()  # P(edge or writer closed)
 
@@ -331,10 +333,10 @@ def train_edges(
     saved = load_checkpoint(checkpoint_path, settings)
     if saved is not None:
         with torch.no_grad():
-            log_alpha.copy_(saved["log_alpha"])
+            gate_logits.copy_(saved[GATE_FILE_KEYS["gate_logits"]])
             lambdas.copy_(saved["lambdas"])
-            if node_log_alpha is not None:
-                node_log_alpha.copy_(saved["node_log_alpha"])
+            if node_gate_logits is not None:
+                node_gate_logits.copy_(saved[GATE_FILE_KEYS["node_gate_logits"]])
         opt.load_state_dict(saved["opt"])
         reg_opt.load_state_dict(saved["reg_opt"])
         gen.set_state(saved["gen"])
@@ -352,8 +354,10 @@ def train_edges(
             settings,
             {
                 "step": steps_done,
-                "log_alpha": log_alpha.detach().cpu(),
-                "node_log_alpha": None if node_log_alpha is None else node_log_alpha.detach().cpu(),
+                GATE_FILE_KEYS["gate_logits"]: gate_logits.detach().cpu(),
+                GATE_FILE_KEYS["node_gate_logits"]: (
+                    None if node_gate_logits is None else node_gate_logits.detach().cpu()
+                ),
                 "lambdas": lambdas.detach().cpu(),
                 "opt": opt.state_dict(),
                 "reg_opt": reg_opt.state_dict(),
@@ -379,8 +383,8 @@ def train_edges(
                 rows = torch.randperm(n, generator=batch_gen, device="cpu")[:batch_size].to(dev)
             batch = tokens if rows is None else tokens[rows]
             ramp = min(1.0, (step + 1) / warmup)
-            gates = sample_gates(log_alpha, gen)
-            node_gates = None if node_log_alpha is None else sample_gates(node_log_alpha, gen)
+            gates = sample_gates(gate_logits, gen)
+            node_gates = None if node_gate_logits is None else sample_gates(node_gate_logits, gen)
             logits = masked_logits(
                 model,
                 batch,
@@ -392,10 +396,10 @@ def train_edges(
                 all_positions=all_positions,
             )
             kl = loss_fn(full if rows is None else full[rows], logits)
-            s_edge, s_node = sparsities(log_alpha, node_log_alpha, gates, node_gates)
+            s_edge, s_node = sparsities(gate_logits, node_gate_logits, gates, node_gates)
             gap = ramp * target - s_edge
             lagrangian = lambdas[0] * gap + lambdas[1] * gap**2
-            if node_log_alpha is not None:
+            if node_gate_logits is not None:
                 gap_n = ramp * node_target - s_node
                 lagrangian = lagrangian + lambdas[2] * gap_n + lambdas[3] * gap_n**2
             loss = kl + lagrangian
@@ -421,7 +425,7 @@ def train_edges(
                 ("lr", lr * lr_factor(step)),
             ):
                 curve[k].append(v)
-            if node_log_alpha is not None:
+            if node_gate_logits is not None:
                 curve["node_sparsity"].append(s_node.item())
                 curve["node_target"].append(ramp * node_target)
             bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.4f}", sparsity=f"{sparsity:.3f}")
@@ -431,8 +435,8 @@ def train_edges(
     if checkpoint_path is not None:
         Path(checkpoint_path).unlink(missing_ok=True)
     return EdgeTraining(
-        log_alpha.detach(),
-        None if node_log_alpha is None else node_log_alpha.detach(),
+        gate_logits.detach(),
+        None if node_gate_logits is None else node_gate_logits.detach(),
         curve,
         seconds_before + time.perf_counter() - started,
         cpu_so_far(),
@@ -488,7 +492,7 @@ class ReadOff:
     """A binary circuit read off trained gates.
 
     edges, nodes:       the circuit after dead-node removal (what reaches the logits; exact)
-    threshold:          the log_alpha above which an edge was kept (inf: none kept)
+    threshold:          the gate_logits above which an edge was kept (inf: none kept)
     training_sparsity:  the gates' own deterministic edge sparsity, 1 - mean `deterministic_mask`
                         (the size the training chose; None for the forced count)
     n_thresholded:      edges kept by the threshold, before closed writers and dead nodes are
@@ -527,9 +531,9 @@ def node_groups(graph: EdgeGraph) -> list[tuple[int, int]]:
 
 def binarize(
     graph: EdgeGraph,
-    log_alpha: torch.Tensor,
+    gate_logits: torch.Tensor,
     target_sparsity: float | None = None,
-    node_log_alpha: torch.Tensor | None = None,
+    node_gate_logits: torch.Tensor | None = None,
     *,
     readout: str = "authors",
 ) -> ReadOff:
@@ -541,7 +545,7 @@ def binarize(
       meets s, and the edges with mask > t are kept. `target_sparsity` is not used: the training
       sets the size. With node gates, the nodes are read off the same way (their own sparsity,
       their own threshold) and edges out of a closed node are dropped (their effective sparsity).
-    readout="forced-count" (circuitlib before issue 28): edges ranked by log_alpha; the largest k
+    readout="forced-count" (circuitlib before issue 28): edges ranked by gate_logits; the largest k
       whose top-k edges leave at most (1 - target) x n_edges edges after dead-node removal
       (bisection: the surviving set only grows with k); nodes whose deterministic gate
       (`edges.deterministic_gates`) is below 1/2 are closed.
@@ -549,16 +553,16 @@ def binarize(
     """
     check_readout(readout, None if target_sparsity is None else check_sparsity(target_sparsity))
     if readout == "forced-count":
-        return _forced_count(graph, log_alpha, target_sparsity, node_log_alpha)
-    la = log_alpha.detach().float().cpu()
+        return _forced_count(graph, gate_logits, target_sparsity, node_gate_logits)
+    la = gate_logits.detach().float().cpu()
     mask = deterministic_mask(la, graph.groups)
     own = 1 - mask.mean().item()
     t = _bisect_threshold(mask, own)
     kept = torch.nonzero(mask > t).flatten()
     n_thresholded = len(kept)
     closed = []
-    if node_log_alpha is not None:
-        node_mask = deterministic_mask(node_log_alpha.detach().float().cpu(), node_groups(graph))
+    if node_gate_logits is not None:
+        node_mask = deterministic_mask(node_gate_logits.detach().float().cpu(), node_groups(graph))
         node_t = _bisect_threshold(node_mask, 1 - node_mask.mean().item())
         closed = [n for n, m in zip(graph.nodes, node_mask.tolist()) if not m > node_t]
     edges, nodes = remove_dead(graph, kept.tolist(), closed)
@@ -567,14 +571,14 @@ def binarize(
 
 
 def _forced_count(
-    graph: EdgeGraph, log_alpha: torch.Tensor, target_sparsity: float | None, node_log_alpha: torch.Tensor | None
+    graph: EdgeGraph, gate_logits: torch.Tensor, target_sparsity: float | None, node_gate_logits: torch.Tensor | None
 ) -> ReadOff:
     target = check_sparsity(target_sparsity)
     closed = []
-    if node_log_alpha is not None:
-        det = deterministic_gates(node_log_alpha)
+    if node_gate_logits is not None:
+        det = deterministic_gates(node_gate_logits)
         closed = [n for n, d in zip(graph.nodes, det.tolist()) if d < 0.5]
-    order = torch.argsort(-log_alpha.detach().float().cpu(), stable=True).tolist()
+    order = torch.argsort(-gate_logits.detach().float().cpu(), stable=True).tolist()
     want = math.floor((1 - target) * graph.n_edges + 1e-9)
 
     def survivors(k):
@@ -590,7 +594,7 @@ def _forced_count(
         else:
             hi = mid
     edges, nodes = survivors(lo)
-    threshold = float(log_alpha[order[lo - 1]]) if lo > 0 else float("inf")
+    threshold = float(gate_logits[order[lo - 1]]) if lo > 0 else float("inf")
     return ReadOff(edges, nodes, threshold, None, lo)
 
 
