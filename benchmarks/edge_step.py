@@ -36,7 +36,7 @@ from circuitlib.discovery.edges.graph import (  # noqa: E402
     masked_logits,
     sample_gates,
 )
-from circuitlib.discovery.edges.train import _frozen, corrupt, step_flops  # noqa: E402
+from circuitlib.discovery.edges.train import corrupt, frozen_weights, step_flops  # noqa: E402
 from circuitlib.tasks import get_task  # noqa: E402
 
 AUTHORS_STEPS = 3000
@@ -81,7 +81,7 @@ def step_seconds(model, tokens, repl, graph, repeats: int) -> list[tuple[float, 
         gate_logits.grad = None
         loss.backward()
 
-    with _frozen(model):
+    with frozen_weights(model):
         step()
         return [both_times(step) for _ in range(repeats)]
 

@@ -432,7 +432,7 @@ def test_step_flops_are_counted_exactly(models, data, arch, kv_readers):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from circuitlib.discovery.edges.train import _frozen, step_flops
+    from circuitlib.discovery.edges.train import frozen_weights, step_flops
 
     model, (_, validation) = models[arch], data
     g = graph_for(model, kv_readers)
@@ -444,7 +444,7 @@ def test_step_flops_are_counted_exactly(models, data, arch, kv_readers):
         return 2 * a[0] * a[1] * b[1]
 
     counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_})
-    with _frozen(model), sdpa_kernel(SDPBackend.MATH), counter:  # as train_edges: the weights frozen
+    with frozen_weights(model), sdpa_kernel(SDPBackend.MATH), counter:  # as train_edges: the weights frozen
         gates = torch.full((g.n_edges,), 0.7, requires_grad=True)
         logits = masked_logits(model, validation[:4], gates, r, graph=g)
         torch.nn.functional.kl_div(

@@ -166,7 +166,7 @@ SPARSITY_TERMS = ("sampled", "expected")
 
 
 @contextlib.contextmanager
-def _frozen(model: Transformer):
+def frozen_weights(model: Transformer):
     """The model's weights take no gradient while the gates train."""
     flags = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -376,7 +376,7 @@ def train_edges(
         desc=f"edge pruning (target {target:g})",
         disable=not progress,
     )
-    with _frozen(model):
+    with frozen_weights(model):
         for step in bar:
             rows = None
             if n > batch_size:
