@@ -140,6 +140,7 @@ _API = {
     "attention_targets": "studies.analysis",
     "standard_metrics_table": "studies.derived",
     "faithfulness_area_table": "studies.derived",
+    "reference_metrics": "studies.derived",
     "head_effects": "studies.derived",
     "random_baselines": "studies.derived",
     "student_layers": "studies.distill",

@@ -669,18 +669,21 @@ def test_standard_metrics_rebuild_every_circuit_and_are_stored_once(tmp_path, mo
         derived.circuit_metrics(spec, table)
 
 
-def test_order_spec_is_book_specs_mean_heads_only_units_in_the_other_order():
+def test_the_order_specs_are_twins_that_differ_in_the_order_alone():
+    """studies/order-*.yml (and CI's ci-order.yml beside ci.yml): every unit has a twin in the other order, equal
+    but for the order, and a unit of its own (another key), so that compare_orders pairs them batch by batch."""
     import dataclasses
 
-    order, book = load_spec(ROOT / "studies" / "order.yml"), load_spec(ROOT / "studies" / "book.yml")
-    assert order.order == "heads-descending" and book.order == "heads-ascending"
-    twins = {(u.task, u.seed): u for u in book.units() if u.ablation == "mean" and not u.include_mlps}
-    units = order.units()
-    assert len(units) == 9 and {(u.task, u.seed) for u in units} == set(twins)
-    for u in units:
-        twin = twins[(u.task, u.seed)]
-        assert dataclasses.replace(u, order=twin.order) == twin  # only the order differs
-        assert u.key("same prompts") != twin.key("same prompts")  # and it makes another unit
+    for name, other in (("order-descending", "order-ascending"), ("ci-order", "ci")):
+        spec, twin_spec = load_spec(ROOT / "studies" / f"{name}.yml"), load_spec(ROOT / "studies" / f"{other}.yml")
+        assert {spec.order, twin_spec.order} == {"heads-ascending", "heads-descending"}, name
+        twins = {(u.task, u.ablation, u.include_mlps, u.seed): u for u in twin_spec.units()}
+        units = spec.units()
+        assert units and all((u.task, u.ablation, u.include_mlps, u.seed) in twins for u in units), name
+        for u in units:
+            twin = twins[(u.task, u.ablation, u.include_mlps, u.seed)]
+            assert dataclasses.replace(u, order=twin.order) == twin  # only the order differs
+            assert u.key("same prompts") != twin.key("same prompts")  # and it makes another unit
 
 
 def test_faithfulness_areas_per_unit_start_from_the_searchs_smallest_circuit():
