@@ -140,6 +140,7 @@ _API = {
     "faithfulness_area_table": "studies.derived",
     "head_effects": "studies.derived",
     "random_baselines": "studies.derived",
+    "random_metrics": "studies.derived",
     "student_layers": "studies.distill",
     "student_parameters": "studies.distill",
     "layers_within": "studies.distill",
