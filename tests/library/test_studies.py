@@ -637,7 +637,9 @@ def test_random_metrics_measure_the_random_baselines_draws_and_are_stored_once(t
     assert measured[0]["metric"] == unit[0]["metric"]  # the extracted circuit, measured as circuit_metrics does
     reference = derived.reference_metrics(spec, "greater-than", 0, "mean")
     full, empty = reference["full"]["metric"], reference["empty"]["metric"]
-    assert [c["faithfulness"] for c in measured] == [normalised_faithfulness(c["metric"], full, empty) for c in measured]
+    assert [c["faithfulness"] for c in measured] == [
+        normalised_faithfulness(c["metric"], full, empty) for c in measured
+    ]
 
     monkeypatch.setattr(derived, "_measure_kept", _no_computing)
     assert derived.random_metrics(spec, "greater-than", row, 3) == measured  # read back, not recomputed
@@ -648,6 +650,7 @@ def test_random_metrics_measure_the_random_baselines_draws_and_are_stored_once(t
         derived.random_metrics(spec, "greater-than", tampered, 2)
     with pytest.raises(ValueError, match="n_random"):
         derived.random_metrics(spec, "greater-than", row, -1)
+
 
 def test_standard_metrics_rebuild_every_circuit_and_are_stored_once(tmp_path, monkeypatch):
     import circuitlib.studies.derived as derived
