@@ -143,6 +143,7 @@ _API = {
     "reference_metrics": "studies.derived",
     "head_effects": "studies.derived",
     "random_baselines": "studies.derived",
+    "random_metrics": "studies.derived",
     "student_layers": "studies.distill",
     "student_parameters": "studies.distill",
     "layers_within": "studies.distill",

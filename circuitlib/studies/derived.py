@@ -13,6 +13,9 @@
     standard_metrics_table(spec)              both, for every finished unit, one row per circuit with its
                                               normalised faithfulness; `faithfulness_area_table` turns it
                                               into MIB's CPR and CMD per unit
+    random_metrics(spec, task, row, k)        the circuit of one store row and the k random circuits of
+                                              `random_baselines` (the same draws), measured as `circuit_metrics`
+                                              measures, with the normalised faithfulness of each
 
 A chapter that needs such a result calls these functions: the first call computes it (minutes on
 the stand-in), every later one reads `<store>/<kind>/<key>.json`, so re-executing the chapter
@@ -142,6 +145,90 @@ def random_baselines(spec: Spec, task: str, row, n_random: int, *, device: str |
         return out
 
     return _cached(spec, "baselines", settings, compute, device)
+
+
+def random_metrics(
+    spec: Spec, task: str, row, n_random: int, *, split: str = "test", device: str | None = None
+) -> list[dict]:
+    """The standard measure of store row `row`'s circuit and of `random_baselines`' random circuits of its size.
+
+    The random circuits are the same draws as `random_baselines`' (`study.random_components`, seed
+    1000 * batch + i); each is pruned with the unit's batch and ablation and measured on `split`
+    with the task's standard measure (`measures.standard_metric`), its accuracy and its KL to the
+    full model. The extracted circuit must reproduce the row's accuracy on `split` (else
+    RuntimeError). Returns one dict per circuit: circuit ("extracted" / "random"), draw (None /
+    i), kept, metric (the mean), accuracy, kl, faithfulness (normalised against the full model
+    and the empty circuit of `reference_metrics`, the same batch, ablation and split).
+    """
+    from circuitlib.core.ablation import mean_activations
+    from circuitlib.core.components import mlp_name
+    from circuitlib.core.metrics import normalised_faithfulness
+    from circuitlib.models.loading import load_tokenizer
+    from circuitlib.studies.analysis import random_components
+    from circuitlib.tasks.measures import standard_metric_name
+
+    if not isinstance(n_random, int) or n_random < 0:
+        raise ValueError(f"n_random must be a number of random circuits (0 or more), got {n_random!r}")
+    seed = _check_seed(spec, int(row["seed"]))
+    the_task, data = _batch(spec, task, seed)
+    if prompts_digest(data) != row["prompts_digest"]:
+        raise ValueError(
+            f"row {row['key']} was made from other prompts than {task!r} seed {seed} of the spec "
+            f"{spec.name} generates now: give a row of this spec's own table (runner.study_table)"
+        )
+    prompts = _split(data, split)
+    stored_accuracy = {"test": "test_accuracy", "validation": "val_accuracy"}[split]
+    ablation, include_mlps = str(row["ablation"]), bool(row["include_mlps"])
+    reference = reference_metrics(spec, task, seed, ablation, split=split, device=device)
+    tokenizer = load_tokenizer(spec.model)
+    extracted = list(row["kept_heads"]) + [mlp_name(int(layer)) for layer in row["kept_mlps"]]
+    settings = {
+        "unit": str(row["key"]),
+        "alpha": float(row["alpha"]),
+        "split": split,
+        "metric": standard_metric_name(the_task),
+        "n_random": n_random,
+        "kept": extracted,
+        "draws": "study.random_components, seed 1000 * batch + i",
+    }
+
+    def compute(model):
+        cfg = model.cfg
+        means = mean_activations(model, data.patching.tokens.to(model.device)) if ablation == "mean" else None
+        full_logits = model(prompts.tokens.to(model.device), last_only=True)
+        circuits = [("extracted", None, extracted)] + [
+            (
+                "random",
+                i,
+                random_components(
+                    cfg.n_layers, cfg.n_heads, int(row["heads"]), int(row["mlps"]), include_mlps, seed=1000 * seed + i
+                ),
+            )
+            for i in range(n_random)
+        ]
+        out = []
+        for kind, draw, kept in circuits:
+            m = _measure_kept(model, the_task, tokenizer, prompts, kept, ablation, means, full_logits)
+            if kind == "extracted" and abs(m["accuracy"] - float(row[stored_accuracy])) > 1e-12:
+                raise RuntimeError(
+                    f"the circuit of row {row['key']} (alpha {row['alpha']}) rebuilt here reaches "
+                    f"{split} accuracy {m['accuracy']}, the store says {row[stored_accuracy]}"
+                )
+            out.append(
+                {
+                    "circuit": kind,
+                    "draw": draw,
+                    "kept": list(kept),
+                    "metric": m["metric"],
+                    "accuracy": m["accuracy"],
+                    "kl": m["kl"],
+                }
+            )
+        return out
+
+    found = _cached(spec, "random-metrics", settings, compute, device)
+    full, empty = reference["full"]["metric"], reference["empty"]["metric"]
+    return [{**c, "faithfulness": normalised_faithfulness(c["metric"], full, empty)} for c in found]
 
 
 def _batch(spec: Spec, task: str, seed: int):

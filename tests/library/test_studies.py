@@ -619,6 +619,39 @@ def test_random_baselines_rebuild_the_row_and_are_stored_once(tmp_path, monkeypa
         random_baselines(spec, "ioi", row, -1)
 
 
+def test_random_metrics_measure_the_random_baselines_draws_and_are_stored_once(tmp_path, monkeypatch):
+    import circuitlib.studies.derived as derived
+    from circuitlib.core.metrics import normalised_faithfulness
+
+    spec = load_spec(
+        write_spec(tmp_path, tasks=["greater-than"], ablations=["mean"], include_mlps=[False], seeds=1, alphas=[1.0e-3])
+    )
+    run_study(spec, workers=0, progress=False)
+    row = study_table(spec).iloc[0]
+    baselines = derived.random_baselines(spec, "greater-than", row, 3)
+    measured = derived.random_metrics(spec, "greater-than", row, 3)
+    assert [c["kept"] for c in measured] == [c["kept"] for c in baselines]  # the same draws
+    assert [c["accuracy"] for c in measured] == [c["test_accuracy"] for c in baselines]
+    assert all(abs(c["kl"] - b["test_kl"]) < 1e-9 for c, b in zip(measured, baselines))
+    unit = derived.circuit_metrics(spec, study_table(spec))
+    assert measured[0]["metric"] == unit[0]["metric"]  # the extracted circuit, measured as circuit_metrics does
+    reference = derived.reference_metrics(spec, "greater-than", 0, "mean")
+    full, empty = reference["full"]["metric"], reference["empty"]["metric"]
+    assert [c["faithfulness"] for c in measured] == [
+        normalised_faithfulness(c["metric"], full, empty) for c in measured
+    ]
+
+    monkeypatch.setattr(derived, "_measure_kept", _no_computing)
+    assert derived.random_metrics(spec, "greater-than", row, 3) == measured  # read back, not recomputed
+    monkeypatch.undo()
+    tampered = row.copy()
+    tampered["test_accuracy"] = row["test_accuracy"] + 0.5
+    with pytest.raises(RuntimeError, match="rebuilt here reaches"):  # a new record: its unit's check runs
+        derived.random_metrics(spec, "greater-than", tampered, 2)
+    with pytest.raises(ValueError, match="n_random"):
+        derived.random_metrics(spec, "greater-than", row, -1)
+
+
 def test_standard_metrics_rebuild_every_circuit_and_are_stored_once(tmp_path, monkeypatch):
     import circuitlib.studies.derived as derived
     from circuitlib.core.ablation import mean_activations
