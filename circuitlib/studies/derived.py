@@ -87,17 +87,9 @@ def random_baselines(spec: Spec, task: str, row, n_random: int, *, device: str |
     from circuitlib.core.ablation import mean_activations
     from circuitlib.core.components import mlp_name
     from circuitlib.pipeline.extraction import full_reference
-    from circuitlib.studies.analysis import evaluate_kept, random_components
+    from circuitlib.studies.analysis import evaluate_kept
 
-    if not isinstance(n_random, int) or n_random < 0:
-        raise ValueError(f"n_random must be a number of random circuits (0 or more), got {n_random!r}")
-    seed = _check_seed(spec, int(row["seed"]))
-    the_task, data = _batch(spec, task, seed)
-    if prompts_digest(data) != row["prompts_digest"]:
-        raise ValueError(
-            f"row {row['key']} was made from other prompts than {task!r} seed {seed} of the spec "
-            f"{spec.name} generates now: give a row of this spec's own table (runner.study_table)"
-        )
+    seed, the_task, data = _row_batch(spec, task, row, n_random)
     ablation, include_mlps = str(row["ablation"]), bool(row["include_mlps"])
     extracted = list(row["kept_heads"]) + [mlp_name(layer) for layer in row["kept_mlps"]]
     settings = {
@@ -109,19 +101,9 @@ def random_baselines(spec: Spec, task: str, row, n_random: int, *, device: str |
     }
 
     def compute(model):
-        cfg = model.cfg
         means = mean_activations(model, data.patching.tokens.to(model.device)) if ablation == "mean" else None
         resid = full_reference(model, data)
-        circuits = [("extracted", None, extracted)] + [
-            (
-                "random",
-                i,
-                random_components(
-                    cfg.n_layers, cfg.n_heads, int(row["heads"]), int(row["mlps"]), include_mlps, seed=1000 * seed + i
-                ),
-            )
-            for i in range(n_random)
-        ]
+        circuits = _circuits_to_measure(model.cfg, row, extracted, include_mlps, seed, n_random)
         out = []
         for kind, draw, kept in circuits:
             r = evaluate_kept(model, the_task, data, kept, ablation, means, resid)
@@ -164,18 +146,9 @@ def random_metrics(
     from circuitlib.core.components import mlp_name
     from circuitlib.core.metrics import normalised_faithfulness
     from circuitlib.models.loading import load_tokenizer
-    from circuitlib.studies.analysis import random_components
     from circuitlib.tasks.measures import standard_metric_name
 
-    if not isinstance(n_random, int) or n_random < 0:
-        raise ValueError(f"n_random must be a number of random circuits (0 or more), got {n_random!r}")
-    seed = _check_seed(spec, int(row["seed"]))
-    the_task, data = _batch(spec, task, seed)
-    if prompts_digest(data) != row["prompts_digest"]:
-        raise ValueError(
-            f"row {row['key']} was made from other prompts than {task!r} seed {seed} of the spec "
-            f"{spec.name} generates now: give a row of this spec's own table (runner.study_table)"
-        )
+    seed, the_task, data = _row_batch(spec, task, row, n_random)
     prompts = _split(data, split)
     stored_accuracy = {"test": "test_accuracy", "validation": "val_accuracy"}[split]
     ablation, include_mlps = str(row["ablation"]), bool(row["include_mlps"])
@@ -193,19 +166,9 @@ def random_metrics(
     }
 
     def compute(model):
-        cfg = model.cfg
         means = mean_activations(model, data.patching.tokens.to(model.device)) if ablation == "mean" else None
         full_logits = model(prompts.tokens.to(model.device), last_only=True)
-        circuits = [("extracted", None, extracted)] + [
-            (
-                "random",
-                i,
-                random_components(
-                    cfg.n_layers, cfg.n_heads, int(row["heads"]), int(row["mlps"]), include_mlps, seed=1000 * seed + i
-                ),
-            )
-            for i in range(n_random)
-        ]
+        circuits = _circuits_to_measure(model.cfg, row, extracted, include_mlps, seed, n_random)
         out = []
         for kind, draw, kept in circuits:
             m = _measure_kept(model, the_task, tokenizer, prompts, kept, ablation, means, full_logits)
@@ -242,6 +205,37 @@ def _batch(spec: Spec, task: str, seed: int):
         raise ValueError(f"task {task!r} is not in the spec {spec.name} (its tasks: {', '.join(spec.tasks)})")
     the_task = get_task(task)
     return the_task, the_task.generate(load_tokenizer(spec.model), n=spec.n[task], seed=seed, n_test=spec.n_test[task])
+
+
+def _row_batch(spec: Spec, task: str, row, n_random: int):
+    """(batch seed, task, data) of store row `row`, checked: the row's prompts are the ones the spec makes now."""
+    if not isinstance(n_random, int) or n_random < 0:
+        raise ValueError(f"n_random must be a number of random circuits (0 or more), got {n_random!r}")
+    seed = _check_seed(spec, int(row["seed"]))
+    the_task, data = _batch(spec, task, seed)
+    if prompts_digest(data) != row["prompts_digest"]:
+        raise ValueError(
+            f"row {row['key']} was made from other prompts than {task!r} seed {seed} of the spec "
+            f"{spec.name} generates now: give a row of this spec's own table (runner.study_table)"
+        )
+    return seed, the_task, data
+
+
+def _circuits_to_measure(cfg, row, extracted: list[str], include_mlps: bool, seed: int, n_random: int) -> list:
+    """(kind, draw, kept) of the row's extracted circuit, then of `n_random` random circuits of its size
+    (`analysis.random_components`, seed 1000 * batch + i): the same draws for every baseline."""
+    from circuitlib.studies.analysis import random_components
+
+    return [("extracted", None, extracted)] + [
+        (
+            "random",
+            i,
+            random_components(
+                cfg.n_layers, cfg.n_heads, int(row["heads"]), int(row["mlps"]), include_mlps, seed=1000 * seed + i
+            ),
+        )
+        for i in range(n_random)
+    ]
 
 
 def _check_seed(spec: Spec, seed: int | None) -> int:
